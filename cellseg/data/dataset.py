@@ -1,0 +1,95 @@
+"""The torch Dataset of training samples, the seeded train/validation split and the collate."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cellseg.data.augment import Transform
+from cellseg.data.layout import TrainItem
+from cellseg.data.sample import load_sample
+from cellseg.data.targets import targets_from_label_maps
+
+
+class CellDataset(torch.utils.data.Dataset):
+    """Training samples as ``(image (3, H, W) float32, target)`` in torchvision MaskRCNN's format.
+
+    ``target`` holds tensors ``boxes``, ``labels`` and ``masks`` plus ``image_id`` (the index).
+    With ``cache_decoded`` each sample is decoded once per process and kept (about 28 bytes per
+    pixel); transforms must not modify their inputs in place. The transform's generator is seeded
+    by ``(seed, epoch, index)``: the same seed gives the same augmentation whatever the worker
+    count or order. Call ``set_epoch`` before iterating each epoch; the epoch lives in shared
+    memory, so persistent DataLoader workers see it too.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[TrainItem],
+        *,
+        transform: Transform | None = None,
+        cache_decoded: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.cache_decoded = cache_decoded
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of this epoch (in every worker process)."""
+        self._epoch.fill_(epoch)
+
+    def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The untransformed image (H, W, 3) and label maps (4, H, W) of one sample."""
+        if index in self._cache:
+            return self._cache[index]
+        sample = load_sample(self.items[index])
+        if self.cache_decoded:
+            self._cache[index] = sample
+        return sample
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} samples")
+        image, label_maps = self.decoded(index)
+        if self.transform is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, label_maps = self.transform(image, label_maps, rng)
+        target = {k: torch.from_numpy(v) for k, v in targets_from_label_maps(label_maps).items()}
+        target["image_id"] = index
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+
+
+def split_items(
+    items: Sequence[TrainItem], val_fraction: float, seed: int
+) -> tuple[list[TrainItem], list[TrainItem]]:
+    """A seeded (train, validation) split of items sorted by id, so disk order does not matter.
+
+    The validation part holds ``round(len * val_fraction)`` items, at least one and leaving at
+    least one for training when there are two or more; a single item goes to training.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    ordered = sorted(items, key=lambda item: item.item_id)
+    if len(ordered) < 2:
+        return ordered, []
+    n_val = min(max(round(len(ordered) * val_fraction), 1), len(ordered) - 1)
+    chosen = set(np.random.default_rng(seed).permutation(len(ordered))[:n_val].tolist())
+    train = [item for i, item in enumerate(ordered) if i not in chosen]
+    val = [item for i, item in enumerate(ordered) if i in chosen]
+    return train, val
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list, list]:
+    """Batch as (list of images, list of targets): detection images differ in size."""
+    return [image for image, _ in batch], [target for _, target in batch]

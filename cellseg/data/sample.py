@@ -1,0 +1,59 @@
+"""Decoding one sample: an image plus one instance-id map per class.
+
+An instance is a (class, id) pair with a nonzero id in that class's map. Keeping four int32 maps
+instead of one binary mask per instance stays small, keeps ids above 255, and lets a pixel
+labelled in two class files belong to both instances.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from cellseg.data.errors import DataError
+from cellseg.data.layout import (
+    CLASS_FILES,
+    NUM_CLASSES,
+    TestImage,
+    TrainItem,
+    load_test_images,
+)
+from cellseg.data.tiff_io import read_image, read_mask
+
+GROUND_TRUTH_FOLDER = "test_ground_truth"
+
+
+def load_label_maps(class_paths: Mapping[int, Path], shape: tuple[int, int]) -> np.ndarray:
+    """int32 (4, H, W): class c's instance ids at index c - 1, zeros where its file is absent."""
+    label_maps = np.zeros((NUM_CLASSES, *shape), np.int32)
+    for c, path in class_paths.items():
+        label_maps[c - 1] = read_mask(path, shape)
+    return label_maps
+
+
+def load_sample(item: TrainItem) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 (H, W, 3) image and int32 (4, H, W) label maps of one training folder."""
+    image = read_image(item.image_path)
+    return image, load_label_maps(item.class_paths, image.shape[:2])
+
+
+def test_truth(root: str | Path, test_image: TestImage) -> np.ndarray:
+    """Label maps of one test image from ``<root>/test_ground_truth/<stem>/classN.tif``.
+
+    The synthetic generator writes them so that a submission can be scored locally; the shape
+    comes from the mapping's height and width.
+    """
+    folder = Path(root) / GROUND_TRUTH_FOLDER / Path(test_image.file_name).stem
+    if not folder.is_dir():
+        raise DataError(f"{folder}: ground-truth folder of {test_image.file_name} not found")
+    class_paths = {c: folder / n for n, c in CLASS_FILES.items() if (folder / n).is_file()}
+    return load_label_maps(class_paths, (test_image.height, test_image.width))
+
+
+test_truth.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported
+
+
+def load_test_truth(root: str | Path) -> dict[str, np.ndarray]:
+    """``test_truth`` of every mapped test image, keyed by the mapping's file_name."""
+    return {t.file_name: test_truth(root, t) for t in load_test_images(root)}

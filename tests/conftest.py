@@ -1,0 +1,57 @@
+"""Shared fixtures: small synthetic datasets in the real layout, and the optional real slice."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from cellseg.data.synth import make_synthetic_dataset
+from cellseg.data.tiff_io import write_image, write_mask
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Realistic profile, 8 training and 4 test images of at most 400 px."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", 8, 4, seed=0,
+                                  max_side=400)
+
+
+@pytest.fixture(scope="session")
+def easy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Easy profile: 24 training and 4 test images with few large, separated cells."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("easy") / "data", 24, 4, seed=1,
+                                  profile="easy")
+
+
+@pytest.fixture(scope="session")
+def realdata_root() -> Path:
+    """The real dataset slice ($CELLSEG_REALDATA or /tmp/realdata/hw3-dev); skips when absent."""
+    root = Path(os.environ.get("CELLSEG_REALDATA", "/tmp/realdata/hw3-dev"))
+    if not (root / "train").is_dir():
+        pytest.skip(f"real data not found at {root}")
+    return root
+
+
+SampleWriter = Callable[..., Path]
+
+
+@pytest.fixture
+def write_sample() -> SampleWriter:
+    """A function writing ``<root>/train/<item_id>/`` with an image and float64 class masks.
+
+    ``masks`` maps class index to an (H, W) id array; the image is a random RGBA of that shape.
+    """
+    def write(root: Path, item_id: str, shape: tuple[int, int],
+              masks: dict[int, np.ndarray] | None = None) -> Path:
+        folder = root / "train" / item_id
+        folder.mkdir(parents=True)
+        rgba = np.random.default_rng(0).integers(0, 256, (*shape, 4), dtype=np.uint8)
+        write_image(folder / "image.tif", rgba)
+        for c, ids in (masks or {}).items():
+            write_mask(folder / f"class{c}.tif", ids)
+        return folder
+
+    return write
