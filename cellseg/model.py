@@ -1,0 +1,225 @@
+"""Build the Mask R-CNN: backbone, normalisation, anchors, heads, resize policy and weights.
+
+The one module that knows torchvision's detection API; everything is chosen by ``ModelConfig``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    _resize_image_and_masks,
+    resize_boxes,
+)
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from cellseg.config import ModelConfig
+
+MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
+
+BACKBONES: dict[str, tuple[Callable[..., nn.Module], torchvision.models.WeightsEnum]] = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1),
+}
+
+ANCHOR_SIZES: dict[str, tuple[int, ...]] = {
+    "default": (32, 64, 128, 256, 512),  # torchvision's
+    "small": (8, 16, 32, 64, 128),  # report B
+    "tiny": (4, 8, 16, 32, 64),
+}
+FPN_LEVELS = 5  # outputs of torchvision's ResNet-FPN: four stages plus the max-pooled level
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # absent with GroupNorm
+BOX_HEAD_WIDTH = 1024  # output width of torchvision's default TwoMLPHead box head
+
+
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, fewer when the channel count is not a multiple of 32."""
+    return nn.GroupNorm(math.gcd(32, num_channels), num_channels)
+
+
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "gn": _group_norm,
+}
+
+T = TypeVar("T")
+
+
+def _choose(table: Mapping[str, T], value: str, field: str) -> T:
+    if value not in table:
+        raise ValueError(f"model.{field}: {value!r} is not one of {', '.join(map(repr, table))}")
+    return table[value]
+
+
+class NoUpscaleTransform(GeneralizedRCNNTransform):
+    """torchvision's transform that never enlarges an image: the scale factor is capped at 1."""
+
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        h, w = image.shape[-2:]
+        size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        image, target = _resize_image_and_masks(
+            image, min(size, h, w), self.max_size, target, self.fixed_size
+        )
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], [h, w], list(image.shape[-2:]))
+        return image, target
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter elements that receive gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_parameter_budget(model: nn.Module) -> int:
+    """Return the trainable-parameter count; ValueError when it reaches the task's limit."""
+    count = count_trainable_parameters(model)
+    if count >= MAX_TRAINABLE_PARAMETERS:
+        raise ValueError(
+            f"the model has {count:,} trainable parameters; the task allows fewer than "
+            f"{MAX_TRAINABLE_PARAMETERS:,} (reduce model.mask_head_channels, model.backbone "
+            "or model.trainable_layers)"
+        )
+    return count
+
+
+def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
+    if cfg.anchors == "custom":
+        sizes = cfg.anchor_sizes
+        if len(sizes) != FPN_LEVELS:
+            raise ValueError(
+                f"model.anchor_sizes: got {len(sizes)} sizes, need exactly {FPN_LEVELS} "
+                "(one per FPN level)"
+            )
+    else:
+        sizes = _choose(ANCHOR_SIZES, cfg.anchors, "anchors")
+    ratios = tuple(float(r) for r in cfg.aspect_ratios)
+    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
+
+
+def _imagenet_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """The cached ImageNet file; ValueError telling where to put it when it is absent."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    if not path.is_file():
+        raise ValueError(
+            f"model.weights: 'imagenet' needs {weights} but {path} is not in the torch hub cache "
+            f"and nothing is downloaded here; put {weights.url} at {path} (or set TORCH_HOME), "
+            "or set model.weights to a local .pth file or 'none'"
+        )
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ValueError(f"model.weights: {str(path)!r} is not 'imagenet', 'none' or a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(f"model.weights: cannot read {path}: {exc}") from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"model.weights: {path} does not hold a state_dict of tensors")
+    return dict(state)
+
+
+def _ignorable(key: str) -> bool:
+    """Keys a file may hold that the model lacks: the ImageNet classifier, BatchNorm statistics."""
+    return key.startswith("fc.") or key.endswith(BN_STATISTICS)
+
+
+def _load_into(module: nn.Module, state: Mapping[str, Tensor], source: Path) -> None:
+    """Copy ``state`` into ``module``: every key must match in name and shape but _ignorable ones."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not _ignorable(k)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"model.weights: {source} does not fit this model ({type(module).__name__}); "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:3]}, {len(mismatched)} shape mismatches (file vs model) {mismatched[:3]}"
+        )
+    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+
+
+def _load_weights(model: MaskRCNN, cfg: ModelConfig) -> None:
+    if cfg.weights == "none":
+        return
+    if cfg.weights == "imagenet":
+        path = _imagenet_file(BACKBONES[cfg.backbone][1])
+    else:
+        path = Path(cfg.weights).expanduser()
+    state = _read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        _load_into(model, state, path)
+    else:
+        _load_into(model.backbone.body, state, path)
+
+
+def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
+    resnet_fn, _ = _choose(BACKBONES, cfg.backbone, "backbone")
+    norm_layer = _choose(NORM_LAYERS, cfg.norm, "norm")
+    if not 0 <= cfg.trainable_layers <= 5:
+        raise ValueError(f"model.trainable_layers: {cfg.trainable_layers} is not in 0..5")
+    resnet = resnet_fn(weights=None, norm_layer=norm_layer)
+    return _resnet_fpn_extractor(resnet, cfg.trainable_layers)
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
+    """Mask R-CNN with a ResNet-FPN backbone for ``num_classes`` foreground classes."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    backbone = _backbone(cfg)
+    anchors = _anchor_generator(cfg)
+    channels = cfg.mask_head_channels
+    mask_head = MaskRCNNHeads(
+        backbone.out_channels,
+        [channels] * cfg.mask_head_convs,
+        1,
+        norm_layer=nn.BatchNorm2d if cfg.mask_head_norm else None,
+    )
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=cfg.rpn_nms_thresh,
+        box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes + 1),
+        box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.detections_per_img,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
+    )
+    if not cfg.upscale_small:
+        t = model.transform
+        model.transform = NoUpscaleTransform(cfg.min_size, cfg.max_size, t.image_mean, t.image_std)
+    check_parameter_budget(model)
+    _load_weights(model, cfg)
+    return model
