@@ -1,0 +1,67 @@
+"""Checkpoints: atomic save, safe load, and the model rebuilt from the config stored inside.
+
+A run directory holds ``last.pt`` (model, optimizer, schedule, scaler, epoch, history: resumes
+exactly), ``best.pt`` (model weights, config and metrics of the best epoch: what export needs)
+and ``pictures/`` (curves and predictions of the finished run).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellseg.config import Config, config_from_dict, config_to_dict
+
+LAST = "last.pt"
+BEST = "best.pt"
+PICTURES = "pictures"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated or not one of ours."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a corrupt file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def make_state(cfg: Config, model: torch.nn.Module, *, epoch: int, metrics: dict[str, float],
+               **extra: Any) -> dict[str, Any]:
+    """The checkpoint dictionary: plain types and tensors only, so weights_only loading works."""
+    return {"config": config_to_dict(cfg), "model": model.state_dict(), "epoch": epoch,
+            "metrics": metrics, **extra}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on CPU with ``weights_only=True``; clear errors for bad files."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST if (path / BEST).is_file() else path / LAST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable cellseg checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or not {"config", "model", "epoch"} <= state.keys():
+        raise CheckpointError(f"{path}: not a cellseg checkpoint (keys config/model/epoch missing)")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any]) -> Config:
+    """The config that produced a checkpoint."""
+    return config_from_dict(state["config"], where="checkpoint config: ")

@@ -1,0 +1,167 @@
+"""``cellseg`` command line: inspect, synth, train, evaluate, export, score."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from cellseg.checkpoint import CheckpointError
+from cellseg.config import ConfigError, ModelConfig, load_config
+from cellseg.data import PROFILES, DataError
+
+log = logging.getLogger("cellseg")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from cellseg.data import dataset_stats, format_stats
+
+    stats = dataset_stats(args.data, detections_per_img=args.detections_per_img,
+                          progress=not args.json)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from cellseg.data import make_synthetic_dataset
+
+    out = make_synthetic_dataset(args.out_dir, args.train, args.test, args.seed,
+                                 profile=args.profile)
+    print(out)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cellseg.runs import train_and_track
+
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"data.root={Path(args.data).resolve()}")
+    cfg = load_config(args.config, overrides)
+    name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train_and_track(cfg, name=name, experiment=args.experiment,
+                             tracking_uri=args.tracking_uri, resume_from=args.resume,
+                             config_path=Path(args.config), progress=not args.no_progress)
+    print(f"best {cfg.train.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+    print(f"checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellseg.runs import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, data_root=args.data, progress=not args.no_progress)
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cellseg.runs import export_run
+
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = export_run(
+            checkpoint=args.checkpoint, run_id=args.run_id, best=args.best,
+            experiment=args.experiment, tracking_uri=args.tracking_uri, data_root=args.data,
+            output=Path(args.output), zip_path=Path(args.zip) if args.zip else None,
+            score_threshold=args.score_threshold, scratch=Path(scratch),
+            progress=not args.no_progress)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from cellseg.runs import score_export
+
+    metrics = score_export(Path(args.results), Path(args.data))
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="dataset statistics")
+    p.add_argument("data", help="dataset folder (train/, test_release/, mapping json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--detections-per-img", type=int, default=ModelConfig.detections_per_img,
+                   help="warn about images holding more instances than this")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
+    p.add_argument("out_dir")
+    p.add_argument("--train", type=int, default=40, help="training images")
+    p.add_argument("--test", type=int, default=10, help="test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="realistic", choices=PROFILES,
+                   help="realistic: the real data's quirks and sizes; easy: small images with a "
+                        "few large cells, for quick learning checks")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train one configuration, logged to MLflow")
+    p.add_argument("--config", required=True, help="YAML config, e.g. trials/demo.yaml")
+    p.add_argument("--data", help="dataset folder (overrides data.root)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--name", help="run name (default: config name and time)")
+    p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI "
+                                          "or sqlite:///mlflow.db)")
+    p.add_argument("--resume", help="run directory of an interrupted run to continue")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on its validation split")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory")
+    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="predict the test images and write test-results.json")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint file or run directory")
+    source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
+    source.add_argument("--best", action="store_true",
+                        help="the MLflow run with the highest best_segm_AP50 of --experiment")
+    p.add_argument("--experiment", default="cellseg", help="MLflow experiment for --best")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint)")
+    p.add_argument("--output", default="test-results.json")
+    p.add_argument("--zip", help="also write a zip holding test-results.json")
+    p.add_argument("--score-threshold", type=float, default=0.0,
+                   help="drop detections below this score (AP50 rewards keeping nearly all)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("score", help="score a test-results.json against test_ground_truth/")
+    p.add_argument("--results", required=True)
+    p.add_argument("--data", required=True, help="a synthetic dataset folder with test_ground_truth/")
+    p.set_defaults(func=_cmd_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (errors print one line, exit code 2)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from cellseg.tracking import TrackingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, TrackingError, ValueError) as exc:
+        print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

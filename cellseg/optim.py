@@ -1,0 +1,81 @@
+"""Optimizer and learning-rate schedule built from OptimConfig.
+
+The schedule is computed in closed form (warmup factor x epoch factor) so that it resumes exactly
+from a checkpoint and combines warmup with every scheduler, plateau included.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from cellseg.config import OptimConfig
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum), Adam or AdamW over the trainable parameters."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name {cfg.name!r} is not one of 'sgd', 'adam', 'adamw'")
+
+
+class LRSchedule:
+    """Linear warmup per iteration times a per-epoch factor (cosine, step, plateau or none)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epochs: int,
+                 iters_per_epoch: int) -> None:
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.epochs = epochs
+        self.warmup_iters = int(round(cfg.warmup_epochs * iters_per_epoch))
+        self.iteration = 0
+        self.epoch = 0
+        self.factor = 1.0
+        self.best = -math.inf
+        self.bad_epochs = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        warm = min(1.0, (self.iteration + 1) / self.warmup_iters) if self.warmup_iters else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * self.factor * warm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step_iteration(self) -> None:
+        """Advance one optimizer step (warmup progresses)."""
+        self.iteration += 1
+        self._apply()
+
+    def step_epoch(self, metric: float) -> None:
+        """Advance one epoch; ``metric`` (higher is better) drives the plateau scheduler."""
+        self.epoch += 1
+        name = self.cfg.scheduler
+        if name == "cosine":
+            self.factor = 0.5 * (1.0 + math.cos(math.pi * min(self.epoch, self.epochs) / self.epochs))
+        elif name == "step":
+            self.factor = self.cfg.gamma ** (self.epoch // self.cfg.step_size)
+        elif name == "plateau":
+            if metric > self.best:
+                self.best, self.bad_epochs = metric, 0
+            else:
+                self.bad_epochs += 1
+                if self.bad_epochs > self.cfg.plateau_patience:
+                    self.factor *= self.cfg.plateau_factor
+                    self.bad_epochs = 0
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("iteration", "epoch", "factor", "best", "bad_epochs")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self._apply()

@@ -1,0 +1,139 @@
+"""fit(): the one training loop, called by ``cellseg train`` and by the search trainable."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
+from cellseg.config import Config
+from cellseg.data import CellDataset, build_augment, collate, scan_train, split_items
+from cellseg.engine import evaluate, train_one_epoch
+from cellseg.model import build_model
+from cellseg.optim import LRSchedule, build_optimizer
+from cellseg.run_pictures import write_run_pictures
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, float], Path], None]
+"""Called after every epoch with the metrics and the run directory holding last.pt and best.pt."""
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_metric: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / BEST
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """Train and validation loaders on the fixed seeded split, and the train shuffle generator."""
+    items = scan_train(cfg.data.root)
+    train_items, val_items = split_items(items, cfg.data.val_fraction, cfg.data.split_seed)
+    if cfg.train.max_eval_images:
+        val_items = val_items[: cfg.train.max_eval_images]
+    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
+                  pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    shuffle = torch.Generator()
+    train = DataLoader(CellDataset(train_items, transform=build_augment(cfg.augment),
+                                   cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed),
+                       batch_size=cfg.train.batch_size, shuffle=True, generator=shuffle,
+                       drop_last=len(train_items) > cfg.train.batch_size, **common)
+    val = DataLoader(CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,
+                                 seed=cfg.train.seed),
+                     batch_size=cfg.train.batch_size, shuffle=False, **common)
+    return train, val, shuffle
+
+
+def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
+        resume_from: str | Path | None = None, progress: bool = True) -> FitResult:
+    """Train ``cfg`` for ``cfg.train.epochs``, validating and checkpointing every epoch.
+
+    ``resume_from`` is a run directory (or its last.pt) written by an earlier call: training
+    continues after its last epoch with the same model, optimizer, schedule and history.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    train_loader, val_loader, shuffle = build_loaders(cfg, device)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs,
+                          iters_per_epoch=len(train_loader))
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = (torch.amp.GradScaler("cuda")
+              if use_amp and not torch.cuda.is_bf16_supported() else None)
+    history: list[dict[str, float]] = []
+    best_metric, best_epoch, start = -math.inf, 0, 1
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        last_path = resume_from / LAST if resume_from.is_dir() else resume_from
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_metric, best_epoch = state["history"], state["best_metric"], state["best_epoch"]
+        start = state["epoch"] + 1
+        if last_path.parent != run_dir:
+            for name in (LAST, BEST):
+                if (last_path.parent / name).is_file():
+                    shutil.copy2(last_path.parent / name, run_dir / name)
+        log.info("resumed from %s at epoch %d", last_path, start)
+    metric_name = cfg.train.metric
+    for epoch in range(start, cfg.train.epochs + 1):
+        shuffle.manual_seed(cfg.train.seed * 100_003 + epoch)
+        train_loader.dataset.set_epoch(epoch)
+        losses = train_one_epoch(model, optimizer, schedule, train_loader, device, epoch=epoch,
+                                 scaler=scaler, amp=use_amp, grad_clip=cfg.optim.grad_clip,
+                                 progress=progress)
+        metrics = {"epoch": float(epoch), "lr": schedule.lr,
+                   **{f"train_{k}": v for k, v in losses.items()}}
+        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            metrics.update(evaluate(model, val_loader, device, amp=use_amp, progress=progress,
+                                    max_dets=max(cfg.model.detections_per_img, 100)))
+            if metrics[metric_name] > best_metric:
+                best_metric, best_epoch = metrics[metric_name], epoch
+                save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
+        schedule.step_epoch(metrics.get(metric_name, best_metric))
+        history.append(metrics)
+        save_checkpoint(run_dir / LAST, make_state(
+            cfg, model, epoch=epoch, metrics=metrics, optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(), scaler=scaler.state_dict() if scaler else None,
+            torch_rng=torch.get_rng_state(), history=history, best_metric=best_metric,
+            best_epoch=best_epoch))
+        if epoch == cfg.train.epochs:
+            write_run_pictures(run_dir, history, model, val_loader.dataset, device)
+        if report is not None:
+            report(metrics, run_dir)
+    return FitResult(run_dir=run_dir, best_metric=best_metric, best_epoch=best_epoch,
+                     history=history)

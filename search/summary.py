@@ -1,0 +1,101 @@
+"""The end of a search: best trial, epochs ASHA saved, and the parent run's plots."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune import ResultGrid
+from ray.tune.result import TRAINING_ITERATION
+
+from cellseg.checkpoint import BEST
+from cellseg.plots import plot_parallel_coordinates, plot_trial_curves
+from cellseg.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchSummary:
+    trials: int
+    errors: int
+    best_trial: str
+    best_metric: float
+    best_config: dict[str, Any]
+    best_checkpoint: str
+    epochs_run: int
+    epochs_full: int
+    wall_s: float
+
+    @property
+    def epochs_saved(self) -> int:
+        return self.epochs_full - self.epochs_run
+
+    def lines(self, metric: str) -> list[str]:
+        saved = self.epochs_saved / self.epochs_full if self.epochs_full else 0.0
+        return [
+            f"trials: {self.trials} ({self.errors} failed)",
+            f"best trial: {self.best_trial}  {metric} {self.best_metric:.4f}",
+            f"best config: {self.best_config}",
+            f"best checkpoint: {self.best_checkpoint}",
+            f"wall time: {self.wall_s / 60:.1f} min",
+            f"epochs run: {self.epochs_run} of {self.epochs_full} for every trial to the end "
+            f"(ASHA saved {self.epochs_saved}, {saved:.0%})",
+        ]
+
+
+def _curve(result: Any, metric: str) -> list[tuple[int, float]]:
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame:
+        return []
+    return [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[metric]) if math.isfinite(v)]
+
+
+def summarize(results: ResultGrid, *, metric: str, max_epochs: int, wall_s: float) -> SearchSummary:
+    """Figures of a finished search, from Tune's results."""
+    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    epochs_run = sum(int((r.metrics or {}).get(TRAINING_ITERATION, 0)) for r in results)
+    checkpoint = f"{best.checkpoint.path}/{BEST}" if best.checkpoint else "none"
+    best_metric = max((v for _, v in _curve(best, metric)), default=float("nan"))
+    return SearchSummary(trials=len(results), errors=results.num_errors,
+                         best_trial=Path(best.path).name, best_metric=best_metric,
+                         best_config=best.config, best_checkpoint=checkpoint,
+                         epochs_run=epochs_run, epochs_full=len(results) * max_epochs, wall_s=wall_s)
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's parameter importances over completed trials; empty when too few completed."""
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError) as exc:
+        log.info("no parameter importances: %s", exc)
+        return {}
+
+
+def log_summary(tracker: Tracker, parent_run_id: str, results: ResultGrid, summary: SearchSummary,
+                study: optuna.Study, *, metric: str, out_dir: Path) -> None:
+    """Best trial and params, curves of every trial, importances and parallel coordinates."""
+    tracker.log_metrics(parent_run_id, {f"best_{metric}": summary.best_metric,
+                                        "epochs_run": summary.epochs_run,
+                                        "epochs_saved": summary.epochs_saved,
+                                        "trials": summary.trials, "wall_s": summary.wall_s}, step=0)
+    tracker.set_tags(parent_run_id, {"best_trial": summary.best_trial,
+                                     "best_checkpoint": summary.best_checkpoint,
+                                     **{f"best.{k}": v for k, v in summary.best_config.items()}})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = {Path(r.path).name: _curve(r, metric) for r in results if r.path}
+    tracker.log_artifact(parent_run_id, plot_trial_curves(curves, out_dir / "trial_curves.png",
+                                                          metric=metric), "summary")
+    rows = [{**r.config, metric: max((v for _, v in _curve(r, metric)), default=0.0)}
+            for r in results if r.config]
+    if rows:
+        tracker.log_artifact(parent_run_id, plot_parallel_coordinates(
+            rows, metric, out_dir / "parallel_coordinates.png"), "summary")
+    scores = importances(study)
+    if scores:
+        tracker.log_metrics(parent_run_id, {f"importance.{k}": v for k, v in scores.items()}, step=0)
+        lines = "\n".join(f"{k}: {v:.3f}" for k, v in scores.items())
+        tracker.client.log_text(parent_run_id, lines + "\n", "summary/param_importances.txt")
