@@ -50,6 +50,7 @@ class ModelConfig:
     box_nms_thresh: float = 0.5  # report B
     detections_per_img: int = 500  # images hold up to 513 cells; 100 throws recall away
     box_batch_size_per_image: int = 512  # torchvision default ROI sampling
+    box_head_dim: int = 1024  # torchvision's two-layer box head width; smaller for CPU demos
     min_size: int = 800  # torchvision default short side; the best results enlarged small images
     max_size: int = 1333  # torchvision default long-side cap
     upscale_small: bool = True  # enlarge images whose short side is below min_size
@@ -274,7 +275,8 @@ def validate(cfg: Config) -> None:
            "model.aspect_ratios must be a non-empty list of positive numbers")
     _check(m.mask_head_channels > 0 and m.mask_head_convs > 0,
            "model.mask_head_channels and model.mask_head_convs must be positive")
-    _check(m.detections_per_img > 0, "model.detections_per_img must be positive")
+    _check(m.detections_per_img > 0 and m.box_head_dim > 0,
+           "model.detections_per_img and model.box_head_dim must be positive")
     _check(0 < m.min_size <= m.max_size, "model.min_size must be positive and <= model.max_size")
     for name in ("box_score_thresh", "box_nms_thresh", "rpn_nms_thresh"):
         _check(0.0 <= getattr(m, name) <= 1.0, f"model.{name} must lie in [0, 1]")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import (
@@ -43,7 +43,6 @@ ANCHOR_SIZES: dict[str, tuple[int, ...]] = {
 }
 FPN_LEVELS = 5  # outputs of torchvision's ResNet-FPN: four stages plus the max-pooled level
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # absent with GroupNorm
-BOX_HEAD_WIDTH = 1024  # output width of torchvision's default TwoMLPHead box head
 
 
 def _group_norm(num_channels: int) -> nn.GroupNorm:
@@ -191,6 +190,7 @@ def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
     backbone = _backbone(cfg)
     anchors = _anchor_generator(cfg)
     channels = cfg.mask_head_channels
+    pool_side = 7  # torchvision's box RoIAlign output size
     mask_head = MaskRCNNHeads(
         backbone.out_channels,
         [channels] * cfg.mask_head_convs,
@@ -209,7 +209,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         rpn_nms_thresh=cfg.rpn_nms_thresh,
-        box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes + 1),
+        box_head=TwoMLPHead(backbone.out_channels * pool_side**2, cfg.box_head_dim),
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         box_score_thresh=cfg.box_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
         box_detections_per_img=cfg.detections_per_img,

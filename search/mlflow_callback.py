@@ -3,6 +3,9 @@
 Trials never talk to MLflow: the driver is the single writer, so many concurrent trials cannot
 lock a SQLite store, and a remote server sees one client. On a restored search the callback finds
 the child runs it already created (by the Ray trial id tag), so no trial is duplicated.
+
+Once a trial has ended, its checkpoint in storage keeps ``best.pt`` and the pictures but drops
+``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per trial.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, TRAINING_ITERATION
 
-from cellseg.checkpoint import BEST, CheckpointError, load_checkpoint
+from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.tracking import PARENT_TAG, Tracker
 
@@ -98,3 +101,8 @@ class MlflowTrialLogger(Callback):
             except (CheckpointError, KeyError):
                 best = float("nan")
             self.tracker.finish_run(run_id, Path(directory), self.trial_config(trial), best, status)
+        if status != "FAILED":  # a failed trial may still be restarted from its last state
+            try:
+                checkpoint.filesystem.delete_file(f"{checkpoint.path}/{LAST}")
+            except OSError as exc:
+                log.warning("could not remove %s/%s: %s", checkpoint.path, LAST, exc)

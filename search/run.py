@@ -16,28 +16,25 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `python search/run.py` puts search/, not the repo, on sys.path
-    sys.path.insert(0, str(REPO))
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 
-import optuna  # noqa: E402
-import ray  # noqa: E402
-import yaml  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-
-from cellseg.config import ConfigError, config_to_dict, load_config  # noqa: E402
-from cellseg.data import DataError, make_synthetic_dataset  # noqa: E402
-from cellseg.tracking import Tracker, TrackingError  # noqa: E402
-from search.mlflow_callback import MlflowTrialLogger  # noqa: E402
-from search.searcher import PruningAwareOptunaSearch  # noqa: E402
-from search.space import load_space  # noqa: E402
-from search.summary import log_summary, summarize  # noqa: E402
-from search.trainable import train_trial, trial_dirname  # noqa: E402
+from cellseg.config import ConfigError, config_to_dict, load_config
+from cellseg.data import DataError, make_synthetic_dataset
+from cellseg.tracking import Tracker, TrackingError
+from search.mlflow_callback import MlflowTrialLogger
+from search.searcher import PruningAwareOptunaSearch
+from search.space import load_space
+from search.summary import log_summary, summarize
+from search.trainable import train_trial, trial_dirname
 
 log = logging.getLogger("cellseg.search")
 
+REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 36, "n_test": 6, "seed": 0, "profile": "easy"}
 SEARCH_TAG = "cellseg.search_name"
@@ -137,8 +134,7 @@ def run_search(args: argparse.Namespace) -> int:
     tracker.check()
     storage_path, optuna_dir = _storage(args)
     optuna_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}} if args.address is None else None)
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
     base_dict = config_to_dict(base_cfg)
     parent_run_id = _parent_run(tracker, args, base_path, space_path, base_dict)
     print(f"search {args.name}: MLflow parent run {parent_run_id} in {tracker.uri}")

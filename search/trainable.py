@@ -4,7 +4,9 @@ Importable by module path so that workers on other nodes can load it; it takes o
 """
 from __future__ import annotations
 
+import atexit
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +15,28 @@ from ray import tune
 from cellseg.config import apply_overrides, config_from_dict
 from cellseg.training import fit
 
-RUN_SUBDIR = "run"
-
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     """Train one trial; every epoch reports the metrics with the run directory as checkpoint.
 
-    A retried or restored trial continues from its last reported checkpoint.
+    The run directory is scratch space on the worker: Tune copies each reported checkpoint to
+    the search's storage. A retried or restored trial continues from its last checkpoint.
     """
     cfg = apply_overrides(config_from_dict(base), config)
-    run_dir = Path(tune.get_context().get_trial_dir()) / RUN_SUBDIR
-    resume_from = None
+    scratch = tempfile.mkdtemp(prefix="cellseg-trial-")
+    # A trial that the scheduler stops never returns from tune.report; its actor exits cleanly.
+    atexit.register(shutil.rmtree, scratch, True)
+    run_dir = Path(scratch) / "run"
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            if Path(directory).resolve() != run_dir.resolve():
-                shutil.rmtree(run_dir, ignore_errors=True)
-                shutil.copytree(directory, run_dir)
-        resume_from = run_dir
+            shutil.copytree(directory, run_dir)
 
     def report(metrics: dict[str, float], directory: Path) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
 
-    fit(cfg, run_dir=run_dir, report=report, resume_from=resume_from, progress=False)
+    fit(cfg, run_dir=run_dir, report=report, progress=False,
+        resume_from=run_dir if checkpoint is not None else None)
 
 
 def trial_dirname(trial: tune.experiment.Trial) -> str:
