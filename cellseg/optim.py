@@ -58,10 +58,8 @@ class LRSchedule:
         """Advance one epoch; ``metric`` (higher is better) drives the plateau scheduler."""
         self.epoch += 1
         name = self.cfg.scheduler
-        if name == "cosine":
-            self.factor = 0.5 * (1.0 + math.cos(math.pi * min(self.epoch, self.epochs) / self.epochs))
-        elif name == "step":
-            self.factor = self.cfg.gamma ** (self.epoch // self.cfg.step_size)
+        if name in ("cosine", "step"):
+            self.factor = self._closed_form_factor()
         elif name == "plateau":
             if metric > self.best:
                 self.best, self.bad_epochs = metric, 0
@@ -72,10 +70,20 @@ class LRSchedule:
                     self.bad_epochs = 0
         self._apply()
 
+    def _closed_form_factor(self) -> float:
+        """The epoch factor of cosine and step, a function of the epoch and the total epochs."""
+        if self.cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(self.epoch, self.epochs) / self.epochs))
+        return self.cfg.gamma ** (self.epoch // self.cfg.step_size)
+
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("iteration", "epoch", "factor", "best", "bad_epochs")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+        if self.cfg.scheduler in ("cosine", "step"):
+            # recomputed, not restored: a run resumed with more epochs follows the new schedule
+            # (the stored cosine factor of a finished run is 0 and would freeze training)
+            self.factor = self._closed_form_factor()
         self._apply()

@@ -2,7 +2,8 @@
 
 Trials never talk to MLflow: the driver is the single writer, so many concurrent trials cannot
 lock a SQLite store, and a remote server sees one client. On a restored search the callback finds
-the child runs it already created (by the Ray trial id tag), so no trial is duplicated.
+the child runs it already created (by the Ray trial id tag), so no trial is duplicated, and skips
+epochs already logged (a trial restored from an older checkpoint repeats them).
 
 Once a trial has ended, its checkpoint in storage keeps ``best.pt`` and the pictures but drops
 ``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per trial.
@@ -20,6 +21,7 @@ from ray.tune.result import AUTO_RESULT_KEYS, TRAINING_ITERATION
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.tracking import PARENT_TAG, Tracker
+from search.trainable import NODE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,13 @@ class MlflowTrialLogger(Callback):
         self.metric = metric
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}
+        self._logged_epoch: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tracker"] = None
         state["_runs"] = {}
+        state["_logged_epoch"] = {}
         return state
 
     @property
@@ -58,6 +62,8 @@ class MlflowTrialLogger(Callback):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self._runs[trial_id] = run.info.run_id
+                history = self.tracker.client.get_metric_history(run.info.run_id, "epoch")
+                self._logged_epoch[trial_id] = max((m.step for m in history), default=0)
 
     def trial_config(self, trial: Trial) -> Config:
         return apply_overrides(config_from_dict(self.base), trial.config)
@@ -74,8 +80,14 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
+        run_id, epoch = self._runs[trial.trial_id], int(result["epoch"])
+        if epoch <= self._logged_epoch.get(trial.trial_id, 0):
+            return
+        self._logged_epoch[trial.trial_id] = epoch
         metrics = {k: v for k, v in result.items() if k not in _SKIP}
-        self.tracker.log_metrics(self._runs[trial.trial_id], metrics, step=int(result["epoch"]))
+        self.tracker.log_metrics(run_id, metrics, step=epoch)
+        if NODE_KEY in result:
+            self.tracker.set_tags(run_id, {"ray.node_id": result[NODE_KEY]})
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger("cellseg.search")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
-DEMO_SIZE = {"n_train": 36, "n_test": 6, "seed": 0, "profile": "easy"}
+DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 SEARCH_TAG = "cellseg.search_name"
 
 

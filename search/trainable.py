@@ -10,10 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from cellseg.config import apply_overrides, config_from_dict
 from cellseg.training import fit
+
+NODE_KEY = "node_id"
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
@@ -32,8 +35,11 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             shutil.copytree(directory, run_dir)
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict[str, float], directory: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        tune.report({**metrics, NODE_KEY: node_id},
+                    checkpoint=tune.Checkpoint.from_directory(str(directory)))
 
     fit(cfg, run_dir=run_dir, report=report, progress=False,
         resume_from=run_dir if checkpoint is not None else None)

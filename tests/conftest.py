@@ -55,3 +55,30 @@ def write_sample() -> SampleWriter:
         return folder
 
     return write
+
+
+TRIALS = Path(__file__).resolve().parents[1] / "trials"
+
+TINY_SEARCH_SPACE = """\
+params:
+  optim.name: {choice: [sgd, adamw]}
+  optim.lr: {loguniform: [1.0e-5, 3.0e-3]}
+  optim.momentum: {uniform: [0.8, 0.95], if: {optim.name: sgd}}
+  model.mask_head_norm: {choice: [false, true]}
+baselines: [report_a.yaml]
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base config (the demo preset at 64-128 px, 3 epochs) and a 4-parameter space."""
+    folder = tmp_path_factory.mktemp("tiny_search")
+    base = folder / "base.yaml"
+    demo = (TRIALS / "demo.yaml").read_text()
+    base.write_text(demo.replace("min_size: 128", "min_size: 64")
+                    .replace("max_size: 256", "max_size: 128")
+                    .replace("epochs: 6", "epochs: 3"))
+    (folder / "report_a.yaml").write_text((TRIALS / "report_a.yaml").read_text())
+    space = folder / "space.yaml"
+    space.write_text(TINY_SEARCH_SPACE)
+    return {"base": base, "space": space}

@@ -1,0 +1,120 @@
+"""A real search end to end: Ray Tune + Optuna + ASHA on synthetic data, recorded in MLflow."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from pycocotools.coco import COCO
+
+from cellseg.cli import main as cellseg_main
+from cellseg.data import load_test_images
+from search.mlflow_callback import TRIAL_TAG
+from search.run import SEARCH_TAG, main as search_main
+
+pytestmark = pytest.mark.slow
+
+NUM_SAMPLES = 5
+MAX_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, easy_root, tiny_search):
+    """One finished search: 5 trials, ASHA with reduction factor 2, on 2 CPUs."""
+    folder = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        code = search_main([
+            "--data", str(easy_root), "--base", str(tiny_search["base"]),
+            "--space", str(tiny_search["space"]), "--num-samples", str(NUM_SAMPLES),
+            "--grace-period", "1", "--reduction-factor", "2", "--seed", "7",
+            "--storage", str(folder / "storage"), "--tracking-uri", uri,
+            "--experiment", "e2e", "--name", "s1"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(SEARCH_TAG) == "s1")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return {"folder": folder, "uri": uri, "client": client, "parent": parent,
+            "children": children, "data": easy_root}
+
+
+def epochs_of(client, run) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "segm_AP50"))
+
+
+def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
+    client, children = search["client"], search["children"]
+    assert search["parent"].info.status == "FINISHED"
+    assert len(children) == NUM_SAMPLES
+    assert len({c.data.tags[TRIAL_TAG] for c in children}) == NUM_SAMPLES
+    for child in children:
+        assert "optim.lr" in child.data.params and "model.backbone" in child.data.params
+        epochs = epochs_of(client, child)
+        assert epochs == list(range(1, len(epochs) + 1)) and epochs
+        assert "best_segm_AP50" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"checkpoint", "config.yaml"} <= artifacts
+        expected = "FINISHED" if len(epochs) == MAX_EPOCHS else "KILLED"
+        assert child.info.status == expected
+
+
+def test_asha_stopped_some_trials_and_the_summary_counts_the_saved_epochs(search):
+    client, children = search["client"], search["children"]
+    epochs = [len(epochs_of(client, c)) for c in children]
+    assert min(epochs) < MAX_EPOCHS, f"ASHA stopped no trial: epochs per trial {epochs}"
+    metrics = search["parent"].data.metrics
+    assert metrics["epochs_run"] == sum(epochs)
+    assert metrics["epochs_saved"] == NUM_SAMPLES * MAX_EPOCHS - sum(epochs)
+    summary = {a.path for a in client.list_artifacts(search["parent"].info.run_id, "summary")}
+    assert "summary/trial_curves.png" in summary
+
+
+def test_optuna_sees_asha_stopped_trials_as_pruned_with_their_epochs(search):
+    study = optuna.load_study(study_name="s1",
+                              storage=f"sqlite:///{search['folder'] / 'storage' / 's1' / 'optuna.db'}")
+    by_lr = {t.params["optim.lr"]: t for t in study.trials}
+    client = search["client"]
+    for child in search["children"]:
+        trial = by_lr[float(child.data.params["optim.lr"])]
+        epochs = epochs_of(client, child)
+        assert sorted(trial.intermediate_values) == epochs
+        if len(epochs) < MAX_EPOCHS:
+            assert trial.state == optuna.trial.TrialState.PRUNED
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_report_a_baseline_runs_first(search):
+    first = min(search["children"], key=lambda r: r.info.start_time)
+    assert first.data.params["optim.name"] == "sgd"
+    assert float(first.data.params["optim.lr"]) == pytest.approx(0.005)
+    assert float(first.data.params["optim.momentum"]) == pytest.approx(0.9)
+
+
+def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
+    output = tmp_path / "test-results.json"
+    code = cellseg_main(["export", "--best", "--experiment", "e2e", "--tracking-uri", search["uri"],
+                         "--data", str(search["data"]), "--output", str(output), "--no-progress"])
+    assert code == 0
+    images = load_test_images(search["data"])
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": [{"id": t.image_id, "height": t.height, "width": t.width}
+                                       for t in images],
+                            "categories": [{"id": i} for i in range(1, 5)], "annotations": []}
+    ground_truth.createIndex()
+    results = json.loads(output.read_text())
+    assert results, "the best model predicted nothing on the test images"
+    assert len(ground_truth.loadRes(copy.deepcopy(results)).getAnnIds()) == len(results)
+    assert {r["image_id"] for r in results} <= {t.image_id for t in images}
+    best = max(search["children"], key=lambda r: r.data.metrics["best_segm_AP50"])
+    exported = {a.path for a in search["client"].list_artifacts(best.info.run_id, "export")}
+    assert "export/test-results.json" in exported
