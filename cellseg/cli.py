@@ -42,6 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data.root={Path(args.data).resolve()}")
     cfg = load_config(args.config, overrides)
+    if not cfg.data.root:
+        raise ConfigError(f"{args.config}: no dataset; pass --data DIR (or set data.root)")
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train_and_track(cfg, name=name, experiment=args.experiment,
                              tracking_uri=args.tracking_uri, resume_from=args.resume,
@@ -158,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrackingError, ValueError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrackingError, ValueError,
+            FileExistsError, FileNotFoundError) as exc:
         print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -163,7 +163,8 @@ def run_search(args: argparse.Namespace) -> int:
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
                                         grace_period=args.grace_period,
                                         reduction_factor=args.reduction_factor),
-                time_budget_s=args.time_budget, trial_dirname_creator=trial_dirname),
+                time_budget_s=args.time_budget, trial_dirname_creator=trial_dirname,
+                reuse_actors=True),
             run_config=tune.RunConfig(
                 name=args.name, storage_path=storage_path,
                 callbacks=[MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,

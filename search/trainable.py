@@ -17,6 +17,21 @@ from cellseg.config import apply_overrides, config_from_dict
 from cellseg.training import fit
 
 NODE_KEY = "node_id"
+_scratch: list[str] = []  # this worker's scratch folder; workers are reused from trial to trial
+
+
+def _fresh_scratch() -> Path:
+    """A new scratch folder, removing the previous trial's one in this worker.
+
+    A trial that the scheduler stops never returns from tune.report, so cleanup happens when the
+    next trial starts in the same worker, or when the worker exits.
+    """
+    while _scratch:
+        shutil.rmtree(_scratch.pop(), ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix="cellseg-trial-")
+    _scratch.append(folder)
+    atexit.register(shutil.rmtree, folder, True)
+    return Path(folder)
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
@@ -26,10 +41,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     the search's storage. A retried or restored trial continues from its last checkpoint.
     """
     cfg = apply_overrides(config_from_dict(base), config)
-    scratch = tempfile.mkdtemp(prefix="cellseg-trial-")
-    # A trial that the scheduler stops never returns from tune.report; its actor exits cleanly.
-    atexit.register(shutil.rmtree, scratch, True)
-    run_dir = Path(scratch) / "run"
+    run_dir = _fresh_scratch() / "run"
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -26,13 +27,21 @@ def easy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   profile="easy")
 
 
+REALDATA_UNPACK = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "unpack.sh"
+
+
 @pytest.fixture(scope="session")
-def realdata_root() -> Path:
-    """The real dataset slice ($CELLSEG_REALDATA or /tmp/realdata/hw3-dev); skips when absent."""
+def realdata_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real dataset slice: $CELLSEG_REALDATA, /tmp/realdata/hw3-dev, or unpacked from
+    ../shared/realdata beside the checkout; skips when none of them exists."""
     root = Path(os.environ.get("CELLSEG_REALDATA", "/tmp/realdata/hw3-dev"))
-    if not (root / "train").is_dir():
-        pytest.skip(f"real data not found at {root}")
-    return root
+    if (root / "train").is_dir():
+        return root
+    if REALDATA_UNPACK.is_file():
+        out = subprocess.run(["bash", str(REALDATA_UNPACK), str(tmp_path_factory.mktemp("real"))],
+                             capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip().splitlines()[-1])
+    pytest.skip(f"real data not found at {root} nor at {REALDATA_UNPACK.parent}")
 
 
 SampleWriter = Callable[..., Path]
@@ -62,7 +71,7 @@ TRIALS = Path(__file__).resolve().parents[1] / "trials"
 TINY_SEARCH_SPACE = """\
 params:
   optim.name: {choice: [sgd, adamw]}
-  optim.lr: {loguniform: [1.0e-5, 3.0e-3]}
+  optim.lr: {loguniform: [1.0e-5, 1.0e-2]}
   optim.momentum: {uniform: [0.8, 0.95], if: {optim.name: sgd}}
   model.mask_head_norm: {choice: [false, true]}
 baselines: [report_a.yaml]
