@@ -1,0 +1,349 @@
+"""``cellseg`` command line end to end: synth, inspect, train (MLflow), evaluate, export, score.
+
+One tiny dataset and two tiny MLflow-tracked training runs are shared by the module.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.cli import main
+from cellseg.data import (
+    dataset_stats,
+    image_shape,
+    load_test_images,
+    read_mask,
+    scan_train,
+    targets_from_label_maps,
+    test_truth,
+)
+
+TRIALS = Path(__file__).resolve().parents[1] / "trials"
+EXPERIMENT = "cli"
+TINY = ["--set", "model.min_size=64", "--set", "model.max_size=128"]
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """main(argv) with stdout and stderr captured (for module-scoped fixtures without capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def printed_metric(text: str, key: str) -> float:
+    match = re.search(rf"^{key}:?\s+(-?[0-9.]+)\s*$", text, flags=re.MULTILINE)
+    assert match, f"{key} not printed in:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A synthetic dataset written by ``cellseg synth`` and two runs trained by ``cellseg train``."""
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "data"
+    code, out, err = run_cli("synth", data, "--train", 8, "--test", 3, "--seed", 5,
+                             "--profile", "easy")
+    assert code == 0, err
+    assert out.strip() == str(data)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    runs = {}
+    for name, epochs in (("r1", 2), ("r2", 1)):
+        code, out, err = run_cli(
+            "train", "--config", TRIALS / "demo.yaml", "--data", data, *TINY,
+            "--set", f"train.epochs={epochs}", "--set", f"train.output_dir={tmp / 'runs'}",
+            "--tracking-uri", uri, "--experiment", EXPERIMENT, "--name", name, "--no-progress")
+        assert code == 0, err
+        runs[name] = out
+    return {"tmp": tmp, "data": data, "uri": uri, "runs": runs,
+            "client": MlflowClient(tracking_uri=uri)}
+
+
+def run_of(workspace: dict, name: str):
+    client = workspace["client"]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def checkpoint_of(workspace: dict, name: str) -> Path:
+    match = re.search(r"^checkpoint: (.+)$", workspace["runs"][name], flags=re.MULTILINE)
+    assert match, workspace["runs"][name]
+    return Path(match.group(1))
+
+
+# ----------------------------------------------------------------------------- synth, inspect
+
+def test_synth_then_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "d"
+    assert main(["synth", str(data), "--train", "5", "--test", "3", "--seed", "4",
+                 "--profile", "easy"]) == 0
+    assert capsys.readouterr().out.strip() == str(data)
+
+    assert main(["inspect", str(data), "--json"]) == 0
+    captured = capsys.readouterr()
+    stats = json.loads(captured.out)  # exactly one JSON object, nothing else on stdout
+    assert isinstance(stats, dict)
+    assert {"num_train_images", "num_test_images", "max_instances_per_image",
+            "instances_per_class"} <= stats.keys()
+    assert stats["num_train_images"] == 5 and stats["num_test_images"] == 3
+    assert set(stats["instances_per_class"]) == {"class1", "class2", "class3", "class4"}
+    assert stats == json.loads(json.dumps(dataset_stats(data, detections_per_img=500,
+                                                        progress=False)))
+    # counted independently from the class files: distinct non-zero ids per file
+    per_image, per_class = [], dict.fromkeys(range(1, 5), 0)
+    for item in scan_train(data):
+        count, shape = 0, image_shape(item.image_path)
+        for c, path in item.class_paths.items():
+            n = int(np.count_nonzero(np.unique(read_mask(path, shape))))
+            per_class[c] += n
+            count += n
+        per_image.append(count)
+    assert stats["max_instances_per_image"] == max(per_image)
+    for c in range(1, 5):
+        assert stats["instances_per_class"][f"class{c}"]["instances"] == per_class[c]
+
+
+def test_inspect_text_report(synth_root: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", str(synth_root)]) == 0
+    out = capsys.readouterr().out
+    assert "train images: 8" in out and "test images: 4" in out
+
+
+def test_inspect_missing_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["inspect", str(missing), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert str(missing) in lines[0] and lines[0].startswith("cellseg inspect: error:")
+
+
+def test_synth_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "x").write_text("keep me")
+    assert main(["synth", str(tmp_path), "--train", "1", "--test", "0"]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- train
+
+def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
+    out = workspace["runs"]["r1"]
+    checkpoint = checkpoint_of(workspace, "r1")
+    assert checkpoint == (workspace["tmp"] / "runs" / "r1" / "best.pt").resolve()
+    assert checkpoint.is_file()
+    assert re.search(r"^best segm_AP50 [0-9.]+ at epoch [12]$", out, flags=re.MULTILINE), out
+
+    client: MlflowClient = workspace["client"]
+    run = run_of(workspace, "r1")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id in out  # "MLflow run <id> in <uri>"
+    params = run.data.params
+    assert params["optim.lr"] == "0.001"
+    assert params["train.epochs"] == "2"
+    assert params["model.min_size"] == "64" and params["model.backbone"] == "resnet18"
+    assert params["data.root"] == str(workspace["data"].resolve())
+    assert run.data.tags["cellseg.run_dir"] == str(checkpoint.parent)
+
+    for key in ("segm_AP50", "val_loss", "train_loss", "bbox_AP50", "lr"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    history = sorted(client.get_metric_history(run.info.run_id, "segm_AP50"), key=lambda m: m.step)
+    best = load_checkpoint(checkpoint)
+    # step 0 is what train logged (the --best export test may log a fake value at step 1)
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "best_segm_AP50")
+              if m.step == 0]
+    assert logged == [pytest.approx(max(m.value for m in history))]
+    assert logged == [pytest.approx(best["metrics"]["segm_AP50"])]
+
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "config.yaml", "pictures"} <= top
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {"checkpoint/best.pt"}
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert "pictures/history.png" in pictures
+    config_file = client.download_artifacts(run.info.run_id, "config.yaml",
+                                            str(workspace["tmp"] / "dl"))
+    assert "lr: 0.001" in Path(config_file).read_text()
+
+
+def test_train_unknown_key_exits_2_without_a_run(tmp_path: Path, synth_root: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = main(["train", "--config", str(TRIALS / "demo.yaml"), "--data", str(synth_root),
+                 "--set", "optim.nope=1", "--tracking-uri", uri, "--name", "bad",
+                 "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "optim.nope" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "mlflow.db").exists()  # the config fails before MLflow is touched
+
+
+def test_train_bad_config_file_names_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("optim:\n  lr: fast\n")
+    assert main(["train", "--config", str(config), "--no-progress",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "optim.lr" in err
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def test_evaluate_checkpoint_reproduces_training_metric(workspace: dict,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    checkpoint = checkpoint_of(workspace, "r1")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    value = printed_metric(out, "segm_AP50")
+    assert value == pytest.approx(load_checkpoint(checkpoint)["metrics"]["segm_AP50"], abs=1e-4)
+    printed_metric(out, "val_loss")
+    # a run directory works too, and picks best.pt
+    assert main(["evaluate", "--checkpoint", str(checkpoint.parent), "--no-progress"]) == 0
+    assert printed_metric(capsys.readouterr().out, "segm_AP50") == value
+
+
+def test_evaluate_bad_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- export, score
+
+def mapping_coco(data: Path) -> COCO:
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": t.image_id, "file_name": t.file_name, "height": t.height,
+                    "width": t.width} for t in load_test_images(data)],
+        "annotations": [],
+        "categories": [{"id": c, "name": f"class{c}"} for c in range(1, 5)],
+    }
+    coco.createIndex()
+    return coco
+
+
+def test_export_checkpoint_writes_valid_json_and_zip(workspace: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    data = workspace["data"]
+    output, archive = tmp_path / "out.json", tmp_path / "sub.zip"
+    code = main(["export", "--checkpoint", str(checkpoint_of(workspace, "r1")), "--data", str(data),
+                 "--output", str(output), "--zip", str(archive), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    results = json.loads(output.read_text())
+    assert isinstance(results, list) and results, "a trained model detects something"
+    assert f"detections: {len(results)}" in out and "images: 3" in out
+
+    ids = {t.image_id for t in load_test_images(data)}
+    assert {r["image_id"] for r in results} <= ids
+    assert {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = mapping_coco(data).loadRes(copy.deepcopy(results))  # loadRes edits its input
+    assert len(loaded.getAnnIds()) == len(results)
+    sizes = {t.image_id: [t.height, t.width] for t in load_test_images(data)}
+    assert all(r["segmentation"]["size"] == sizes[r["image_id"]] for r in results)
+
+    with zipfile.ZipFile(archive) as z:
+        assert z.namelist() == ["test-results.json"]
+        assert z.read("test-results.json") == output.read_bytes()
+    assert (tmp_path / "out-classes.png").is_file()
+
+    # score the same file against the synthetic test ground truth
+    assert main(["score", "--results", str(output), "--data", str(data)]) == 0
+    value = printed_metric(capsys.readouterr().out, "segm_AP50")
+    assert 0.0 <= value <= 1.0
+
+
+def perfect_results(data: Path) -> list[dict]:
+    """Every ground-truth instance of the test set as a detection with score 1."""
+    results = []
+    for t in load_test_images(data):
+        target = targets_from_label_maps(test_truth(data, t))
+        for mask, label in zip(target["masks"], target["labels"]):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            results.append({"image_id": t.image_id, "category_id": int(label), "score": 1.0,
+                            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                            "segmentation": {"size": [int(s) for s in rle["size"]],
+                                             "counts": rle["counts"].decode("ascii")}})
+    return results
+
+
+def test_score_perfect_and_empty_results(workspace: dict, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    data = workspace["data"]
+    perfect = tmp_path / "perfect.json"
+    perfect.write_text(json.dumps(perfect_results(data)))
+    assert main(["score", "--results", str(perfect), "--data", str(data)]) == 0
+    assert printed_metric(capsys.readouterr().out, "segm_AP50") == pytest.approx(1.0)
+
+    wrong = tmp_path / "wrong.json"
+    results = perfect_results(data)
+    for r in results:
+        r["category_id"] = r["category_id"] % 4 + 1  # every class wrong
+    wrong.write_text(json.dumps(results))
+    assert main(["score", "--results", str(wrong), "--data", str(data)]) == 0
+    assert printed_metric(capsys.readouterr().out, "segm_AP50") == pytest.approx(0.0)
+
+    not_a_list = tmp_path / "dict.json"
+    not_a_list.write_text("{}")
+    assert main(["score", "--results", str(not_a_list), "--data", str(data)]) == 2
+    assert str(not_a_list) in capsys.readouterr().err
+
+
+def test_export_best_picks_highest_run_and_logs_artifact(workspace: dict, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    client: MlflowClient = workspace["client"]
+    r1, r2 = run_of(workspace, "r1"), run_of(workspace, "r2")
+    # make the run that would not win on its own the best: r2 trained 1 epoch, r1 two
+    natural = max((r1, r2), key=lambda r: r.data.metrics["best_segm_AP50"])
+    target = r2 if natural is r1 else r1
+    client.log_metric(target.info.run_id, "best_segm_AP50", 1.5, step=1)
+
+    output = tmp_path / "test-results.json"
+    code = main(["export", "--best", "--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"],
+                 "--output", str(output), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"run_id: {target.info.run_id}" in out
+    assert json.loads(output.read_text()) is not None
+
+    exported = {a.path for a in client.list_artifacts(target.info.run_id, "export")}
+    assert exported == {"export/test-results.json", "export/test-results-classes.png"}
+    assert client.list_artifacts(natural.info.run_id, "export") == []
+
+
+def test_export_best_without_runs_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["export", "--best", "--experiment", "empty", "--tracking-uri",
+                 f"sqlite:///{tmp_path}/mlflow.db", "--output", str(tmp_path / "o.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "best_segm_AP50" in err and "empty" in err
+    assert not (tmp_path / "o.json").exists()
+
+
+# ----------------------------------------------------------------------------- real data
+
+def test_inspect_real_data(realdata_root: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", str(realdata_root), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["num_train_images"] == 51
+    assert stats["num_test_images"] == 31
+    assert stats["max_instances_per_image"] > 0
+    assert set(stats["instances_per_class"]) == {f"class{c}" for c in range(1, 5)}
