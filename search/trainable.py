@@ -17,7 +17,7 @@ from cellseg.config import apply_overrides, config_from_dict
 from cellseg.training import fit
 
 NODE_KEY = "node_id"
-_scratch: list[str] = []  # this worker's scratch folder; workers are reused from trial to trial
+_scratch: list[str] = []  # this worker's scratch folder (a worker may serve several trials)
 
 
 def _fresh_scratch() -> Path:
