@@ -95,6 +95,8 @@ class MlflowTrialLogger(Callback):
         self._close(trial, "FINISHED" if finished else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        if trial.trial_id not in self._runs:  # failed before it started (e.g. its worker died)
+            self.on_trial_start(iteration, trials, trial)
         error_file = trial.error_file
         error = Path(error_file).read_text()[-4000:] if error_file and Path(error_file).is_file() \
             else "trial failed (no error file)"
