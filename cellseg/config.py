@@ -197,7 +197,10 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
                 f"{where}unknown section {section!r}; sections are {', '.join(SECTIONS)}"
             )
     cfg = Config(**{s: _build_section(s, raw.get(s, {}), where) for s in raw})
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
     return cfg
 
 
@@ -284,6 +287,9 @@ def validate(cfg: Config) -> None:
         if f.name.endswith("_p"):
             _check(0.0 <= getattr(a, f.name) <= 1.0, f"augment.{f.name} must lie in [0, 1]")
     _check(0 < a.scale_min <= a.scale_max, "augment.scale_min must be positive and <= scale_max")
+    _check(0.0 <= a.color_jitter_strength < 1.0, "augment.color_jitter_strength must lie in [0, 1)")
+    _check(a.blur_sigma >= 0.1, "augment.blur_sigma must be at least 0.1 (pixels)")
+    _check(a.noise_std >= 0, "augment.noise_std must be >= 0")
     _check(a.crop_size >= 32, "augment.crop_size must be at least 32")
     _check(o.lr > 0, "optim.lr must be positive")
     _check(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and grad_clip must be >= 0")

@@ -3,7 +3,9 @@
 Trials never talk to MLflow: the driver is the single writer, so many concurrent trials cannot
 lock a SQLite store, and a remote server sees one client. On a restored search the callback finds
 the child runs it already created (by the Ray trial id tag), so no trial is duplicated, and skips
-epochs already logged (a trial restored from an older checkpoint repeats them).
+epochs already logged (a trial restored from an older checkpoint repeats them). Every write goes
+through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
+retried, and the search goes on.
 
 Once a trial has ended, its checkpoint in storage keeps ``best.pt`` and the pictures but drops
 ``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per trial.
@@ -14,13 +16,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+import pyarrow.fs
+from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, TRAINING_ITERATION
 
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.tracking import PARENT_TAG, Tracker
+from search.mlflow_outbox import Outbox
 from search.trainable import NODE_KEY
 
 log = logging.getLogger(__name__)
@@ -30,25 +34,31 @@ _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_c
 
 
 class MlflowTrialLogger(Callback):
-    """Child run per trial: params, per-epoch metrics, status, best checkpoint and config."""
+    """Child run per trial: params, per-epoch metrics, status, best checkpoint and config.
+
+    Writes go through an :class:`Outbox`, so an unavailable tracking store delays them instead of
+    stopping the search; ``outbox_path`` keeps queued writes across a driver crash.
+    """
 
     def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str,
-                 base: dict[str, Any], max_epochs: int, metric: str) -> None:
+                 base: dict[str, Any], max_epochs: int, metric: str,
+                 outbox_path: Path | None = None, drain_timeout_s: float = 600.0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.base = base
         self.max_epochs = max_epochs
         self.metric = metric
+        self.outbox_path = outbox_path
+        self.drain_timeout_s = drain_timeout_s
         self._tracker: Tracker | None = None
+        self._outbox: Outbox | None = None
         self._runs: dict[str, str] = {}
         self._logged_epoch: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_tracker"] = None
-        state["_runs"] = {}
-        state["_logged_epoch"] = {}
+        state.update(_tracker=None, _outbox=None, _runs={}, _logged_epoch={})
         return state
 
     @property
@@ -57,6 +67,12 @@ class MlflowTrialLogger(Callback):
             self._tracker = Tracker(self.tracking_uri)
         return self._tracker
 
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(self._apply, self.outbox_path)
+        return self._outbox
+
     def setup(self, **info: Any) -> None:
         for run in self.tracker.find_runs(self.experiment, f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
             trial_id = run.data.tags.get(TRIAL_TAG)
@@ -64,30 +80,25 @@ class MlflowTrialLogger(Callback):
                 self._runs[trial_id] = run.info.run_id
                 history = self.tracker.client.get_metric_history(run.info.run_id, "epoch")
                 self._logged_epoch[trial_id] = max((m.step for m in history), default=0)
+        self.outbox.flush()
 
-    def trial_config(self, trial: Trial) -> Config:
-        return apply_overrides(config_from_dict(self.base), trial.config)
+    def trial_config(self, config: dict[str, Any]) -> Config:
+        return apply_overrides(config_from_dict(self.base), config)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        if trial.trial_id in self._runs:
-            self.tracker.client.update_run(self._runs[trial.trial_id], status="RUNNING")
-            return
-        cfg = self.trial_config(trial)
-        self._runs[trial.trial_id] = self.tracker.start_run(
-            self.experiment, str(trial), params=flatten(cfg), parent_run_id=self.parent_run_id,
-            tags={TRIAL_TAG: trial.trial_id, "cellseg.source": "search",
-                  "cellseg.searched_keys": ",".join(sorted(trial.config))})
+        self.outbox.put("start", trial_id=trial.trial_id, name=str(trial), config=trial.config)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
-        run_id, epoch = self._runs[trial.trial_id], int(result["epoch"])
-        if epoch <= self._logged_epoch.get(trial.trial_id, 0):
-            return
-        self._logged_epoch[trial.trial_id] = epoch
-        metrics = {k: v for k, v in result.items() if k not in _SKIP}
-        self.tracker.log_metrics(run_id, metrics, step=epoch)
-        if NODE_KEY in result:
-            self.tracker.set_tags(run_id, {"ray.node_id": result[NODE_KEY]})
+        metrics = {k: float(v) for k, v in result.items()
+                   if k not in _SKIP and isinstance(v, (int, float))}
+        self.outbox.put("result", trial_id=trial.trial_id, epoch=int(result["epoch"]),
+                        metrics=metrics, node_id=result.get(NODE_KEY))
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
+                         **info: Any) -> None:
+        self.outbox.put("tags", trial_id=trial.trial_id, tags={
+            "ray.num_failures": trial.num_failures, "last_error": _error_text(trial)})
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
@@ -95,28 +106,95 @@ class MlflowTrialLogger(Callback):
         self._close(trial, "FINISHED" if finished else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        if trial.trial_id not in self._runs:  # failed before it started (e.g. its worker died)
-            self.on_trial_start(iteration, trials, trial)
-        error_file = trial.error_file
-        error = Path(error_file).read_text()[-4000:] if error_file and Path(error_file).is_file() \
-            else "trial failed (no error file)"
-        self.tracker.set_tags(self._runs[trial.trial_id], {"error": error})
-        self._close(trial, "FAILED")
+        self._close(trial, "FAILED", error=_error_text(trial))
 
-    def _close(self, trial: Trial, status: str) -> None:
-        run_id = self._runs[trial.trial_id]
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self.outbox.pending:
+            self.outbox.flush()
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if not self.outbox.drain(self.drain_timeout_s):
+            log.error("MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes "
+                      "are kept in %s", self.tracking_uri, self.drain_timeout_s,
+                      len(self.outbox.pending), self.outbox_path)
+
+    def _close(self, trial: Trial, status: str, error: str | None = None) -> None:
         checkpoint = trial.checkpoint
+        self.outbox.put("close", trial_id=trial.trial_id, name=str(trial), config=trial.config,
+                        status=status, error=error,
+                        checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None)
+
+    def _apply(self, op: str, /, *, trial_id: str, **kwargs: Any) -> None:
+        if op == "start":
+            self._apply_start(trial_id, kwargs["name"], kwargs["config"])
+        elif op == "result":
+            self._apply_result(trial_id, **kwargs)
+        elif op == "tags":
+            self.tracker.set_tags(self._runs[trial_id], kwargs["tags"])
+        elif op == "close":
+            self._apply_close(trial_id, **kwargs)
+        else:
+            raise ValueError(f"unknown MLflow operation {op!r}")
+
+    def _apply_start(self, trial_id: str, name: str, config: dict[str, Any]) -> None:
+        if trial_id in self._runs:
+            self.tracker.client.update_run(self._runs[trial_id], status="RUNNING")
+            return
+        found = self.tracker.find_runs(self.experiment, f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                                        f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+        if found:  # created just before the store went away, the answer lost
+            self._runs[trial_id] = found[0].info.run_id
+            return
+        self._runs[trial_id] = self.tracker.start_run(
+            self.experiment, name, params=flatten(self.trial_config(config)),
+            parent_run_id=self.parent_run_id,
+            tags={TRIAL_TAG: trial_id, "cellseg.source": "search",
+                  "cellseg.searched_keys": ",".join(sorted(config))})
+
+    def _apply_result(self, trial_id: str, epoch: int, metrics: dict[str, float],
+                      node_id: str | None) -> None:
+        if epoch <= self._logged_epoch.get(trial_id, 0):  # repeated by a trial restored from
+            return                                         # an older checkpoint
+        run_id = self._runs[trial_id]
+        self.tracker.log_metrics(run_id, metrics, step=epoch)
+        if node_id:
+            self.tracker.set_tags(run_id, {"ray.node_id": node_id})
+        self._logged_epoch[trial_id] = epoch
+
+    def _apply_close(self, trial_id: str, name: str, config: dict[str, Any], status: str,
+                     error: str | None, checkpoint: str | None) -> None:
+        if trial_id not in self._runs:  # failed before it started (e.g. its worker died)
+            self._apply_start(trial_id, name, config)
+        run_id = self._runs[trial_id]
+        if error is not None:
+            self.tracker.set_tags(run_id, {"error": error})
         if checkpoint is None:
             self.tracker.end_run(run_id, status)
             return
-        with checkpoint.as_directory() as directory:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+        with Checkpoint(path, filesystem).as_directory() as directory:
             try:
                 best = float(load_checkpoint(Path(directory) / BEST)["metrics"][self.metric])
             except (CheckpointError, KeyError):
                 best = float("nan")
-            self.tracker.finish_run(run_id, Path(directory), self.trial_config(trial), best, status)
+            self.tracker.finish_run(run_id, Path(directory), self.trial_config(config), best, status)
         if status != "FAILED":  # a failed trial may still be restarted from its last state
             try:
-                checkpoint.filesystem.delete_file(f"{checkpoint.path}/{LAST}")
+                filesystem.delete_file(f"{path}/{LAST}")
             except OSError as exc:
-                log.warning("could not remove %s/%s: %s", checkpoint.path, LAST, exc)
+                log.warning("could not remove %s/%s: %s", path, LAST, exc)
+
+
+def _error_text(trial: Trial) -> str:
+    """The tail of the trial's error file (its traceback)."""
+    error_file = trial.error_file
+    if error_file and Path(error_file).is_file():
+        return Path(error_file).read_text()[-4000:]
+    return "trial failed (no error file)"
+
+
+def _checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """A URI that pyarrow resolves back to the checkpoint's file system and path."""
+    if checkpoint.filesystem.type_name == "local":
+        return str(Path(checkpoint.path).resolve())
+    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"

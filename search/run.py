@@ -29,6 +29,7 @@ from cellseg.tracking import Tracker, TrackingError
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
 from search.space import load_space
+from search.storage import StorageError, check_storage
 from search.summary import log_summary, summarize
 from search.trainable import train_trial, trial_dirname
 
@@ -38,6 +39,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 SEARCH_TAG = "cellseg.search_name"
+OUTBOX = "mlflow-outbox.json"
+# A failed MLflow request is queued and retried by the callback's outbox, so the client's own
+# retries (7, about 4 minutes by default) would only stall the driver while the store is down.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the search --name after a crash")
     p.add_argument("--seed", type=int, default=0, help="seeds the TPE sampler")
     p.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--min-free-gb", type=float, default=2.0,
+                   help="refuse to start when local storage has less free space")
+    p.add_argument("--mlflow-wait", type=float, default=600,
+                   help="seconds to wait at the end for an unavailable MLflow store")
     return p
 
 
@@ -87,9 +98,9 @@ def _data_root(args: argparse.Namespace) -> Path:
 
 
 def _storage(args: argparse.Namespace) -> tuple[str, Path]:
-    """Tune's storage path, and a local folder for the Optuna study of this search."""
+    """Tune's storage path, and a local folder for this search's Optuna study and MLflow outbox."""
     if "://" in args.storage:
-        return args.storage, REPO / "runs" / "optuna"
+        return args.storage, REPO / "runs" / "remote" / args.name
     storage = Path(args.storage).resolve()
     return str(storage), storage / args.name
 
@@ -133,6 +144,7 @@ def run_search(args: argparse.Namespace) -> int:
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     storage_path, optuna_dir = _storage(args)
+    check_storage(storage_path, args.min_free_gb)
     optuna_dir.mkdir(parents=True, exist_ok=True)
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
     base_dict = config_to_dict(base_cfg)
@@ -169,7 +181,9 @@ def run_search(args: argparse.Namespace) -> int:
                 name=args.name, storage_path=storage_path,
                 callbacks=[MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
                                              parent_run_id=parent_run_id, base=base_dict,
-                                             max_epochs=max_epochs, metric=metric)],
+                                             max_epochs=max_epochs, metric=metric,
+                                             outbox_path=optuna_dir / OUTBOX,
+                                             drain_timeout_s=args.mlflow_wait)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=args.max_failures)))
     try:
@@ -177,6 +191,11 @@ def run_search(args: argparse.Namespace) -> int:
     except BaseException as exc:
         tracker.fail_run(parent_run_id, exc)
         raise
+    if (optuna_dir / OUTBOX).is_file():
+        raise TrackingError(
+            f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
+            f"are kept in {optuna_dir / OUTBOX}. Bring the store back, then run: python "
+            f"search/run.py --resume --name {args.name} (with the same other flags)")
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=time.time() - start)
     study = optuna.load_study(study_name=study_name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric,
@@ -193,10 +212,12 @@ def run_search(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         return run_search(args)
-    except (ConfigError, DataError, TrackingError) as exc:
+    except (ConfigError, DataError, TrackingError, StorageError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
 

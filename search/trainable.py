@@ -15,6 +15,7 @@ from ray import tune
 
 from cellseg.config import apply_overrides, config_from_dict
 from cellseg.training import fit
+from search.faults import maybe_inject
 
 NODE_KEY = "node_id"
 _scratch: list[str] = []  # this worker's scratch folder (a worker may serve several trials)
@@ -50,6 +51,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, float], directory: Path) -> None:
+        maybe_inject(int(metrics["epoch"]))
         tune.report({**metrics, NODE_KEY: node_id},
                     checkpoint=tune.Checkpoint.from_directory(str(directory)))
 

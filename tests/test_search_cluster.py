@@ -1,38 +1,83 @@
-"""A search on a simulated two-node Ray cluster places trials on both nodes, shared storage."""
+"""A search on a simulated two-node Ray cluster: trials on both nodes, checkpoints in shared
+storage, and a trial whose node is removed resumes on the other node from its checkpoint."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import ray
-from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from search.run import SEARCH_TAG, main as search_main
+from search.run import main as search_main
+from searchutil import epochs_of, search_args, search_runs, start_driver, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def test_trials_run_on_both_nodes_and_checkpoint_to_shared_storage(tmp_path, easy_root, tiny_search):
+@pytest.fixture
+def two_nodes():
+    """A head and a worker node of one CPU each, with this process connected as a driver."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    storage = tmp_path / "shared"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    worker = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
     try:
-        ray.init(address=cluster.address)
-        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        code = search_main([
-            "--address", cluster.address, "--data", str(easy_root),
-            "--base", str(tiny_search["base"]), "--space", str(tiny_search["space"]),
-            "--num-samples", "2", "--max-epochs", "1", "--cpus-per-trial", "1",
-            "--storage", str(storage), "--tracking-uri", uri, "--experiment", "cluster",
-            "--name", "c1"])
+        yield cluster, worker
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_trials_run_on_both_nodes_and_checkpoint_to_shared_storage(tmp_path, easy_root,
+                                                                   tiny_search, two_nodes):
+    cluster, _ = two_nodes
+    storage = tmp_path / "shared"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    code = search_main(["--address", cluster.address, "--num-samples", "2", "--max-epochs", "1",
+                        "--cpus-per-trial", "1",
+                        *search_args(easy_root, tiny_search, storage, uri, "cluster", "c1")])
     assert code == 0 and len(nodes) == 2
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
-    parent = next(r for r in runs if r.data.tags.get(SEARCH_TAG) == "c1")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    _, _, children = search_runs(uri, "cluster", "c1")
     assert len(children) == 2
     assert {c.data.tags["ray.node_id"] for c in children} == nodes
     assert len(list(storage.glob("c1/trial_*/checkpoint_*/best.pt"))) == 2
+
+
+@ray.remote(num_cpus=1)
+class CpuHolder:
+    """Keeps the head node's CPU busy so that the trial starts on the worker node."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(tmp_path, easy_root,
+                                                                          tiny_search, two_nodes):
+    cluster, worker = two_nodes
+    head_id = cluster.head_node.node_id
+    holder = CpuHolder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        head_id, soft=False)).remote()
+    ray.get(holder.ready.remote())
+    storage = tmp_path / "shared"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "driver.log"
+    driver = start_driver(["--address", cluster.address, "--num-samples", "1", "--max-epochs", "3",
+                           "--cpus-per-trial", "1", "--max-failures", "1",
+                           *search_args(easy_root, tiny_search, storage, uri, "cluster", "n1")], log)
+    try:
+        wait_for(lambda: any(storage.glob("n1/trial_*/checkpoint_000000/best.pt")), 600,
+                 "the trial's first checkpoint")
+        ray.kill(holder)
+        cluster.remove_node(worker)
+        assert driver.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    client, _, [child] = search_runs(uri, "cluster", "n1")
+    assert child.info.status == "FINISHED" and child.data.tags["ray.num_failures"] == "1"
+    assert epochs_of(client, child) == [1, 2, 3]
+    [result_file] = storage.glob("n1/trial_*/result.json")
+    rows = [json.loads(line) for line in result_file.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3], "the trial started over instead of resuming"
+    assert rows[0]["node_id"] == worker.node_id and rows[-1]["node_id"] == head_id

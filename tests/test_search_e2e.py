@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import optuna
 import pytest
 import ray
-from mlflow.tracking import MlflowClient
 from pycocotools.coco import COCO
 
 from cellseg.cli import main as cellseg_main
 from cellseg.data import load_test_images
 from search.mlflow_callback import TRIAL_TAG
-from search.run import SEARCH_TAG, main as search_main
+from search.run import main as search_main
+from searchutil import epochs_of, search_args, search_runs
 
 pytestmark = pytest.mark.slow
 
@@ -29,26 +28,16 @@ def search(tmp_path_factory, easy_root, tiny_search):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        code = search_main([
-            "--data", str(easy_root), "--base", str(tiny_search["base"]),
-            "--space", str(tiny_search["space"]), "--num-samples", str(NUM_SAMPLES),
-            "--grace-period", "1", "--reduction-factor", "2", "--seed", "7",
-            "--storage", str(folder / "storage"), "--tracking-uri", uri,
-            "--experiment", "e2e", "--name", "s1"])
+        code = search_main(search_args(
+            easy_root, tiny_search, folder / "storage", uri, "e2e", "s1",
+            "--num-samples", str(NUM_SAMPLES), "--grace-period", "1", "--reduction-factor", "2",
+            "--seed", "7"))
     finally:
         ray.shutdown()
     assert code == 0
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get(SEARCH_TAG) == "s1")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    client, [parent], children = search_runs(uri, "e2e", "s1")
     return {"folder": folder, "uri": uri, "client": client, "parent": parent,
             "children": children, "data": easy_root}
-
-
-def epochs_of(client, run) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "segm_AP50"))
 
 
 def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):

@@ -100,12 +100,6 @@ class ColorJitter:
 
     strength: float
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.strength < 1.0:
-            raise ValueError(
-                f"augment.color_jitter_strength must lie in [0, 1), got {self.strength}"
-            )
-
     def __call__(
         self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -144,10 +138,6 @@ class GaussianBlur:
 
     max_sigma: float
 
-    def __post_init__(self) -> None:
-        if self.max_sigma < 0.1:
-            raise ValueError(f"augment.blur_sigma must be at least 0.1, got {self.max_sigma}")
-
     def __call__(
         self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -160,10 +150,6 @@ class GaussianNoise:
     """Additive Gaussian noise of standard deviation std, clipped to [0, 1]."""
 
     std: float
-
-    def __post_init__(self) -> None:
-        if self.std < 0:
-            raise ValueError(f"augment.noise_std must be >= 0, got {self.std}")
 
     def __call__(
         self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator

@@ -143,6 +143,9 @@ def load_test_images(root: str | Path) -> list[TestImage]:
         names.add(name)
         ids.add(image_id)
         images.append(TestImage(name, image_id, height, width, path))
+    for path in (p for p in _visible(folder) if p.is_file() and p.name not in names):
+        warnings.warn(f"{path}: not in {MAPPING_FILE}, ignored (add it to the mapping to predict "
+                      "it)", stacklevel=2)
     return sorted(images, key=lambda t: t.image_id)
 
 

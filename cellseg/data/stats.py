@@ -1,4 +1,8 @@
-"""Dataset statistics for ``cellseg inspect``: sizes, instance counts, areas and warnings."""
+"""Dataset statistics for ``cellseg inspect``: sizes, instance counts, areas and warnings.
+
+Every image and mask is decoded as training and export decode it, so a broken file is found here,
+before a search, with the same error naming it.
+"""
 from __future__ import annotations
 
 import sys
@@ -10,7 +14,7 @@ from tqdm import tqdm
 
 from cellseg.data.layout import MAPPING_FILE, NUM_CLASSES, load_test_images, scan_train
 from cellseg.data.sample import load_label_maps
-from cellseg.data.tiff_io import image_shape
+from cellseg.data.tiff_io import read_image
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -43,7 +47,7 @@ def dataset_stats(
     images_with: dict[int, int] = dict.fromkeys(areas, 0)
     for item in tqdm(items, desc="scanning train", unit="image", file=sys.stderr,
                      disable=not progress):
-        shape = image_shape(item.image_path)
+        shape = read_image(item.image_path).shape[:2]
         shapes.append(shape)
         label_maps = load_label_maps(item.class_paths, shape)
         count = 0
@@ -54,20 +58,19 @@ def dataset_stats(
             images_with[c] += bool(len(sizes))
             count += len(sizes)
         per_image.append(count)
+        if not count:
+            warnings.append(f"{item.folder}: no instances in any class file (valid, but check it)")
         if count > detections_per_img:
             warnings.append(
                 f"{item.folder}: {count} instances, more than detections_per_img="
                 f"{detections_per_img}; raise model.detections_per_img or lose recall"
             )
-    empty = per_image.count(0)
-    if empty:
-        warnings.append(f"{empty} training images hold no instances (valid, but check them)")
 
     test_shapes: list[tuple[int, int]] = []
     if (Path(root) / MAPPING_FILE).is_file():
         for test_image in load_test_images(root):
             test_shapes.append((test_image.height, test_image.width))
-            actual = image_shape(test_image.path)
+            actual = read_image(test_image.path).shape[:2]
             if actual != test_shapes[-1]:
                 warnings.append(f"{test_image.path}: size {actual} differs from the mapping's "
                                 f"{test_shapes[-1]} (height, width)")

@@ -1,0 +1,61 @@
+"""Helpers for the search tests: driving search/run.py and reading what it wrote to MLflow."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from search.run import SEARCH_TAG
+
+RUN_PY = Path(__file__).resolve().parents[1] / "search" / "run.py"
+
+
+def search_args(data: Path, tiny_search: dict[str, Path], storage: Path, uri: str,
+                experiment: str, name: str, *extra: str) -> list[str]:
+    """run.py arguments for a tiny search on ``data``."""
+    return ["--data", str(data), "--base", str(tiny_search["base"]),
+            "--space", str(tiny_search["space"]), "--storage", str(storage),
+            "--tracking-uri", uri, "--experiment", experiment, "--name", name, *extra]
+
+
+def start_driver(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """run.py in its own process group (so that a test can kill it and its Ray) logging to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(RUN_PY), *args], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(1)
+
+
+def search_runs(uri: str, experiment: str, name: str) -> tuple[MlflowClient, list[Run], list[Run]]:
+    """The client, the parent run(s) tagged with search ``name``, and their child runs."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    parents = [r for r in runs if r.data.tags.get(SEARCH_TAG) == name]
+    ids = {p.info.run_id for p in parents}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids]
+    return client, parents, children
+
+
+def epochs_of(client: MlflowClient, run: Run, metric: str = "segm_AP50") -> list[int]:
+    """The steps (epochs) at which ``metric`` was logged, sorted, repeats kept."""
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,69 @@
+"""The outbox keeps MLflow writes in order while the store is unavailable, across restarts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from search.mlflow_outbox import Outbox, is_unavailable
+
+
+class Store:
+    """A stand-in tracking store that is down until ``up`` is set."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.applied: list[tuple[str, dict]] = []
+
+    def apply(self, name: str, **kwargs) -> None:
+        if not self.up:
+            raise MlflowException("API request failed: connection refused")
+        if kwargs.get("bad"):
+            raise MlflowException("bad value", INVALID_PARAMETER_VALUE)
+        self.applied.append((name, kwargs))
+
+
+def test_writes_wait_in_order_while_down_and_survive_a_restart(tmp_path: Path) -> None:
+    store, path = Store(), tmp_path / "outbox.json"
+    outbox = Outbox(store.apply, path, retry_after_s=0)
+    assert outbox.put("start", trial_id="a")
+    store.up = False
+    assert not outbox.put("result", trial_id="a", epoch=1)
+    assert not outbox.put("result", trial_id="a", epoch=2)
+    assert path.is_file()
+    reloaded = Outbox(store.apply, path, retry_after_s=0)  # the driver crashed and came back
+    store.up = True
+    assert reloaded.flush()
+    assert [kw.get("epoch") for _, kw in store.applied] == [None, 1, 2]
+    assert not path.exists()
+
+
+def test_a_refused_write_is_dropped_not_retried_forever(tmp_path: Path) -> None:
+    store = Store()
+    outbox = Outbox(store.apply, tmp_path / "outbox.json")
+    assert outbox.put("tags", trial_id="a", bad=True)
+    assert outbox.put("tags", trial_id="a")
+    assert store.applied == [("tags", {"trial_id": "a"})]
+
+
+def test_retries_wait_for_the_interval_unless_forced(tmp_path: Path) -> None:
+    store = Store()
+    store.up = False
+    outbox = Outbox(store.apply, None, retry_after_s=3600)
+    assert not outbox.put("start", trial_id="a")
+    store.up = True
+    assert not outbox.flush()
+    assert outbox.drain(timeout_s=0)
+    assert store.applied == [("start", {"trial_id": "a"})]
+
+
+@pytest.mark.parametrize("exc, unavailable", [
+    (MlflowException("boom"), True),
+    (MlflowException("bad", INVALID_PARAMETER_VALUE), False),
+    (ConnectionRefusedError(), True),
+    (KeyError("x"), False),
+])
+def test_unavailable_means_retry_later(exc: BaseException, unavailable: bool) -> None:
+    assert is_unavailable(exc) is unavailable
