@@ -134,12 +134,18 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
 }
 
 
+def broken_copy(template: Path, folder: Path, mutate: Callable[[Path], Path]) -> tuple[Path, Path]:
+    """A copy of the template dataset in ``folder`` with ``mutate`` applied; the root and the
+    path that ``mutate`` broke."""
+    root = folder / "data"
+    shutil.copytree(template, root)
+    return root, mutate(root)
+
+
 @pytest.mark.parametrize("case", ERRORS)
 def test_broken_input_is_one_clear_error_naming_the_file(case, template, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(template, root)
     mutate, message = ERRORS[case]
-    path = mutate(root)
+    root, path = broken_copy(template, tmp_path, mutate)
     assert cellseg_main(["inspect", str(root), "--json"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -180,10 +186,8 @@ WARNINGS: dict[str, tuple[Callable[[Path], Path], str]] = {
 
 @pytest.mark.parametrize("case", WARNINGS)
 def test_skippable_input_is_a_warning_and_the_command_goes_on(case, template, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(template, root)
     mutate, message = WARNINGS[case]
-    path = mutate(root)
+    root, path = broken_copy(template, tmp_path, mutate)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cellseg_main(["inspect", str(root), "--json"]) == 0
