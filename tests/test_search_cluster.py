@@ -62,12 +62,18 @@ def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(tmp_pa
     storage = tmp_path / "shared"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "driver.log"
+
+    def first_epoch_logged() -> bool:
+        client, _, children = search_runs(uri, "cluster", "n1")
+        return any(epochs_of(client, child) for child in children)
+
     driver = start_driver(["--address", cluster.address, "--num-samples", "1", "--max-epochs", "3",
                            "--cpus-per-trial", "1", "--max-failures", "1",
                            *search_args(easy_root, tiny_search, storage, uri, "cluster", "n1")], log)
     try:
         wait_for(lambda: any(storage.glob("n1/trial_*/checkpoint_000000/best.pt")), 600,
                  "the trial's first checkpoint")
+        wait_for(first_epoch_logged, 120, "the driver to take the first result (MLflow has it)")
         ray.kill(holder)
         cluster.remove_node(worker)
         assert driver.wait(timeout=900) == 0, log.read_text()[-3000:]
