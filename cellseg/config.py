@@ -100,6 +100,7 @@ class TrainConfig:
     output_dir: str = "runs"  # checkpoints go to <output_dir>/<run name>/
     eval_every: int = 1  # the search needs a validation AP50 every epoch
     max_eval_images: int = 0  # 0 = the whole validation split
+    val_loss: bool = False  # also report val_loss: a second forward pass per validation batch
     metric: str = "segm_AP50"  # the leaderboard's metric, also the search objective
 
 

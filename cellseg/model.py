@@ -66,13 +66,19 @@ def _choose(table: Mapping[str, T], value: str, field: str) -> T:
 
 
 class NoUpscaleTransform(GeneralizedRCNNTransform):
-    """torchvision's transform that never enlarges an image: the scale factor is capped at 1."""
+    """torchvision's transform that never enlarges an image: the scale factor is capped at 1.
+
+    At scale 1 the image and its masks pass through untouched: torchvision would still
+    interpolate them, converting every instance mask to float (N x H x W x 4 bytes).
+    """
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         h, w = image.shape[-2:]
         size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        if self.fixed_size is None and max(h, w) <= self.max_size and size >= min(h, w):
+            return image, target
         image, target = _resize_image_and_masks(
             image, min(size, h, w), self.max_size, target, self.fixed_size
         )

@@ -63,7 +63,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None,
     model, _ = restore_model(state, device)
     _, val_loader, _ = build_loaders(cfg, device)
     return evaluate(model, val_loader, device, progress=progress,
-                    max_dets=max(cfg.model.detections_per_img, 100))
+                    max_dets=max(cfg.model.detections_per_img, 100), with_loss=True)
 
 
 def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, experiment: str,

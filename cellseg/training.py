@@ -120,7 +120,8 @@ def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
                    **{f"train_{k}": v for k, v in losses.items()}}
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             metrics.update(evaluate(model, val_loader, device, amp=use_amp, progress=progress,
-                                    max_dets=max(cfg.model.detections_per_img, 100)))
+                                    max_dets=max(cfg.model.detections_per_img, 100),
+                                    with_loss=cfg.train.val_loss))
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
                 save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models.detection.transform import _resize_image_and_masks
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -163,6 +164,18 @@ def test_resize_policy() -> None:
     assert enlarge.transform([image])[0].image_sizes == [(64, 64)]
     assert keep.transform([torch.rand(3, 200, 100)])[0].image_sizes == [(64, 32)]  # max_size
     assert keep.transform.image_mean == [0.485, 0.456, 0.406]
+
+
+def test_scale_one_passes_image_and_masks_through_unchanged() -> None:
+    keep = build_model(tiny(upscale_small=False)).train()
+    image, target = torch.rand(3, 40, 30), tiny_target()
+    target["masks"] = torch.zeros(2, 40, 30, dtype=torch.uint8)
+    target["masks"][0, 5:20, 4:9] = 1
+    resized, out = keep.transform.resize(image, dict(target))
+    assert resized is image and out["masks"] is target["masks"]
+    reference, ref_target = _resize_image_and_masks(image, 30, 64, dict(target))
+    assert torch.allclose(reference, image, atol=1e-6)
+    assert torch.equal(ref_target["masks"], target["masks"])
 
 
 def test_resize_policy_moves_boxes_in_training() -> None:

@@ -19,9 +19,10 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "train_loss_classifier", "train_loss
 
 
 def tiny_config(root: Path, out: Path, epochs: int, *extra: str) -> Config:
-    """The demo preset at 64-128 px: a few seconds per epoch on 8 small images."""
+    """The demo preset at 64-128 px, with val_loss: a few seconds per epoch on 8 small images."""
     return load_config(DEMO, [f"train.epochs={epochs}", "model.min_size=64", "model.max_size=128",
-                              f"data.root={root}", f"train.output_dir={out}", *extra])
+                              f"data.root={root}", f"train.output_dir={out}",
+                              "train.val_loss=true", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,81 @@
+"""Training throughput and peak memory: cellseg's loop against a plain torchvision-style loop.
+
+cellseg: ``build_loaders`` (cached decode, label maps, vectorised targets) + ``train_one_epoch``
+(schedule, clipping, AMP on CUDA). plain: ``bench/plain.py`` (decode every time, one mask per
+instance by a Python loop, no AMP). Same model config and seed, same training images, batch size,
+epochs and optimizer; the first step is warm-up and not timed. Each variant runs in a fresh
+process so that its peak RSS is its own.
+
+    python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from cellseg.engine import train_one_epoch
+from cellseg.model import build_model
+from cellseg.optim import build_optimizer
+from cellseg.training import seed_everything
+
+import common
+from plain import plain_loader, plain_train_epoch
+
+VARIANTS = ("cellseg", "plain")
+
+
+def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
+    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device)
+    device = torch.device(args.device)
+    s = common.cellseg_setup(cfg, device, args.epochs)
+    timed = common.TimedLoader(s.train_loader, device=device)
+    for epoch in range(1, args.epochs + 1):
+        s.shuffle.manual_seed(cfg.train.seed * 100_003 + epoch)  # as fit() does
+        s.train_loader.dataset.set_epoch(epoch)
+        train_one_epoch(s.model, s.optimizer, s.schedule, timed, device, epoch=epoch,
+                        scaler=s.scaler, amp=s.amp, grad_clip=cfg.optim.grad_clip, progress=False)
+    return {"images": timed.images, "seconds": timed.seconds, **common.peak_memory()}
+
+
+def run_plain(args: argparse.Namespace) -> dict[str, float]:
+    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device)
+    device = torch.device(args.device)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    loader = plain_loader(common.train_folders(cfg), cfg.train.batch_size,
+                          hflip_p=cfg.augment.hflip_p, vflip_p=cfg.augment.vflip_p,
+                          seed=cfg.train.seed)
+    timed = common.TimedLoader(loader, device=device)
+    for _ in range(args.epochs):
+        plain_train_epoch(model, optimizer, timed, device)
+    return {"images": timed.images, "seconds": timed.seconds, **common.peak_memory()}
+
+
+def main() -> None:
+    parser = common.make_parser(__doc__.splitlines()[0], VARIANTS)
+    parser.add_argument("--epochs", type=int, help="epochs per variant (default 2)")
+    args = parser.parse_args()
+    args.epochs = args.epochs or 2
+    if args.variant:
+        common.emit_result((run_cellseg if args.variant == "cellseg" else run_plain)(args))
+        return
+    print(common.machine())
+    with common.dataset_root(args) as root:
+        argv = common.child_args(args, root) + ["--epochs", str(args.epochs)]
+        results = {v: common.run_variant(__file__, [*argv, "--variant", v]) for v in VARIANTS}
+        cfg = common.bench_config(root, tiny=args.tiny, device=args.device)
+    print(f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
+          f"batch {cfg.train.batch_size}, {args.epochs} epochs, first step not timed")
+    rows = [[v, r["images"], r["seconds"], r["images"] / r["seconds"], r["peak_rss_mb"],
+             r["peak_cuda_mb"]] for v, r in results.items()]
+    common.print_table(["loop", "images", "seconds", "images/s", "peak RSS MiB", "peak CUDA MiB"], rows)
+    c, p = results["cellseg"], results["plain"]
+    common.print_ratio("peak RSS cellseg/plain", c["peak_rss_mb"] / p["peak_rss_mb"])
+    common.print_ratio("images/s cellseg/plain",
+                       (c["images"] / c["seconds"]) / (p["images"] / p["seconds"]))
+
+
+if __name__ == "__main__":
+    main()
