@@ -62,7 +62,8 @@ def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLo
                   pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     shuffle = torch.Generator()
     train = DataLoader(CellDataset(train_items, transform=build_augment(cfg.augment),
-                                   cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed),
+                                   cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed,
+                                   downscale_to=(cfg.model.min_size, cfg.model.max_size)),
                        batch_size=cfg.train.batch_size, shuffle=True, generator=shuffle,
                        drop_last=len(train_items) > cfg.train.batch_size, **common)
     val = DataLoader(CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,

@@ -8,6 +8,7 @@ import torch
 
 from cellseg.data.augment import Transform
 from cellseg.data.layout import TrainItem
+from cellseg.data.resize import downscale_sample
 from cellseg.data.sample import load_sample
 from cellseg.data.targets import targets_from_label_maps
 
@@ -20,7 +21,9 @@ class CellDataset(torch.utils.data.Dataset):
     pixel); transforms must not modify their inputs in place. The transform's generator is seeded
     by ``(seed, epoch, index)``: the same seed gives the same augmentation whatever the worker
     count or order. Call ``set_epoch`` before iterating each epoch; the epoch lives in shared
-    memory, so persistent DataLoader workers see it too.
+    memory, so persistent DataLoader workers see it too. ``downscale_to = (min_size, max_size)``
+    shrinks each transformed sample to the model's input size before its masks are made
+    (``cellseg.data.resize``).
     """
 
     def __init__(
@@ -30,8 +33,10 @@ class CellDataset(torch.utils.data.Dataset):
         transform: Transform | None = None,
         cache_decoded: bool = True,
         seed: int = 0,
+        downscale_to: tuple[int, int] | None = None,
     ) -> None:
         self.items = list(items)
+        self.downscale_to = downscale_to
         self.transform = transform
         self.cache_decoded = cache_decoded
         self.seed = seed
@@ -65,6 +70,8 @@ class CellDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, label_maps = self.transform(image, label_maps, rng)
+        if self.downscale_to is not None:
+            image, label_maps = downscale_sample(image, label_maps, *self.downscale_to)
         target = {k: torch.from_numpy(v) for k, v in targets_from_label_maps(label_maps).items()}
         target["image_id"] = index
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
