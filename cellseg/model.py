@@ -26,6 +26,7 @@ from torchvision.models.detection.transform import (
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
+from cellseg.data.resize import model_scale
 
 MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
 
@@ -65,23 +66,30 @@ def _choose(table: Mapping[str, T], value: str, field: str) -> T:
     return table[value]
 
 
-class NoUpscaleTransform(GeneralizedRCNNTransform):
-    """torchvision's transform that never enlarges an image: the scale factor is capped at 1.
+class CellTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, optionally never enlarging an image (scale capped at 1).
 
-    At scale 1 the image and its masks pass through untouched: torchvision would still
-    interpolate them, converting every instance mask to float (N x H x W x 4 bytes).
+    When the resize would keep the size (scale 1, as for samples the training dataset already
+    shrank) the image and its masks pass through untouched: torchvision would still interpolate
+    them, converting every instance mask to float (N x H x W x 4 bytes).
     """
+
+    def __init__(self, min_size: int, max_size: int, image_mean: list[float],
+                 image_std: list[float], *, upscale_small: bool) -> None:
+        super().__init__(min_size, max_size, image_mean, image_std)
+        self.upscale_small = upscale_small
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         h, w = image.shape[-2:]
         size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
-        if self.fixed_size is None and max(h, w) <= self.max_size and size >= min(h, w):
+        if not self.upscale_small:
+            size = min(size, h, w)
+        scale = model_scale(h, w, size, self.max_size)
+        if self.fixed_size is None and (math.floor(h * scale), math.floor(w * scale)) == (h, w):
             return image, target
-        image, target = _resize_image_and_masks(
-            image, min(size, h, w), self.max_size, target, self.fixed_size
-        )
+        image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], [h, w], list(image.shape[-2:]))
         return image, target
@@ -224,9 +232,9 @@ def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
         mask_head=mask_head,
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
     )
-    if not cfg.upscale_small:
-        t = model.transform
-        model.transform = NoUpscaleTransform(cfg.min_size, cfg.max_size, t.image_mean, t.image_std)
+    t = model.transform
+    model.transform = CellTransform(cfg.min_size, cfg.max_size, t.image_mean, t.image_std,
+                                    upscale_small=cfg.upscale_small)
     check_parameter_budget(model)
     _load_weights(model, cfg)
     return model

@@ -7,7 +7,8 @@ shell that starts Ray):
   epoch is reported. Kinds: ``error`` (a RuntimeError), ``oom`` (torch's CUDA out-of-memory
   error, also on a CPU machine), ``exit`` (the worker process dies, as on a segfault or a lost
   machine).
-- ``CELLSEG_FAULT_DIR``: a folder every worker can write (shared storage on a cluster); each
+- ``CELLSEG_FAULT_DIR`` (default: the worker's working directory): a folder every worker can
+  write (shared storage on a cluster); each
   injected fault claims one token file there, so the faults fire ``CELLSEG_FAULT_COUNT`` times
   (default 1) in the whole search, whatever the number of trials and retries.
 

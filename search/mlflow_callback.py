@@ -124,17 +124,12 @@ class MlflowTrialLogger(Callback):
                         status=status, error=error,
                         checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None)
 
-    def _apply(self, op: str, /, *, trial_id: str, **kwargs: Any) -> None:
-        if op == "start":
-            self._apply_start(trial_id, kwargs["name"], kwargs["config"])
-        elif op == "result":
-            self._apply_result(trial_id, **kwargs)
-        elif op == "tags":
-            self.tracker.set_tags(self._runs[trial_id], kwargs["tags"])
-        elif op == "close":
-            self._apply_close(trial_id, **kwargs)
-        else:
-            raise ValueError(f"unknown MLflow operation {op!r}")
+    def _apply(self, op: str, /, **kwargs: Any) -> None:
+        """Carry out one queued operation: ``_apply_<op>(**kwargs)``."""
+        getattr(self, f"_apply_{op}")(**kwargs)
+
+    def _apply_tags(self, trial_id: str, tags: dict[str, Any]) -> None:
+        self.tracker.set_tags(self._runs[trial_id], tags)
 
     def _apply_start(self, trial_id: str, name: str, config: dict[str, Any]) -> None:
         if trial_id in self._runs:

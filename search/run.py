@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.config import ConfigError, config_to_dict, load_config
-from cellseg.data import DataError, make_synthetic_dataset
+from cellseg.data import DataError, make_synthetic_dataset, scan_train
 from cellseg.tracking import Tracker, TrackingError
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
@@ -89,8 +89,11 @@ def _git_commit() -> str:
 
 
 def _data_root(args: argparse.Namespace) -> Path:
+    """The dataset folder, checked for its layout (DataError naming it) before Ray starts."""
     if args.data:
-        return Path(args.data).resolve()
+        root = Path(args.data).resolve()
+        scan_train(root)
+        return root
     if not (DEMO_DATA / "train").is_dir():
         log.info("making the synthetic demo dataset in %s", DEMO_DATA)
         make_synthetic_dataset(DEMO_DATA, **DEMO_SIZE)

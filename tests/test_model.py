@@ -166,14 +166,17 @@ def test_resize_policy() -> None:
     assert keep.transform.image_mean == [0.485, 0.456, 0.406]
 
 
-def test_scale_one_passes_image_and_masks_through_unchanged() -> None:
-    keep = build_model(tiny(upscale_small=False)).train()
-    image, target = torch.rand(3, 40, 30), tiny_target()
-    target["masks"] = torch.zeros(2, 40, 30, dtype=torch.uint8)
+@pytest.mark.parametrize(("upscale_small", "shape", "short_side"),
+                         [(False, (40, 30), 30), (True, (64, 64), 64)])
+def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape,
+                                                            short_side) -> None:
+    model = build_model(tiny(upscale_small=upscale_small)).train()
+    image, target = torch.rand(3, *shape), tiny_target()
+    target["masks"] = torch.zeros(2, *shape, dtype=torch.uint8)
     target["masks"][0, 5:20, 4:9] = 1
-    resized, out = keep.transform.resize(image, dict(target))
+    resized, out = model.transform.resize(image, dict(target))
     assert resized is image and out["masks"] is target["masks"]
-    reference, ref_target = _resize_image_and_masks(image, 30, 64, dict(target))
+    reference, ref_target = _resize_image_and_masks(image, short_side, 64, dict(target))
     assert torch.allclose(reference, image, atol=1e-6)
     assert torch.equal(ref_target["masks"], target["masks"])
 

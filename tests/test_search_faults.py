@@ -106,6 +106,14 @@ def test_unreachable_mlflow_fails_before_any_trial(tmp_path, easy_root, tiny_sea
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
 
 
+def test_missing_dataset_fails_before_any_trial(tmp_path, tiny_search, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = search_args(tmp_path / "nowhere", tiny_search, tmp_path / "storage", uri, "x", "d1")
+    assert search_main(args) == 2
+    assert f"{tmp_path / 'nowhere'}: dataset folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
 @pytest.mark.parametrize("extra, message", [
     ((), "is not writable"),
     (("--min-free-gb", "1e9"), "GB free, below --min-free-gb"),
