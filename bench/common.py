@@ -7,6 +7,7 @@ The scripts import this module as ``common`` (run them as ``python bench/<name>.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from torchvision.ops import MultiScaleRoIAlign
 
-from cellseg.config import Config, load_config
+from cellseg.config import Config, ModelConfig, load_config
 from cellseg.data import make_synthetic_dataset, scan_train, split_items
 from cellseg.model import BACKBONES, _imagenet_file, build_model
 from cellseg.optim import LRSchedule, build_optimizer
@@ -107,6 +109,17 @@ def train_folders(cfg: Config) -> list[Path]:
     """The folders of the training part of cellseg's fixed split, for the plain baseline."""
     train, _ = split_items(scan_train(cfg.data.root), cfg.data.val_fraction, cfg.data.split_seed)
     return [item.folder for item in train]
+
+
+def torchvision_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The same Mask R-CNN as torchvision runs it: NCHW layout and torchvision's RoIAlign."""
+    model = build_model(dataclasses.replace(cfg, channels_last=False))
+    heads = model.roi_heads
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pool = getattr(heads, name)
+        setattr(heads, name, MultiScaleRoIAlign(pool.featmap_names, pool.output_size,
+                                                pool.sampling_ratio))
+    return model
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 torchvision: ``model(images)`` in eval mode pastes every mask at full image size at once (an
 (N, 1, H, W) float tensor, built from a list of N full-size tensors), then each mask is thresholded
-and RLE-encoded with pycocotools. cellseg: ``predict_images`` pastes one mask at a time into its
+and RLE-encoded with pycocotools (the model as torchvision runs it: NCHW, torchvision's RoIAlign).
+cellseg: ``build_model``'s model and ``predict_images``, which pastes one mask at a time into its
 box and RLE-encodes it at once. An untrained model with score threshold 0 emits
 ``--detections`` detections per image. Each (size, variant) runs in a fresh process; sizes are
 width x height: the largest real test sizes 2500x735 and 1771x1760 and a small one.
@@ -59,8 +60,11 @@ def run_child(args: argparse.Namespace) -> dict[str, float]:
         f"model.detections_per_img={args.detections}", "model.box_score_thresh=0.0",
         "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_test=1000"])
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval().to(device)
-    run = torchvision_path if args.variant == "torchvision" else cellseg_path
+    if args.variant == "torchvision":
+        model, run = common.torchvision_model(cfg.model), torchvision_path
+    else:
+        model, run = build_model(cfg.model), cellseg_path
+    model = model.eval().to(device)
     run(model, torch.rand(3, 64, 64, device=device))  # warm-up, not timed
     image = load_input(args, device)
     before = common.peak_memory()["peak_rss_mb"]

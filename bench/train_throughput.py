@@ -1,9 +1,10 @@
 """Training throughput and peak memory: cellseg's loop against a plain torchvision-style loop.
 
 cellseg: ``build_loaders`` (cached decode, label maps, vectorised targets) + ``train_one_epoch``
-(schedule, clipping, AMP on CUDA). plain: ``bench/plain.py`` (decode every time, one mask per
-instance by a Python loop, no AMP). Same model config and seed, same training images, batch size,
-epochs and optimizer; the first step is warm-up and not timed. Each variant runs in a fresh
+(schedule, clipping, AMP on CUDA), cellseg's model (channels-last layout, cellseg's CPU RoIAlign).
+plain: ``bench/plain.py`` (decode every time, one mask per instance by a Python loop, no AMP) and
+the same model as torchvision runs it (NCHW, torchvision's RoIAlign). Same model config, weights
+seed, training images, batch size, epochs and optimizer; the first step is warm-up and not timed. Each variant runs in a fresh
 process so that its peak RSS is its own.
 
     python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
@@ -15,7 +16,6 @@ import argparse
 import torch
 
 from cellseg.engine import train_one_epoch
-from cellseg.model import build_model
 from cellseg.optim import build_optimizer
 from cellseg.training import seed_everything
 
@@ -42,7 +42,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, float]:
     cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device)
     device = torch.device(args.device)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    model = common.torchvision_model(cfg.model).to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     loader = plain_loader(common.train_folders(cfg), cfg.train.batch_size,
                           hflip_p=cfg.augment.hflip_p, vflip_p=cfg.augment.vflip_p,

@@ -54,6 +54,7 @@ class ModelConfig:
     min_size: int = 800  # torchvision default short side; the best results enlarged small images
     max_size: int = 1333  # torchvision default long-side cap
     upscale_small: bool = True  # enlarge images whose short side is below min_size
+    channels_last: bool = True  # NHWC memory layout: faster convolutions (docs/performance.md)
 
 
 @dataclass(frozen=True)

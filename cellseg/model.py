@@ -27,6 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
 from cellseg.data.resize import model_scale
+from cellseg.roi_align import CellRoIAlign
 
 MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
 
@@ -204,7 +205,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
     backbone = _backbone(cfg)
     anchors = _anchor_generator(cfg)
     channels = cfg.mask_head_channels
-    pool_side = 7  # torchvision's box RoIAlign output size
+    pool_side = 7  # torchvision's box RoIAlign output size (14 for masks), sampling ratio 2
+    levels = [str(level) for level in range(FPN_LEVELS - 1)]  # RoIs pool from all but the max-pooled level
     mask_head = MaskRCNNHeads(
         backbone.out_channels,
         [channels] * cfg.mask_head_convs,
@@ -223,12 +225,14 @@ def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         rpn_nms_thresh=cfg.rpn_nms_thresh,
+        box_roi_pool=CellRoIAlign(levels, pool_side, sampling_ratio=2),
         box_head=TwoMLPHead(backbone.out_channels * pool_side**2, cfg.box_head_dim),
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         box_score_thresh=cfg.box_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
+        mask_roi_pool=CellRoIAlign(levels, 2 * pool_side, sampling_ratio=2),
         mask_head=mask_head,
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
     )
@@ -237,4 +241,4 @@ def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
                                     upscale_small=cfg.upscale_small)
     check_parameter_budget(model)
     _load_weights(model, cfg)
-    return model
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model

@@ -259,3 +259,17 @@ def test_imagenet_weights_need_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
     torch.save(resnet.state_dict(), cached)
     body = build_model(tiny(weights="imagenet")).backbone.body
     assert torch.equal(body.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)
+
+
+def test_channels_last_changes_layout_not_results() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(channels_last=False)).eval()
+    fast = build_model(tiny(channels_last=True)).eval()
+    fast.load_state_dict(model.state_dict())
+    assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        (expected,), (got,) = model([image]), fast([image])
+    assert len(got["scores"]) == len(expected["scores"]) > 0
+    for key in ("boxes", "scores", "masks"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3)
