@@ -12,6 +12,7 @@ from cellseg.evaluation import (
     ImageTruth,
     coco_metrics,
     coco_results,
+    encode_region,
     ground_truth_coco,
     load_results,
     score_results_file,
@@ -130,3 +131,8 @@ def test_score_results_file(tmp_path, truths):
     path.write_text("{}")
     with pytest.raises(ValueError, match="JSON list"):
         score_results_file(path, truths)
+
+
+def test_region_outside_the_image_is_refused() -> None:
+    with pytest.raises(ValueError, match="leaves the"):
+        encode_region(np.ones((3, 3), dtype=bool), 2, 0, (4, 4))

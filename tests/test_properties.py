@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from pycocotools import mask as mask_utils
 
 from cellseg.config import Config, ConfigError, load_config
-from cellseg.evaluation import ImagePrediction, coco_results, encode_mask
+from cellseg.evaluation import ImagePrediction, coco_results, encode_mask, encode_region
 
 SECTIONS = {f.name: [g.name for g in dataclasses.fields(getattr(Config(), f.name))]
             for f in dataclasses.fields(Config)}
@@ -65,3 +65,21 @@ def test_rle_round_trip_through_submission_json(mask: np.ndarray) -> None:
                     "counts": entry["segmentation"]["counts"].encode("ascii")}
     assert np.array_equal(mask_utils.decode(segmentation).astype(bool), mask)
     assert int(mask_utils.area(segmentation)) == int(mask.sum())
+
+
+@st.composite
+def regions_in_images(draw: st.DrawFn) -> tuple[np.ndarray, int, int, tuple[int, int]]:
+    """A mask region (possibly empty or the whole image) and where it sits in an image."""
+    height, width = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    rows, cols = draw(st.integers(0, height)), draw(st.integers(0, width))
+    top, left = draw(st.integers(0, height - rows)), draw(st.integers(0, width - cols))
+    return draw(arrays(np.bool_, (rows, cols))), top, left, (height, width)
+
+
+@settings(max_examples=500, deadline=None)
+@given(case=regions_in_images())
+def test_region_rle_equals_full_image_rle(case) -> None:
+    region, top, left, (height, width) = case
+    full = np.zeros((height, width), dtype=bool)
+    full[top:top + region.shape[0], left:left + region.shape[1]] = region
+    assert encode_region(region, top, left, (height, width)) == encode_mask(full)
