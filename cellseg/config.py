@@ -99,7 +99,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     amp: bool = True  # mixed precision on CUDA only; ignored on CPU
     output_dir: str = "runs"  # checkpoints go to <output_dir>/<run name>/
-    eval_every: int = 1  # the search needs a validation AP50 every epoch
+    eval_every: int = 1  # validate every N epochs and the last; ASHA decides at validated epochs
     max_eval_images: int = 0  # 0 = the whole validation split
     val_loss: bool = False  # also report val_loss: a second forward pass per validation batch
     metric: str = "segm_AP50"  # the leaderboard's metric, also the search objective

@@ -4,7 +4,8 @@ Ray's OptunaSearch marks a trial COMPLETE whenever its last result carries the m
 that ASHA stopped after one epoch enters TPE as a finished trial with its one-epoch score. Here a
 trial that ends, without error, before ``max_epochs`` is told to Optuna as PRUNED, with its per-epoch
 intermediate values. Tune hands the result that triggered a stop (or the end) only to
-``on_trial_complete``, so that last epoch is reported here before the trial is told.
+``on_trial_complete``, so that last epoch is reported here before the trial is told. Epochs
+without validation (``train.eval_every`` > 1) report no metric and are not told.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class PruningAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:  # epochs without validation (train.eval_every > 1) have none
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         if trial_id in self._completed_trials or error or not result:
@@ -32,7 +37,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         step = result[TRAINING_ITERATION]
-        ot_trial.report(result[self.metric], step)
+        if self.metric in result:
+            ot_trial.report(result[self.metric], step)
         if step >= self.max_epochs:
             super().on_trial_complete(trial_id, result, error)
             return
