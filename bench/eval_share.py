@@ -18,6 +18,7 @@ import torch
 import cellseg.engine as engine
 import cellseg.predict as predict
 from cellseg.data import CellDataset
+from cellseg.evaluation import coco_max_dets
 
 import common
 
@@ -55,7 +56,7 @@ def main() -> None:
                 common.timed_calls(predict, ["_encode_masks"], paste):
             start = time.perf_counter()
             engine.evaluate(s.model, s.val_loader, device, amp=s.amp, progress=False,
-                            max_dets=max(cfg.model.detections_per_img, 100),
+                            max_dets=coco_max_dets(cfg.model.detections_per_img),
                             with_loss=cfg.train.val_loss)
             common.synchronize(device)
             eval_s = time.perf_counter() - start

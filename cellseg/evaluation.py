@@ -202,6 +202,11 @@ def _mean_defined(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else UNDEFINED
 
 
+def coco_max_dets(detections_per_img: int) -> int:
+    """COCOeval's largest ``maxDets`` for a model that keeps ``detections_per_img`` (at least 100)."""
+    return max(detections_per_img, 100)
+
+
 def coco_metrics(
     truths: list[ImageTruth],
     predictions: dict[int, ImagePrediction],

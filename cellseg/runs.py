@@ -11,7 +11,7 @@ from cellseg.checkpoint import BEST, checkpoint_config, load_checkpoint
 from cellseg.config import Config, flatten
 from cellseg.data import load_test_images, read_image, targets_from_label_maps, test_truth
 from cellseg.engine import evaluate
-from cellseg.evaluation import score_results_file, truth_from_masks
+from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_submission
 from cellseg.model import build_model
 from cellseg.plots import plot_class_distribution
@@ -63,7 +63,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None,
     model, _ = restore_model(state, device)
     _, val_loader, _ = build_loaders(cfg, device)
     return evaluate(model, val_loader, device, progress=progress,
-                    max_dets=max(cfg.model.detections_per_img, 100), with_loss=True)
+                    max_dets=coco_max_dets(cfg.model.detections_per_img), with_loss=True)
 
 
 def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, experiment: str,

@@ -17,6 +17,7 @@ from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_che
 from cellseg.config import Config
 from cellseg.data import CellDataset, build_augment, collate, scan_train, split_items
 from cellseg.engine import evaluate, train_one_epoch
+from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
 from cellseg.run_pictures import write_run_pictures
@@ -121,7 +122,7 @@ def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
                    **{f"train_{k}": v for k, v in losses.items()}}
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             metrics.update(evaluate(model, val_loader, device, amp=use_amp, progress=progress,
-                                    max_dets=max(cfg.model.detections_per_img, 100),
+                                    max_dets=coco_max_dets(cfg.model.detections_per_img),
                                     with_loss=cfg.train.val_loss))
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
