@@ -26,6 +26,7 @@ from ray.tune.search import ConcurrencyLimiter
 from cellseg.config import ConfigError, config_to_dict, load_config
 from cellseg.data import DataError, make_synthetic_dataset, scan_train
 from cellseg.tracking import Tracker, TrackingError
+from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
 from search.space import load_space
@@ -136,6 +137,11 @@ def run_search(args: argparse.Namespace) -> int:
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name, the name printed when the search started")
     args.name = args.name or time.strftime("search-%Y%m%d-%H%M%S")
+    if os.environ.get(FAULT_ENV):  # a drill with a typo would otherwise fail inside every trial
+        try:
+            parse_fault(os.environ[FAULT_ENV])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     overrides = [f"data.root={_data_root(args)}"]
     if args.max_epochs:

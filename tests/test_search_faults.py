@@ -94,6 +94,15 @@ def test_fault_spec_is_checked():
             parse_fault(bad)
 
 
+def test_malformed_fault_spec_fails_before_any_trial(tmp_path, easy_root, tiny_search, capsys,
+                                                    monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "oom@two")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert search_main(search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "f1")) == 2
+    assert f"{FAULT_ENV}='oom@two': expected <kind>@<epoch>" in capsys.readouterr().err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
 def test_unreachable_mlflow_fails_before_any_trial(tmp_path, easy_root, tiny_search, capsys,
                                                    monkeypatch):
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
