@@ -149,9 +149,9 @@ def run_search(args: argparse.Namespace) -> int:
     base_cfg = load_config(base_path, overrides)
     max_epochs = base_cfg.train.epochs
     metric = base_cfg.train.metric
-    if base_cfg.train.eval_every > 1:  # epochs between validations report losses, no metric
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     space = load_space(space_path, base_cfg)
+    if base_cfg.train.eval_every > 1 or "train.eval_every" in space.keys:
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # unvalidated epochs: no metric
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     storage_path, optuna_dir = _storage(args)

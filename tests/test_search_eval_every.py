@@ -11,7 +11,9 @@ from searchutil import epochs_of, search_args, search_runs
 pytestmark = pytest.mark.slow
 
 
-def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny_search):
+def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny_search,
+                                                       monkeypatch):
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")  # restored after the test
     base = tmp_path / "base.yaml"
     base.write_text(tiny_search["base"].read_text().replace("epochs: 3", "epochs: 4\n  eval_every: 2"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
