@@ -32,7 +32,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # reports A and B
-    weights: str = "imagenet"  # "imagenet", "none" or a local .pth file (no downloads on workers)
+    weights: str = "imagenet"  # "imagenet" (downloaded once into $TORCH_HOME), "none" or a .pth file
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # frozen BN suits pretrained weights
     trainable_layers: int = 3  # torchvision's default; report B freezes two stages (3 of 5)
     anchors: Literal["default", "small", "tiny", "custom"] = "small"  # report B: 8-128 gave +0.08
