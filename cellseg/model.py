@@ -24,6 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from cellseg.config import ModelConfig
 from cellseg.input_scale import model_scale, resize_image, resize_masks
 from cellseg.roi_align import CellRoIAlign
+from cellseg.task import NUM_CLASSES
 from cellseg.torchvision_private import resize_boxes
 
 MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
@@ -198,7 +199,7 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
                                trainable_layers=cfg.trainable_layers)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
+def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN:
     """Mask R-CNN with a ResNet-FPN backbone for ``num_classes`` foreground classes."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
