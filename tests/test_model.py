@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models.detection.transform import _resize_image_and_masks
 import torchvision
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -178,7 +178,8 @@ def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape
     target["masks"][0, 5:20, 4:9] = 1
     resized, out = model.transform.resize(image, dict(target))
     assert resized is image and out["masks"] is target["masks"]
-    reference, ref_target = _resize_image_and_masks(image, short_side, 64, dict(target))
+    torchvisions = GeneralizedRCNNTransform(short_side, 64, [0.0] * 3, [1.0] * 3).eval()
+    reference, ref_target = torchvisions.resize(image, dict(target))
     assert torch.allclose(reference, image, atol=1e-6)
     assert torch.equal(ref_target["masks"], target["masks"])
 
