@@ -6,13 +6,12 @@ and ``pictures/`` (curves and predictions of the finished run).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cellseg.atomic_file import write_atomic
 from cellseg.config import Config, config_from_dict, config_to_dict
 from cellseg.weights import load_weights_only
 
@@ -27,19 +26,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a corrupt file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(state, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda file: torch.save(state, file))
 
 
 def make_state(cfg: Config, model: torch.nn.Module, *, epoch: int, metrics: dict[str, float],
