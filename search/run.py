@@ -28,7 +28,7 @@ from cellseg.data import DataError, make_synthetic_dataset, scan_train
 from cellseg.tracking import Tracker, TrackingError
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
-from search.searcher import PruningAwareOptunaSearch
+from search.searcher import StudySearcher
 from search.space import load_space
 from search.storage import StorageError, check_storage
 from search.summary import log_summary, summarize
@@ -164,7 +164,7 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"resume after a crash with: python search/run.py --resume --name {args.name} "
           f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
     study_name = args.name
-    optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_dir / 'optuna.db'}")
+    optuna_storage = f"sqlite:///{optuna_dir / 'optuna.db'}"
     gpus = args.gpus_per_trial
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -174,10 +174,10 @@ def run_search(args: argparse.Namespace) -> int:
     if args.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
     else:
-        searcher = PruningAwareOptunaSearch(
-            space=space, metric=metric, mode="max", points_to_evaluate=space.baseline_points(),
-            sampler=optuna.samplers.TPESampler(seed=args.seed), storage=optuna_storage,
-            study_name=study_name, max_epochs=max_epochs)
+        searcher = StudySearcher(
+            space, metric=metric, mode="max", storage=optuna_storage, study_name=study_name,
+            sampler=optuna.samplers.TPESampler(seed=args.seed), max_epochs=max_epochs,
+            points_to_evaluate=space.baseline_points())
         search_alg = ConcurrencyLimiter(searcher, args.max_concurrent) if args.max_concurrent else searcher
         tuner = tune.Tuner(
             trainable,
