@@ -23,9 +23,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cellseg.config import ConfigError, config_to_dict, load_config
-from cellseg.data import DataError, make_synthetic_dataset, scan_train
-from cellseg.tracking import Tracker, TrackingError
+from cellseg.config import ConfigError, config_from_dict, config_to_dict, load_config
+from cellseg.data import DataError, dataset_fingerprint, make_synthetic_dataset, scan_train
+from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker, TrackingError
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
@@ -39,7 +39,6 @@ log = logging.getLogger("cellseg.search")
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
-SEARCH_TAG = "cellseg.search_name"
 OUTBOX = "mlflow-outbox.json"
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
@@ -123,8 +122,9 @@ def _parent_run(tracker: Tracker, args: argparse.Namespace, base_path: Path, spa
                             "continue it or choose another --name")
     params = {k: v for k, v in vars(args).items() if v is not None}
     run_id = tracker.start_run(args.experiment, args.name, params=params, tags={
-        SEARCH_TAG: args.name, "cellseg.source": "search-parent", "git_commit": _git_commit(),
-        "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)})
+        SEARCH_TAG: args.name, SOURCE_TAG: "search-parent", "git_commit": _git_commit(),
+        "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)},
+        dataset=dataset_fingerprint(config_from_dict(base_cfg_dict).data))
     tracker.client.log_text(run_id, space_path.read_text(), f"search/{space_path.name}")
     tracker.client.log_text(run_id, yaml.safe_dump(base_cfg_dict, sort_keys=False),
                             f"search/base-{base_path.name}")

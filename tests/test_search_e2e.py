@@ -104,6 +104,11 @@ def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
     assert results, "the best model predicted nothing on the test images"
     assert len(ground_truth.loadRes(copy.deepcopy(results)).getAnnIds()) == len(results)
     assert {r["image_id"] for r in results} <= {t.image_id for t in images}
-    best = max(search["children"], key=lambda r: r.data.metrics["best_segm_AP50"])
-    exported = {a.path for a in search["client"].list_artifacts(best.info.run_id, "export")}
+    provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
+    children = {c.info.run_id: c for c in search["children"]}
+    assert provenance["run_id"] in children and provenance["search"] == "s1"
+    assert provenance["metric_value"] == max(c.data.metrics["best_segm_AP50"]
+                                             for c in children.values())
+    assert provenance["fingerprint"] == search["parent"].data.tags["cellseg.data_fingerprint"]
+    exported = {a.path for a in search["client"].list_artifacts(provenance["run_id"], "export")}
     assert "export/test-results.json" in exported
