@@ -31,7 +31,7 @@ SOURCE_TAG = "cellseg.source"  # "train", "search" (a trial) or "search-parent"
 SEARCH_TAG = "cellseg.search_name"  # on a search's parent run
 DATA_TAG = "cellseg.data_fingerprint"  # the digest of cellseg.data.fingerprint
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind that opens on the runs table
+MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind for model training
 DATASET_CONTEXT = "mlflow.data.context"  # the input tag MLflow shows as a dataset's use
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config.yaml"
@@ -112,8 +112,8 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created (with a local artifact root) if absent.
 
-        The experiment is tagged as model training when it has no kind yet, so MLflow's UI opens
-        it on the runs table rather than on the GenAI overview.
+        The experiment is tagged as model training when it has no kind yet (MLflow 3.17's UI still
+        opens it by its GenAI / Model training switch; README "Compare trials in MLflow").
         """
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:

@@ -296,9 +296,14 @@ def run_search(args: argparse.Namespace) -> int:
                             max_epochs=max_epochs, local_dir=local_dir,
                             optuna_storage=optuna_storage, wall_s=time.time() - start)
     print("\n".join(summary.lines(metric)))
-    print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri}  (then open "
-          f"experiment {args.experiment!r})")
-    print("write the submission: cellseg export --best --experiment "
+    runs_page = (f"#/experiments/{tracker.experiment_id(args.experiment)}/runs"
+                 "?workflowType=machine_learning")
+    if tracker.uri.startswith("http"):
+        print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
+    else:
+        print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+              f"--port 5000, then open http://127.0.0.1:5000/{runs_page}")
+    print(f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
           f"{args.experiment} --output test-results.json --zip submission.zip")
     return 0
 
