@@ -1,4 +1,4 @@
-"""cellseg.runs' own logic, fast: what a failing or resumed ``cellseg train`` leaves in MLflow.
+"""cellseg.commands' own logic, fast: what a failing or resumed ``cellseg train`` leaves in MLflow.
 
 (The successful paths, which train models, are in test_cli.py; export --best's choice is in
 test_best_run.py.)"""
@@ -10,7 +10,7 @@ import pytest
 
 from cellseg.config import Config, DataConfig, TrainConfig
 from cellseg.data import DataError, dataset_fingerprint
-from cellseg.runs import train_and_track
+from cellseg.commands import train_and_track
 from cellseg.tracking import Tracker
 
 
