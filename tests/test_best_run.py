@@ -11,9 +11,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cellseg.best_run import choose, groups
+from cellseg.commands import best_checkpoint
 from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint
-from cellseg.commands import best_checkpoint
 from cellseg.tracking import Tracker, TrackingError
 
 EXPERIMENT = "cellseg"
