@@ -66,9 +66,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from cellseg.runs import export_run
 
+    if args.search and not args.best:
+        raise ConfigError("--search chooses among the runs of --best; add --best")
     with tempfile.TemporaryDirectory() as scratch:
         summary = export_run(
-            checkpoint=args.checkpoint, run_id=args.run_id, best=args.best,
+            checkpoint=args.checkpoint, run_id=args.run_id, best=args.best, search=args.search,
             experiment=args.experiment, tracking_uri=args.tracking_uri, data_root=args.data,
             output=Path(args.output), zip_path=Path(args.zip) if args.zip else None,
             score_threshold=args.score_threshold, scratch=Path(scratch),
@@ -133,11 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="a checkpoint file or run directory")
     source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
     source.add_argument("--best", action="store_true",
-                        help="the MLflow run with the highest best_segm_AP50 of --experiment")
+                        help="the best trial of the most recent search (or training run) of "
+                             "--experiment trained on --data (required with --best)")
+    p.add_argument("--search", help="with --best: choose within this search (or training run) "
+                                    "instead of the most recent one")
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment for --best")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
-    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint)")
-    p.add_argument("--output", default="test-results.json")
+    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint; "
+                                  "required with --best)")
+    p.add_argument("--output", default="test-results.json",
+                   help="the submission; <stem>.provenance.json beside it names the model")
     p.add_argument("--zip", help="also write a zip holding test-results.json")
     p.add_argument("--score-threshold", type=float, default=0.0,
                    help="drop detections below this score (AP50 rewards keeping nearly all)")
