@@ -32,8 +32,8 @@ class Candidate:
     """An exportable run with the metric it is ranked by."""
 
     record: RunRecord
-    metric: str
-    value: float
+    metric: str  # the run's train.metric
+    value: float  # its best_<metric>
 
     @property
     def rank_key(self) -> tuple[float, float, str]:

@@ -36,7 +36,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cellseg.runs import train_and_track
+    from cellseg.commands import train_and_track
 
     overrides = list(args.set)
     if args.data:
@@ -54,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellseg.runs import evaluate_checkpoint
+    from cellseg.commands import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, data_root=args.data, progress=not args.no_progress)
     width = max(map(len, metrics))
@@ -64,7 +64,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cellseg.runs import export_run
+    from cellseg.commands import export_run
 
     if args.search and not args.best:
         raise ConfigError("--search chooses among the runs of --best; add --best")
@@ -81,7 +81,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from cellseg.runs import score_export
+    from cellseg.commands import score_export
 
     metrics = score_export(Path(args.results), Path(args.data))
     for key, value in metrics.items():

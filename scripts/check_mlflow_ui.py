@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PageTimeout
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_TRAINING = "custom_model_development"  # cellseg.tracking.MODEL_TRAINING
@@ -117,8 +118,8 @@ def find_search(base: str, experiment: str, search: str | None) -> tuple[str, di
 def expect_text(page: Page, text: str, step: str) -> None:
     try:
         page.get_by_text(text, exact=False).first.wait_for(state="visible", timeout=TIMEOUT_MS)
-    except Exception as exc:
-        raise CheckFailed(f"{step}: {text!r} not shown ({type(exc).__name__})") from None
+    except PageTimeout:
+        raise CheckFailed(f"{step}: {text!r} not shown within {TIMEOUT_MS / 1000:.0f} s") from None
 
 
 def check(page: Page, base: str, experiment_id: str, parent: dict, trials: list[dict],
@@ -131,8 +132,8 @@ def check(page: Page, base: str, experiment_id: str, parent: dict, trials: list[
     page.goto(f"{base}/#/experiments/{experiment_id}")
     try:  # MLflow redirects to the tab it picks
         page.wait_for_url(re.compile(rf"/experiments/{experiment_id}/\w+"), timeout=TIMEOUT_MS)
-    except Exception:
-        pass
+    except PageTimeout:
+        notes.append("0 MLflow did not redirect the experiment to a tab")
     page.wait_for_timeout(3000)
     page.screenshot(path=str(out / "0-experiment-default-view.png"))
     notes.append(f"0 without ?workflowType the experiment opens at {page.url}")

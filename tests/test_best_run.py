@@ -1,4 +1,4 @@
-"""Which run ``export --best`` ships (cellseg.best_run and runs.best_checkpoint), on a real
+"""Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoint), on a real
 MLflow SQLite store filled with runs shaped as ``cellseg train`` and searches write them."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cellseg.best_run import choose, groups
+from cellseg.commands import best_checkpoint
 from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint
-from cellseg.runs import best_checkpoint
 from cellseg.tracking import Tracker, TrackingError
 
 EXPERIMENT = "cellseg"

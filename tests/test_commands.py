@@ -1,4 +1,4 @@
-"""cellseg.runs' own logic, fast: what a failing or resumed ``cellseg train`` leaves in MLflow.
+"""cellseg.commands' own logic, fast: what a failing or resumed ``cellseg train`` leaves in MLflow.
 
 (The successful paths, which train models, are in test_cli.py; export --best's choice is in
 test_best_run.py.)"""
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cellseg.commands import train_and_track
 from cellseg.config import Config, DataConfig, TrainConfig
 from cellseg.data import DataError, dataset_fingerprint
-from cellseg.runs import train_and_track
 from cellseg.tracking import Tracker
 
 
@@ -20,8 +20,8 @@ def test_a_failing_run_is_failed_and_resuming_it_reuses_the_run(tmp_path: Path,
     (data / "train").mkdir(parents=True)  # no training folder: fit fails after the run starts
     cfg = Config(data=DataConfig(root=str(data)),
                  train=TrainConfig(output_dir=str(tmp_path / "runs"), device="cpu"))
-    common = dict(experiment="e", tracking_uri=mlflow_uri, config_path=tmp_path / "c.yaml",
-                  progress=False)
+    common = {"experiment": "e", "tracking_uri": mlflow_uri, "config_path": tmp_path / "c.yaml",
+              "progress": False}
     with pytest.raises(DataError, match="empty dataset"):
         train_and_track(cfg, name="r", resume_from=None, **common)
     tracker = Tracker(mlflow_uri)
