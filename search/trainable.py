@@ -14,7 +14,8 @@ import ray
 from ray import tune
 
 from cellseg.config import apply_overrides, config_from_dict
-from cellseg.training import fit
+from cellseg.run_pictures import write_run_pictures
+from cellseg.training import fit, resolve_device
 from search.faults import maybe_inject
 
 NODE_KEY = "node_id"
@@ -51,6 +52,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, float], directory: Path) -> None:
+        if int(metrics["epoch"]) == cfg.train.epochs:  # pictures go into the last checkpoint
+            write_run_pictures(directory, resolve_device(cfg.train.device))
         maybe_inject(int(metrics["epoch"]))
         tune.report({**metrics, NODE_KEY: node_id},
                     checkpoint=tune.Checkpoint.from_directory(str(directory)))
