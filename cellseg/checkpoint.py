@@ -14,6 +14,7 @@ import torch
 
 from cellseg.atomic_file import write_atomic
 from cellseg.config import Config, config_from_dict, config_to_dict
+from cellseg.errors import DataError
 from cellseg.model import build_model
 from cellseg.weights import load_weights_only
 
@@ -22,7 +23,7 @@ BEST = "best.pt"
 PICTURES = "pictures"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint file that is missing, truncated or not one of ours."""
 
 

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from cellseg.checkpoint import BEST, PICTURES
 from cellseg.config import Config, config_to_dict
+from cellseg.errors import TrackingError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_EXPERIMENT = "cellseg"
@@ -28,10 +29,6 @@ RUN_DIR_TAG = "cellseg.run_dir"
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be used: unreachable server, unwritable store, no matching run."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

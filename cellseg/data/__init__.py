@@ -1,7 +1,7 @@
 """Reading, validating and serving the cell dataset, plus synthetic data in the same layout."""
 from cellseg.data.augment import build_augment
 from cellseg.data.dataset import CellDataset, collate, split_items
-from cellseg.data.errors import DataError
+from cellseg.errors import DataError
 from cellseg.data.layout import (
     TestImage,
     TrainItem,
