@@ -26,8 +26,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.config import Config, ConfigError, config_to_dict, load_config
-from cellseg.data import DataError, make_synthetic_dataset, scan_train
-from cellseg.tracking import Tracker, TrackingError
+from cellseg.data import (DataError, DataFingerprint, dataset_fingerprint, make_synthetic_dataset,
+                          scan_train)
+from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import WeightsError, resolve_weights
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
@@ -42,7 +43,6 @@ log = logging.getLogger("cellseg.search")
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
-SEARCH_TAG = "cellseg.search_name"
 OUTBOX = "mlflow-outbox.json"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
@@ -190,9 +190,10 @@ def storage_paths(storage: str, name: str) -> tuple[str, Path]:
 
 def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: bool,
                     params: Mapping[str, Any], tags: Mapping[str, str],
-                    texts: Mapping[str, str]) -> str:
-    """The search's parent run: created with ``params``, ``tags`` and ``texts`` (artifact path ->
-    content) for a new search, found again by name and set RUNNING for ``resume``."""
+                    texts: Mapping[str, str], dataset: DataFingerprint | None = None) -> str:
+    """The search's parent run: created with ``params``, ``tags``, ``texts`` (artifact path ->
+    content) and its ``dataset`` for a new search, found again by name and set RUNNING for
+    ``resume``."""
     found = tracker.find_runs(experiment, f"tags.`{SEARCH_TAG}` = '{name}'")
     if resume:
         if not found:
@@ -203,7 +204,8 @@ def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: boo
     if found:
         raise TrackingError(f"a search named {name!r} exists already; pass --resume to "
                             "continue it or choose another --name")
-    run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags})
+    run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags},
+                               dataset=dataset)
     for artifact_path, text in texts.items():
         tracker.client.log_text(run_id, text, artifact_path)
     return run_id
@@ -310,10 +312,11 @@ def run_search(args: argparse.Namespace) -> int:
     parent_run_id = open_parent_run(
         tracker, experiment=args.experiment, name=name, resume=args.resume,
         params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
-        tags={"cellseg.source": "search-parent", "git_commit": _git_commit(),
+        tags={SOURCE_TAG: "search-parent", "git_commit": _git_commit(),
               "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)},
         texts={f"search/{space_path.name}": space_path.read_text(),
-               f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)})
+               f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)},
+        dataset=dataset_fingerprint(base_cfg.data))
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
     print(f"resume after a crash with: python search/run.py --resume --name {name} "
           f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
@@ -344,9 +347,14 @@ def run_search(args: argparse.Namespace) -> int:
                             max_epochs=max_epochs, local_dir=local_dir,
                             optuna_storage=optuna_storage, wall_s=time.time() - start)
     print("\n".join(summary.lines(metric)))
-    print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri}  (then open "
-          f"experiment {args.experiment!r})")
-    print("write the submission: cellseg export --best --experiment "
+    runs_page = (f"#/experiments/{tracker.experiment_id(args.experiment)}/runs"
+                 "?workflowType=machine_learning")
+    if tracker.uri.startswith("http"):
+        print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
+    else:
+        print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+              f"--port 5000, then open http://127.0.0.1:5000/{runs_page}")
+    print(f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
           f"{args.experiment} --output test-results.json --zip submission.zip")
     return 0
 

@@ -1,6 +1,7 @@
 """Reading, validating and serving the cell dataset, plus synthetic data in the same layout."""
 from cellseg.data.augment import build_augment
 from cellseg.data.dataset import CellDataset, collate, split_items
+from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.errors import DataError
 from cellseg.data.layout import (
     TestImage,
@@ -20,11 +21,13 @@ __all__ = [
     "PROFILES",
     "CellDataset",
     "DataError",
+    "DataFingerprint",
     "TestImage",
     "TrainItem",
     "build_augment",
     "check_test_image",
     "collate",
+    "dataset_fingerprint",
     "dataset_stats",
     "find_test_folder",
     "format_stats",
