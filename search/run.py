@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # python search/run.py: search/ is not installed, the repo holds it
+    sys.path.insert(0, str(REPO))
+
 import optuna
 import ray
 import yaml
@@ -36,11 +40,10 @@ from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchSummary, log_summary, summarize
-from search.trainable import train_trial, trial_dirname
+from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 
 log = logging.getLogger("cellseg.search")
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="search name (default search-<time>); needed with --resume")
     p.add_argument("--resume", action="store_true", help="continue the search --name after a crash")
     p.add_argument("--seed", type=int, default=0, help="seeds the TPE sampler")
+    p.add_argument("--fault-drill", action="store_true",
+                   help=f"let trials fail on purpose as {FAULT_ENV} in the workers' environment "
+                        "says (docs/reliability.md); without it trials never read it")
     p.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--min-free-gb", type=float, default=2.0,
                    help="refuse to start when local storage has less free space")
@@ -106,8 +112,11 @@ def search_name(name: str | None, resume: bool) -> str:
     return name or time.strftime("search-%Y%m%d-%H%M%S")
 
 
-def check_fault_drill(spec: str | None) -> None:
-    """Refuse a malformed fault drill (``CELLSEG_FAULT``) before Ray starts, not in every trial."""
+def check_fault_drill(spec: str | None, drill: bool) -> None:
+    """Refuse a stray or malformed fault drill (``CELLSEG_FAULT``) before Ray starts."""
+    if spec and not drill:
+        raise ConfigError(f"{FAULT_ENV}={spec!r} is set but --fault-drill is not: unset it, or "
+                          "pass --fault-drill to make trials fail on purpose")
     if spec:
         try:
             parse_fault(spec)
@@ -292,7 +301,7 @@ def run_search(args: argparse.Namespace) -> int:
     """Validate everything, then run (or resume) the search and print its summary."""
     start = time.time()
     name = search_name(args.name, args.resume)
-    check_fault_drill(os.environ.get(FAULT_ENV))
+    check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -307,7 +316,8 @@ def run_search(args: argparse.Namespace) -> int:
     check_storage(storage_path, args.min_free_gb)
     local_dir.mkdir(parents=True, exist_ok=True)
 
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env=WORKER_RUNTIME_ENV)
     base_dict = config_to_dict(base_cfg)
     parent_run_id = open_parent_run(
         tracker, experiment=args.experiment, name=name, resume=args.resume,
@@ -322,7 +332,8 @@ def run_search(args: argparse.Namespace) -> int:
           f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
 
     optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict),
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict,
+                                                         fault_drill=args.fault_drill),
                                     {"cpu": args.cpus_per_trial,
                                      "gpu": trial_gpus(args.gpus_per_trial)})
     if args.resume:
