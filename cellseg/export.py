@@ -13,6 +13,7 @@ from torchvision.models.detection import MaskRCNN
 from tqdm import tqdm
 
 from cellseg.atomic_file import write_atomic
+from cellseg.data.layout import check_test_image
 from cellseg.evaluation import ImageTruth, coco_results, ground_truth_coco, load_results
 from cellseg.predict import predict_images
 from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, model_detector, predict_merged
@@ -60,11 +61,7 @@ def export_predictions(
         array = read_image(test_image.path)
         if array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"{test_image.file_name}: expected an (H, W, 3) image, got shape {array.shape}")
-        if array.shape[:2] != (test_image.height, test_image.width):
-            raise ValueError(
-                f"{test_image.file_name}: decoded size {array.shape[:2]} differs from the mapping's "
-                f"{(test_image.height, test_image.width)}"
-            )
+        check_test_image(test_image, array)
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
         if len(models) == 1 and not flips:
             [prediction] = predict_images(models[0], [tensor], score_threshold=score_threshold)

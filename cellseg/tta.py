@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
 from torchvision.ops import box_iou
 
+from cellseg.errors import ConfigError
 from cellseg.evaluation import ImagePrediction
 from cellseg.predict import Detections, detect_images, encode_detections
 
@@ -47,10 +48,10 @@ def model_detector(model: MaskRCNN) -> Detector:
 
 
 def check_flips(flips: Sequence[str]) -> tuple[str, ...]:
-    """``flips`` as a tuple, or ValueError naming the unknown view and the known ones."""
+    """``flips`` as a tuple, or ConfigError naming the unknown view and the known ones."""
     unknown = [f for f in flips if f not in FLIPS]
     if unknown:
-        raise ValueError(f"unknown test-time flip {unknown[0]!r}; use any of {', '.join(FLIPS)}")
+        raise ConfigError(f"unknown test-time flip {unknown[0]!r}; use any of {', '.join(FLIPS)}")
     return tuple(flips)
 
 

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
+from cellseg.errors import DataError
 from cellseg.export import export_predictions, write_submission
 
 
@@ -93,7 +94,7 @@ def test_tta_and_ensemble_export_results_accepted_by_load_res(model, tmp_path):
 
 def test_size_mismatch_names_the_file(model):
     wrong = [Entry("wrong.tif", 1, 34, 35, Path("a.tif"))]
-    with pytest.raises(ValueError, match="wrong.tif"):
+    with pytest.raises(DataError, match=r"a\.tif: decoded size .* differs from the mapping"):
         export_predictions([model], wrong, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False)
 
 
@@ -109,6 +110,6 @@ def test_invalid_results_are_not_written(tmp_path):
     bad = [{"image_id": 4, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5,
             "segmentation": {"size": [33, 35], "counts": "0"}}]
     output = tmp_path / "test-results.json"
-    with pytest.raises(ValueError, match="image_id"):
+    with pytest.raises(DataError, match="image_id"):
         write_submission(bad, MAPPING, output)
     assert not output.exists()
