@@ -14,7 +14,8 @@ import ray
 from ray import tune
 
 from cellseg.config import apply_overrides, config_from_dict
-from cellseg.training import fit
+from cellseg.run_pictures import write_run_pictures
+from cellseg.training import fit, resolve_device
 from search.faults import fault_from_env, no_fault
 
 NODE_KEY = "node_id"
@@ -56,6 +57,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bo
     inject = fault_from_env() if fault_drill else no_fault
 
     def report(metrics: dict[str, float], directory: Path) -> None:
+        if int(metrics["epoch"]) == cfg.train.epochs:  # pictures go into the last checkpoint
+            write_run_pictures(directory, resolve_device(cfg.train.device))
         inject(int(metrics["epoch"]))
         tune.report({**metrics, NODE_KEY: node_id},
                     checkpoint=tune.Checkpoint.from_directory(str(directory)))

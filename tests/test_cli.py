@@ -143,6 +143,26 @@ def test_synth_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "x").read_text() == "keep me"
 
 
+def test_an_internal_error_keeps_its_traceback(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the user-fixable error types become one line; a bug (here a ValueError from
+    inside a command) propagates, so Python prints its traceback."""
+    import cellseg.data
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cellseg.data, "make_synthetic_dataset", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["synth", str(tmp_path / "out"), "--train", "1", "--test", "0"])
+
+
+def test_synth_refuses_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["synth", str(tmp_path / "out"), "--train", "-1"])
+    assert info.value.code == 2 and "whole number" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- train
 
 def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:

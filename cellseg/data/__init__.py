@@ -1,7 +1,6 @@
 """Reading, validating and serving the cell dataset, plus synthetic data in the same layout."""
 from cellseg.data.augment import build_augment
 from cellseg.data.dataset import CellDataset, collate, split_items
-from cellseg.data.errors import DataError
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.data.layout import (
     TestImage,
@@ -16,6 +15,7 @@ from cellseg.data.stats import dataset_stats, format_stats
 from cellseg.data.synth import PROFILES, make_synthetic_dataset
 from cellseg.data.targets import targets_from_label_maps
 from cellseg.data.tiff_io import image_shape, read_image, read_mask, write_image, write_mask
+from cellseg.errors import DataError
 
 __all__ = [
     "PROFILES",

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from cellseg.data.errors import DataError
+from cellseg.errors import DataError
 from cellseg.data.layout import (
     CLASS_FILES,
     NUM_CLASSES,
