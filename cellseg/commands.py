@@ -95,7 +95,7 @@ def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, search
                       "metric_value": state.get("metrics", {}).get(metric), "fingerprint": None}
     root = data_root or cfg.data.root
     test_images = load_test_images(root)
-    results = export_predictions(model, test_images, read_image, device=device,
+    results = export_predictions([model], test_images, read_image, device=device,
                                  score_threshold=score_threshold, progress=progress)
     write_submission(results, test_images, output, zip_path=zip_path)
     picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))
