@@ -33,7 +33,7 @@ from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.summary import SearchSummary, log_summary, summarize
+from search.summary import SearchFailed, SearchSummary, log_summary, summarize
 from search.trainable import train_trial, trial_dirname
 
 log = logging.getLogger("cellseg.search")
@@ -44,6 +44,7 @@ DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 SEARCH_TAG = "cellseg.search_name"
 OUTBOX = "mlflow-outbox.json"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -190,52 +191,80 @@ def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpac
 
 
 @contextlib.contextmanager
-def tune_metric_check(strict: bool) -> Iterator[None]:
-    """Tune's strict metric check on or off while the block runs; the environment is restored.
+def tune_environment(strict_metrics: bool) -> Iterator[None]:
+    """Tune's settings for ``fit`` that Ray 2.60 reads only from the environment, restored after.
 
-    Ray 2.60 has no Tuner option for it: the driver's TuneController reads the variable
-    ``TUNE_DISABLE_STRICT_METRIC_CHECKING`` on every result, so it is set around ``fit`` only.
+    - ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` unless every epoch reports the metric (the
+      driver's TuneController reads it on every result; there is no Tuner option for it);
+    - ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt at once, so the driver
+      can mark the parent run KILLED; the search resumes as after any driver crash.
     """
-    if strict:
-        yield
-        return
-    previous = os.environ.get(STRICT_METRIC_ENV)
-    os.environ[STRICT_METRIC_ENV] = "1"
+    values = {SIGINT_ENV: "1"}
+    if not strict_metrics:
+        values[STRICT_METRIC_ENV] = "1"
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(STRICT_METRIC_ENV, None)
-        else:
-            os.environ[STRICT_METRIC_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def fit_tuner(tuner: tune.Tuner, tracker: Tracker, parent_run_id: str, *,
-              strict_metrics: bool) -> ResultGrid:
-    """Run the trials; the parent run is FAILED (KILLED for Ctrl-C) if the driver raises."""
+class SearchInterrupted(Exception):
+    """The search was stopped with Ctrl-C; it can be resumed."""
+
+
+@contextlib.contextmanager
+def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command: str) -> Iterator[None]:
+    """Close the parent run if the block raises: KILLED for Ctrl-C (SearchInterrupted, naming
+    ``resume_command``), FAILED otherwise. Left RUNNING when MLflow itself is unavailable."""
     try:
-        with tune_metric_check(strict_metrics):
-            return tuner.fit()
+        yield
+    except TrackingError:
+        raise
     except BaseException as exc:
-        tracker.fail_run(parent_run_id, exc)
+        try:
+            tracker.fail_run(parent_run_id, exc)
+        except Exception as mlflow_exc:  # keep the search's own error in front
+            log.error("could not close the parent run %s: %s", parent_run_id, mlflow_exc)
+        if isinstance(exc, KeyboardInterrupt):
+            raise SearchInterrupted(f"interrupted; the parent run is KILLED. Continue the search "
+                                    f"with: {resume_command}") from None
         raise
 
 
-def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
-                  metric: str, max_epochs: int, local_dir: Path,
-                  optuna_storage: optuna.storages.BaseStorage, wall_s: float) -> SearchSummary:
-    """The summary of an ended search, logged to the parent run, which is then FINISHED."""
+def check_outbox_empty(local_dir: Path, tracker: Tracker, name: str) -> None:
+    """TrackingError when the trials ended but MLflow writes are still queued in the outbox."""
     if (local_dir / OUTBOX).is_file():
         raise TrackingError(
             f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
             f"are kept in {local_dir / OUTBOX}. Bring the store back, then run: python "
             f"search/run.py --resume --name {name} (with the same other flags)")
+
+
+def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
+                  metric: str, max_epochs: int, local_dir: Path,
+                  optuna_storage: optuna.storages.BaseStorage, wall_s: float) -> SearchSummary:
+    """The summary of an ended search, logged to the parent run, which is then FINISHED;
+    SearchFailed (naming the first error) when no trial succeeded."""
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric,
                 out_dir=local_dir / "summary")
     tracker.end_run(parent_run_id, "FINISHED")
     return summary
+
+
+def make_trainable(base: dict[str, Any], *, cpus: float, gpus: float | None) -> Any:
+    """The trainable with its resources; ``gpus`` None: 1 if the cluster has GPUs, else 0."""
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return tune.with_resources(tune.with_parameters(train_trial, base=base),
+                               {"cpu": cpus, "gpu": gpus})
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -263,35 +292,35 @@ def run_search(args: argparse.Namespace) -> int:
         texts={f"search/{space_path.name}": space_path.read_text(),
                f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)})
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    print(f"resume after a crash with: python search/run.py --resume --name {name} "
-          f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
+    resume_command = (f"python search/run.py --resume --name {name} "
+                      f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
+    print(f"resume after a crash with: {resume_command}")
 
-    optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict),
-                                    {"cpu": args.cpus_per_trial, "gpu": gpus})
-    if args.resume:
-        tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
-                                   resume_errored=True)
-    else:
-        tuner = new_tuner(
-            trainable, name=name, storage_path=storage_path, space=space, metric=metric,
-            max_epochs=max_epochs, num_samples=args.num_samples, seed=args.seed,
-            optuna_storage=optuna_storage, max_concurrent=args.max_concurrent,
-            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-            time_budget_s=args.time_budget, max_failures=args.max_failures,
-            callback=MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
-                                       parent_run_id=parent_run_id, base=base_dict,
-                                       max_epochs=max_epochs, metric=metric,
-                                       outbox_path=local_dir / OUTBOX,
-                                       drain_timeout_s=args.mlflow_wait))
-    results = fit_tuner(tuner, tracker, parent_run_id,
-                        strict_metrics=metric_every_epoch(base_cfg, space))
-    summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
-                            max_epochs=max_epochs, local_dir=local_dir,
-                            optuna_storage=optuna_storage, wall_s=time.time() - start)
+    with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
+        trainable = make_trainable(base_dict, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial)
+        if args.resume:
+            tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
+                                       resume_errored=True)
+        else:
+            tuner = new_tuner(
+                trainable, name=name, storage_path=storage_path, space=space, metric=metric,
+                max_epochs=max_epochs, num_samples=args.num_samples, seed=args.seed,
+                optuna_storage=optuna_storage, max_concurrent=args.max_concurrent,
+                grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                time_budget_s=args.time_budget, max_failures=args.max_failures,
+                callback=MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
+                                           parent_run_id=parent_run_id, base=base_dict,
+                                           max_epochs=max_epochs, metric=metric,
+                                           outbox_path=local_dir / OUTBOX,
+                                           drain_timeout_s=args.mlflow_wait))
+        with tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)):
+            results = tuner.fit()
+    check_outbox_empty(local_dir, tracker, name)
+    with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
+                                max_epochs=max_epochs, local_dir=local_dir,
+                                optuna_storage=optuna_storage, wall_s=time.time() - start)
     print("\n".join(summary.lines(metric)))
     print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri}  (then open "
           f"experiment {args.experiment!r})")
@@ -311,6 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, TrackingError, StorageError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
+    except SearchFailed as exc:
+        print(f"search: failed: {exc}", file=sys.stderr)
+        return 1
+    except SearchInterrupted as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

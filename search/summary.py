@@ -54,8 +54,33 @@ def _curve(result: Any, metric: str) -> list[tuple[int, float]]:
     return [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[metric]) if math.isfinite(v)]
 
 
+class SearchFailed(RuntimeError):
+    """No trial of the search succeeded."""
+
+
+def _first_line_of_error(error: BaseException) -> str:
+    """The exception line of a trial's error (the last line of its traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def check_succeeded(results: ResultGrid, metric: str) -> None:
+    """SearchFailed naming the first error when every trial failed or none reported ``metric``."""
+    if any(r.error is None for r in results) and any(_curve(r, metric) for r in results):
+        return
+    failed = [r for r in results if r.error is not None]
+    if not failed:
+        raise SearchFailed(f"no trial reported {metric} ({len(results)} trials ended)")
+    first = failed[0]
+    raise SearchFailed(
+        f"no trial succeeded: {len(failed)} of {len(results)} failed. The first error, in "
+        f"{Path(first.path).name}: {_first_line_of_error(first.error)}. Its traceback is in "
+        f"{first.path}/error.txt and in the tag 'error' of its MLflow run")
+
+
 def summarize(results: ResultGrid, *, metric: str, max_epochs: int, wall_s: float) -> SearchSummary:
-    """Figures of a finished search, from Tune's results."""
+    """Figures of a finished search, from Tune's results; SearchFailed when no trial succeeded."""
+    check_succeeded(results, metric)
     best = results.get_best_result(metric=metric, mode="max", scope="all")
     epochs_run = sum(int((r.metrics or {}).get(TRAINING_ITERATION, 0)) for r in results)
     checkpoint = f"{best.checkpoint.path}/{BEST}" if best.checkpoint else "none"
