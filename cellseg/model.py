@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
-from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -24,16 +22,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from cellseg.config import ModelConfig
 from cellseg.input_scale import model_scale, resize_image, resize_masks
 from cellseg.roi_align import CellRoIAlign
+from cellseg.task import NUM_CLASSES
 from cellseg.torchvision_private import resize_boxes
+from cellseg.weights import IMAGENET, read_state_dict, resolve_weights
 
 MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
-
-BACKBONES: dict[str, torchvision.models.WeightsEnum] = {  # name -> its ImageNet weights
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
-}
 
 ANCHOR_SIZES: dict[str, tuple[int, ...]] = {
     "default": (32, 64, 128, 256, 512),  # torchvision's
@@ -127,30 +120,6 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
     return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
 
 
-def _imagenet_file(weights: torchvision.models.WeightsEnum) -> Path:
-    """The cached ImageNet file; ValueError telling where to put it when it is absent."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    if not path.is_file():
-        raise ValueError(
-            f"model.weights: 'imagenet' needs {weights} but {path} is not in the torch hub cache "
-            f"and nothing is downloaded here; put {weights.url} at {path} (or set TORCH_HOME), "
-            "or set model.weights to a local .pth file or 'none'"
-        )
-    return path
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise ValueError(f"model.weights: {str(path)!r} is not 'imagenet', 'none' or a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(f"model.weights: cannot read {path}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"model.weights: {path} does not hold a state_dict of tensors")
-    return dict(state)
-
-
 def _ignorable(key: str) -> bool:
     """Keys a file may hold that the model lacks: the ImageNet classifier, BatchNorm statistics."""
     return key.startswith("fc.") or key.endswith(BN_STATISTICS)
@@ -176,13 +145,10 @@ def _load_into(module: nn.Module, state: Mapping[str, Tensor], source: Path) -> 
 
 
 def _load_weights(model: MaskRCNN, cfg: ModelConfig) -> None:
-    if cfg.weights == "none":
+    path = resolve_weights(cfg.weights, cfg.backbone)
+    if path is None:
         return
-    if cfg.weights == "imagenet":
-        path = _imagenet_file(BACKBONES[cfg.backbone])
-    else:
-        path = Path(cfg.weights).expanduser()
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if any(k.startswith("backbone.") for k in state):
         _load_into(model, state, path)
     else:
@@ -190,7 +156,7 @@ def _load_weights(model: MaskRCNN, cfg: ModelConfig) -> None:
 
 
 def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    _choose(BACKBONES, cfg.backbone, "backbone")
+    _choose(IMAGENET, cfg.backbone, "backbone")  # the backbones with ImageNet weights
     norm_layer = _choose(NORM_LAYERS, cfg.norm, "norm")
     if not 0 <= cfg.trainable_layers <= 5:
         raise ValueError(f"model.trainable_layers: {cfg.trainable_layers} is not in 0..5")
@@ -198,7 +164,7 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
                                trainable_layers=cfg.trainable_layers)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
+def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN:
     """Mask R-CNN with a ResNet-FPN backbone for ``num_classes`` foreground classes."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")

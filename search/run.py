@@ -28,6 +28,7 @@ from ray.tune.search import ConcurrencyLimiter
 from cellseg.config import Config, ConfigError, config_to_dict, load_config
 from cellseg.data import DataError, make_synthetic_dataset, scan_train
 from cellseg.tracking import Tracker, TrackingError
+from cellseg.weights import WeightsError, resolve_weights
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
@@ -45,6 +46,8 @@ SEARCH_TAG = "cellseg.search_name"
 OUTBOX = "mlflow-outbox.json"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: that many GPU nodes can be asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -62,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the base config's train.epochs)")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA keeps 1/this per rung")
-    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU "
-                                                        "(default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU (default without "
+                   "--address: 1 if this machine has GPUs, else 0; needed with --address unless "
+                   "the base config's train.device is cpu)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
+    p.add_argument("--max-pending-trials", type=int, help="trials waiting for resources at once, "
+                   "each of which can make the autoscaler start a node (default: --max-concurrent "
+                   f"if set, else {CLUSTER_PENDING_TRIALS} with --address, 1 without)")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial from "
                                                                "its last checkpoint")
     p.add_argument("--address", help="an existing Ray cluster ('auto'); default: start Ray locally")
@@ -130,6 +137,44 @@ def load_base(base_path: Path, root: Path, max_epochs: int | None) -> Config:
     return load_config(base_path, overrides)
 
 
+def stage_weights(base: Config, space: SearchSpace) -> list[Path]:
+    """Every weights file a trial may load, resolved once before any trial starts: ImageNet files
+    are downloaded into this node's torch hub cache now (trials on this node find them there; other
+    nodes stage them at setup, see cluster.yaml), and a missing one fails the search in seconds."""
+    choices = {p.key: p.values for p in space.params if p.kind == "choice"}
+    backbones = {base.model.backbone, *choices.get("model.backbone", ())}
+    names = {base.model.weights, *choices.get("model.weights", ())}
+    found = {resolve_weights(name, backbone) for name in names for backbone in backbones}
+    return sorted(path for path in found if path is not None)
+
+
+def check_gpu_request(gpus_per_trial: float | None, address: str | None, device: str) -> None:
+    """On an existing cluster a GPU config needs an explicit ``--gpus-per-trial``: a cluster whose
+    GPU nodes are not started yet has no GPUs, so trials would silently train on CPU."""
+    if gpus_per_trial is None and address and device != "cpu":
+        raise ConfigError(
+            f"--address {address} with train.device {device!r} in the base config needs "
+            "--gpus-per-trial (1: a GPU per trial, 0.5: two trials share one); the cluster's GPU "
+            "nodes may not be started yet, so the default would train every trial on CPU")
+
+
+def trial_gpus(gpus_per_trial: float | None) -> float:
+    """``--gpus-per-trial``, else 1 when the (local) cluster has GPUs and 0 when it has none."""
+    if gpus_per_trial is not None:
+        return gpus_per_trial
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def pending_trials(requested: int | None, max_concurrent: int, address: str | None) -> int:
+    """How many trials may wait for resources at once. Tune's default with a searcher is one, so
+    an autoscaling cluster would start its GPU nodes one after another."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--max-pending-trials must be at least 1, got {requested}")
+        return requested
+    return max_concurrent or (CLUSTER_PENDING_TRIALS if address else 1)
+
+
 def metric_every_epoch(base: Config, space: SearchSpace) -> bool:
     """False when some trial may skip validation (``train.eval_every`` > 1): those epochs report
     no metric, which Tune's strict metric check would refuse."""
@@ -191,17 +236,8 @@ def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpac
 
 
 @contextlib.contextmanager
-def tune_environment(strict_metrics: bool) -> Iterator[None]:
-    """Tune's settings for ``fit`` that Ray 2.60 reads only from the environment, restored after.
-
-    - ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` unless every epoch reports the metric (the
-      driver's TuneController reads it on every result; there is no Tuner option for it);
-    - ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt at once, so the driver
-      can mark the parent run KILLED; the search resumes as after any driver crash.
-    """
-    values = {SIGINT_ENV: "1"}
-    if not strict_metrics:
-        values[STRICT_METRIC_ENV] = "1"
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` set in the environment while the block runs; the previous values restored."""
     previous = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -212,6 +248,17 @@ def tune_environment(strict_metrics: bool) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[None]:
+    """Tune's settings for ``fit`` that Ray 2.60 reads only from the environment, restored after.
+
+    - ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` unless every epoch reports the metric (the
+      driver's TuneController reads it on every result; there is no Tuner option for it);
+    - ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt at once, so the driver
+      can mark the parent run KILLED; the search resumes as after any driver crash.
+    """
+    return scoped_environ({SIGINT_ENV: "1", **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
 class SearchInterrupted(Exception):
@@ -259,14 +306,6 @@ def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, 
     return summary
 
 
-def make_trainable(base: dict[str, Any], *, cpus: float, gpus: float | None) -> Any:
-    """The trainable with its resources; ``gpus`` None: 1 if the cluster has GPUs, else 0."""
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return tune.with_resources(tune.with_parameters(train_trial, base=base),
-                               {"cpu": cpus, "gpu": gpus})
-
-
 def run_search(args: argparse.Namespace) -> int:
     """Validate everything, then run (or resume) the search and print its summary."""
     start = time.time()
@@ -276,6 +315,10 @@ def run_search(args: argparse.Namespace) -> int:
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
     space = load_space(space_path, base_cfg)
+    check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
+    max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
+    for path in stage_weights(base_cfg, space):
+        log.info("weights staged: %s", path)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     storage_path, local_dir = storage_paths(args.storage, name)
@@ -298,7 +341,9 @@ def run_search(args: argparse.Namespace) -> int:
 
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
         optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
-        trainable = make_trainable(base_dict, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial)
+        trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict),
+                                        {"cpu": args.cpus_per_trial,
+                                         "gpu": trial_gpus(args.gpus_per_trial)})
         if args.resume:
             tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
                                        resume_errored=True)
@@ -314,8 +359,9 @@ def run_search(args: argparse.Namespace) -> int:
                                            max_epochs=max_epochs, metric=metric,
                                            outbox_path=local_dir / OUTBOX,
                                            drain_timeout_s=args.mlflow_wait))
-        with tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)):
-            results = tuner.fit()
+        with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),  \
+                tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)):
+            results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
         summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
@@ -337,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_search(args)
-    except (ConfigError, DataError, TrackingError, StorageError) as exc:
+    except (ConfigError, DataError, TrackingError, StorageError, WeightsError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
     except SearchFailed as exc:

@@ -10,10 +10,14 @@ from mlflow.tracking import MlflowClient
 from cellseg.config import ConfigError
 from cellseg.data import DataError
 from cellseg.tracking import Tracker, TrackingError
-from search.run import (REPO, SEARCH_TAG, SIGINT_ENV, STRICT_METRIC_ENV, check_fault_drill, load_base,
-                        metric_every_epoch, open_parent_run, search_name, storage_paths,
-                        tune_environment, data_root)
+from cellseg.weights import MIRROR_ENV, WeightsError
+from search.run import (CLUSTER_PENDING_TRIALS, REPO, SEARCH_TAG, SIGINT_ENV, STRICT_METRIC_ENV,
+                        check_fault_drill, check_gpu_request, data_root, load_base,
+                        main as search_main, metric_every_epoch, open_parent_run, pending_trials,
+                        scoped_environ, search_name, stage_weights, storage_paths,
+                        tune_environment)
 from search.space import load_space
+from searchutil import free_port, search_args
 
 
 def test_a_search_name_is_made_unless_given_and_resume_needs_one():
@@ -90,3 +94,70 @@ def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path
     tracker.end_run(run_id, "KILLED")
     assert open_parent_run(tracker, resume=True, **kwargs) == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_a_gpu_config_on_a_cluster_needs_gpus_per_trial():
+    with pytest.raises(ConfigError, match="--address auto with train.device 'auto'.*--gpus-per-trial"):
+        check_gpu_request(None, "auto", "auto")
+    with pytest.raises(ConfigError, match="'cuda'"):
+        check_gpu_request(None, "ray://head:10001", "cuda")
+    check_gpu_request(0.5, "auto", "cuda")
+    check_gpu_request(None, "auto", "cpu")  # a CPU config on a cluster: no GPU wanted
+    check_gpu_request(None, None, "auto")  # local: the machine's own GPUs are known
+
+
+def test_several_trials_may_wait_for_nodes_on_a_cluster():
+    assert pending_trials(None, 0, "auto") == CLUSTER_PENDING_TRIALS > 1
+    assert pending_trials(None, 0, None) == 1  # Tune's own default with a searcher
+    assert pending_trials(None, 3, "auto") == 3
+    assert pending_trials(5, 3, None) == 5
+    with pytest.raises(ConfigError, match="--max-pending-trials"):
+        pending_trials(0, 0, "auto")
+
+
+def test_scoped_environ_restores_what_was_there(monkeypatch):
+    monkeypatch.setenv("CELLSEG_T1", "old")
+    monkeypatch.delenv("CELLSEG_T2", raising=False)
+    with scoped_environ({"CELLSEG_T1": "new", "CELLSEG_T2": "x"}):
+        assert os.environ["CELLSEG_T1"] == "new" and os.environ["CELLSEG_T2"] == "x"
+    assert os.environ["CELLSEG_T1"] == "old" and "CELLSEG_T2" not in os.environ
+
+
+def _imagenet_base(tmp_path: Path, tiny_search) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_search["base"].read_text().replace("weights: none", "weights: imagenet"))
+    return base
+
+
+def test_weights_of_every_backbone_in_the_space_are_staged_once(tmp_path, tiny_search, easy_root,
+                                                                monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # nothing is downloaded
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for name in ("resnet18-f37072fd.pth", "resnet34-b627a593.pth"):
+        (cache / name).write_bytes(b"cached")
+    base = load_base(_imagenet_base(tmp_path, tiny_search), easy_root, None)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("params:\n  model.backbone: {choice: [resnet18, resnet34]}\n")
+    assert stage_weights(base, load_space(space_file, base)) == sorted(cache.iterdir())
+    space_file.write_text("params:\n  model.backbone: {choice: [resnet18, resnet50]}\n")
+    with pytest.raises(WeightsError, match="resnet50-0676ba61.pth"):
+        stage_weights(base, load_space(space_file, base))
+    demo = load_base(tiny_search["base"], easy_root, None)  # weights: none
+    assert stage_weights(demo, load_space(tiny_search["space"], demo)) == []
+
+
+def test_missing_weights_fail_the_search_before_ray_starts(tmp_path, tiny_search, easy_root,
+                                                           monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # no network
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "w1")
+    args[args.index("--base") + 1] = str(_imagenet_base(tmp_path, tiny_search))
+    assert search_main(args) == 2
+    err = capsys.readouterr().err
+    assert "search: error: model.weights: downloading" in err and "resnet18-f37072fd.pth" in err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
