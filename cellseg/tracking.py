@@ -123,6 +123,11 @@ class Tracker:
     def finish_run(self, run_id: str, run_dir: Path, cfg: Config, best_metric: float,
                    status: str = "FINISHED") -> None:
         """Log the outcome of a run directory (best metric, best.pt, pictures, config) and close."""
+        self.log_outcome(run_id, run_dir, cfg, best_metric)
+        self.end_run(run_id, status)
+
+    def log_outcome(self, run_id: str, run_dir: Path, cfg: Config, best_metric: float) -> None:
+        """The best metric, config, ``best.pt`` and pictures of a run directory; again overwrites."""
         run_dir = Path(run_dir)
         if math.isfinite(best_metric):
             self.log_metrics(run_id, {BEST_METRIC: best_metric}, step=0)
@@ -131,7 +136,6 @@ class Tracker:
             self.log_artifact(run_id, run_dir / BEST, CHECKPOINT_ARTIFACT)
         if (run_dir / PICTURES).is_dir():
             self.log_artifact(run_id, run_dir / PICTURES, PICTURES)
-        self.end_run(run_id, status)
 
     def fail_run(self, run_id: str, error: BaseException | str) -> None:
         """Close a run as FAILED (KILLED for an interrupt) with the error as a tag."""

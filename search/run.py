@@ -29,6 +29,7 @@ from cellseg.config import Config, ConfigError, config_to_dict, load_config
 from cellseg.data import DataError, make_synthetic_dataset, scan_train
 from cellseg.tracking import Tracker, TrackingError
 from cellseg.weights import WeightsError, resolve_weights
+from search.driver_drill import DRILL_ENV, parse_drill
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
@@ -112,6 +113,15 @@ def check_fault_drill(spec: str | None) -> None:
     if spec:
         try:
             parse_fault(spec)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def check_driver_drill(spec: str | None) -> None:
+    """Refuse a malformed driver drill (``CELLSEG_DRIVER_DRILL``) before Ray starts."""
+    if spec:
+        try:
+            parse_drill(spec)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -311,6 +321,7 @@ def run_search(args: argparse.Namespace) -> int:
     start = time.time()
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV))
+    check_driver_drill(os.environ.get(DRILL_ENV))
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -358,7 +369,8 @@ def run_search(args: argparse.Namespace) -> int:
                                            parent_run_id=parent_run_id, base=base_dict,
                                            max_epochs=max_epochs, metric=metric,
                                            outbox_path=local_dir / OUTBOX,
-                                           drain_timeout_s=args.mlflow_wait))
+                                           drain_timeout_s=args.mlflow_wait,
+                                           search_name=name))
         with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),  \
                 tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)):
             results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
