@@ -28,10 +28,24 @@ RUN_DIR_TAG = "cellseg.run_dir"
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names the error
 
 
 class TrackingError(RuntimeError):
     """MLflow cannot be used: unreachable server, unwritable store, no matching run."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when an error of the store means 'try again later' (a server error, a lost
+    connection, a timeout) rather than 'this request is wrong' (a 4xx answer)."""
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+def error_tail(text: str) -> str:
+    """The last ERROR_CHARS characters of an error text, for a tag."""
+    return text[-ERROR_CHARS:]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -88,6 +102,10 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed training run or search)."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
@@ -110,6 +128,18 @@ class Tracker:
             self.client.log_artifacts(run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_path: str) -> None:
+        """``text`` as the artifact file ``artifact_path``."""
+        self.client.log_text(run_id, text, artifact_path)
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step at which metric ``key`` was logged; 0 when never."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+
+    def set_error(self, run_id: str, error: str) -> None:
+        """The tag ``error``: the end of ``error`` (a traceback names its error last)."""
+        self.set_tags(run_id, {"error": error_tail(error)})
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run as FINISHED, KILLED or FAILED."""
@@ -140,7 +170,7 @@ class Tracker:
     def fail_run(self, run_id: str, error: BaseException | str) -> None:
         """Close a run as FAILED (KILLED for an interrupt) with the error as a tag."""
         killed = isinstance(error, KeyboardInterrupt)
-        self.set_tags(run_id, {"error": str(error)[:4000] or type(error).__name__})
+        self.set_error(run_id, str(error) or type(error).__name__)
         self.end_run(run_id, "KILLED" if killed else "FAILED")
 
     def find_runs(self, experiment: str, filter_string: str = "", order_by: list[str] | None = None,

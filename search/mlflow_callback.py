@@ -11,8 +11,10 @@ for trials Tune stopped without telling its callbacks (``--time-budget``). Every
 through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
 retried, and the search goes on.
 
-Once a trial has ended, its checkpoint in storage keeps ``best.pt`` and the pictures but drops
-``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per trial.
+Once a trial has ended, its latest checkpoint in storage keeps ``best.pt`` and the pictures but
+drops ``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per
+trial. Tune keeps the trial's previous checkpoint too (two, see search/run.py) until the end of
+the search, when Tune's final state is saved and the callback removes it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
-from cellseg.tracking import PARENT_TAG, Tracker
+from cellseg.tracking import PARENT_TAG, Tracker, error_tail
 from search.driver_drill import DriverDrill, drill_for
 from search.mlflow_outbox import Outbox
 from search.trainable import NODE_KEY, reached_max_epochs
@@ -38,6 +40,8 @@ TRIAL_TAG = "ray.trial_id"
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
 _CLOSED = ("FINISHED", "KILLED", "FAILED")
+LOST = ("the driver stopped before Tune saved this trial; the resumed search runs its parameters "
+        "again as a new trial")
 
 
 class MlflowTrialLogger(Callback):
@@ -92,8 +96,7 @@ class MlflowTrialLogger(Callback):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self._runs[trial_id] = run.info.run_id
-                history = self.tracker.client.get_metric_history(run.info.run_id, "epoch")
-                self._logged_epoch[trial_id] = max((m.step for m in history), default=0)
+                self._logged_epoch[trial_id] = self.tracker.last_step(run.info.run_id, "epoch")
                 if run.info.status in _CLOSED:
                     self._closed.add(trial_id)
         self.outbox.flush()
@@ -103,7 +106,13 @@ class MlflowTrialLogger(Callback):
             self._drill.reached(point)
 
     def reconcile(self, trials: list[Trial]) -> None:
-        """Close the run of every trial that Tune has ended but MLflow has not, from Tune's state."""
+        """Close the run of every trial that Tune has ended but MLflow has not, from Tune's state;
+        KILLED, the run of a trial Tune does not know (started after Tune's last saved state)."""
+        known = {trial.trial_id for trial in trials}
+        for trial_id in set(self._runs) - known - self._closed:
+            self._closed.add(trial_id)
+            self.outbox.put("close", trial_id=trial_id, name="", config={}, status="KILLED",
+                            error=LOST, checkpoint=None)
         for trial in trials:
             if trial.status in _ENDED and trial.trial_id not in self._closed:
                 log.warning("closing the MLflow run of %s, which ended before the driver stopped",
@@ -155,6 +164,9 @@ class MlflowTrialLogger(Callback):
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.reconcile(trials)
+        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
+            if trial.status in _ENDED and trial.checkpoint is not None:
+                _remove_older_checkpoints(trial.checkpoint)
         if not self.outbox.drain(self.drain_timeout_s):
             log.error("MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes "
                       "are kept in %s", self.tracking_uri, self.drain_timeout_s,
@@ -177,15 +189,17 @@ class MlflowTrialLogger(Callback):
                         checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None)
 
     def _apply(self, op: str, /, **kwargs: Any) -> None:
-        """Carry out one queued operation: ``_apply_<op>(**kwargs)``."""
-        getattr(self, f"_apply_{op}")(**kwargs)
+        """Carry out one queued operation."""
+        apply = {"start": self._apply_start, "result": self._apply_result,
+                 "tags": self._apply_tags, "close": self._apply_close}[op]
+        apply(**kwargs)
 
     def _apply_tags(self, trial_id: str, tags: dict[str, Any]) -> None:
         self.tracker.set_tags(self._runs[trial_id], tags)
 
     def _apply_start(self, trial_id: str, name: str, config: dict[str, Any]) -> None:
         if trial_id in self._runs:
-            self.tracker.client.update_run(self._runs[trial_id], status="RUNNING")
+            self.tracker.reopen_run(self._runs[trial_id])
             return
         found = self.tracker.find_runs(self.experiment, f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
                                                         f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
@@ -214,7 +228,7 @@ class MlflowTrialLogger(Callback):
             self._apply_start(trial_id, name, config)
         run_id = self._runs[trial_id]
         if error is not None:
-            self.tracker.set_tags(run_id, {"error": error})
+            self.tracker.set_error(run_id, error)
         if checkpoint is None:
             self.tracker.end_run(run_id, status)
             return
@@ -238,8 +252,21 @@ def _error_text(trial: Trial) -> str:
     """The tail of the trial's error file (its traceback)."""
     error_file = trial.error_file
     if error_file and Path(error_file).is_file():
-        return Path(error_file).read_text()[-4000:]
+        return error_tail(Path(error_file).read_text())
     return "trial failed (no error file)"
+
+
+def _remove_older_checkpoints(latest: Checkpoint) -> None:
+    """Delete the trial's checkpoint folders beside ``latest`` (Tune names them alike)."""
+    folder, _, name = latest.path.rstrip("/").rpartition("/")
+    prefix = name.rstrip("0123456789")
+    try:
+        for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
+            if (info.type == pyarrow.fs.FileType.Directory and info.base_name != name
+                    and info.base_name.startswith(prefix)):
+                latest.filesystem.delete_dir(info.path)
+    except OSError as exc:
+        log.warning("could not remove older checkpoints beside %s: %s", latest.path, exc)
 
 
 def _checkpoint_uri(checkpoint: Checkpoint) -> str:

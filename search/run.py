@@ -209,14 +209,14 @@ def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: boo
         if not found:
             raise TrackingError(f"no search named {name!r} in experiment {experiment!r} "
                                 f"of {tracker.uri} to resume")
-        tracker.client.update_run(found[0].info.run_id, status="RUNNING")
+        tracker.reopen_run(found[0].info.run_id)
         return found[0].info.run_id
     if found:
         raise TrackingError(f"a search named {name!r} exists already; pass --resume to "
                             "continue it or choose another --name")
     run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags})
     for artifact_path, text in texts.items():
-        tracker.client.log_text(run_id, text, artifact_path)
+        tracker.log_text(run_id, text, artifact_path)
     return run_id
 
 
@@ -241,7 +241,9 @@ def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpac
             reuse_actors=False),  # reused workers grew to 9 GB each over a 40-trial demo
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, callbacks=[callback],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # two: Tune deletes the older checkpoint before its saved state names the newer,
+            # so a driver that dies in between is resumed from the older one
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=max_failures)))
 
 

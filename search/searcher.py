@@ -27,6 +27,7 @@ from ray.tune.search import Searcher
 
 from cellseg.config import ConfigError
 from search.space import SearchSpace
+from search.trainable import reached_max_epochs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class StudySearcher(Searcher):
         self.last_step.pop(trial_id, None)
         if error or not result:
             self.study.tell(trial, state=TrialState.FAIL)
-        elif result[TRAINING_ITERATION] < self.max_epochs:
+        elif not reached_max_epochs(result, self.max_epochs):
             self.study.tell(trial, state=TrialState.PRUNED)
         elif math.isfinite(value := float(result.get(self.metric, math.nan))):
             self.study.tell(trial, value, state=TrialState.COMPLETE)
