@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,15 +244,28 @@ def run_variant(script: str | Path, argv: Sequence[str]) -> dict[str, Any]:
 
     The child's stderr passes through; its stdout is searched for the ``emit_result`` line.
     """
-    proc = subprocess.run([sys.executable, str(script), *argv], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE)
-    if proc.returncode != 0:
-        sys.stdout.write(proc.stdout)
-        raise RuntimeError(f"{Path(script).name} {' '.join(argv)} exited with {proc.returncode}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"{Path(script).name} {' '.join(argv)} printed no result line")
+    [result] = run_variants(script, [argv])
+    return result
+
+
+def run_variants(script: str | Path, argvs: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """Run ``script`` once per argument list, all at the same time, each in a fresh process;
+    their results in the same order (as ``run_variant``)."""
+    procs = [subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE) for argv in argvs]
+    with ThreadPoolExecutor(len(procs)) as pool:  # read every stdout at once: no full pipe
+        outputs = [out for out, _ in pool.map(lambda proc: proc.communicate(), procs)]
+    results = []
+    for argv, proc, out in zip(argvs, procs, outputs):
+        what = f"{Path(script).name} {' '.join(argv)}"
+        if proc.returncode != 0:
+            sys.stdout.write(out)
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+        if not lines:
+            raise RuntimeError(f"{what} printed no result line")
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+    return results
 
 
 # ----------------------------------------------------------------------------- printing

@@ -73,6 +73,12 @@ def write_submission(
         write_atomic(Path(zip_path), lambda f: _zip_results(f, payload))
 
 
+def write_provenance(path: Path, provenance: dict) -> None:
+    """The JSON record of which model made a submission, written atomically beside it."""
+    payload = (json.dumps(provenance, indent=2) + "\n").encode("utf-8")
+    write_atomic(Path(path), lambda f: f.write(payload))
+
+
 def _zip_results(file, payload: bytes) -> None:
     with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(RESULTS_NAME, payload)

@@ -2,6 +2,7 @@
 from cellseg.data.augment import build_augment
 from cellseg.data.dataset import CellDataset, collate, split_items
 from cellseg.data.errors import DataError
+from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.data.layout import (
     TestImage,
     TrainItem,
@@ -20,11 +21,13 @@ __all__ = [
     "PROFILES",
     "CellDataset",
     "DataError",
+    "DataFingerprint",
     "TestImage",
     "TrainItem",
     "build_augment",
     "check_test_image",
     "collate",
+    "dataset_fingerprint",
     "dataset_stats",
     "find_test_folder",
     "format_stats",
