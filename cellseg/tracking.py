@@ -43,7 +43,6 @@ class TrackingError(RuntimeError):
     """MLflow cannot be used: unreachable server, unwritable store, no matching run."""
 
 
-<<<<<<< HEAD
 def is_unavailable(exc: BaseException) -> bool:
     """True when an error of the store means 'try again later' (a server error, a lost
     connection, a timeout) rather than 'this request is wrong' (a 4xx answer)."""
@@ -55,7 +54,8 @@ def is_unavailable(exc: BaseException) -> bool:
 def error_tail(text: str) -> str:
     """The last ERROR_CHARS characters of an error text, for a tag."""
     return text[-ERROR_CHARS:]
-=======
+
+
 def best_metric_key(metric: str) -> str:
     """The name under which a run logs the best value of ``metric`` (``best_<metric>``)."""
     return f"best_{metric}"
@@ -84,7 +84,6 @@ class RunRecord:
     @property
     def fingerprint(self) -> str | None:
         return self.tags.get(DATA_TAG)
->>>>>>> main
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -160,8 +159,6 @@ class Tracker:
             self.log_dataset(run.info.run_id, dataset)
         return run.info.run_id
 
-<<<<<<< HEAD
-=======
     def log_dataset(self, run_id: str, dataset: DataFingerprint) -> None:
         """The training data as the run's input (MLflow's Dataset column) and as a tag."""
         entity = Dataset(name=dataset.name, digest=dataset.digest, source_type="local",
@@ -170,7 +167,6 @@ class Tracker:
         self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag(DATASET_CONTEXT, "training")])])
         self.set_tags(run_id, {DATA_TAG: dataset.digest})
 
->>>>>>> main
     def reopen_run(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed training run or search)."""
         self.client.update_run(run_id, status="RUNNING")
