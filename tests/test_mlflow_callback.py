@@ -18,16 +18,17 @@ MAX_EPOCHS = 3
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, easy_root):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracker.start_run("e", "s1")
-    return tracker, parent
+    base = load_config(TRIALS / "demo.yaml", [f"data.root={easy_root}"])
+    return tracker, parent, config_to_dict(base)
 
 
-def logger(tracker: Tracker, parent: str) -> MlflowTrialLogger:
+def logger(tracker: Tracker, parent: str, base: dict) -> MlflowTrialLogger:
     callback = MlflowTrialLogger(
         tracking_uri=tracker.uri, experiment="e", parent_run_id=parent, max_epochs=MAX_EPOCHS,
-        base=config_to_dict(load_config(TRIALS / "demo.yaml")), metric="segm_AP50")
+        base=base, metric="segm_AP50")
     callback.setup()
     return callback
 
@@ -55,8 +56,8 @@ def epochs(tracker: Tracker, run) -> list[int]:
 
 
 def test_every_trial_is_a_child_run_finished_when_it_ran_every_epoch_else_killed(store):
-    tracker, parent = store
-    callback = logger(tracker, parent)
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
     full, stopped = trial("t_00001", 0.01), trial("t_00002", 0.02)
     for t, n in ((full, MAX_EPOCHS), (stopped, 1)):
         callback.on_trial_start(0, [t], t)
@@ -74,8 +75,8 @@ def test_every_trial_is_a_child_run_finished_when_it_ran_every_epoch_else_killed
 
 
 def test_a_restored_search_brings_every_run_to_tunes_state(store):
-    tracker, parent = store
-    first = logger(tracker, parent)
+    tracker, parent, base = store
+    first = logger(tracker, parent, base)
     ended, running, lost = trial("t_00001"), trial("t_00002"), trial("t_00003")
     for t in (ended, running, lost):
         first.on_trial_start(0, [t], t)
@@ -103,8 +104,8 @@ def test_a_restored_search_brings_every_run_to_tunes_state(store):
 
 
 def test_trials_tune_stopped_without_telling_the_callback_are_closed_at_the_end(store):
-    tracker, parent = store
-    callback = logger(tracker, parent)
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
     t = trial("t_00001")
     callback.on_trial_start(0, [t], t)
     report(callback, t, 1)
