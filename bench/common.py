@@ -18,7 +18,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -28,8 +27,6 @@ from torchvision.ops import MultiScaleRoIAlign
 from cellseg.config import Config, ModelConfig, load_config
 from cellseg.data import make_synthetic_dataset, scan_train, split_items
 from cellseg.model import build_model
-from cellseg.optim import LRSchedule, build_optimizer
-from cellseg.training import build_loaders, seed_everything
 from cellseg.weights import WeightsError, imagenet_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,32 +120,6 @@ def torchvision_model(cfg: ModelConfig) -> torch.nn.Module:
         setattr(heads, name, MultiScaleRoIAlign(pool.featmap_names, pool.output_size,
                                                 pool.sampling_ratio))
     return model
-
-
-@dataclass
-class CellsegSetup:
-    """What fit() builds before its first epoch."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
-    shuffle: torch.Generator
-    scaler: torch.amp.GradScaler | None
-    amp: bool
-
-
-def cellseg_setup(cfg: Config, device: torch.device, epochs: int) -> CellsegSetup:
-    """Loaders, model, optimizer, schedule and scaler exactly as cellseg.training.fit builds them."""
-    seed_everything(cfg.train.seed)
-    train_loader, val_loader, shuffle = build_loaders(cfg, device)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    schedule = LRSchedule(optimizer, cfg.optim, epochs=epochs, iters_per_epoch=len(train_loader))
-    amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
-    return CellsegSetup(model, optimizer, schedule, train_loader, val_loader, shuffle, scaler, amp)
 
 
 # ----------------------------------------------------------------------------- timing

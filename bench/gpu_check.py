@@ -90,7 +90,7 @@ def export_variant(args: argparse.Namespace) -> dict:
     largest = max(load_test_images(args.data), key=lambda t: t.height * t.width)
     common.synchronize(args.device)
     start = time.perf_counter()
-    results = export_predictions(model, [largest], read_image, device=args.device,
+    results = export_predictions([model], [largest], read_image, device=args.device,
                                  score_threshold=cfg.model.box_score_thresh, progress=False)
     common.synchronize(args.device)
     seconds = time.perf_counter() - start

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cellseg.checkpoint import CheckpointError
-from cellseg.config import ConfigError, ModelConfig, load_config
-from cellseg.data import PROFILES, DataError
+from cellseg.config import ModelConfig, load_config
+from cellseg.data import PROFILES
+from cellseg.errors import USER_ERRORS, ConfigError
 
 log = logging.getLogger("cellseg")
 
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
     p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=40, help="training images")
-    p.add_argument("--test", type=int, default=10, help="test images")
+    p.add_argument("--train", type=_count, default=40, help="training images")
+    p.add_argument("--test", type=_count, default=10, help="test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="realistic", choices=PROFILES,
                    help="realistic: the real data's quirks and sizes; easy: small images with a "
@@ -158,17 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (errors print one line, exit code 2)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cellseg.tracking import TrackingError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrackingError, ValueError,
-            FileExistsError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:  # anything else is a bug and keeps its traceback
         print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

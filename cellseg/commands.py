@@ -7,18 +7,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cellseg.best_run import choose
-from cellseg.checkpoint import checkpoint_config, load_checkpoint
+from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, ConfigError, TrainConfig, flatten
 from cellseg.data import (dataset_fingerprint, load_test_images, read_image,
-                          targets_from_label_maps, test_truth)
+                          targets_from_label_maps, ground_truth_maps)
 from cellseg.engine import evaluate
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
-from cellseg.model import build_model
 from cellseg.plots import plot_class_distribution
+from cellseg.run_pictures import write_run_pictures
 from cellseg.tracking import (RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, TrackingError,
                               best_metric_key)
 from cellseg.training import FitResult, build_loaders, fit, resolve_device
@@ -46,20 +44,13 @@ def train_and_track(cfg: Config, *, name: str, experiment: str, tracking_uri: st
     try:
         result = fit(cfg, run_dir=run_dir, resume_from=resume_from, progress=progress,
                      report=lambda m, _: tracker.log_metrics(run_id, m, step=int(m["epoch"])))
+        write_run_pictures(run_dir, resolve_device(cfg.train.device))
     except BaseException as exc:
         tracker.fail_run(run_id, exc)
         raise
     tracker.finish_run(run_id, run_dir, cfg, result.best_metric)
     print(f"MLflow run {run_id} in {tracker.uri}")
     return result
-
-
-def restore_model(state: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, Config]:
-    """The model of a checkpoint, in eval mode on ``device`` (no pretrained weights loaded)."""
-    cfg = checkpoint_config(state)
-    model = build_model(dataclasses.replace(cfg.model, weights="none"))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None,
@@ -104,7 +95,7 @@ def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, search
                       "metric_value": state.get("metrics", {}).get(metric), "fingerprint": None}
     root = data_root or cfg.data.root
     test_images = load_test_images(root)
-    results = export_predictions(model, test_images, read_image, device=device,
+    results = export_predictions([model], test_images, read_image, device=device,
                                  score_threshold=score_threshold, progress=progress)
     write_submission(results, test_images, output, zip_path=zip_path)
     picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))
@@ -159,6 +150,6 @@ def score_export(results: Path, data_root: Path) -> dict[str, float]:
     """Score a test-results.json against a synthetic dataset's ``test_ground_truth/``."""
     truths = []
     for test_image in load_test_images(data_root):
-        target = targets_from_label_maps(test_truth(data_root, test_image))
+        target = targets_from_label_maps(ground_truth_maps(data_root, test_image))
         truths.append(truth_from_masks(test_image.image_id, target["masks"], target["labels"]))
     return score_results_file(results, truths)

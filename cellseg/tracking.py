@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from cellseg.checkpoint import BEST, PICTURES
 from cellseg.config import Config, config_to_dict
 from cellseg.data.fingerprint import DataFingerprint
+from cellseg.errors import TrackingError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_EXPERIMENT = "cellseg"
@@ -37,10 +38,6 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names the error
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be used: unreachable server, unwritable store, no matching run."""
 
 
 def is_unavailable(exc: BaseException) -> bool:

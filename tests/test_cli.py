@@ -24,12 +24,12 @@ from cellseg.config import DataConfig
 from cellseg.data import (
     dataset_fingerprint,
     dataset_stats,
-    image_shape,
     load_test_images,
+    read_image,
     read_mask,
     scan_train,
+    ground_truth_maps,
     targets_from_label_maps,
-    test_truth,
 )
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
@@ -108,7 +108,7 @@ def test_synth_then_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture) 
     # counted independently from the class files: distinct non-zero ids per file
     per_image, per_class = [], dict.fromkeys(range(1, 5), 0)
     for item in scan_train(data):
-        count, shape = 0, image_shape(item.image_path)
+        count, shape = 0, read_image(item.image_path).shape[:2]
         for c, path in item.class_paths.items():
             n = int(np.count_nonzero(np.unique(read_mask(path, shape))))
             per_class[c] += n
@@ -141,6 +141,26 @@ def test_synth_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert str(tmp_path) in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the user-fixable error types become one line; a bug (here a ValueError from
+    inside a command) propagates, so Python prints its traceback."""
+    import cellseg.data
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cellseg.data, "make_synthetic_dataset", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["synth", str(tmp_path / "out"), "--train", "1", "--test", "0"])
+
+
+def test_synth_refuses_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["synth", str(tmp_path / "out"), "--train", "-1"])
+    assert info.value.code == 2 and "whole number" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- train
@@ -282,7 +302,7 @@ def perfect_results(data: Path) -> list[dict]:
     """Every ground-truth instance of the test set as a detection with score 1."""
     results = []
     for t in load_test_images(data):
-        target = targets_from_label_maps(test_truth(data, t))
+        target = targets_from_label_maps(ground_truth_maps(data, t))
         for mask, label in zip(target["masks"], target["labels"]):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             results.append({"image_id": t.image_id, "category_id": int(label), "score": 1.0,

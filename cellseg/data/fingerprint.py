@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellseg.config import DataConfig
-from cellseg.data.errors import DataError
+from cellseg.errors import DataError
 from cellseg.data.layout import MAPPING_FILE
 
 DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellseg.data.errors import DataError
+from cellseg.errors import DataError
 from cellseg.task import NUM_CLASSES
 CLASS_FILES = {f"class{c}.tif": c for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"
@@ -39,7 +39,6 @@ class TrainItem:
 class TestImage:
     """One entry of the test mapping, with the path of its image."""
 
-    __test__ = False  # not a pytest test class despite its name
     file_name: str
     image_id: int
     height: int
