@@ -4,8 +4,9 @@ Every write the Tune callback makes is an operation (a name and plain arguments,
 queue can be saved as JSON) put into this outbox, which hands them in order to the callback's
 ``apply``. When the store is unavailable (server restarting, network gone, SQLite busy) the
 failed operation and all later ones stay queued, the queue is saved to a file, and the next
-callback event tries again, so trials go on training and nothing is lost. A deterministic refusal (a 4xx answer) is logged and that one operation dropped, so one
-bad value cannot hold back the record of the whole search. A restored driver reloads the file.
+callback event tries again, so trials go on training and nothing is lost. A deterministic
+refusal (a 4xx answer) is logged and that one operation dropped, so one bad value cannot hold
+back the record of the whole search. A restored driver reloads the file.
 """
 from __future__ import annotations
 
