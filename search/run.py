@@ -25,6 +25,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.config import ConfigError, config_to_dict, load_config
 from cellseg.data import DataError, make_synthetic_dataset, scan_train
+from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import Tracker, TrackingError
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
@@ -157,7 +158,9 @@ def run_search(args: argparse.Namespace) -> int:
     storage_path, optuna_dir = _storage(args)
     check_storage(storage_path, args.min_free_gb)
     optuna_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": no_telemetry})  # trial workers, also on a cluster
     base_dict = config_to_dict(base_cfg)
     parent_run_id = _parent_run(tracker, args, base_path, space_path, base_dict)
     print(f"search {args.name}: MLflow parent run {parent_run_id} in {tracker.uri}")
