@@ -26,9 +26,10 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from cellseg.config import Config, ModelConfig, load_config
 from cellseg.data import make_synthetic_dataset, scan_train, split_items
-from cellseg.model import BACKBONES, _imagenet_file, build_model
+from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
 from cellseg.training import build_loaders, seed_everything
+from cellseg.weights import WeightsError, imagenet_file
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = REPO / "trials"
@@ -97,11 +98,12 @@ def bench_config(root: Path | None, *, tiny: bool, device: str,
 
 
 def _cuda_weights() -> str:
-    """report_a's ImageNet backbone when its file is cached, else random weights (no downloads)."""
+    """report_a's ImageNet backbone (downloaded when absent), else random weights offline."""
     try:
-        _imagenet_file(BACKBONES["resnet50"][1])
+        imagenet_file("resnet50")
         return "imagenet"
-    except ValueError:
+    except WeightsError as exc:
+        print(f"no ImageNet weights, random ones instead: {exc}")
         return "none"
 
 

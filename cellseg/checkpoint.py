@@ -6,14 +6,14 @@ and ``pictures/`` (curves and predictions of the finished run).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cellseg.atomic_file import write_atomic
 from cellseg.config import Config, config_from_dict, config_to_dict
+from cellseg.weights import load_weights_only
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -26,19 +26,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a corrupt file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(state, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda file: torch.save(state, file))
 
 
 def make_state(cfg: Config, model: torch.nn.Module, *, epoch: int, metrics: dict[str, float],
@@ -49,16 +37,14 @@ def make_state(cfg: Config, model: torch.nn.Module, *, epoch: int, metrics: dict
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on CPU with ``weights_only=True``; clear errors for bad files."""
+    """Load a checkpoint on CPU with ``weights_only=True`` (cellseg.weights); clear errors for bad
+    files."""
     path = Path(path)
     if path.is_dir():
         path = path / BEST if (path / BEST).is_file() else path / LAST
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable cellseg checkpoint ({exc})") from exc
+    state = load_weights_only(path, error=CheckpointError, what="a readable cellseg checkpoint")
     if not isinstance(state, dict) or not {"config", "model", "epoch"} <= state.keys():
         raise CheckpointError(f"{path}: not a cellseg checkpoint (keys config/model/epoch missing)")
     return state

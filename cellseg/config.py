@@ -15,6 +15,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from cellseg.task import METRICS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used: unknown key, wrong type or impossible value."""
@@ -32,7 +34,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # reports A and B
-    weights: str = "imagenet"  # "imagenet", "none" or a local .pth file (no downloads on workers)
+    weights: str = "imagenet"  # "imagenet" (downloaded once into $TORCH_HOME), "none" or a .pth file
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"  # frozen BN suits pretrained weights
     trainable_layers: int = 3  # torchvision's default; report B freezes two stages (3 of 5)
     anchors: Literal["default", "small", "tiny", "custom"] = "small"  # report B: 8-128 gave +0.08
@@ -102,7 +104,7 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs and the last; ASHA decides at validated epochs
     max_eval_images: int = 0  # 0 = the whole validation split
     val_loss: bool = False  # also report val_loss: a second forward pass per validation batch
-    metric: str = "segm_AP50"  # the leaderboard's metric, also the search objective
+    metric: str = "segm_AP50"  # the leaderboard's metric, also the search objective (task.METRICS)
 
 
 @dataclass(frozen=True)
@@ -301,3 +303,6 @@ def validate(cfg: Config) -> None:
            "optim.step_size must be positive and optim.warmup_epochs >= 0")
     _check(t.epochs > 0 and t.batch_size > 0 and t.eval_every > 0,
            "train.epochs, train.batch_size and train.eval_every must be positive")
+    _check(t.metric in METRICS,
+           f"train.metric: {t.metric!r} is not a metric evaluation reports; use one of "
+           f"{', '.join(METRICS)}")

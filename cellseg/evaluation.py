@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-NUM_CLASSES = 4
+from cellseg.task import IOU_TYPES, NUM_CLASSES, SUMMARIES
 UNDEFINED = -1.0  # COCO's value for a metric without ground truth
 
 
@@ -168,7 +168,8 @@ def load_results(ground_truth: COCO, results: list[dict]) -> COCO:
 def evaluate_results(
     truths: list[ImageTruth], results: list[dict], *, num_classes: int = NUM_CLASSES, max_dets: int = 1000
 ) -> dict[str, float]:
-    """Segm and bbox AP, AP50, AP75 and AR (all areas, ``max_dets`` per image) and per-class segm AP50.
+    """Segm and bbox AP, AP50, AP75 and AR (all areas, ``max_dets`` per image) and per-class segm AP50:
+    the keys of ``cellseg.task.metric_names(num_classes)``.
 
     AP values are averaged from COCOeval's precision array rather than taken from ``summarize``,
     whose overall AP is hard-wired to 100 detections per image.
@@ -176,7 +177,7 @@ def evaluate_results(
     ground_truth = ground_truth_coco(truths, num_classes=num_classes)
     detections = load_results(ground_truth, results)
     metrics: dict[str, float] = {}
-    for iou_type in ("segm", "bbox"):
+    for iou_type in IOU_TYPES:
         evaluator = COCOeval(ground_truth, detections, iouType=iou_type)
         evaluator.params.maxDets = [1, 10, max_dets]
         with contextlib.redirect_stdout(io.StringIO()):
@@ -187,10 +188,10 @@ def evaluate_results(
         precision = evaluator.eval["precision"][:, :, :, 0, -1]
         recall = evaluator.eval["recall"][:, :, 0, -1]
         at50 = precision[np.isclose(iou_thresholds, 0.5)][0]
-        metrics[f"{iou_type}_AP"] = _mean_defined(precision)
-        metrics[f"{iou_type}_AP50"] = _mean_defined(at50)
-        metrics[f"{iou_type}_AP75"] = _mean_defined(precision[np.isclose(iou_thresholds, 0.75)][0])
-        metrics[f"{iou_type}_AR"] = _mean_defined(recall)
+        summaries = {"AP": _mean_defined(precision), "AP50": _mean_defined(at50),
+                     "AP75": _mean_defined(precision[np.isclose(iou_thresholds, 0.75)][0]),
+                     "AR": _mean_defined(recall)}
+        metrics.update({f"{iou_type}_{name}": summaries[name] for name in SUMMARIES})
         if iou_type == "segm":
             for k, category_id in enumerate(evaluator.params.catIds):
                 metrics[f"segm_AP50_class{category_id}"] = _mean_defined(at50[:, k])

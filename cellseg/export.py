@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 from torchvision.models.detection import MaskRCNN
 from tqdm import tqdm
 
+from cellseg.atomic_file import write_atomic
 from cellseg.evaluation import ImageTruth, coco_results, ground_truth_coco, load_results
 from cellseg.predict import predict_images
 
@@ -69,27 +68,11 @@ def write_submission(
     )
     load_results(mapping, results)
     payload = json.dumps(results).encode("utf-8")
-    _write_atomic(Path(output), lambda f: f.write(payload))
+    write_atomic(Path(output), lambda f: f.write(payload))
     if zip_path is not None:
-        _write_atomic(Path(zip_path), lambda f: _zip_results(f, payload))
+        write_atomic(Path(zip_path), lambda f: _zip_results(f, payload))
 
 
 def _zip_results(file, payload: bytes) -> None:
     with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(RESULTS_NAME, payload)
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """Write through ``write(binary_file)`` into a temporary file next to ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would surprise whoever uploads the file
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

@@ -7,36 +7,26 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
-from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import (
-    GeneralizedRCNNTransform,
-    _resize_image_and_masks,
-    resize_boxes,
-)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
-from cellseg.data.resize import model_scale
+from cellseg.input_scale import model_scale, resize_image, resize_masks
 from cellseg.roi_align import CellRoIAlign
+from cellseg.task import NUM_CLASSES
+from cellseg.torchvision_private import resize_boxes
+from cellseg.weights import IMAGENET, read_state_dict, resolve_weights
 
 MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
-
-BACKBONES: dict[str, tuple[Callable[..., nn.Module], torchvision.models.WeightsEnum]] = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
-    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1),
-}
 
 ANCHOR_SIZES: dict[str, tuple[int, ...]] = {
     "default": (32, 64, 128, 256, 512),  # torchvision's
@@ -72,7 +62,8 @@ class CellTransform(GeneralizedRCNNTransform):
 
     When the resize would keep the size (scale 1, as for samples the training dataset already
     shrank) the image and its masks pass through untouched: torchvision would still interpolate
-    them, converting every instance mask to float (N x H x W x 4 bytes).
+    them, converting every instance mask to float (N x H x W x 4 bytes). Otherwise it resizes as
+    torchvision does (``cellseg.input_scale``).
     """
 
     def __init__(self, min_size: int, max_size: int, image_mean: list[float],
@@ -88,10 +79,12 @@ class CellTransform(GeneralizedRCNNTransform):
         if not self.upscale_small:
             size = min(size, h, w)
         scale = model_scale(h, w, size, self.max_size)
-        if self.fixed_size is None and (math.floor(h * scale), math.floor(w * scale)) == (h, w):
+        if (math.floor(h * scale), math.floor(w * scale)) == (h, w):
             return image, target
-        image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+        image = resize_image(image, scale)
         if target is not None:
+            if "masks" in target:
+                target["masks"] = resize_masks(target["masks"], scale)
             target["boxes"] = resize_boxes(target["boxes"], [h, w], list(image.shape[-2:]))
         return image, target
 
@@ -127,30 +120,6 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
     return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
 
 
-def _imagenet_file(weights: torchvision.models.WeightsEnum) -> Path:
-    """The cached ImageNet file; ValueError telling where to put it when it is absent."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    if not path.is_file():
-        raise ValueError(
-            f"model.weights: 'imagenet' needs {weights} but {path} is not in the torch hub cache "
-            f"and nothing is downloaded here; put {weights.url} at {path} (or set TORCH_HOME), "
-            "or set model.weights to a local .pth file or 'none'"
-        )
-    return path
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise ValueError(f"model.weights: {str(path)!r} is not 'imagenet', 'none' or a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(f"model.weights: cannot read {path}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"model.weights: {path} does not hold a state_dict of tensors")
-    return dict(state)
-
-
 def _ignorable(key: str) -> bool:
     """Keys a file may hold that the model lacks: the ImageNet classifier, BatchNorm statistics."""
     return key.startswith("fc.") or key.endswith(BN_STATISTICS)
@@ -176,13 +145,10 @@ def _load_into(module: nn.Module, state: Mapping[str, Tensor], source: Path) -> 
 
 
 def _load_weights(model: MaskRCNN, cfg: ModelConfig) -> None:
-    if cfg.weights == "none":
+    path = resolve_weights(cfg.weights, cfg.backbone)
+    if path is None:
         return
-    if cfg.weights == "imagenet":
-        path = _imagenet_file(BACKBONES[cfg.backbone][1])
-    else:
-        path = Path(cfg.weights).expanduser()
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if any(k.startswith("backbone.") for k in state):
         _load_into(model, state, path)
     else:
@@ -190,15 +156,15 @@ def _load_weights(model: MaskRCNN, cfg: ModelConfig) -> None:
 
 
 def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    resnet_fn, _ = _choose(BACKBONES, cfg.backbone, "backbone")
+    _choose(IMAGENET, cfg.backbone, "backbone")  # the backbones with ImageNet weights
     norm_layer = _choose(NORM_LAYERS, cfg.norm, "norm")
     if not 0 <= cfg.trainable_layers <= 5:
         raise ValueError(f"model.trainable_layers: {cfg.trainable_layers} is not in 0..5")
-    resnet = resnet_fn(weights=None, norm_layer=norm_layer)
-    return _resnet_fpn_extractor(resnet, cfg.trainable_layers)
+    return resnet_fpn_backbone(backbone_name=cfg.backbone, weights=None, norm_layer=norm_layer,
+                               trainable_layers=cfg.trainable_layers)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int = 4) -> MaskRCNN:
+def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN:
     """Mask R-CNN with a ResNet-FPN backbone for ``num_classes`` foreground classes."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")

@@ -19,7 +19,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from pycocotools import mask as mask_utils
 
-from cellseg.evaluation import NUM_CLASSES, ImagePrediction, ImageTruth
+from cellseg.evaluation import ImagePrediction, ImageTruth
+from cellseg.task import NUM_CLASSES
 
 CLASS_COLORS = {1: "tab:red", 2: "tab:blue", 3: "tab:green", 4: "tab:orange"}
 _METRIC_KEYS = ("segm_AP50", "segm_AP", "bbox_AP50")

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import resize_boxes
 from tqdm import tqdm
 
 from cellseg.evaluation import ImagePrediction, encode_region
+from cellseg.torchvision_private import expand_boxes, expand_masks, resize_boxes
 
 _PADDING = 1  # torchvision pads the 28x28 masks by one pixel before pasting
 

@@ -7,6 +7,8 @@ number of positions (sampling ratio squared times the four bilinear corners), wh
 ``embedding_bag`` in ``sum`` mode over the feature map seen as a table of (pixel, channel) rows:
 vectorised over channels, threaded, with a fast backward pass. Same sampling, clamping and
 averaging as torchvision's ``roi_align`` with ``aligned=False``; on CUDA torchvision's kernel runs.
+Which level pools a region, and each level's scale, stay torchvision's: ``MultiScaleRoIAlign``
+infers them on its first call and keeps them in its public ``scales`` and ``map_levels``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 
 def _axis_samples(start: Tensor, length: Tensor, bins: int, ratio: int,
@@ -92,13 +93,15 @@ class CellRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
-        levels = _filter_input(x, self.featmap_names)
+        levels = [feature for name, feature in x.items() if name in self.featmap_names]
         if levels[0].device.type != "cpu":
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                levels, image_shapes, self.canonical_scale, self.canonical_level)
-        rois = _convert_to_roi_format(boxes)
+            # torchvision's own forward on no regions sets scales and map_levels, at no cost
+            super().forward(x, [b[:0] for b in boxes], image_shapes)
+        assert self.scales is not None and self.map_levels is not None
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1)
+                          for i, b in enumerate(boxes)])
         level_of = (self.map_levels(boxes) if len(levels) > 1
                     else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
         return roi_align_cpu(levels, rois, level_of, self.scales, self.output_size,

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from mlflow.exceptions import MlflowException
 
+from cellseg.atomic_file import write_atomic
+
 log = logging.getLogger(__name__)
 
 Operation = tuple[str, dict[str, Any]]  # (operation name, keyword arguments)
@@ -95,6 +97,5 @@ class Outbox:
         if not self.pending:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(list(self.pending)))
-        tmp.replace(self.path)
+        payload = json.dumps(list(self.pending)).encode("utf-8")
+        write_atomic(self.path, lambda file: file.write(payload))

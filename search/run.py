@@ -8,31 +8,34 @@ once under .cellseg/, the demo space and preset (sized for 2 CPU cores), MLflow 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import optuna
 import ray
 import yaml
 from ray import tune
+from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cellseg.config import ConfigError, config_to_dict, load_config
+from cellseg.config import Config, ConfigError, config_to_dict, load_config
 from cellseg.data import DataError, make_synthetic_dataset, scan_train
 from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import Tracker, TrackingError
+from cellseg.weights import WeightsError, resolve_weights
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import PruningAwareOptunaSearch
-from search.space import load_space
+from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.summary import log_summary, summarize
+from search.summary import SearchSummary, log_summary, summarize
 from search.trainable import train_trial, trial_dirname
 
 log = logging.getLogger("cellseg.search")
@@ -42,6 +45,9 @@ DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 SEARCH_TAG = "cellseg.search_name"
 OUTBOX = "mlflow-outbox.json"
+STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: that many GPU nodes can be asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -59,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the base config's train.epochs)")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA keeps 1/this per rung")
-    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU "
-                                                        "(default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU (default without "
+                   "--address: 1 if this machine has GPUs, else 0; needed with --address unless "
+                   "the base config's train.device is cpu)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
+    p.add_argument("--max-pending-trials", type=int, help="trials waiting for resources at once, "
+                   "each of which can make the autoscaler start a node (default: --max-concurrent "
+                   f"if set, else {CLUSTER_PENDING_TRIALS} with --address, 1 without)")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial from "
                                                                "its last checkpoint")
     p.add_argument("--address", help="an existing Ray cluster ('auto'); default: start Ray locally")
@@ -90,10 +100,27 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _data_root(args: argparse.Namespace) -> Path:
-    """The dataset folder, checked for its layout (DataError naming it) before Ray starts."""
-    if args.data:
-        root = Path(args.data).resolve()
+def search_name(name: str | None, resume: bool) -> str:
+    """The search's name: ``name``, else ``search-<time>``; ``--resume`` needs a name."""
+    if resume and not name:
+        raise ConfigError("--resume needs --name, the name printed when the search started")
+    return name or time.strftime("search-%Y%m%d-%H%M%S")
+
+
+def check_fault_drill(spec: str | None) -> None:
+    """Refuse a malformed fault drill (``CELLSEG_FAULT``) before Ray starts, not in every trial."""
+    if spec:
+        try:
+            parse_fault(spec)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def data_root(data: str | None) -> Path:
+    """The dataset folder, checked for its layout (DataError naming it) before Ray starts;
+    without ``data`` the synthetic demo dataset, made once."""
+    if data:
+        root = Path(data).resolve()
         scan_train(root)
         return root
     if not (DEMO_DATA / "train").is_dir():
@@ -102,119 +129,222 @@ def _data_root(args: argparse.Namespace) -> Path:
     return DEMO_DATA
 
 
-def _storage(args: argparse.Namespace) -> tuple[str, Path]:
+def load_base(base_path: Path, root: Path, max_epochs: int | None) -> Config:
+    """The base config on dataset ``root``, its ``train.epochs`` replaced by ``max_epochs``."""
+    overrides = [f"data.root={root}"]
+    if max_epochs:
+        overrides.append(f"train.epochs={max_epochs}")
+    return load_config(base_path, overrides)
+
+
+def stage_weights(base: Config, space: SearchSpace) -> list[Path]:
+    """Every weights file a trial may load, resolved once before any trial starts: ImageNet files
+    are downloaded into this node's torch hub cache now (trials on this node find them there; other
+    nodes stage them at setup, see cluster.yaml), and a missing one fails the search in seconds."""
+    choices = {p.key: p.values for p in space.params if p.kind == "choice"}
+    backbones = {base.model.backbone, *choices.get("model.backbone", ())}
+    names = {base.model.weights, *choices.get("model.weights", ())}
+    found = {resolve_weights(name, backbone) for name in names for backbone in backbones}
+    return sorted(path for path in found if path is not None)
+
+
+def check_gpu_request(gpus_per_trial: float | None, address: str | None, device: str) -> None:
+    """On an existing cluster a GPU config needs an explicit ``--gpus-per-trial``: a cluster whose
+    GPU nodes are not started yet has no GPUs, so trials would silently train on CPU."""
+    if gpus_per_trial is None and address and device != "cpu":
+        raise ConfigError(
+            f"--address {address} with train.device {device!r} in the base config needs "
+            "--gpus-per-trial (1: a GPU per trial, 0.5: two trials share one); the cluster's GPU "
+            "nodes may not be started yet, so the default would train every trial on CPU")
+
+
+def trial_gpus(gpus_per_trial: float | None) -> float:
+    """``--gpus-per-trial``, else 1 when the (local) cluster has GPUs and 0 when it has none."""
+    if gpus_per_trial is not None:
+        return gpus_per_trial
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def pending_trials(requested: int | None, max_concurrent: int, address: str | None) -> int:
+    """How many trials may wait for resources at once. Tune's default with a searcher is one, so
+    an autoscaling cluster would start its GPU nodes one after another."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--max-pending-trials must be at least 1, got {requested}")
+        return requested
+    return max_concurrent or (CLUSTER_PENDING_TRIALS if address else 1)
+
+
+def metric_every_epoch(base: Config, space: SearchSpace) -> bool:
+    """False when some trial may skip validation (``train.eval_every`` > 1): those epochs report
+    no metric, which Tune's strict metric check would refuse."""
+    return base.train.eval_every == 1 and "train.eval_every" not in space.keys
+
+
+def storage_paths(storage: str, name: str) -> tuple[str, Path]:
     """Tune's storage path, and a local folder for this search's Optuna study and MLflow outbox."""
-    if "://" in args.storage:
-        return args.storage, REPO / "runs" / "remote" / args.name
-    storage = Path(args.storage).resolve()
-    return str(storage), storage / args.name
+    if "://" in storage:
+        return storage, REPO / "runs" / "remote" / name
+    path = Path(storage).resolve()
+    return str(path), path / name
 
 
-def _parent_run(tracker: Tracker, args: argparse.Namespace, base_path: Path, space_path: Path,
-                base_cfg_dict: dict) -> str:
-    found = tracker.find_runs(args.experiment, f"tags.`{SEARCH_TAG}` = '{args.name}'")
-    if args.resume:
+def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: bool,
+                    params: Mapping[str, Any], tags: Mapping[str, str],
+                    texts: Mapping[str, str]) -> str:
+    """The search's parent run: created with ``params``, ``tags`` and ``texts`` (artifact path ->
+    content) for a new search, found again by name and set RUNNING for ``resume``."""
+    found = tracker.find_runs(experiment, f"tags.`{SEARCH_TAG}` = '{name}'")
+    if resume:
         if not found:
-            raise TrackingError(f"no search named {args.name!r} in experiment {args.experiment!r} "
+            raise TrackingError(f"no search named {name!r} in experiment {experiment!r} "
                                 f"of {tracker.uri} to resume")
         tracker.client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     if found:
-        raise TrackingError(f"a search named {args.name!r} exists already; pass --resume to "
+        raise TrackingError(f"a search named {name!r} exists already; pass --resume to "
                             "continue it or choose another --name")
-    params = {k: v for k, v in vars(args).items() if v is not None}
-    run_id = tracker.start_run(args.experiment, args.name, params=params, tags={
-        SEARCH_TAG: args.name, "cellseg.source": "search-parent", "git_commit": _git_commit(),
-        "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)})
-    tracker.client.log_text(run_id, space_path.read_text(), f"search/{space_path.name}")
-    tracker.client.log_text(run_id, yaml.safe_dump(base_cfg_dict, sort_keys=False),
-                            f"search/base-{base_path.name}")
+    run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags})
+    for artifact_path, text in texts.items():
+        tracker.client.log_text(run_id, text, artifact_path)
     return run_id
+
+
+def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpace, metric: str,
+              max_epochs: int, num_samples: int, seed: int, optuna_storage: optuna.storages.BaseStorage,
+              max_concurrent: int, grace_period: int, reduction_factor: float,
+              time_budget_s: float | None, max_failures: int,
+              callback: MlflowTrialLogger) -> tune.Tuner:
+    """A Tuner for a new search: Optuna's TPE (the space's baselines first) and ASHA."""
+    searcher = PruningAwareOptunaSearch(
+        space=space, metric=metric, mode="max", points_to_evaluate=space.baseline_points(),
+        sampler=optuna.samplers.TPESampler(seed=seed), storage=optuna_storage,
+        study_name=name, max_epochs=max_epochs)
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode="max", search_alg=search_alg, num_samples=num_samples,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                                    grace_period=grace_period, reduction_factor=reduction_factor),
+            time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname,
+            reuse_actors=False),  # reused workers grew to 9 GB each over a 40-trial demo
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=max_failures)))
+
+
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` set in the environment while the block runs; the previous values restored."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def tune_metric_check(strict: bool) -> contextlib.AbstractContextManager[None]:
+    """Tune's strict metric check on or off while the block runs; the environment is restored.
+
+    Ray 2.60 has no Tuner option for it: the driver's TuneController reads the variable
+    ``TUNE_DISABLE_STRICT_METRIC_CHECKING`` on every result, so it is set around ``fit`` only.
+    """
+    return scoped_environ({} if strict else {STRICT_METRIC_ENV: "1"})
+
+
+def fit_tuner(tuner: tune.Tuner, tracker: Tracker, parent_run_id: str, *,
+              strict_metrics: bool) -> ResultGrid:
+    """Run the trials; the parent run is FAILED (KILLED for Ctrl-C) if the driver raises."""
+    try:
+        with tune_metric_check(strict_metrics):
+            return tuner.fit()
+    except BaseException as exc:
+        tracker.fail_run(parent_run_id, exc)
+        raise
+
+
+def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
+                  metric: str, max_epochs: int, local_dir: Path,
+                  optuna_storage: optuna.storages.BaseStorage, wall_s: float) -> SearchSummary:
+    """The summary of an ended search, logged to the parent run, which is then FINISHED."""
+    if (local_dir / OUTBOX).is_file():
+        raise TrackingError(
+            f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
+            f"are kept in {local_dir / OUTBOX}. Bring the store back, then run: python "
+            f"search/run.py --resume --name {name} (with the same other flags)")
+    summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
+    study = optuna.load_study(study_name=name, storage=optuna_storage)
+    log_summary(tracker, parent_run_id, results, summary, study, metric=metric,
+                out_dir=local_dir / "summary")
+    tracker.end_run(parent_run_id, "FINISHED")
+    return summary
 
 
 def run_search(args: argparse.Namespace) -> int:
     """Validate everything, then run (or resume) the search and print its summary."""
     start = time.time()
-    if args.resume and not args.name:
-        raise ConfigError("--resume needs --name, the name printed when the search started")
-    args.name = args.name or time.strftime("search-%Y%m%d-%H%M%S")
-    if os.environ.get(FAULT_ENV):  # a drill with a typo would otherwise fail inside every trial
-        try:
-            parse_fault(os.environ[FAULT_ENV])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    name = search_name(args.name, args.resume)
+    check_fault_drill(os.environ.get(FAULT_ENV))
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
-    overrides = [f"data.root={_data_root(args)}"]
-    if args.max_epochs:
-        overrides.append(f"train.epochs={args.max_epochs}")
-    base_cfg = load_config(base_path, overrides)
-    max_epochs = base_cfg.train.epochs
-    metric = base_cfg.train.metric
+    base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
+    max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
     space = load_space(space_path, base_cfg)
-    if base_cfg.train.eval_every > 1 or "train.eval_every" in space.keys:
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # unvalidated epochs: no metric
+    check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
+    max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
+    for path in stage_weights(base_cfg, space):
+        log.info("weights staged: %s", path)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
-    storage_path, optuna_dir = _storage(args)
+    storage_path, local_dir = storage_paths(args.storage, name)
     check_storage(storage_path, args.min_free_gb)
-    optuna_dir.mkdir(parents=True, exist_ok=True)
+    local_dir.mkdir(parents=True, exist_ok=True)
     no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": no_telemetry})  # trial workers, also on a cluster
     base_dict = config_to_dict(base_cfg)
-    parent_run_id = _parent_run(tracker, args, base_path, space_path, base_dict)
-    print(f"search {args.name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    print(f"resume after a crash with: python search/run.py --resume --name {args.name} "
+    parent_run_id = open_parent_run(
+        tracker, experiment=args.experiment, name=name, resume=args.resume,
+        params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
+        tags={"cellseg.source": "search-parent", "git_commit": _git_commit(),
+              "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)},
+        texts={f"search/{space_path.name}": space_path.read_text(),
+               f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)})
+    print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
+    print(f"resume after a crash with: python search/run.py --resume --name {name} "
           f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
-    study_name = args.name
-    optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_dir / 'optuna.db'}")
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+    optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict),
-                                    {"cpu": args.cpus_per_trial, "gpu": gpus})
-    experiment_path = f"{storage_path.rstrip('/')}/{args.name}"
+                                    {"cpu": args.cpus_per_trial,
+                                     "gpu": trial_gpus(args.gpus_per_trial)})
     if args.resume:
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
+                                   resume_errored=True)
     else:
-        searcher = PruningAwareOptunaSearch(
-            space=space, metric=metric, mode="max", points_to_evaluate=space.baseline_points(),
-            sampler=optuna.samplers.TPESampler(seed=args.seed), storage=optuna_storage,
-            study_name=study_name, max_epochs=max_epochs)
-        search_alg = ConcurrencyLimiter(searcher, args.max_concurrent) if args.max_concurrent else searcher
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=metric, mode="max", search_alg=search_alg, num_samples=args.num_samples,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                        grace_period=args.grace_period,
-                                        reduction_factor=args.reduction_factor),
-                time_budget_s=args.time_budget, trial_dirname_creator=trial_dirname,
-                reuse_actors=False),  # reused workers grew to 9 GB each over a 40-trial demo
-            run_config=tune.RunConfig(
-                name=args.name, storage_path=storage_path,
-                callbacks=[MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
-                                             parent_run_id=parent_run_id, base=base_dict,
-                                             max_epochs=max_epochs, metric=metric,
-                                             outbox_path=optuna_dir / OUTBOX,
-                                             drain_timeout_s=args.mlflow_wait)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=args.max_failures)))
-    try:
-        results = tuner.fit()
-    except BaseException as exc:
-        tracker.fail_run(parent_run_id, exc)
-        raise
-    if (optuna_dir / OUTBOX).is_file():
-        raise TrackingError(
-            f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
-            f"are kept in {optuna_dir / OUTBOX}. Bring the store back, then run: python "
-            f"search/run.py --resume --name {args.name} (with the same other flags)")
-    summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=time.time() - start)
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage)
-    log_summary(tracker, parent_run_id, results, summary, study, metric=metric,
-                out_dir=optuna_dir / "summary")
-    tracker.end_run(parent_run_id, "FINISHED")
+        tuner = new_tuner(
+            trainable, name=name, storage_path=storage_path, space=space, metric=metric,
+            max_epochs=max_epochs, num_samples=args.num_samples, seed=args.seed,
+            optuna_storage=optuna_storage, max_concurrent=args.max_concurrent,
+            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+            time_budget_s=args.time_budget, max_failures=args.max_failures,
+            callback=MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
+                                       parent_run_id=parent_run_id, base=base_dict,
+                                       max_epochs=max_epochs, metric=metric,
+                                       outbox_path=local_dir / OUTBOX,
+                                       drain_timeout_s=args.mlflow_wait))
+    with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}):  # read when fit starts
+        results = fit_tuner(tuner, tracker, parent_run_id,
+                            strict_metrics=metric_every_epoch(base_cfg, space))
+    summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
+                            max_epochs=max_epochs, local_dir=local_dir,
+                            optuna_storage=optuna_storage, wall_s=time.time() - start)
     print("\n".join(summary.lines(metric)))
     print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri}  (then open "
           f"experiment {args.experiment!r})")
@@ -231,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_search(args)
-    except (ConfigError, DataError, TrackingError, StorageError) as exc:
+    except (ConfigError, DataError, TrackingError, StorageError, WeightsError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
 

@@ -338,3 +338,13 @@ def _yaml_text(value: object) -> str:
 def test_section_types() -> None:
     assert isinstance(Config().optim, OptimConfig)
     assert isinstance(Config().model, ModelConfig)
+
+
+def test_metric_must_be_one_evaluation_reports(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  metric: segm_ap50\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*train\.metric.*'segm_ap50'.*segm_AP50"):
+        load_config(path)
+    assert apply_overrides(Config(), {"train.metric": "bbox_AP75"}).train.metric == "bbox_AP75"
+    with pytest.raises(ConfigError, match="train.metric"):
+        apply_overrides(Config(), {"train.metric": "val_loss"})  # lower is better: not a target

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torchvision.models.detection.transform import _resize_image_and_masks
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cellseg.data.resize import downscale_sample, model_scale
 from cellseg.data.targets import targets_from_label_maps
@@ -27,8 +27,9 @@ def test_masks_and_image_match_torchvision_resize(shape, sizes) -> None:
     image = np.random.default_rng(0).random((*shape, 3), dtype=np.float32)
     maps = blobs(*shape, seed=1)
     full = {k: torch.from_numpy(v) for k, v in targets_from_label_maps(maps).items()}
-    expected_image, expected = _resize_image_and_masks(
-        torch.from_numpy(image.transpose(2, 0, 1).copy()), sizes[0], sizes[1], dict(full))
+    torchvisions = GeneralizedRCNNTransform(sizes[0], sizes[1], [0.0] * 3, [1.0] * 3).eval()
+    expected_image, expected = torchvisions.resize(
+        torch.from_numpy(image.transpose(2, 0, 1).copy()), dict(full))
     small_image, small_maps = downscale_sample(image, maps, *sizes)
     got = targets_from_label_maps(small_maps)
     assert small_image.shape[:2] == tuple(expected_image.shape[-2:])

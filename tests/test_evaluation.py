@@ -18,6 +18,7 @@ from cellseg.evaluation import (
     score_results_file,
     truth_from_masks,
 )
+from cellseg.task import metric_names
 
 
 def grid_masks(count: int, height: int, width: int, cell: int = 8) -> np.ndarray:
@@ -50,6 +51,7 @@ def test_ground_truth_as_predictions_scores_one(truths):
         assert metrics[key] == pytest.approx(1.0), key
     for k in range(1, 5):
         assert metrics[f"segm_AP50_class{k}"] == pytest.approx(1.0)
+    assert sorted(metrics) == sorted(metric_names())  # the names train.metric is checked against
 
 
 def test_more_than_100_detections_per_image_all_count():

@@ -6,18 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models.detection.transform import _resize_image_and_masks
 import torchvision
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
+from cellseg.weights import MIRROR_ENV
 from cellseg.model import (
     MAX_TRAINABLE_PARAMETERS,
     build_model,
     check_parameter_budget,
     count_trainable_parameters,
 )
+from searchutil import free_port
 
 TINY = ModelConfig(
     backbone="resnet18",
@@ -176,7 +178,8 @@ def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape
     target["masks"][0, 5:20, 4:9] = 1
     resized, out = model.transform.resize(image, dict(target))
     assert resized is image and out["masks"] is target["masks"]
-    reference, ref_target = _resize_image_and_masks(image, short_side, 64, dict(target))
+    torchvisions = GeneralizedRCNNTransform(short_side, 64, [0.0] * 3, [1.0] * 3).eval()
+    reference, ref_target = torchvisions.resize(image, dict(target))
     assert torch.allclose(reference, image, atol=1e-6)
     assert torch.equal(ref_target["masks"], target["masks"])
 
@@ -249,13 +252,14 @@ def test_missing_weights_file(tmp_path: Path) -> None:
         build_model(tiny(weights=str(tmp_path / "nothing.pth")))
 
 
-def test_imagenet_weights_need_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_weights_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # no network (nobody listens)
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(ValueError, match=f"{cached}.*'none'"):
         build_model(tiny(weights="imagenet"))
     resnet = torchvision.models.resnet18()
-    cached.parent.mkdir(parents=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(resnet.state_dict(), cached)
     body = build_model(tiny(weights="imagenet")).backbone.body
     assert torch.equal(body.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.data.errors import DataError
-
-NUM_CLASSES = 4
+from cellseg.task import NUM_CLASSES
 CLASS_FILES = {f"class{c}.tif": c for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"
 MAPPING_FILE = "test_image_name_to_ids.json"

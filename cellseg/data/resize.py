@@ -3,18 +3,15 @@
 torchvision's transform resizes every binary instance mask as float (N x H x W x 4 bytes): for a
 crowded 1000 px image going into a 256 px model that is over a gigabyte and most of a step's data
 time. Shrinking the image and the four label maps first, with the transform's own scale, leaves
-the transform nothing to do (its scale is then 1) and makes the masks at the small size.
+the transform nothing to do (its scale is then 1) and makes the masks at the small size; the
+shared rule is stated in ``cellseg.input_scale``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-
-def model_scale(height: int, width: int, min_size: int, max_size: int) -> float:
-    """The scale GeneralizedRCNNTransform applies: short side to min_size, long side <= max_size."""
-    return min(min_size / min(height, width), max_size / max(height, width))
+from cellseg.input_scale import model_scale, resize_image
 
 
 def downscale_sample(image: np.ndarray, label_maps: np.ndarray, min_size: int,
@@ -25,9 +22,7 @@ def downscale_sample(image: np.ndarray, label_maps: np.ndarray, min_size: int,
     scale = model_scale(height, width, min_size, max_size)
     if scale >= 1.0:
         return image, label_maps
-    resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None],
-                            scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                            align_corners=False)[0]
+    resized = resize_image(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), scale)
     out_h, out_w = resized.shape[-2:]
     rows = np.minimum(np.floor(np.arange(out_h) * (height / out_h)).astype(np.int64), height - 1)
     cols = np.minimum(np.floor(np.arange(out_w) * (width / out_w)).astype(np.int64), width - 1)

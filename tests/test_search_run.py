@@ -1,0 +1,162 @@
+"""The driver's steps one by one, without Ray or a subprocess (MLflow is real, on SQLite)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cellseg.config import ConfigError
+from cellseg.data import DataError
+from cellseg.tracking import Tracker, TrackingError
+from cellseg.weights import MIRROR_ENV, WeightsError
+from search.run import (CLUSTER_PENDING_TRIALS, REPO, SEARCH_TAG, STRICT_METRIC_ENV,
+                        check_fault_drill, check_gpu_request, data_root, load_base,
+                        main as search_main, metric_every_epoch, open_parent_run, pending_trials,
+                        scoped_environ, search_name, stage_weights, storage_paths,
+                        tune_metric_check)
+from search.space import load_space
+from searchutil import free_port, search_args
+
+
+def test_a_search_name_is_made_unless_given_and_resume_needs_one():
+    assert search_name("s1", resume=True) == "s1"
+    assert search_name(None, resume=False).startswith("search-")
+    with pytest.raises(ConfigError, match="--resume needs --name"):
+        search_name(None, resume=True)
+
+
+def test_a_malformed_fault_drill_is_a_config_error():
+    check_fault_drill(None)
+    check_fault_drill("oom@2")
+    with pytest.raises(ConfigError, match="CELLSEG_FAULT='oom@two'"):
+        check_fault_drill("oom@two")
+
+
+def test_a_dataset_without_training_images_fails_naming_it(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        data_root(str(tmp_path))
+
+
+def test_the_base_config_takes_the_data_and_max_epochs(tiny_search, easy_root):
+    cfg = load_base(tiny_search["base"], easy_root, max_epochs=5)
+    assert cfg.data.root == str(easy_root) and cfg.train.epochs == 5
+    assert load_base(tiny_search["base"], easy_root, max_epochs=None).train.epochs == 3
+
+
+def test_the_metric_is_every_epoch_unless_validation_may_be_skipped(tmp_path, tiny_search, easy_root):
+    base = load_base(tiny_search["base"], easy_root, None)
+    space = load_space(tiny_search["space"], base)
+    assert metric_every_epoch(base, space)
+    every2 = tmp_path / "base.yaml"
+    every2.write_text(tiny_search["base"].read_text().replace("epochs: 3", "epochs: 4\n  eval_every: 2"))
+    assert not metric_every_epoch(load_base(every2, easy_root, None), space)
+    searched = tmp_path / "space.yaml"
+    searched.write_text("params:\n  train.eval_every: {choice: [1, 2]}\n")
+    assert not metric_every_epoch(base, load_space(searched, base))
+
+
+def test_local_and_remote_storage_paths(tmp_path):
+    assert storage_paths(str(tmp_path / "st"), "s1") == (str(tmp_path / "st"), tmp_path / "st" / "s1")
+    assert storage_paths("s3://bucket/x", "s1") == ("s3://bucket/x", REPO / "runs" / "remote" / "s1")
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_the_relaxed_metric_check_is_scoped_to_the_block(monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv(STRICT_METRIC_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STRICT_METRIC_ENV, before)
+    with tune_metric_check(strict=True):
+        assert os.environ.get(STRICT_METRIC_ENV) == before
+    with pytest.raises(KeyboardInterrupt):
+        with tune_metric_check(strict=False):
+            assert os.environ[STRICT_METRIC_ENV] == "1"
+            raise KeyboardInterrupt
+    assert os.environ.get(STRICT_METRIC_ENV) == before
+
+
+def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kwargs = dict(experiment="e", name="s1", params={"num_samples": 3},
+                  tags={"cellseg.source": "search-parent"}, texts={"search/space.yaml": "params: {}\n"})
+    with pytest.raises(TrackingError, match="no search named 's1'"):
+        open_parent_run(tracker, resume=True, **kwargs)
+    run_id = open_parent_run(tracker, resume=False, **kwargs)
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(run_id)
+    assert run.data.tags[SEARCH_TAG] == "s1" and run.data.params == {"num_samples": "3"}
+    assert [a.path for a in client.list_artifacts(run_id, "search")] == ["search/space.yaml"]
+    with pytest.raises(TrackingError, match="exists already"):
+        open_parent_run(tracker, resume=False, **kwargs)
+    tracker.end_run(run_id, "KILLED")
+    assert open_parent_run(tracker, resume=True, **kwargs) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_a_gpu_config_on_a_cluster_needs_gpus_per_trial():
+    with pytest.raises(ConfigError, match="--address auto with train.device 'auto'.*--gpus-per-trial"):
+        check_gpu_request(None, "auto", "auto")
+    with pytest.raises(ConfigError, match="'cuda'"):
+        check_gpu_request(None, "ray://head:10001", "cuda")
+    check_gpu_request(0.5, "auto", "cuda")
+    check_gpu_request(None, "auto", "cpu")  # a CPU config on a cluster: no GPU wanted
+    check_gpu_request(None, None, "auto")  # local: the machine's own GPUs are known
+
+
+def test_several_trials_may_wait_for_nodes_on_a_cluster():
+    assert pending_trials(None, 0, "auto") == CLUSTER_PENDING_TRIALS > 1
+    assert pending_trials(None, 0, None) == 1  # Tune's own default with a searcher
+    assert pending_trials(None, 3, "auto") == 3
+    assert pending_trials(5, 3, None) == 5
+    with pytest.raises(ConfigError, match="--max-pending-trials"):
+        pending_trials(0, 0, "auto")
+
+
+def test_scoped_environ_restores_what_was_there(monkeypatch):
+    monkeypatch.setenv("CELLSEG_T1", "old")
+    monkeypatch.delenv("CELLSEG_T2", raising=False)
+    with scoped_environ({"CELLSEG_T1": "new", "CELLSEG_T2": "x"}):
+        assert os.environ["CELLSEG_T1"] == "new" and os.environ["CELLSEG_T2"] == "x"
+    assert os.environ["CELLSEG_T1"] == "old" and "CELLSEG_T2" not in os.environ
+
+
+def _imagenet_base(tmp_path: Path, tiny_search) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_search["base"].read_text().replace("weights: none", "weights: imagenet"))
+    return base
+
+
+def test_weights_of_every_backbone_in_the_space_are_staged_once(tmp_path, tiny_search, easy_root,
+                                                                monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # nothing is downloaded
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for name in ("resnet18-f37072fd.pth", "resnet34-b627a593.pth"):
+        (cache / name).write_bytes(b"cached")
+    base = load_base(_imagenet_base(tmp_path, tiny_search), easy_root, None)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("params:\n  model.backbone: {choice: [resnet18, resnet34]}\n")
+    assert stage_weights(base, load_space(space_file, base)) == sorted(cache.iterdir())
+    space_file.write_text("params:\n  model.backbone: {choice: [resnet18, resnet50]}\n")
+    with pytest.raises(WeightsError, match="resnet50-0676ba61.pth"):
+        stage_weights(base, load_space(space_file, base))
+    demo = load_base(tiny_search["base"], easy_root, None)  # weights: none
+    assert stage_weights(demo, load_space(tiny_search["space"], demo)) == []
+
+
+def test_missing_weights_fail_the_search_before_ray_starts(tmp_path, tiny_search, easy_root,
+                                                           monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # no network
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "w1")
+    args[args.index("--base") + 1] = str(_imagenet_base(tmp_path, tiny_search))
+    assert search_main(args) == 2
+    err = capsys.readouterr().err
+    assert "search: error: model.weights: downloading" in err and "resnet18-f37072fd.pth" in err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
