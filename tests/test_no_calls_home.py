@@ -136,3 +136,18 @@ def test_cluster_nodes_start_ray_and_mlflow_with_telemetry_off():
     for command in starts:
         for key, value in OFF.items():
             assert f"{key}={value} " in command, command
+
+
+@pytest.mark.slow
+def test_imagenet_weights_absent_from_the_cache_are_the_only_attempt(proxy, workspace):
+    tmp = workspace["tmp"]
+    proxy.take()
+    done = subprocess.run(
+        [sys.executable, *cellseg("train", "--config", str(TRIALS / "demo.yaml"), "--data",
+                                  str(workspace["data"]), *TINY, "--set", "model.weights=imagenet",
+                                  "--set", "model.norm=frozen_bn", "--tracking-uri",
+                                  workspace["uri"], "--name", "w", "--no-progress")],
+        env=proxied_env(proxy, TORCH_HOME=str(tmp / "empty-torch-home")), cwd=tmp,
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "downloading https://download.pytorch.org/" in done.stderr
+    assert proxy.take() == ["CONNECT download.pytorch.org:443"]
