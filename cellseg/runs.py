@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,13 @@ import torch
 
 from cellseg.checkpoint import BEST, checkpoint_config, load_checkpoint
 from cellseg.config import Config, flatten
-from cellseg.data import load_test_images, read_image, targets_from_label_maps, test_truth
+from cellseg.data import (
+    check_test_image,
+    load_test_images,
+    read_image,
+    targets_from_label_maps,
+    test_truth,
+)
 from cellseg.engine import evaluate
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_submission
@@ -83,8 +90,11 @@ def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, experi
     model, cfg = restore_model(state, device)
     root = data_root or cfg.data.root
     test_images = load_test_images(root)
-    results = export_predictions(model, test_images, read_image, device=device,
-                                 score_threshold=score_threshold, progress=progress)
+    for test_image in test_images:  # every header, before any image is decoded
+        check_test_image(test_image, max_pixels=cfg.data.max_pixels)
+    results = export_predictions(model, test_images,
+                                 functools.partial(read_image, max_pixels=cfg.data.max_pixels),
+                                 device=device, score_threshold=score_threshold, progress=progress)
     write_submission(results, test_images, output, zip_path=zip_path)
     picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))
     if tracker is not None:

@@ -61,14 +61,15 @@ def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLo
         val_items = val_items[: cfg.train.max_eval_images]
     common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
                   pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    limits = dict(max_pixels=cfg.data.max_pixels, max_instances=cfg.data.max_instances)
     shuffle = torch.Generator()
     train = DataLoader(CellDataset(train_items, transform=build_augment(cfg.augment),
                                    cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed,
-                                   downscale_to=(cfg.model.min_size, cfg.model.max_size)),
+                                   downscale_to=(cfg.model.min_size, cfg.model.max_size), **limits),
                        batch_size=cfg.train.batch_size, shuffle=True, generator=shuffle,
                        drop_last=len(train_items) > cfg.train.batch_size, **common)
     val = DataLoader(CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,
-                                 seed=cfg.train.seed),
+                                 seed=cfg.train.seed, **limits),
                      batch_size=cfg.train.batch_size, shuffle=False, **common)
     return train, val, shuffle
 

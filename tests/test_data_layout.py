@@ -1,6 +1,7 @@
 """Dataset layout: training folders, the test mapping and their failure modes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -162,8 +163,13 @@ def test_path_escape(mapped_root: Path, name: str) -> None:
         load_test_images(mapped_root)
 
 
-def test_check_test_image(mapped_root: Path) -> None:
+def test_check_test_image_reads_the_header(mapped_root: Path) -> None:
     t = load_test_images(mapped_root)[0]
-    check_test_image(t, np.zeros((t.height, t.width, 3), np.float32))
-    with pytest.raises(DataError, match=f"{t.file_name}: decoded size {t.height}x{t.width + 1}"):
-        check_test_image(t, np.zeros((t.height, t.width + 1, 3), np.float32))
+    check_test_image(t, max_pixels=t.height * t.width)
+    with pytest.raises(DataError, match=f"{t.file_name}: {t.height}x{t.width} pixels .* above the "
+                                        "limit"):
+        check_test_image(t, max_pixels=t.height * t.width - 1)
+    wider = dataclasses.replace(t, width=t.width + 1)
+    with pytest.raises(DataError, match=f"{t.file_name}: size {t.height}x{t.width} .* differs "
+                                        f"from the mapping's {t.height}x{t.width + 1}"):
+        check_test_image(wider, max_pixels=10**9)
