@@ -23,7 +23,7 @@ from cellseg.config import ModelConfig
 from cellseg.input_scale import model_scale, resize_image, resize_masks
 from cellseg.roi_align import CellRoIAlign
 from cellseg.task import NUM_CLASSES
-from cellseg.torchvision_private import resize_boxes
+from cellseg.torchvision_private import BoxCoder, resize_boxes
 from cellseg.weights import IMAGENET, read_state_dict, resolve_weights
 
 MAX_TRAINABLE_PARAMETERS = 200_000_000  # task rule: fewer than 200 M trainable parameters
@@ -87,6 +87,23 @@ class CellTransform(GeneralizedRCNNTransform):
                 target["masks"] = resize_masks(target["masks"], scale)
             target["boxes"] = resize_boxes(target["boxes"], [h, w], list(image.shape[-2:]))
         return image, target
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's box coder, decoding in float32 whatever the deltas' dtype.
+
+    torchvision's ``decode`` casts the anchors or proposals to the deltas' dtype: under bf16
+    autocast (8 mantissa bits) a coordinate between 512 and 1024 px is rounded to a 4 px step,
+    a quarter of a cell. Proposals and final boxes stay float32 here.
+    """
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+def _float32_box_coder(coder: BoxCoder) -> Float32BoxCoder:
+    return Float32BoxCoder(coder.weights, coder.bbox_xform_clip)
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
@@ -203,6 +220,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
     )
     t = model.transform
+    model.rpn.box_coder = _float32_box_coder(model.rpn.box_coder)
+    model.roi_heads.box_coder = _float32_box_coder(model.roi_heads.box_coder)
     model.transform = CellTransform(cfg.min_size, cfg.max_size, t.image_mean, t.image_std,
                                     upscale_small=cfg.upscale_small)
     check_parameter_budget(model)

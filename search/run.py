@@ -32,7 +32,7 @@ from cellseg.tracking import Tracker, TrackingError
 from cellseg.weights import WeightsError, resolve_weights
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
-from search.searcher import PruningAwareOptunaSearch
+from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchSummary, log_summary, summarize
@@ -211,15 +211,15 @@ def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: boo
 
 
 def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpace, metric: str,
-              max_epochs: int, num_samples: int, seed: int, optuna_storage: optuna.storages.BaseStorage,
+              max_epochs: int, num_samples: int, seed: int, optuna_storage: str,
               max_concurrent: int, grace_period: int, reduction_factor: float,
               time_budget_s: float | None, max_failures: int,
               callback: MlflowTrialLogger) -> tune.Tuner:
     """A Tuner for a new search: Optuna's TPE (the space's baselines first) and ASHA."""
-    searcher = PruningAwareOptunaSearch(
-        space=space, metric=metric, mode="max", points_to_evaluate=space.baseline_points(),
-        sampler=optuna.samplers.TPESampler(seed=seed), storage=optuna_storage,
-        study_name=name, max_epochs=max_epochs)
+    searcher = StudySearcher(
+        space, metric=metric, mode="max", storage=optuna_storage, study_name=name,
+        sampler=optuna.samplers.TPESampler(seed=seed), max_epochs=max_epochs,
+        points_to_evaluate=space.baseline_points())
     search_alg = ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
     return tune.Tuner(
         trainable,
@@ -272,7 +272,7 @@ def fit_tuner(tuner: tune.Tuner, tracker: Tracker, parent_run_id: str, *,
 
 def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
                   metric: str, max_epochs: int, local_dir: Path,
-                  optuna_storage: optuna.storages.BaseStorage, wall_s: float) -> SearchSummary:
+                  optuna_storage: str, wall_s: float) -> SearchSummary:
     """The summary of an ended search, logged to the parent run, which is then FINISHED."""
     if (local_dir / OUTBOX).is_file():
         raise TrackingError(
@@ -320,7 +320,7 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"resume after a crash with: python search/run.py --resume --name {name} "
           f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
 
-    optuna_storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
+    optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict),
                                     {"cpu": args.cpus_per_trial,
                                      "gpu": trial_gpus(args.gpus_per_trial)})

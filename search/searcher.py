@@ -1,49 +1,109 @@
-"""OptunaSearch that tells Optuna the truth about trials ASHA stopped early.
+"""A Tune searcher that owns its Optuna study and tells it what happened to every trial.
 
-Ray's OptunaSearch marks a trial COMPLETE whenever its last result carries the metric, so a trial
-that ASHA stopped after one epoch enters TPE as a finished trial with its one-epoch score. Here a
-trial that ends, without error, before ``max_epochs`` is told to Optuna as PRUNED, with its per-epoch
-intermediate values. Tune hands the result that triggered a stop (or the end) only to
-``on_trial_complete``, so that last epoch is reported here before the trial is told. Epochs
-without validation (``train.eval_every`` > 1) report no metric and are not told.
+Tune's public ``Searcher`` interface on one side, Optuna's public ask/tell on the other:
+``suggest`` asks the study for a trial and samples the space define-by-run; every result that
+carries the metric is reported as that epoch's intermediate value (epochs without validation,
+``train.eval_every`` > 1, carry none); the end is told as COMPLETE with the final metric when the
+trial reached ``max_epochs``, PRUNED when it ended before (ASHA stopped it), FAIL when it errored
+or never reported. Tune hands the result that triggered a stop only to ``on_trial_complete``, so
+that last epoch is reported there before the trial is told.
+
+``save``/``restore`` (Tune calls them; ``Tuner.restore`` continues from the last save) keep the
+study, its sampler and the live trials. On restore, a trial the study finished after the last save
+is not told again, and a trial the study started after it (which Tune will not run) is told FAIL
+and its parameters are enqueued again, so that a resumed search neither doubles nor loses a trial.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+import pickle
+from typing import Any, Sequence
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
+
+from cellseg.config import ConfigError
+from search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
+TRIAL_ATTR = "ray.trial_id"  # Optuna user attribute naming the Tune trial (as MLflow's tag does)
 
-class PruningAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch with ASHA-stopped trials recorded as PRUNED instead of COMPLETE."""
 
-    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+class StudySearcher(Searcher):
+    """Optuna's sampler (TPE) over a ``SearchSpace``, through an Optuna study this searcher owns."""
+
+    def __init__(self, space: SearchSpace, *, metric: str, mode: str, storage: str, study_name: str,
+                 sampler: optuna.samplers.BaseSampler, max_epochs: int,
+                 points_to_evaluate: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
         self.max_epochs = max_epochs
+        try:
+            self.study = optuna.create_study(
+                storage=storage, study_name=study_name, sampler=sampler,
+                pruner=optuna.pruners.NopPruner(),  # ASHA decides; the study records
+                direction="maximize" if mode == "max" else "minimize")
+        except optuna.exceptions.DuplicatedStudyError:
+            raise ConfigError(f"{storage}: an Optuna study named {study_name!r} exists already; "
+                              "choose another search name, or pass --resume to continue it") from None
+        for point in points_to_evaluate:
+            self.study.enqueue_trial(point)
+        self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its running Optuna trial
+        self.last_step: dict[str, int] = {}  # Tune trial id -> its last reported epoch
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self.study.ask()
+        trial.set_user_attr(TRIAL_ATTR, trial_id)
+        self.trials[trial_id] = trial
+        return self.space(trial)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:  # epochs without validation (train.eval_every > 1) have none
-            super().on_trial_result(trial_id, result)
+        trial = self.trials.get(trial_id)
+        step = result[TRAINING_ITERATION]
+        if trial is None or self.metric not in result or step <= self.last_step.get(trial_id, 0):
+            return  # told already, an epoch without validation, or an epoch reported before
+        trial.report(result[self.metric], step)
+        self.last_step[trial_id] = step
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if trial_id in self._completed_trials or error or not result:
-            super().on_trial_complete(trial_id, result, error)
+        if trial_id not in self.trials:  # told already (an errored trial a resumed search reran)
+            log.info("trial %s ended again after Optuna was told; its record stays", trial_id)
             return
-        ot_trial = self._ot_trials[trial_id]
-        step = result[TRAINING_ITERATION]
-        if self.metric in result:
-            ot_trial.report(result[self.metric], step)
-        if step >= self.max_epochs:
-            super().on_trial_complete(trial_id, result, error)
-            return
-        try:
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        except Exception as exc:  # Optuna rejects a second tell; the trial is recorded already
-            log.warning("could not record trial %s as pruned: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        if result:
+            self.on_trial_result(trial_id, result)  # the epoch that triggered a stop
+        trial = self.trials.pop(trial_id)
+        self.last_step.pop(trial_id, None)
+        if error or not result:
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif result[TRAINING_ITERATION] < self.max_epochs:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        elif math.isfinite(value := float(result.get(self.metric, math.nan))):
+            self.study.tell(trial, value, state=TrialState.COMPLETE)
+        else:  # reached the end without a finite metric: nothing for the sampler to learn from
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as out:  # Tune swaps the file in atomically
+            pickle.dump({"study": self.study, "trials": self.trials, "last_step": self.last_step},
+                        out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as saved:
+            state = pickle.load(saved)
+        self.study = state["study"]
+        finished = {t.number for t in self.study.get_trials(deepcopy=False)
+                    if t.state.is_finished()}
+        self.trials = {k: t for k, t in state["trials"].items() if t.number not in finished}
+        self.last_step = {k: v for k, v in state["last_step"].items() if k in self.trials}
+        live = {t.number for t in self.trials.values()}
+        for orphan in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if orphan.number not in live:  # asked after the last save: Tune does not know it
+                self.study.tell(orphan.number, state=TrialState.FAIL)
+                self.study.enqueue_trial(dict(orphan.params))
+                log.info("Optuna trial %d started after the last save; its parameters are queued "
+                         "again", orphan.number)

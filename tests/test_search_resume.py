@@ -6,8 +6,10 @@ import signal
 import subprocess
 import sys
 
+import optuna
 import pytest
 
+from search.searcher import TRIAL_ATTR
 from searchutil import RUN_PY, epochs_of, search_args, search_runs, start_driver, wait_for
 
 pytestmark = pytest.mark.slow
@@ -44,3 +46,10 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path, ea
         assert any(a.path == "checkpoint" for a in client.list_artifacts(child.info.run_id))
     for trial_id in trial_ids:
         assert list(storage.glob(f"r1/trial_{trial_id}/checkpoint_*/best.pt"))
+    study = optuna.load_study(study_name="r1", storage=f"sqlite:///{storage / 'r1' / 'optuna.db'}")
+    told = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
+    assert sorted(t.user_attrs[TRIAL_ATTR] for t in told) == sorted(trial_ids), \
+        "Optuna lost or doubled a trial across the resume"
+    for trial in told:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert sorted(trial.intermediate_values) == [1, 2, 3]

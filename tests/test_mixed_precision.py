@@ -1,0 +1,61 @@
+"""bf16 mixed precision keeps box coordinates exact: box decoding runs in float32 under autocast
+(torchvision's own decoding rounds anchors and proposals to bf16: 4 px steps above 512 px)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torchvision.models.detection.image_list import ImageList
+
+from cellseg.config import ModelConfig
+from cellseg.model import Float32BoxCoder, build_model
+from cellseg.torchvision_private import BoxCoder
+
+LARGE = ModelConfig(backbone="resnet18", weights="none", norm="bn", min_size=800, max_size=1333,
+                    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                    box_head_dim=64, mask_head_channels=16, mask_head_convs=1,
+                    detections_per_img=20, box_score_thresh=0.0)
+HEIGHT, WIDTH = 800, 1333  # the largest input the base config gives the model
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(LARGE).eval()
+
+
+def _anchors(model: torch.nn.Module) -> torch.Tensor:
+    """The model's own anchors on an 800 x 1333 input (coordinates up to 1333 and beyond)."""
+    images = ImageList(torch.zeros(1, 3, HEIGHT, WIDTH), [(HEIGHT, WIDTH)])
+    features = [torch.zeros(1, 1, -(-HEIGHT // s), -(-WIDTH // s)) for s in (4, 8, 16, 32, 64)]
+    [anchors] = model.rpn.anchor_generator(images, features)
+    return anchors
+
+
+@pytest.mark.parametrize("stage", ["rpn", "roi_heads"])
+def test_proposals_and_final_boxes_are_float32_exact_under_bf16_autocast(model, stage) -> None:
+    coder = getattr(model, stage).box_coder
+    assert isinstance(coder, Float32BoxCoder)
+    boxes = _anchors(model).clamp(0, WIDTH)  # proposals are clipped to the image
+    if stage == "roi_heads":  # proposals: boxes anywhere, not only at anchor positions
+        boxes = (boxes + torch.rand(boxes.shape, generator=torch.Generator().manual_seed(1)))
+    assert boxes.max() > 1300
+    deltas = (torch.randn(len(boxes), 4, generator=torch.Generator().manual_seed(0)) * 0.1)
+    deltas = deltas.to(torch.bfloat16)  # what the heads return under bf16 autocast
+    torchvision_coder = BoxCoder(coder.weights, coder.bbox_xform_clip)
+    expected = torchvision_coder.decode(deltas.float(), [boxes])  # float32 throughout
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = coder.decode(deltas, [boxes])
+        rounded = torchvision_coder.decode(deltas, [boxes])
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 0.5
+    assert (rounded.float() - expected).abs().max() > 2  # what torchvision alone would do
+
+
+def test_a_model_under_bf16_autocast_gives_float32_boxes(model) -> None:
+    image = torch.rand(3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        [out] = model([image])
+    assert out["boxes"].dtype == torch.float32 and len(out["boxes"]) > 0
+    assert out["boxes"][:, 2].max() <= WIDTH and out["boxes"][:, 3].max() <= HEIGHT
