@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -27,8 +27,6 @@ from torchvision.ops import MultiScaleRoIAlign
 from cellseg.config import Config, ModelConfig, load_config
 from cellseg.data import make_synthetic_dataset, scan_train, split_items
 from cellseg.model import build_model
-from cellseg.optim import LRSchedule, build_optimizer
-from cellseg.training import build_loaders, seed_everything
 from cellseg.weights import WeightsError, imagenet_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,32 +122,6 @@ def torchvision_model(cfg: ModelConfig) -> torch.nn.Module:
     return model
 
 
-@dataclass
-class CellsegSetup:
-    """What fit() builds before its first epoch."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
-    shuffle: torch.Generator
-    scaler: torch.amp.GradScaler | None
-    amp: bool
-
-
-def cellseg_setup(cfg: Config, device: torch.device, epochs: int) -> CellsegSetup:
-    """Loaders, model, optimizer, schedule and scaler exactly as cellseg.training.fit builds them."""
-    seed_everything(cfg.train.seed)
-    train_loader, val_loader, shuffle = build_loaders(cfg, device)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    schedule = LRSchedule(optimizer, cfg.optim, epochs=epochs, iters_per_epoch=len(train_loader))
-    amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
-    return CellsegSetup(model, optimizer, schedule, train_loader, val_loader, shuffle, scaler, amp)
-
-
 # ----------------------------------------------------------------------------- timing
 
 def synchronize(device: torch.device | str) -> None:
@@ -243,15 +215,28 @@ def run_variant(script: str | Path, argv: Sequence[str]) -> dict[str, Any]:
 
     The child's stderr passes through; its stdout is searched for the ``emit_result`` line.
     """
-    proc = subprocess.run([sys.executable, str(script), *argv], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE)
-    if proc.returncode != 0:
-        sys.stdout.write(proc.stdout)
-        raise RuntimeError(f"{Path(script).name} {' '.join(argv)} exited with {proc.returncode}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"{Path(script).name} {' '.join(argv)} printed no result line")
+    [result] = run_variants(script, [argv])
+    return result
+
+
+def run_variants(script: str | Path, argvs: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """Run ``script`` once per argument list, all at the same time, each in a fresh process;
+    their results in the same order (as ``run_variant``)."""
+    procs = [subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE) for argv in argvs]
+    with ThreadPoolExecutor(len(procs)) as pool:  # read every stdout at once: no full pipe
+        outputs = [out for out, _ in pool.map(lambda proc: proc.communicate(), procs)]
+    results = []
+    for argv, proc, out in zip(argvs, procs, outputs):
+        what = f"{Path(script).name} {' '.join(argv)}"
+        if proc.returncode != 0:
+            sys.stdout.write(out)
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+        if not lines:
+            raise RuntimeError(f"{what} printed no result line")
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+    return results
 
 
 # ----------------------------------------------------------------------------- printing

@@ -19,6 +19,7 @@ import cellseg.engine as engine
 import cellseg.predict as predict
 from cellseg.data import CellDataset
 from cellseg.evaluation import coco_max_dets
+from cellseg.training import build_training
 
 import common
 
@@ -40,8 +41,9 @@ def main() -> None:
                  "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_test=1000"]
     device = torch.device(args.device)
     with common.dataset_root(args) as root:
-        cfg = common.bench_config(root, tiny=args.tiny, device=args.device, overrides=overrides)
-        s = common.cellseg_setup(cfg, device, epochs=1)
+        cfg = common.bench_config(root, tiny=args.tiny, device=args.device,
+                                  overrides=[*overrides, "train.epochs=1"])
+        s = build_training(cfg)
         warm_cache(s.train_loader.dataset)
         warm_cache(s.val_loader.dataset)
         s.train_loader.dataset.set_epoch(1)

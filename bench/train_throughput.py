@@ -17,7 +17,7 @@ import torch
 
 from cellseg.engine import train_one_epoch
 from cellseg.optim import build_optimizer
-from cellseg.training import seed_everything
+from cellseg.training import build_training, seed_everything
 
 import common
 from plain import plain_loader, plain_train_epoch
@@ -26,14 +26,13 @@ VARIANTS = ("cellseg", "plain")
 
 
 def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
-    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device)
-    device = torch.device(args.device)
-    s = common.cellseg_setup(cfg, device, args.epochs)
-    timed = common.TimedLoader(s.train_loader, device=device)
+    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device,
+                              overrides=[f"train.epochs={args.epochs}"])
+    s = build_training(cfg)
+    timed = common.TimedLoader(s.train_loader, device=s.device)
     for epoch in range(1, args.epochs + 1):
-        s.shuffle.manual_seed(cfg.train.seed * 100_003 + epoch)  # as fit() does
-        s.train_loader.dataset.set_epoch(epoch)
-        train_one_epoch(s.model, s.optimizer, s.schedule, timed, device, epoch=epoch,
+        s.start_epoch(epoch)
+        train_one_epoch(s.model, s.optimizer, s.schedule, timed, s.device, epoch=epoch,
                         scaler=s.scaler, amp=s.amp, grad_clip=cfg.optim.grad_clip, progress=False)
     return {"images": timed.images, "seconds": timed.seconds, **common.peak_memory()}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,11 +39,13 @@ def run_tune(args: argparse.Namespace, cfg: Config) -> dict[str, float]:
     from ray import tune
 
     from cellseg.config import config_to_dict
-    from search.trainable import train_trial, trial_dirname
+    sys.path.insert(0, str(common.REPO))  # search/ is not installed: the repo holds it
+    from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         start = time.perf_counter()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env=WORKER_RUNTIME_ENV)
         init_s = time.perf_counter() - start
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=config_to_dict(cfg)),

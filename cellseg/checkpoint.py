@@ -6,6 +6,7 @@ and ``pictures/`` (curves and predictions of the finished run).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import torch
 
 from cellseg.atomic_file import write_atomic
 from cellseg.config import Config, config_from_dict, config_to_dict
+from cellseg.errors import DataError
+from cellseg.model import build_model
 from cellseg.weights import load_weights_only
 
 LAST = "last.pt"
@@ -20,7 +23,7 @@ BEST = "best.pt"
 PICTURES = "pictures"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint file that is missing, truncated or not one of ours."""
 
 
@@ -53,3 +56,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_config(state: dict[str, Any]) -> Config:
     """The config that produced a checkpoint."""
     return config_from_dict(state["config"], where="checkpoint config: ")
+
+
+def restore_model(state: dict[str, Any], device: torch.device | str) -> tuple[torch.nn.Module, Config]:
+    """The model of a checkpoint, in eval mode on ``device`` (no pretrained weights loaded)."""
+    cfg = checkpoint_config(state)
+    model = build_model(dataclasses.replace(cfg.model, weights="none"))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg

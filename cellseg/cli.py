@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cellseg.checkpoint import CheckpointError
-from cellseg.config import ConfigError, DataConfig, ModelConfig, load_config
-from cellseg.data import PROFILES, DataError
+from cellseg.config import DataConfig, ModelConfig, load_config
+from cellseg.data import PROFILES
+from cellseg.errors import USER_ERRORS, ConfigError
 
 log = logging.getLogger("cellseg")
 
@@ -37,7 +37,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cellseg.runs import train_and_track
+    from cellseg.commands import train_and_track
 
     overrides = list(args.set)
     if args.data:
@@ -55,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellseg.runs import evaluate_checkpoint
+    from cellseg.commands import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, data_root=args.data, progress=not args.no_progress)
     width = max(map(len, metrics))
@@ -65,11 +65,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cellseg.runs import export_run
+    from cellseg.commands import export_run
 
+    if args.search and not args.best:
+        raise ConfigError("--search chooses among the runs of --best; add --best")
     with tempfile.TemporaryDirectory() as scratch:
         summary = export_run(
-            checkpoint=args.checkpoint, run_id=args.run_id, best=args.best,
+            checkpoint=args.checkpoint, run_id=args.run_id, best=args.best, search=args.search,
             experiment=args.experiment, tracking_uri=args.tracking_uri, data_root=args.data,
             output=Path(args.output), zip_path=Path(args.zip) if args.zip else None,
             score_threshold=args.score_threshold, scratch=Path(scratch),
@@ -80,7 +82,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from cellseg.runs import score_export
+    from cellseg.commands import score_export
 
     metrics = score_export(Path(args.results), Path(args.data))
     for key, value in metrics.items():
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
     p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=40, help="training images")
-    p.add_argument("--test", type=int, default=10, help="test images")
+    p.add_argument("--train", type=_count, default=40, help="training images")
+    p.add_argument("--test", type=_count, default=10, help="test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="realistic", choices=PROFILES,
                    help="realistic: the real data's quirks and sizes; easy: small images with a "
@@ -138,11 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="a checkpoint file or run directory")
     source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
     source.add_argument("--best", action="store_true",
-                        help="the MLflow run with the highest best_segm_AP50 of --experiment")
+                        help="the best trial of the most recent search (or training run) of "
+                             "--experiment trained on --data (required with --best)")
+    p.add_argument("--search", help="with --best: choose within this search (or training run) "
+                                    "instead of the most recent one")
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment for --best")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
-    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint)")
-    p.add_argument("--output", default="test-results.json")
+    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint; "
+                                  "required with --best)")
+    p.add_argument("--output", default="test-results.json",
+                   help="the submission; <stem>.provenance.json beside it names the model")
     p.add_argument("--zip", help="also write a zip holding test-results.json")
     p.add_argument("--score-threshold", type=float, default=0.0,
                    help="drop detections below this score (AP50 rewards keeping nearly all)")
@@ -156,17 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (errors print one line, exit code 2)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cellseg.tracking import TrackingError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrackingError, ValueError,
-            FileExistsError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:  # anything else is a bug and keeps its traceback
         print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -15,11 +15,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from cellseg.errors import ConfigError
 from cellseg.task import METRICS
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used: unknown key, wrong type or impossible value."""
 
 
 @dataclass(frozen=True)

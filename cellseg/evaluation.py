@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from cellseg.errors import DataError
 from cellseg.task import IOU_TYPES, NUM_CLASSES, SUMMARIES
 UNDEFINED = -1.0  # COCO's value for a metric without ground truth
 
@@ -142,19 +143,19 @@ def _coco(dataset: dict) -> COCO:
 def load_results(ground_truth: COCO, results: list[dict]) -> COCO:
     """Check results against the ground truth's images and categories and load them with loadRes.
 
-    Raises ValueError for an unknown image or category id or a mask whose size differs from its
+    Raises DataError for an unknown image or category id or a mask whose size differs from its
     image. An empty list (which loadRes rejects) gives a result object without annotations.
     """
     category_ids = set(ground_truth.getCatIds())
     for i, result in enumerate(results):
         image = ground_truth.imgs.get(result["image_id"])
         if image is None:
-            raise ValueError(f"result {i}: unknown image_id {result['image_id']!r}")
+            raise DataError(f"result {i}: unknown image_id {result['image_id']!r}")
         if result["category_id"] not in category_ids:
-            raise ValueError(f"result {i}: category_id {result['category_id']!r} not in {sorted(category_ids)}")
+            raise DataError(f"result {i}: category_id {result['category_id']!r} not in {sorted(category_ids)}")
         size = list(result["segmentation"]["size"])
         if size != [image["height"], image["width"]]:
-            raise ValueError(
+            raise DataError(
                 f"result {i}: mask size {size} differs from image {result['image_id']} "
                 f"of size {[image['height'], image['width']]}"
             )
@@ -224,7 +225,10 @@ def score_results_file(
     results_json: Path, truths: list[ImageTruth], *, num_classes: int = NUM_CLASSES, max_dets: int = 1000
 ) -> dict[str, float]:
     """Score a written test-results.json against ground truth."""
-    results: Any = json.loads(Path(results_json).read_text())
+    try:
+        results: Any = json.loads(Path(results_json).read_text())
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8 or not JSON
+        raise DataError(f"{results_json}: not a readable JSON results file ({exc})") from exc
     if not isinstance(results, list):
-        raise ValueError(f"{results_json}: expected a JSON list of results, got {type(results).__name__}")
+        raise DataError(f"{results_json}: expected a JSON list of results, got {type(results).__name__}")
     return evaluate_results(truths, results, num_classes=num_classes, max_dets=max_dets)

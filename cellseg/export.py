@@ -13,8 +13,10 @@ from torchvision.models.detection import MaskRCNN
 from tqdm import tqdm
 
 from cellseg.atomic_file import write_atomic
+from cellseg.data.layout import check_test_image
 from cellseg.evaluation import ImageTruth, coco_results, ground_truth_coco, load_results
 from cellseg.predict import predict_images
+from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, model_detector, predict_merged
 
 RESULTS_NAME = "test-results.json"  # the one file name the leaderboard's zip may contain
 
@@ -30,31 +32,43 @@ class MappingEntry(Protocol):
 
 
 def export_predictions(
-    model: MaskRCNN,
+    models: Sequence[MaskRCNN],
     test_images: Sequence[MappingEntry],
     read_image: Callable[[Path], np.ndarray],
     *,
     device: torch.device | str,
     score_threshold: float,
+    flips: Sequence[str] = (),
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     progress: bool = True,
 ) -> list[dict]:
     """COCO results for every test image, predicted one image at a time on ``device``.
 
+    One model without ``flips`` predicts as ``cellseg.predict`` does; several models (an
+    ensemble) or flips (test-time augmentation) are merged by ``cellseg.tta``'s rule, matching at
+    box IoU ``iou_threshold`` and keeping as many detections as the most generous model.
     ``read_image`` returns a float32 (H, W, 3) array in [0, 1]; its size must match the mapping's.
     """
-    model.eval().to(device)
+    if not models:
+        raise ValueError("export_predictions needs at least one model")
+    flips = check_flips(flips)
+    for model in models:
+        model.eval().to(device)
+    detectors = [model_detector(model) for model in models]
+    max_detections = max(model.roi_heads.detections_per_img for model in models)
     results: list[dict] = []
     for test_image in tqdm(test_images, desc="export", disable=not progress):
         array = read_image(test_image.path)
         if array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"{test_image.file_name}: expected an (H, W, 3) image, got shape {array.shape}")
-        if array.shape[:2] != (test_image.height, test_image.width):
-            raise ValueError(
-                f"{test_image.file_name}: decoded size {array.shape[:2]} differs from the mapping's "
-                f"{(test_image.height, test_image.width)}"
-            )
+        check_test_image(test_image, array)
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
-        [prediction] = predict_images(model, [tensor], score_threshold=score_threshold)
+        if len(models) == 1 and not flips:
+            [prediction] = predict_images(models[0], [tensor], score_threshold=score_threshold)
+        else:
+            prediction = predict_merged(detectors, tensor.to(device), flips=flips,
+                                        iou_threshold=iou_threshold, max_detections=max_detections,
+                                        score_threshold=score_threshold)
         results.extend(coco_results(test_image.image_id, prediction))
     return results
 
@@ -71,6 +85,12 @@ def write_submission(
     write_atomic(Path(output), lambda f: f.write(payload))
     if zip_path is not None:
         write_atomic(Path(zip_path), lambda f: _zip_results(f, payload))
+
+
+def write_provenance(path: Path, provenance: dict) -> None:
+    """The JSON record of which model made a submission, written atomically beside it."""
+    payload = (json.dumps(provenance, indent=2) + "\n").encode("utf-8")
+    write_atomic(Path(path), lambda f: f.write(payload))
 
 
 def _zip_results(file, payload: bytes) -> None:

@@ -20,6 +20,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
+from cellseg.errors import ConfigError
 from cellseg.input_scale import model_scale, resize_image, resize_masks
 from cellseg.roi_align import CellRoIAlign
 from cellseg.task import NUM_CLASSES
@@ -53,7 +54,7 @@ T = TypeVar("T")
 
 def _choose(table: Mapping[str, T], value: str, field: str) -> T:
     if value not in table:
-        raise ValueError(f"model.{field}: {value!r} is not one of {', '.join(map(repr, table))}")
+        raise ConfigError(f"model.{field}: {value!r} is not one of {', '.join(map(repr, table))}")
     return table[value]
 
 
@@ -112,10 +113,10 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def check_parameter_budget(model: nn.Module) -> int:
-    """Return the trainable-parameter count; ValueError when it reaches the task's limit."""
+    """Return the trainable-parameter count; ConfigError when it reaches the task's limit."""
     count = count_trainable_parameters(model)
     if count >= MAX_TRAINABLE_PARAMETERS:
-        raise ValueError(
+        raise ConfigError(
             f"the model has {count:,} trainable parameters; the task allows fewer than "
             f"{MAX_TRAINABLE_PARAMETERS:,} (reduce model.mask_head_channels, model.backbone "
             "or model.trainable_layers)"
@@ -127,7 +128,7 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
     if cfg.anchors == "custom":
         sizes = cfg.anchor_sizes
         if len(sizes) != FPN_LEVELS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.anchor_sizes: got {len(sizes)} sizes, need exactly {FPN_LEVELS} "
                 "(one per FPN level)"
             )
@@ -153,7 +154,7 @@ def _load_into(module: nn.Module, state: Mapping[str, Tensor], source: Path) -> 
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise ConfigError(
             f"model.weights: {source} does not fit this model ({type(module).__name__}); "
             f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:3]}, {len(mismatched)} shape mismatches (file vs model) {mismatched[:3]}"
@@ -176,7 +177,7 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
     _choose(IMAGENET, cfg.backbone, "backbone")  # the backbones with ImageNet weights
     norm_layer = _choose(NORM_LAYERS, cfg.norm, "norm")
     if not 0 <= cfg.trainable_layers <= 5:
-        raise ValueError(f"model.trainable_layers: {cfg.trainable_layers} is not in 0..5")
+        raise ConfigError(f"model.trainable_layers: {cfg.trainable_layers} is not in 0..5")
     return resnet_fpn_backbone(backbone_name=cfg.backbone, weights=None, norm_layer=norm_layer,
                                trainable_layers=cfg.trainable_layers)
 

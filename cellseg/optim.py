@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cellseg.config import OptimConfig
+from cellseg.errors import ConfigError
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -21,7 +22,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name {cfg.name!r} is not one of 'sgd', 'adam', 'adamw'")
+    raise ConfigError(f"optim.name {cfg.name!r} is not one of 'sgd', 'adam', 'adamw'")
 
 
 class LRSchedule:

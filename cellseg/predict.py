@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,63 @@ from cellseg.evaluation import ImagePrediction, encode_region
 from cellseg.torchvision_private import expand_boxes, expand_masks, resize_boxes
 
 _PADDING = 1  # torchvision pads the 28x28 masks by one pixel before pasting
+
+
+@dataclass
+class Detections:
+    """One image's detections before binarisation: xyxy boxes in the original image's pixels,
+    labels, scores, and (N, M, M) mask probabilities relative to each box (M = 28 for Mask R-CNN).
+
+    Mask pixel ``(i, j)`` covers the box's ``i``-th of M rows and ``j``-th of M columns, as in
+    RoIAlign, so a detection costs M * M floats whatever the image size.
+    """
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    masks: torch.Tensor
+    image_size: tuple[int, int]  # (height, width) of the original image
+
+
+@torch.inference_mode()
+def detect_images(model: MaskRCNN, images: list[torch.Tensor]) -> list[Detections]:
+    """The model's detections of (3, H, W) float images in [0, 1], boxes mapped to original size.
+
+    Boxes, labels, scores and masks are those of ``model(images)`` before its masks are pasted at
+    full image size. The model must be in eval mode.
+    """
+    if model.training:
+        raise ValueError("prediction needs the model in eval mode (model.eval())")
+    device = next(model.parameters()).device
+    images = [image.to(device) for image in images]
+    original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    batch, _ = model.transform(images)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(batch, features)
+    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    return [
+        Detections(boxes=resize_boxes(d["boxes"], resized_size, original_size),
+                   labels=d["labels"], scores=d["scores"], masks=d["masks"][:, 0],
+                   image_size=original_size)
+        for d, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
+    ]
+
+
+def encode_detections(detections: Detections, *, score_threshold: float = 0.0,
+                      mask_threshold: float = 0.5) -> ImagePrediction:
+    """Detections scoring at least ``score_threshold``, masks pasted into their boxes as torchvision
+    does and binarised at ``mask_threshold`` one at a time, as RLE at original size."""
+    keep = detections.scores >= score_threshold
+    boxes = detections.boxes[keep]
+    return ImagePrediction(
+        boxes=boxes.cpu().numpy(),
+        labels=detections.labels[keep].cpu().numpy(),
+        scores=detections.scores[keep].cpu().numpy(),
+        rles=_encode_masks(detections.masks[keep][:, None], boxes, detections.image_size,
+                           mask_threshold),
+    )
 
 
 @torch.inference_mode()
@@ -35,31 +93,8 @@ def predict_images(
     Same boxes, labels, scores and masks as ``model(images)`` thresholded at ``mask_threshold``,
     keeping detections scoring at least ``score_threshold``. The model must be in eval mode.
     """
-    if model.training:
-        raise ValueError("predict_images needs the model in eval mode (model.eval())")
-    device = next(model.parameters()).device
-    images = [image.to(device) for image in images]
-    original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-    batch, _ = model.transform(images)
-    features = model.backbone(batch.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
-    proposals, _ = model.rpn(batch, features)
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
-    predictions = []
-    for detection, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes):
-        keep = detection["scores"] >= score_threshold
-        boxes = resize_boxes(detection["boxes"][keep], resized_size, original_size)
-        rles = _encode_masks(detection["masks"][keep], boxes, original_size, mask_threshold)
-        predictions.append(
-            ImagePrediction(
-                boxes=boxes.cpu().numpy(),
-                labels=detection["labels"][keep].cpu().numpy(),
-                scores=detection["scores"][keep].cpu().numpy(),
-                rles=rles,
-            )
-        )
-    return predictions
+    return [encode_detections(d, score_threshold=score_threshold, mask_threshold=mask_threshold)
+            for d in detect_images(model, images)]
 
 
 def _encode_masks(

@@ -1,25 +1,33 @@
-"""The pictures of a finished run: metric curves and best-model predictions against truth."""
+"""The pictures of a run directory: metric curves and best-model predictions against truth.
+
+Drawn from what ``fit`` left in the run directory (``last.pt``'s history, ``best.pt``'s model and
+config), so callers draw them when they need them: ``cellseg train`` after ``fit``, a Tune trial
+before its last report.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from cellseg.checkpoint import BEST, PICTURES, load_checkpoint
+from cellseg.checkpoint import BEST, LAST, PICTURES, load_checkpoint, restore_model
 from cellseg.evaluation import truth_from_masks
 from cellseg.plots import plot_history, plot_predictions
 from cellseg.predict import predict_images
+from cellseg.training import build_datasets
 
 
-def write_run_pictures(run_dir: Path, history: list[dict[str, float]], model: torch.nn.Module,
-                       val_dataset: torch.utils.data.Dataset, device: torch.device,
-                       *, num_images: int = 3) -> list[Path]:
-    """Write ``pictures/history.png`` and ``pictures/val_<i>.png`` under ``run_dir``."""
-    out = Path(run_dir) / PICTURES
-    paths = [plot_history(history, out / "history.png")]
-    if (Path(run_dir) / BEST).is_file():
-        model.load_state_dict(load_checkpoint(Path(run_dir) / BEST)["model"])
-    model.eval()
+def write_run_pictures(run_dir: str | Path, device: torch.device | str = "cpu", *,
+                       num_images: int = 3) -> list[Path]:
+    """Write ``pictures/history.png`` and ``pictures/val_<i>.png`` (the best epoch's model on the
+    first validation images) under ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    last = load_checkpoint(run_dir / LAST)
+    out = run_dir / PICTURES
+    paths = [plot_history(last["history"], out / "history.png")]
+    model, cfg = restore_model(load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file()
+                               else last, device)
+    _, val_dataset = build_datasets(cfg)
     for index in range(min(num_images, len(val_dataset))):
         image, target = val_dataset[index]
         prediction = predict_images(model, [image.to(device)])[0]

@@ -6,9 +6,11 @@ what keeps a SQLite store free of 'database is locked' and a remote server free 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,26 +18,59 @@ import yaml
 
 from cellseg.checkpoint import BEST, PICTURES
 from cellseg.config import Config, config_to_dict
+from cellseg.data.fingerprint import DataFingerprint
+from cellseg.errors import TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
 
 switch_off_telemetry()  # before mlflow is imported: it decides at import whether to report usage
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_EXPERIMENT = "cellseg"
-BEST_METRIC = "best_segm_AP50"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_DIR_TAG = "cellseg.run_dir"
+SOURCE_TAG = "cellseg.source"  # "train", "search" (a trial) or "search-parent"
+SEARCH_TAG = "cellseg.search_name"  # on a search's parent run
+DATA_TAG = "cellseg.data_fingerprint"  # the digest of cellseg.data.fingerprint
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind for model training
+DATASET_CONTEXT = "mlflow.data.context"  # the input tag MLflow shows as a dataset's use
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 
 
-class TrackingError(RuntimeError):
-    """MLflow cannot be used: unreachable server, unwritable store, no matching run."""
+def best_metric_key(metric: str) -> str:
+    """The name under which a run logs the best value of ``metric`` (``best_<metric>``)."""
+    return f"best_{metric}"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What cellseg decides on about a run, as plain values."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING, FINISHED, KILLED or FAILED
+    start_time: float  # seconds since the epoch
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each
+
+    @property
+    def source(self) -> str:
+        return self.tags.get(SOURCE_TAG, "")
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get(PARENT_TAG)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.tags.get(DATA_TAG)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -51,6 +86,12 @@ def _local_artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
     return None
+
+
+def _record(run: Run) -> RunRecord:
+    return RunRecord(run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
+                     start_time=(run.info.start_time or 0) / 1000, tags=dict(run.data.tags),
+                     params=dict(run.data.params), metrics=dict(run.data.metrics))
 
 
 class Tracker:
@@ -70,12 +111,20 @@ class Tracker:
                 "or pass --tracking-uri / MLFLOW_TRACKING_URI pointing to a working store.") from exc
 
     def experiment_id(self, name: str) -> str:
-        """The id of experiment ``name``, created (with a local artifact root) if absent."""
+        """The id of experiment ``name``, created (with a local artifact root) if absent.
+
+        The experiment is tagged as model training when it has no kind yet (MLflow 3.17's UI still
+        opens it by its GenAI / Model training switch; README "Compare trials in MLflow").
+        """
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                               MODEL_TRAINING)
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.uri))
+            return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.uri),
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException:  # created meanwhile by another process
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
@@ -83,14 +132,31 @@ class Tracker:
             return experiment.experiment_id
 
     def start_run(self, experiment: str, name: str, *, params: Mapping[str, Any] = {},
-                  tags: Mapping[str, str] = {}, parent_run_id: str | None = None) -> str:
-        """Create a run (nested under ``parent_run_id`` when given) and log its params."""
+                  tags: Mapping[str, str] = {}, parent_run_id: str | None = None,
+                  dataset: DataFingerprint | None = None) -> str:
+        """Create a run (nested under ``parent_run_id`` when given), log its params and data."""
         run_tags = dict(tags)
         if parent_run_id:
             run_tags[PARENT_TAG] = parent_run_id
+        if dataset is not None:
+            run_tags[DATA_TAG] = dataset.digest
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
         self.log_params(run.info.run_id, params)
+        if dataset is not None:
+            self.log_dataset(run.info.run_id, dataset)
         return run.info.run_id
+
+    def log_dataset(self, run_id: str, dataset: DataFingerprint) -> None:
+        """The training data as the run's input (MLflow's Dataset column) and as a tag."""
+        entity = Dataset(name=dataset.name, digest=dataset.digest, source_type="local",
+                         source=json.dumps({"uri": dataset.root}),
+                         profile=json.dumps(dataset.profile()))
+        self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag(DATASET_CONTEXT, "training")])])
+        self.set_tags(run_id, {DATA_TAG: dataset.digest})
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed training run or search)."""
+        self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
@@ -129,7 +195,7 @@ class Tracker:
         """Log the outcome of a run directory (best metric, best.pt, pictures, config) and close."""
         run_dir = Path(run_dir)
         if math.isfinite(best_metric):
-            self.log_metrics(run_id, {BEST_METRIC: best_metric}, step=0)
+            self.log_metrics(run_id, {best_metric_key(cfg.train.metric): best_metric}, step=0)
         self.log_config(run_id, cfg)
         if (run_dir / BEST).is_file():
             self.log_artifact(run_id, run_dir / BEST, CHECKPOINT_ARTIFACT)
@@ -151,15 +217,39 @@ class Tracker:
         return self.client.search_runs([experiment_obj.experiment_id], filter_string,
                                        order_by=order_by, max_results=max_results)
 
-    def best_run(self, experiment: str = DEFAULT_EXPERIMENT):
-        """The run of ``experiment`` with the highest ``best_segm_AP50`` that has a checkpoint."""
-        runs = self.find_runs(experiment, f"metrics.{BEST_METRIC} >= 0",
-                              order_by=[f"metrics.{BEST_METRIC} DESC"])
-        if not runs:
-            raise TrackingError(
-                f"no run with metric {BEST_METRIC} in experiment {experiment!r} of {self.uri}; "
-                "train or search first, or pass --experiment / --tracking-uri")
-        return runs[0]
+    def record(self, run_id: str) -> RunRecord:
+        """The run ``run_id``; TrackingError naming it when the store has no such run."""
+        try:
+            return _record(self.client.get_run(run_id))
+        except MlflowException as exc:
+            raise TrackingError(f"no run {run_id} in {self.uri}: {exc}") from exc
+
+    def records(self, experiment: str, filter_string: str = "") -> list[RunRecord]:
+        """The runs of ``experiment`` matching MLflow's ``filter_string`` (all pages), oldest
+        first; empty when the experiment does not exist."""
+        experiment_obj = self.client.get_experiment_by_name(experiment)
+        if experiment_obj is None:
+            return []
+        records, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_obj.experiment_id], filter_string,
+                                           max_results=1000,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+            records += [_record(run) for run in page]
+            token = page.token
+            if not token:
+                return records
+
+    def download_checkpoint(self, run_id: str, dst: str | Path) -> Path:
+        """The run's ``checkpoint/best.pt``, downloaded into ``dst``; TrackingError if it has none."""
+        artifact = f"{CHECKPOINT_ARTIFACT}/{BEST}"
+        try:
+            listed = {a.path for a in self.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT)}
+            if artifact in listed:
+                return self.download(run_id, artifact, dst)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"run {run_id}: cannot download its {artifact}: {exc}") from exc
+        raise TrackingError(f"run {run_id} has no {artifact} artifact in {self.uri}")
 
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)

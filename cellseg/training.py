@@ -20,7 +20,6 @@ from cellseg.engine import evaluate, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
-from cellseg.run_pictures import write_run_pictures
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +52,68 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """Train and validation loaders on the fixed seeded split, and the train shuffle generator."""
+def build_datasets(cfg: Config) -> tuple[CellDataset, CellDataset]:
+    """Train and validation datasets on the fixed seeded split."""
     items = scan_train(cfg.data.root)
     train_items, val_items = split_items(items, cfg.data.val_fraction, cfg.data.split_seed)
     if cfg.train.max_eval_images:
         val_items = val_items[: cfg.train.max_eval_images]
+    limits = dict(max_pixels=cfg.data.max_pixels, max_instances=cfg.data.max_instances)
+    train = CellDataset(train_items, transform=build_augment(cfg.augment),
+                        cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed,
+                        downscale_to=(cfg.model.min_size, cfg.model.max_size), **limits)
+    val = CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,
+                      seed=cfg.train.seed, **limits)
+    return train, val
+
+
+def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """Train and validation loaders on the fixed seeded split, and the train shuffle generator."""
+    train, val = build_datasets(cfg)
     common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
                   pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
-    limits = dict(max_pixels=cfg.data.max_pixels, max_instances=cfg.data.max_instances)
     shuffle = torch.Generator()
-    train = DataLoader(CellDataset(train_items, transform=build_augment(cfg.augment),
-                                   cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed,
-                                   downscale_to=(cfg.model.min_size, cfg.model.max_size), **limits),
-                       batch_size=cfg.train.batch_size, shuffle=True, generator=shuffle,
-                       drop_last=len(train_items) > cfg.train.batch_size, **common)
-    val = DataLoader(CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,
-                                 seed=cfg.train.seed, **limits),
-                     batch_size=cfg.train.batch_size, shuffle=False, **common)
-    return train, val, shuffle
+    train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
+                              generator=shuffle, drop_last=len(train) > cfg.train.batch_size,
+                              **common)
+    val_loader = DataLoader(val, batch_size=cfg.train.batch_size, shuffle=False, **common)
+    return train_loader, val_loader, shuffle
+
+
+@dataclass
+class Training:
+    """What ``fit`` builds before its first epoch (the benchmarks build it the same way)."""
+
+    cfg: Config
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    train_loader: DataLoader
+    val_loader: DataLoader
+    shuffle: torch.Generator
+    scaler: torch.amp.GradScaler | None
+    amp: bool
+
+    def start_epoch(self, epoch: int) -> None:
+        """Seed the shuffle and the augmentation of ``epoch`` (same order however resumed)."""
+        self.shuffle.manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        self.train_loader.dataset.set_epoch(epoch)
+
+
+def build_training(cfg: Config) -> Training:
+    """Seed, then build loaders, model, optimizer, schedule and gradient scaler for ``cfg``."""
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    train_loader, val_loader, shuffle = build_loaders(cfg, device)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs,
+                          iters_per_epoch=len(train_loader))
+    amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
+    return Training(cfg, device, model, optimizer, schedule, train_loader, val_loader, shuffle,
+                    scaler, amp)
 
 
 def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
@@ -80,19 +122,12 @@ def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
 
     ``resume_from`` is a run directory (or its last.pt) written by an earlier call: training
     continues after its last epoch with the same model, optimizer, schedule and history.
+    The model's pictures are not drawn here (``cellseg.run_pictures``, from the run directory).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    train_loader, val_loader, shuffle = build_loaders(cfg, device)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs,
-                          iters_per_epoch=len(train_loader))
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = (torch.amp.GradScaler("cuda")
-              if use_amp and not torch.cuda.is_bf16_supported() else None)
+    t = build_training(cfg)
+    model, optimizer, schedule, scaler, device = t.model, t.optimizer, t.schedule, t.scaler, t.device
     history: list[dict[str, float]] = []
     best_metric, best_epoch, start = -math.inf, 0, 1
     if resume_from is not None:
@@ -114,15 +149,14 @@ def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
         log.info("resumed from %s at epoch %d", last_path, start)
     metric_name = cfg.train.metric
     for epoch in range(start, cfg.train.epochs + 1):
-        shuffle.manual_seed(cfg.train.seed * 100_003 + epoch)
-        train_loader.dataset.set_epoch(epoch)
-        losses = train_one_epoch(model, optimizer, schedule, train_loader, device, epoch=epoch,
-                                 scaler=scaler, amp=use_amp, grad_clip=cfg.optim.grad_clip,
+        t.start_epoch(epoch)
+        losses = train_one_epoch(model, optimizer, schedule, t.train_loader, device, epoch=epoch,
+                                 scaler=scaler, amp=t.amp, grad_clip=cfg.optim.grad_clip,
                                  progress=progress)
         metrics = {"epoch": float(epoch), "lr": schedule.lr,
                    **{f"train_{k}": v for k, v in losses.items()}}
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-            metrics.update(evaluate(model, val_loader, device, amp=use_amp, progress=progress,
+            metrics.update(evaluate(model, t.val_loader, device, amp=t.amp, progress=progress,
                                     max_dets=coco_max_dets(cfg.model.detections_per_img),
                                     with_loss=cfg.train.val_loss))
             if metrics[metric_name] > best_metric:
@@ -135,8 +169,6 @@ def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
             schedule=schedule.state_dict(), scaler=scaler.state_dict() if scaler else None,
             torch_rng=torch.get_rng_state(), history=history, best_metric=best_metric,
             best_epoch=best_epoch))
-        if epoch == cfg.train.epochs:
-            write_run_pictures(run_dir, history, model, val_loader.dataset, device)
         if report is not None:
             report(metrics, run_dir)
     return FitResult(run_dir=run_dir, best_metric=best_metric, best_epoch=best_epoch,

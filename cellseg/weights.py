@@ -19,6 +19,8 @@ import torch
 import torchvision
 from torch import Tensor
 
+from cellseg.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "CELLSEG_WEIGHTS_MIRROR"
@@ -31,8 +33,8 @@ IMAGENET: dict[str, torchvision.models.WeightsEnum] = {
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub's naming: name-<sha256 prefix>.ext
 
 
-class WeightsError(ValueError):
-    """Weights that cannot be found, downloaded or read."""
+class WeightsError(ConfigError):
+    """Weights (``model.weights``) that cannot be found, downloaded or read."""
 
 
 def load_weights_only(path: Path, *, error: type[ValueError] = WeightsError,

@@ -1,7 +1,8 @@
 """Fault injection for reliability drills: make trials fail on purpose, the way real ones do.
 
-Set in the environment of the Ray workers (``ray.init(runtime_env={"env_vars": ...})`` or the
-shell that starts Ray):
+Off unless the driver runs with ``--fault-drill``: only then does a trial read the variables below,
+once when it starts. Set them in the environment of the Ray workers
+(``ray.init(runtime_env={"env_vars": ...})`` or the shell that starts Ray):
 
 - ``CELLSEG_FAULT=<kind>@<epoch>``: a trial fails after training epoch ``<epoch>``, before that
   epoch is reported. Kinds: ``error`` (a RuntimeError), ``oom`` (torch's CUDA out-of-memory
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,17 +53,28 @@ def _claim_token() -> bool:
     return False
 
 
-def maybe_inject(epoch: int) -> None:
-    """Raise (or exit) when the environment asks for a fault at ``epoch`` and a token is left."""
+def no_fault(epoch: int) -> None:
+    """The injector of every trial that is not part of a drill."""
+
+
+def fault_from_env() -> Callable[[int], None]:
+    """This trial's injector, from ``CELLSEG_FAULT`` read now: ``no_fault`` when it is unset.
+
+    The injector raises (or exits) after the epoch the drill names, when a token is left.
+    """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return no_fault
     kind, at = parse_fault(spec)
-    if epoch != at or not _claim_token():
-        return
-    message = f"injected {kind} fault after epoch {epoch} ({FAULT_ENV}={spec})"
-    if kind == "exit":
-        os._exit(17)
-    if kind == "oom":
-        raise torch.OutOfMemoryError(f"CUDA out of memory. {message}")
-    raise InjectedFault(message)
+
+    def inject(epoch: int) -> None:
+        if epoch != at or not _claim_token():
+            return
+        message = f"injected {kind} fault after epoch {epoch} ({FAULT_ENV}={spec})"
+        if kind == "exit":
+            os._exit(17)
+        if kind == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory. {message}")
+        raise InjectedFault(message)
+
+    return inject

@@ -23,7 +23,8 @@ from ray.tune.result import AUTO_RESULT_KEYS, TRAINING_ITERATION
 
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
-from cellseg.tracking import PARENT_TAG, Tracker
+from cellseg.data import dataset_fingerprint
+from cellseg.tracking import PARENT_TAG, SOURCE_TAG, Tracker
 from search.mlflow_outbox import Outbox
 from search.trainable import NODE_KEY
 
@@ -140,11 +141,12 @@ class MlflowTrialLogger(Callback):
         if found:  # created just before the store went away, the answer lost
             self._runs[trial_id] = found[0].info.run_id
             return
+        cfg = self.trial_config(config)
         self._runs[trial_id] = self.tracker.start_run(
-            self.experiment, name, params=flatten(self.trial_config(config)),
-            parent_run_id=self.parent_run_id,
-            tags={TRIAL_TAG: trial_id, "cellseg.source": "search",
-                  "cellseg.searched_keys": ",".join(sorted(config))})
+            self.experiment, name, params=flatten(cfg), parent_run_id=self.parent_run_id,
+            tags={TRIAL_TAG: trial_id, SOURCE_TAG: "search",
+                  "cellseg.searched_keys": ",".join(sorted(config))},
+            dataset=dataset_fingerprint(cfg.data))
 
     def _apply_result(self, trial_id: str, epoch: int, metrics: dict[str, float],
                       node_id: str | None) -> None:

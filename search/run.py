@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # python search/run.py: search/ is not installed, the repo holds it
+    sys.path.insert(0, str(REPO))
+
 import optuna
 import ray
 import yaml
@@ -26,9 +30,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.config import Config, ConfigError, config_to_dict, load_config
-from cellseg.data import DataError, make_synthetic_dataset, scan_train
+from cellseg.data import (DataError, DataFingerprint, dataset_fingerprint, make_synthetic_dataset,
+                          scan_train)
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import Tracker, TrackingError
+from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import WeightsError, resolve_weights
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
@@ -36,14 +41,12 @@ from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchSummary, log_summary, summarize
-from search.trainable import train_trial, trial_dirname
+from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 
 log = logging.getLogger("cellseg.search")
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
-SEARCH_TAG = "cellseg.search_name"
 OUTBOX = "mlflow-outbox.json"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="search name (default search-<time>); needed with --resume")
     p.add_argument("--resume", action="store_true", help="continue the search --name after a crash")
     p.add_argument("--seed", type=int, default=0, help="seeds the TPE sampler")
+    p.add_argument("--fault-drill", action="store_true",
+                   help=f"let trials fail on purpose as {FAULT_ENV} in the workers' environment "
+                        "says (docs/reliability.md); without it trials never read it")
     p.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--min-free-gb", type=float, default=2.0,
                    help="refuse to start when local storage has less free space")
@@ -107,8 +113,11 @@ def search_name(name: str | None, resume: bool) -> str:
     return name or time.strftime("search-%Y%m%d-%H%M%S")
 
 
-def check_fault_drill(spec: str | None) -> None:
-    """Refuse a malformed fault drill (``CELLSEG_FAULT``) before Ray starts, not in every trial."""
+def check_fault_drill(spec: str | None, drill: bool) -> None:
+    """Refuse a stray or malformed fault drill (``CELLSEG_FAULT``) before Ray starts."""
+    if spec and not drill:
+        raise ConfigError(f"{FAULT_ENV}={spec!r} is set but --fault-drill is not: unset it, or "
+                          "pass --fault-drill to make trials fail on purpose")
     if spec:
         try:
             parse_fault(spec)
@@ -191,9 +200,10 @@ def storage_paths(storage: str, name: str) -> tuple[str, Path]:
 
 def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: bool,
                     params: Mapping[str, Any], tags: Mapping[str, str],
-                    texts: Mapping[str, str]) -> str:
-    """The search's parent run: created with ``params``, ``tags`` and ``texts`` (artifact path ->
-    content) for a new search, found again by name and set RUNNING for ``resume``."""
+                    texts: Mapping[str, str], dataset: DataFingerprint | None = None) -> str:
+    """The search's parent run: created with ``params``, ``tags``, ``texts`` (artifact path ->
+    content) and its ``dataset`` for a new search, found again by name and set RUNNING for
+    ``resume``."""
     found = tracker.find_runs(experiment, f"tags.`{SEARCH_TAG}` = '{name}'")
     if resume:
         if not found:
@@ -204,7 +214,8 @@ def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: boo
     if found:
         raise TrackingError(f"a search named {name!r} exists already; pass --resume to "
                             "continue it or choose another --name")
-    run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags})
+    run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags},
+                               dataset=dataset)
     for artifact_path, text in texts.items():
         tracker.client.log_text(run_id, text, artifact_path)
     return run_id
@@ -291,7 +302,7 @@ def run_search(args: argparse.Namespace) -> int:
     """Validate everything, then run (or resume) the search and print its summary."""
     start = time.time()
     name = search_name(args.name, args.resume)
-    check_fault_drill(os.environ.get(FAULT_ENV))
+    check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -307,21 +318,23 @@ def run_search(args: argparse.Namespace) -> int:
     local_dir.mkdir(parents=True, exist_ok=True)
     no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": no_telemetry})  # trial workers, also on a cluster
+             runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry})  # workers get it too
     base_dict = config_to_dict(base_cfg)
     parent_run_id = open_parent_run(
         tracker, experiment=args.experiment, name=name, resume=args.resume,
         params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
-        tags={"cellseg.source": "search-parent", "git_commit": _git_commit(),
+        tags={SOURCE_TAG: "search-parent", "git_commit": _git_commit(),
               "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)},
         texts={f"search/{space_path.name}": space_path.read_text(),
-               f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)})
+               f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)},
+        dataset=dataset_fingerprint(base_cfg.data))
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
     print(f"resume after a crash with: python search/run.py --resume --name {name} "
           f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
 
     optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict),
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict,
+                                                         fault_drill=args.fault_drill),
                                     {"cpu": args.cpus_per_trial,
                                      "gpu": trial_gpus(args.gpus_per_trial)})
     if args.resume:
@@ -346,9 +359,14 @@ def run_search(args: argparse.Namespace) -> int:
                             max_epochs=max_epochs, local_dir=local_dir,
                             optuna_storage=optuna_storage, wall_s=time.time() - start)
     print("\n".join(summary.lines(metric)))
-    print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri}  (then open "
-          f"experiment {args.experiment!r})")
-    print("write the submission: cellseg export --best --experiment "
+    runs_page = (f"#/experiments/{tracker.experiment_id(args.experiment)}/runs"
+                 "?workflowType=machine_learning")
+    if tracker.uri.startswith("http"):
+        print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
+    else:
+        print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+              f"--port 5000, then open http://127.0.0.1:5000/{runs_page}")
+    print(f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
           f"{args.experiment} --output test-results.json --zip submission.zip")
     return 0
 

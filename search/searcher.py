@@ -12,6 +12,8 @@ that last epoch is reported there before the trial is told.
 study, its sampler and the live trials. On restore, a trial the study finished after the last save
 is not told again, and a trial the study started after it (which Tune will not run) is told FAIL
 and its parameters are enqueued again, so that a resumed search neither doubles nor loses a trial.
+An errored trial that ``--resume`` runs again (Tune's ``resume_errored``) keeps its FAIL record and,
+if it ends without error, gets a second record with its epochs and ending beside it.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ class StudySearcher(Searcher):
             self.study.enqueue_trial(point)
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its running Optuna trial
         self.last_step: dict[str, int] = {}  # Tune trial id -> its last reported epoch
+        self.failed: dict[str, int] = {}  # Tune trial id -> the number of its FAIL record
+        self.rerun: dict[str, dict[int, float]] = {}  # epochs of failed trials --resume runs again
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
         trial = self.study.ask()
@@ -62,43 +66,64 @@ class StudySearcher(Searcher):
         return self.space(trial)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        trial = self.trials.get(trial_id)
         step = result[TRAINING_ITERATION]
-        if trial is None or self.metric not in result or step <= self.last_step.get(trial_id, 0):
-            return  # told already, an epoch without validation, or an epoch reported before
-        trial.report(result[self.metric], step)
+        if self.metric not in result or step <= self.last_step.get(trial_id, 0):
+            return  # an epoch without validation, or one reported before
+        if trial_id in self.trials:
+            self.trials[trial_id].report(result[self.metric], step)
+        elif trial_id in self.failed:  # an errored trial that a resumed search runs again
+            self.rerun.setdefault(trial_id, {})[step] = float(result[self.metric])
+        else:
+            return  # told already
         self.last_step[trial_id] = step
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if trial_id not in self.trials:  # told already (an errored trial a resumed search reran)
-            log.info("trial %s ended again after Optuna was told; its record stays", trial_id)
-            return
         if result:
             self.on_trial_result(trial_id, result)  # the epoch that triggered a stop
-        trial = self.trials.pop(trial_id)
         self.last_step.pop(trial_id, None)
+        state, value = self._ending(result, error)
+        if trial_id in self.trials:
+            told = self.study.tell(self.trials.pop(trial_id), value, state=state)
+            if state == TrialState.FAIL:
+                self.failed[trial_id] = told.number
+        elif trial_id in self.failed and state != TrialState.FAIL:
+            self._record_rerun(trial_id, state, value)
+
+    def _ending(self, result: dict | None, error: bool) -> tuple[TrialState, float | None]:
+        """How a trial that ended with ``result`` goes into the study."""
         if error or not result:
-            self.study.tell(trial, state=TrialState.FAIL)
-        elif result[TRAINING_ITERATION] < self.max_epochs:
-            self.study.tell(trial, state=TrialState.PRUNED)
-        elif math.isfinite(value := float(result.get(self.metric, math.nan))):
-            self.study.tell(trial, value, state=TrialState.COMPLETE)
-        else:  # reached the end without a finite metric: nothing for the sampler to learn from
-            self.study.tell(trial, state=TrialState.FAIL)
+            return TrialState.FAIL, None
+        if result[TRAINING_ITERATION] < self.max_epochs:
+            return TrialState.PRUNED, None
+        value = float(result.get(self.metric, math.nan))
+        if math.isfinite(value):
+            return TrialState.COMPLETE, value
+        return TrialState.FAIL, None  # the end without a finite metric: nothing to learn from
+
+    def _record_rerun(self, trial_id: str, state: TrialState, value: float | None) -> None:
+        """A failed trial that a resumed search ran again to its end: a new record beside the FAIL."""
+        first = self.study.get_trials(deepcopy=False)[self.failed.pop(trial_id)]
+        self.study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params=first.params, distributions=first.distributions,
+            user_attrs=first.user_attrs,
+            intermediate_values={**first.intermediate_values, **self.rerun.pop(trial_id, {})}))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as out:  # Tune swaps the file in atomically
-            pickle.dump({"study": self.study, "trials": self.trials, "last_step": self.last_step},
-                        out)
+            pickle.dump({"study": self.study, "trials": self.trials, "last_step": self.last_step,
+                         "failed": self.failed, "rerun": self.rerun}, out)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as saved:
             state = pickle.load(saved)
         self.study = state["study"]
-        finished = {t.number for t in self.study.get_trials(deepcopy=False)
-                    if t.state.is_finished()}
-        self.trials = {k: t for k, t in state["trials"].items() if t.number not in finished}
+        states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
+        saved = state["trials"]
+        self.trials = {k: t for k, t in saved.items() if not states[t.number].is_finished()}
+        self.failed = {**state["failed"], **{k: t.number for k, t in saved.items()  # told FAIL
+                                             if states[t.number] == TrialState.FAIL}}  # after the save
+        self.rerun = {k: v for k, v in state["rerun"].items() if k in self.failed}
         self.last_step = {k: v for k, v in state["last_step"].items() if k in self.trials}
         live = {t.number for t in self.trials.values()}
         for orphan in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

@@ -14,10 +14,14 @@ import ray
 from ray import tune
 
 from cellseg.config import apply_overrides, config_from_dict
-from cellseg.training import fit
-from search.faults import maybe_inject
+from cellseg.run_pictures import write_run_pictures
+from cellseg.training import fit, resolve_device
+from search.faults import fault_from_env, no_fault
 
 NODE_KEY = "node_id"
+# search/ is not installed: the driver ships this copy with the job (ray.init(runtime_env=...)),
+# and Ray workers on every node import the trainable from it.
+WORKER_RUNTIME_ENV = {"py_modules": [str(Path(__file__).resolve().parent)]}
 _scratch: list[str] = []  # this worker's scratch folder (a worker may serve several trials)
 
 
@@ -35,11 +39,12 @@ def _fresh_scratch() -> Path:
     return Path(folder)
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bool = False) -> None:
     """Train one trial; every epoch reports the metrics with the run directory as checkpoint.
 
     The run directory is scratch space on the worker: Tune copies each reported checkpoint to
-    the search's storage. A retried or restored trial continues from its last checkpoint.
+    the search's storage. A retried or restored trial continues from its last checkpoint. Only
+    with ``fault_drill`` does the trial read the drill's variables (``search/faults.py``).
     """
     cfg = apply_overrides(config_from_dict(base), config)
     run_dir = _fresh_scratch() / "run"
@@ -49,9 +54,12 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
             shutil.copytree(directory, run_dir)
 
     node_id = ray.get_runtime_context().get_node_id()
+    inject = fault_from_env() if fault_drill else no_fault
 
     def report(metrics: dict[str, float], directory: Path) -> None:
-        maybe_inject(int(metrics["epoch"]))
+        if int(metrics["epoch"]) == cfg.train.epochs:  # pictures go into the last checkpoint
+            write_run_pictures(directory, resolve_device(cfg.train.device))
+        inject(int(metrics["epoch"]))
         tune.report({**metrics, NODE_KEY: node_id},
                     checkpoint=tune.Checkpoint.from_directory(str(directory)))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -91,3 +92,20 @@ def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     space = folder / "space.yaml"
     space.write_text(TINY_SEARCH_SPACE)
     return {"base": base, "space": space}
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow SQLite store, made once (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, _empty_mlflow_db: Path) -> str:
+    """A fresh SQLite tracking URI in ``tmp_path`` (artifacts go to ``tmp_path/mlartifacts``)."""
+    shutil.copy(_empty_mlflow_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

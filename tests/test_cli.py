@@ -21,7 +21,9 @@ from pycocotools.coco import COCO
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.cli import main
+from cellseg.config import DataConfig
 from cellseg.data import (
+    dataset_fingerprint,
     dataset_stats,
     image_shape,
     load_test_images,
@@ -143,6 +145,26 @@ def test_synth_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "x").read_text() == "keep me"
 
 
+def test_an_internal_error_keeps_its_traceback(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the user-fixable error types become one line; a bug (here a ValueError from
+    inside a command) propagates, so Python prints its traceback."""
+    import cellseg.data
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cellseg.data, "make_synthetic_dataset", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["synth", str(tmp_path / "out"), "--train", "1", "--test", "0"])
+
+
+def test_synth_refuses_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["synth", str(tmp_path / "out"), "--train", "-1"])
+    assert info.value.code == 2 and "whole number" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- train
 
 def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
@@ -162,6 +184,10 @@ def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
     assert params["model.min_size"] == "64" and params["model.backbone"] == "resnet18"
     assert params["data.root"] == str(workspace["data"].resolve())
     assert run.data.tags["cellseg.run_dir"] == str(checkpoint.parent)
+    fingerprint = dataset_fingerprint(DataConfig(root=str(workspace["data"])))
+    assert run.data.tags["cellseg.data_fingerprint"] == fingerprint.digest
+    [dataset_input] = run.inputs.dataset_inputs  # MLflow's Dataset column
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("data", fingerprint.digest)
 
     for key in ("segm_AP50", "train_loss", "bbox_AP50", "lr"):
         history = client.get_metric_history(run.info.run_id, key)
@@ -322,35 +348,82 @@ def test_score_perfect_and_empty_results(workspace: dict, tmp_path: Path,
     assert str(not_a_list) in capsys.readouterr().err
 
 
-def test_export_best_picks_highest_run_and_logs_artifact(workspace: dict, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_export_best_takes_the_latest_training_run_on_the_data(workspace: dict, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Two single training runs on one dataset: each is its own group, the latest wins by default
+    whatever the other scored; --search NAME takes the other. Provenance is printed and written."""
     client: MlflowClient = workspace["client"]
     r1, r2 = run_of(workspace, "r1"), run_of(workspace, "r2")
-    # make the run that would not win on its own the best: r2 trained 1 epoch, r1 two
-    natural = max((r1, r2), key=lambda r: r.data.metrics["best_segm_AP50"])
-    target = r2 if natural is r1 else r1
-    client.log_metric(target.info.run_id, "best_segm_AP50", 1.5, step=1)
+    assert r1.data.tags["cellseg.data_fingerprint"] == r2.data.tags["cellseg.data_fingerprint"]
+    client.log_metric(r1.info.run_id, "best_segm_AP50", 1.5, step=1)  # r1 outscores r2
 
     output = tmp_path / "test-results.json"
-    code = main(["export", "--best", "--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"],
-                 "--output", str(output), "--no-progress"])
+    code = main(["export", "--best", "--data", str(workspace["data"]), "--experiment", EXPERIMENT,
+                 "--tracking-uri", workspace["uri"], "--output", str(output), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert f"run_id: {target.info.run_id}" in out
+    assert f"run_id: {r2.info.run_id}" in out and "run_name: r2" in out and "search: None" in out
+    provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
+    assert provenance["run_id"] == r2.info.run_id and provenance["run_name"] == "r2"
+    assert provenance["search"] is None and provenance["metric"] == "segm_AP50"
+    assert provenance["metric_value"] == pytest.approx(r2.data.metrics["best_segm_AP50"])
+    assert provenance["fingerprint"] == r2.data.tags["cellseg.data_fingerprint"]
+    assert f"fingerprint: {provenance['fingerprint']}" in out
     assert json.loads(output.read_text()) is not None
+    exported = {a.path for a in client.list_artifacts(r2.info.run_id, "export")}
+    assert exported == {"export/test-results.json", "export/test-results-classes.png",
+                        "export/test-results.provenance.json"}
+    assert client.list_artifacts(r1.info.run_id, "export") == []
 
-    exported = {a.path for a in client.list_artifacts(target.info.run_id, "export")}
-    assert exported == {"export/test-results.json", "export/test-results-classes.png"}
-    assert client.list_artifacts(natural.info.run_id, "export") == []
+    code = main(["export", "--best", "--search", "r1", "--data", str(workspace["data"]),
+                 "--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"],
+                 "--output", str(output), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert f"run_id: {r1.info.run_id}" in capsys.readouterr().out
+    provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
+    assert provenance["run_id"] == r1.info.run_id and provenance["metric_value"] == 1.5
 
 
-def test_export_best_without_runs_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["export", "--best", "--experiment", "empty", "--tracking-uri",
-                 f"sqlite:///{tmp_path}/mlflow.db", "--output", str(tmp_path / "o.json")])
+def test_export_best_needs_data_and_a_matching_run(workspace: dict, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "o.json"
+    common = ["--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"], "--output", str(output)]
+    assert main(["export", "--best", *common]) == 2
+    assert "--best needs --data" in capsys.readouterr().err
+
+    other = tmp_path / "other"
+    assert main(["synth", str(other), "--train", "2", "--test", "1", "--profile", "easy"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--best", "--data", str(other), *common]) == 2
+    err = capsys.readouterr().err
+    assert str(other) in err
+    for name in ("r1", "r2"):  # each candidate with its data and date
+        assert re.search(rf"train '{name}': 1 exportable run\(s\), data data@[0-9a-f]{{16}}, "
+                         r"started \d{4}-\d\d-\d\d \d\d:\d\d", err), err
+    assert not output.exists()
+
+
+def test_export_best_without_runs_exits_2(tmp_path: Path, synth_root: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    code = main(["export", "--best", "--data", str(synth_root), "--experiment", "empty",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--output",
+                 str(tmp_path / "o.json")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "best_segm_AP50" in err and "empty" in err
+    assert "no exportable run at all" in err and "'empty'" in err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_export_run_id_without_checkpoint_exits_2(workspace: dict, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    client: MlflowClient = workspace["client"]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    empty = client.create_run(experiment.experiment_id, run_name="no-checkpoint").info.run_id
+    client.set_terminated(empty)
+    assert main(["export", "--run-id", empty, "--tracking-uri", workspace["uri"],
+                 "--data", str(workspace["data"]), "--output", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert empty in err and "checkpoint/best.pt" in err
 
 
 # ----------------------------------------------------------------------------- real data

@@ -19,6 +19,7 @@ from cellseg.data import (
     test_truth,
 )
 from cellseg.data.layout import MAPPING_FILE
+from cellseg.errors import DataError
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -122,5 +123,5 @@ def test_bad_arguments(tmp_path: Path) -> None:
         make_synthetic_dataset(tmp_path / "x", 1, 1, seed=0, profile="hard")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DataError, match="folder not empty"):
         make_synthetic_dataset(tmp_path / "full", 1, 1, seed=0)

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
+from cellseg.errors import DataError
 from cellseg.export import export_predictions, write_submission
 
 
@@ -52,7 +53,7 @@ def mapping_coco() -> COCO:
 
 
 def test_export_writes_results_accepted_by_load_res(model, tmp_path):
-    results = export_predictions(model, MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
+    results = export_predictions([model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
                                  progress=False)
     assert {r["image_id"] for r in results} == {3, 8}
     output, archive = tmp_path / "out" / "test-results.json", tmp_path / "submission.zip"
@@ -69,10 +70,32 @@ def test_export_writes_results_accepted_by_load_res(model, tmp_path):
     assert [p.name for p in output.parent.iterdir()] == ["test-results.json"]
 
 
+def test_tta_and_ensemble_export_results_accepted_by_load_res(model, tmp_path):
+    plain = export_predictions([model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
+                               progress=False)
+    twice = export_predictions([model, model], MAPPING, IMAGES.__getitem__, device="cpu",
+                               score_threshold=0.0, progress=False)
+    assert [(r["image_id"], r["category_id"], r["segmentation"]) for r in twice] == \
+        [(r["image_id"], r["category_id"], r["segmentation"]) for r in plain]  # twins merge to one
+    results = export_predictions([model, model], MAPPING, IMAGES.__getitem__, device="cpu",
+                                 score_threshold=0.0, flips=["hflip", "vflip"], iou_threshold=0.5,
+                                 progress=False)
+    for image_id in (3, 8):
+        assert 0 < sum(r["image_id"] == image_id for r in results) <= 10  # the model's limit
+    output = tmp_path / "test-results.json"
+    write_submission(results, MAPPING, output)
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = mapping_coco().loadRes(str(output))
+    assert len(loaded.anns) == len(results)
+    with pytest.raises(ValueError, match="'rot90'"):
+        export_predictions([model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
+                           flips=["rot90"], progress=False)
+
+
 def test_size_mismatch_names_the_file(model):
     wrong = [Entry("wrong.tif", 1, 34, 35, Path("a.tif"))]
-    with pytest.raises(ValueError, match="wrong.tif"):
-        export_predictions(model, wrong, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False)
+    with pytest.raises(DataError, match=r"a\.tif: decoded size .* differs from the mapping"):
+        export_predictions([model], wrong, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False)
 
 
 def test_empty_results_write_an_empty_list(tmp_path):
@@ -87,6 +110,6 @@ def test_invalid_results_are_not_written(tmp_path):
     bad = [{"image_id": 4, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5,
             "segmentation": {"size": [33, 35], "counts": "0"}}]
     output = tmp_path / "test-results.json"
-    with pytest.raises(ValueError, match="image_id"):
+    with pytest.raises(DataError, match="image_id"):
         write_submission(bad, MAPPING, output)
     assert not output.exists()

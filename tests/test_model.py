@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
+from cellseg.errors import ConfigError
 from cellseg.weights import MIRROR_ENV
 from cellseg.model import (
     MAX_TRAINABLE_PARAMETERS,
@@ -102,7 +103,7 @@ def test_custom_anchor_sizes_and_rpn_head_width() -> None:
 
 
 def test_custom_anchor_sizes_need_one_per_level() -> None:
-    with pytest.raises(ValueError, match=r"model\.anchor_sizes.*exactly 5"):
+    with pytest.raises(ConfigError, match=r"model\.anchor_sizes.*exactly 5"):
         build_model(tiny(anchors="custom", anchor_sizes=(8, 16, 32)))
 
 
@@ -200,17 +201,17 @@ def test_resize_policy_moves_boxes_in_training() -> None:
     ],
 )
 def test_bad_values_name_the_field(field: str, value: object, allowed: str) -> None:
-    with pytest.raises(ValueError, match=rf"model\.{field}.*{allowed}"):
+    with pytest.raises(ConfigError, match=rf"model\.{field}.*{allowed}"):
         build_model(tiny(**{field: value}))
 
 
 def test_parameter_limit_is_enforced() -> None:
     with torch.device("meta"):  # builds the too-large model without allocating its weights
-        with pytest.raises(ValueError, match="trainable parameters"):
+        with pytest.raises(ConfigError, match="trainable parameters"):
             build_model(tiny(mask_head_channels=3000))
     huge = nn.Linear(1, 1).to("meta")
     huge.weight = nn.Parameter(torch.empty(MAX_TRAINABLE_PARAMETERS, device="meta"))
-    with pytest.raises(ValueError, match=f"{MAX_TRAINABLE_PARAMETERS + 1:,}"):
+    with pytest.raises(ConfigError, match=f"{MAX_TRAINABLE_PARAMETERS + 1:,}"):
         check_parameter_budget(huge)
     huge.weight.requires_grad_(False)
     assert check_parameter_budget(huge) == 1
@@ -240,15 +241,15 @@ def test_weights_from_a_mask_rcnn_state_dict(tmp_path: Path) -> None:
 def test_weights_that_do_not_fit_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "r50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), path)
-    with pytest.raises(ValueError, match=rf"{path.name}.*shape mismatches"):
+    with pytest.raises(ConfigError, match=rf"{path.name}.*shape mismatches"):
         build_model(tiny(weights=str(path)))
     torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(ValueError, match=r"unexpected keys \['layer1\.2"):
+    with pytest.raises(ConfigError, match=r"unexpected keys \['layer1\.2"):
         build_model(tiny(weights=str(path)))
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="nothing.pth"):
+    with pytest.raises(ConfigError, match="nothing.pth"):
         build_model(tiny(weights=str(tmp_path / "nothing.pth")))
 
 
@@ -256,7 +257,7 @@ def test_imagenet_weights_from_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # no network (nobody listens)
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(ValueError, match=f"{cached}.*'none'"):
+    with pytest.raises(ConfigError, match=f"{cached}.*'none'"):
         build_model(tiny(weights="imagenet"))
     resnet = torchvision.models.resnet18()
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cellseg.config import OptimConfig
+from cellseg.errors import ConfigError
 from cellseg.optim import LRSchedule, build_optimizer
 
 
@@ -177,7 +178,7 @@ def test_build_optimizer_class_and_momentum(name: str, cls: type) -> None:
 def test_build_optimizer_rejects_unknown_name() -> None:
     # OptimConfig is typed but not checked on construction; the builder names the allowed values
     cfg = dataclasses.replace(OptimConfig(), name="rmsprop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sgd.*adam.*adamw"):
+    with pytest.raises(ConfigError, match="sgd.*adam.*adamw"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
 
 

@@ -10,7 +10,8 @@ import ray
 from pycocotools.coco import COCO
 
 from cellseg.cli import main as cellseg_main
-from cellseg.data import load_test_images
+from cellseg.config import DataConfig
+from cellseg.data import dataset_fingerprint, load_test_images
 from search.mlflow_callback import TRIAL_TAG
 from search.run import main as search_main
 from searchutil import epochs_of, search_args, search_runs
@@ -22,8 +23,9 @@ MAX_EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, easy_root, tiny_search):
-    """One finished search: 5 trials, ASHA with reduction factor 2, on 2 CPUs."""
+def search(tmp_path_factory, easy_root, synth_root, tiny_search):
+    """One finished search: 5 trials, ASHA with reduction factor 2, on 2 CPUs; then, in the same
+    store, a one-trial, one-epoch search "other" on other data (the realistic synthetic layout)."""
     folder = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
@@ -32,16 +34,25 @@ def search(tmp_path_factory, easy_root, tiny_search):
             easy_root, tiny_search, folder / "storage", uri, "e2e", "s1",
             "--num-samples", str(NUM_SAMPLES), "--grace-period", "1", "--reduction-factor", "2",
             "--seed", "7"))
+        other_code = search_main(search_args(
+            synth_root, tiny_search, folder / "storage", uri, "e2e", "other",
+            "--num-samples", "1", "--max-epochs", "1"))
     finally:
         ray.shutdown()
-    assert code == 0
+    assert code == 0 and other_code == 0
     client, [parent], children = search_runs(uri, "e2e", "s1")
+    _, [other_parent], other_children = search_runs(uri, "e2e", "other")
     return {"folder": folder, "uri": uri, "client": client, "parent": parent,
-            "children": children, "data": easy_root}
+            "children": children, "data": easy_root, "other_children": other_children,
+            "other_data": synth_root}
 
 
 def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
     client, children = search["client"], search["children"]
+    fingerprint = dataset_fingerprint(DataConfig(root=str(search["data"]))).digest
+    assert search["parent"].data.tags["cellseg.data_fingerprint"] == fingerprint
+    experiment = client.get_experiment(search["parent"].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert search["parent"].info.status == "FINISHED"
     assert len(children) == NUM_SAMPLES
     assert len({c.data.tags[TRIAL_TAG] for c in children}) == NUM_SAMPLES
@@ -50,6 +61,8 @@ def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
         epochs = epochs_of(client, child)
         assert epochs == list(range(1, len(epochs) + 1)) and epochs
         assert "best_segm_AP50" in child.data.metrics
+        assert child.data.tags["cellseg.data_fingerprint"] == fingerprint
+        assert [d.dataset.digest for d in child.inputs.dataset_inputs] == [fingerprint]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"checkpoint", "config.yaml"} <= artifacts
         expected = "FINISHED" if len(epochs) == MAX_EPOCHS else "KILLED"
@@ -104,6 +117,32 @@ def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
     assert results, "the best model predicted nothing on the test images"
     assert len(ground_truth.loadRes(copy.deepcopy(results)).getAnnIds()) == len(results)
     assert {r["image_id"] for r in results} <= {t.image_id for t in images}
-    best = max(search["children"], key=lambda r: r.data.metrics["best_segm_AP50"])
-    exported = {a.path for a in search["client"].list_artifacts(best.info.run_id, "export")}
+    provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
+    children = {c.info.run_id: c for c in search["children"]}
+    assert provenance["run_id"] in children and provenance["search"] == "s1"
+    assert provenance["metric_value"] == max(c.data.metrics["best_segm_AP50"]
+                                             for c in children.values())
+    assert provenance["fingerprint"] == search["parent"].data.tags["cellseg.data_fingerprint"]
+    exported = {a.path for a in search["client"].list_artifacts(provenance["run_id"], "export")}
     assert "export/test-results.json" in exported
+
+
+def test_export_best_follows_the_data_across_searches_in_one_store(search, tmp_path, capsys):
+    """The newer search "other" trained on other data: --data picks the search trained on it, and
+    --search names one only when it matches --data."""
+    common = ["--experiment", "e2e", "--tracking-uri", search["uri"], "--no-progress"]
+    for data, children, name in ((search["data"], search["children"], "s1"),
+                                 (search["other_data"], search["other_children"], "other")):
+        output = tmp_path / name / "test-results.json"
+        assert cellseg_main(["export", "--best", "--data", str(data), "--output", str(output),
+                             *common]) == 0
+        provenance = json.loads(output.with_name("test-results.provenance.json").read_text())
+        assert provenance["search"] == name
+        assert provenance["run_id"] in {c.info.run_id for c in children}
+    capsys.readouterr()
+    output = tmp_path / "refused.json"
+    assert cellseg_main(["export", "--best", "--search", "s1", "--data", str(search["other_data"]),
+                         "--output", str(output), *common]) == 2
+    err = capsys.readouterr().err
+    assert "named 's1'" in err and "search 's1': " in err and "search 'other': 1 exportable" in err
+    assert not output.exists()

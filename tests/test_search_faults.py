@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from search.faults import COUNT_ENV, DIR_ENV, FAULT_ENV, parse_fault
+from search.faults import (COUNT_ENV, DIR_ENV, FAULT_ENV, InjectedFault, fault_from_env,
+                           no_fault, parse_fault)
 from search.run import main as search_main
 from searchutil import epochs_of, free_port, search_args, search_runs
 
@@ -45,8 +46,10 @@ def test_nan_loss_fails_its_trial_with_the_error_and_the_search_goes_on(tmp_path
     (tmp_path / "sane.yaml").write_text("optim: {lr: 1.0e-3}\n")
     code, (client, parents, children) = run_search(
         tmp_path, easy_root, {**tiny_search, "space": space}, "--num-samples", "2",
-        "--max-epochs", "2", "--grace-period", "2")
+        "--max-epochs", "2", "--grace-period", "2",  # a stray drill without --fault-drill:
+        env={FAULT_ENV: "error@1", DIR_ENV: str(tmp_path / "tokens")})
     assert code == 0 and parents[0].info.status == "FINISHED"
+    assert not (tmp_path / "tokens").exists(), "a trial read the drill without --fault-drill"
     by_lr = {float(c.data.params["optim.lr"]): c for c in children}
     failed, sane = by_lr[1.0e4], by_lr[1.0e-3]
     assert failed.info.status == "FAILED"
@@ -58,7 +61,7 @@ def test_nan_loss_fails_its_trial_with_the_error_and_the_search_goes_on(tmp_path
 def test_error_at_epoch_k_fails_that_trial_only(tmp_path, easy_root, tiny_search):
     code, (client, _, children) = run_search(
         tmp_path, easy_root, tiny_search, "--num-samples", "2", "--max-epochs", "2",
-        "--grace-period", "2",
+        "--grace-period", "2", "--fault-drill",
         env={FAULT_ENV: "error@2", DIR_ENV: str(tmp_path / "tokens"), COUNT_ENV: "1"})
     assert code == 0
     statuses = sorted(c.info.status for c in children)
@@ -75,7 +78,7 @@ def test_max_failures_retries_the_trial_from_its_last_checkpoint(tmp_path, easy_
                                                                   kind, error):
     code, (client, _, children) = run_search(
         tmp_path, easy_root, tiny_search, "--num-samples", "1", "--max-epochs", "3",
-        "--max-failures", "1",
+        "--max-failures", "1", "--fault-drill",
         env={FAULT_ENV: f"{kind}@2", DIR_ENV: str(tmp_path / "tokens")})
     assert code == 0
     [child] = children
@@ -94,11 +97,28 @@ def test_fault_spec_is_checked():
             parse_fault(bad)
 
 
+def test_a_trial_injector_is_a_no_op_unless_a_drill_is_set_and_fires_once(tmp_path, monkeypatch):
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert fault_from_env() is no_fault
+    monkeypatch.setenv(FAULT_ENV, "error@2")
+    monkeypatch.setenv(DIR_ENV, str(tmp_path / "tokens"))
+    monkeypatch.setenv(COUNT_ENV, "1")
+    inject = fault_from_env()
+    inject(1)
+    with pytest.raises(InjectedFault, match="after epoch 2"):
+        inject(2)
+    fault_from_env()(2)  # the only token is taken: a retried trial trains on
+    monkeypatch.setenv(FAULT_ENV, "error@two")
+    with pytest.raises(ValueError, match=FAULT_ENV):
+        fault_from_env()
+
+
 def test_malformed_fault_spec_fails_before_any_trial(tmp_path, easy_root, tiny_search, capsys,
                                                     monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "oom@two")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert search_main(search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "f1")) == 2
+    assert search_main(search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "f1",
+                                   "--fault-drill")) == 2
     assert f"{FAULT_ENV}='oom@two': expected <kind>@<epoch>" in capsys.readouterr().err
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
 

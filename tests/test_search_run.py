@@ -27,11 +27,14 @@ def test_a_search_name_is_made_unless_given_and_resume_needs_one():
         search_name(None, resume=True)
 
 
-def test_a_malformed_fault_drill_is_a_config_error():
-    check_fault_drill(None)
-    check_fault_drill("oom@2")
+def test_a_malformed_or_stray_fault_drill_is_a_config_error():
+    check_fault_drill(None, drill=False)
+    check_fault_drill(None, drill=True)
+    check_fault_drill("oom@2", drill=True)
     with pytest.raises(ConfigError, match="CELLSEG_FAULT='oom@two'"):
-        check_fault_drill("oom@two")
+        check_fault_drill("oom@two", drill=True)
+    with pytest.raises(ConfigError, match="CELLSEG_FAULT='oom@2' is set but --fault-drill is not"):
+        check_fault_drill("oom@2", drill=False)
 
 
 def test_a_dataset_without_training_images_fails_naming_it(tmp_path):

@@ -124,6 +124,32 @@ def test_restore_continues_the_study_without_doubling_or_losing_a_trial(space, s
                                  for k, v in configs["c"].items()}
 
 
+def test_an_errored_trial_that_resume_runs_again_gets_a_second_record(space, storage, tmp_path):
+    searcher = make(space, storage)
+    as_started = pickle.dumps(searcher)
+    searcher.suggest("x")
+    searcher.suggest("y")
+    searcher.on_trial_result("x", result(1, 0.1))
+    searcher.on_trial_complete("x", error=True)
+    searcher.on_trial_result("y", result(1, 0.2))
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.on_trial_complete("y", error=True)  # after the last save
+    restored = pickle.loads(as_started)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    for trial_id, value in (("x", 0.3), ("y", 0.4)):  # Tune's resume_errored: from epoch 2 on
+        restored.on_trial_result(trial_id, result(2, value))
+        restored.on_trial_complete(trial_id, result(3, value + 0.1))
+
+    trials = optuna.load_study(study_name="s1", storage=storage).trials
+    assert [(t.user_attrs[TRIAL_ATTR], t.state) for t in trials] == [
+        ("x", TrialState.FAIL), ("y", TrialState.FAIL),
+        ("x", TrialState.COMPLETE), ("y", TrialState.COMPLETE)]
+    again_x, again_y = trials[2:]
+    assert again_x.params == trials[0].params and again_x.value == pytest.approx(0.4)
+    assert again_x.intermediate_values == pytest.approx({1: 0.1, 2: 0.3, 3: 0.4})
+    assert again_y.intermediate_values == pytest.approx({1: 0.2, 2: 0.4, 3: 0.5})
+
+
 def test_restored_sampler_continues_its_random_sequence(space, storage, tmp_path):
     searcher = make(space, storage)
     as_started = pickle.dumps(searcher)

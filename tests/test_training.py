@@ -1,4 +1,5 @@
-"""fit(): checkpoints, pictures and per-epoch reports; exact resume; non-finite losses; learning."""
+"""fit(): checkpoints and per-epoch reports; exact resume; non-finite losses; learning; the
+pictures drawn from a run directory afterwards."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,7 @@ from cellseg.checkpoint import BEST, LAST, PICTURES, checkpoint_config, load_che
 from cellseg.config import Config, load_config
 from cellseg.data import make_synthetic_dataset
 from cellseg.engine import NonFiniteLossError
+from cellseg.run_pictures import write_run_pictures
 from cellseg.training import FitResult, fit
 
 DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
@@ -73,7 +75,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 # ----------------------------------------------------------------------------- one run
 
-def test_fit_writes_checkpoints_pictures_and_reports_every_epoch(two_epochs) -> None:
+def test_fit_writes_checkpoints_and_reports_every_epoch(two_epochs) -> None:
     cfg, result, recorder = two_epochs
     assert isinstance(result, FitResult)
     run_dir = result.run_dir
@@ -103,9 +105,18 @@ def test_fit_writes_checkpoints_pictures_and_reports_every_epoch(two_epochs) -> 
     assert result.best_checkpoint == run_dir / BEST
     assert checkpoint_config(best) == cfg
 
-    pictures = sorted(p.name for p in (run_dir / PICTURES).iterdir())
-    assert "history.png" in pictures and "val_0.png" in pictures
-    assert all((run_dir / PICTURES / p).stat().st_size > 1000 for p in pictures)
+    assert not (run_dir / PICTURES).exists()  # fit draws no pictures
+
+
+def test_pictures_of_a_run_directory(two_epochs, tmp_path: Path) -> None:
+    _, result, _ = two_epochs
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    for name in (LAST, BEST):
+        (run_dir / name).write_bytes((result.run_dir / name).read_bytes())
+    paths = write_run_pictures(run_dir)
+    assert [p.name for p in paths] == ["history.png", "val_0.png"]  # one validation image
+    assert all(p.parent == run_dir / PICTURES and p.stat().st_size > 1000 for p in paths)
 
 
 def test_train_loss_falls_and_lr_follows_cosine(two_epochs) -> None:
@@ -147,11 +158,10 @@ def test_resume_after_crash_into_new_directory(two_epochs, tiny_root: Path, tmp_
     with pytest.raises(Crash):
         fit(cfg, run_dir=crashed, report=Recorder(stop_after=1), progress=False)
     assert load_checkpoint(crashed / LAST)["epoch"] == 1
-    assert not (crashed / PICTURES).exists()  # pictures only at the end of a run
 
     fresh = tmp_path / "fresh"
     result = fit(cfg, run_dir=fresh, resume_from=crashed / LAST, progress=False)
-    assert (fresh / BEST).is_file() and (fresh / PICTURES / "history.png").is_file()
+    assert (fresh / BEST).is_file()
     assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in reference.history]
     assert result.best_metric == reference.best_metric
     assert_same_weights(parameters(fresh), parameters(reference.run_dir))

@@ -1,7 +1,7 @@
 """Reading, validating and serving the cell dataset, plus synthetic data in the same layout."""
 from cellseg.data.augment import build_augment
 from cellseg.data.dataset import CellDataset, collate, split_items
-from cellseg.data.errors import DataError
+from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.data.layout import (
     TestImage,
     TrainItem,
@@ -15,16 +15,19 @@ from cellseg.data.stats import dataset_stats, format_stats
 from cellseg.data.synth import PROFILES, make_synthetic_dataset
 from cellseg.data.targets import targets_from_label_maps
 from cellseg.data.tiff_io import image_shape, read_image, read_mask, write_image, write_mask
+from cellseg.errors import DataError
 
 __all__ = [
     "PROFILES",
     "CellDataset",
     "DataError",
+    "DataFingerprint",
     "TestImage",
     "TrainItem",
     "build_augment",
     "check_test_image",
     "collate",
+    "dataset_fingerprint",
     "dataset_stats",
     "find_test_folder",
     "format_stats",

@@ -15,8 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellseg.data.errors import DataError
 from cellseg.data.tiff_io import image_shape
+from cellseg.errors import DataError
 from cellseg.task import NUM_CLASSES
 CLASS_FILES = {f"class{c}.tif": c for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from cellseg.config import DataConfig
-from cellseg.data.errors import DataError
+from cellseg.errors import DataError
 from cellseg.data.layout import (
     CLASS_FILES,
     NUM_CLASSES,

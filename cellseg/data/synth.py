@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.data.layout import IMAGE_FILE, MAPPING_FILE, NUM_CLASSES
+from cellseg.errors import DataError
 from cellseg.data.sample import GROUND_TRUTH_FOLDER
 from cellseg.data.tiff_io import write_image, write_mask
 
@@ -286,7 +287,7 @@ def make_synthetic_dataset(
         raise ValueError("need n_train, n_test >= 0, max_cells >= 1 and 1 <= min_side <= max_side")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: folder not empty; synthetic data needs a new folder")
+        raise DataError(f"{out}: folder not empty; synthetic data needs a new folder")
     rng = np.random.default_rng(seed)
 
     def plans(n: int, test: bool) -> list[_Plan]:

@@ -13,7 +13,7 @@ import numpy as np
 import tifffile
 
 from cellseg.config import DataConfig
-from cellseg.data.errors import DataError
+from cellseg.errors import DataError
 
 MAX_ID = 2**31 - 1  # ids are held as int32
 _LZW_STRIP_BYTES = 8192  # the real images use strips of about 8 KB

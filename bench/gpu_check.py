@@ -1,0 +1,160 @@
+"""The GPU check: one table of what only a CUDA machine can measure (docs/performance.md).
+
+    bash bench/gpu_check.sh pack   # on the development machine: wheels + the real slice
+    bash bench/gpu_check.sh        # on the CUDA machine: this script on the real slice
+
+Rows, each measured in its own process (so its peak GPU memory is its own):
+- report B's preset (random weights: the GPU machine has no network) trained on the real slice
+  for --epochs epochs in bf16 and in float32: segm AP50 per epoch, seconds per epoch, peak memory;
+- cellseg's training loop against the plain loop (bench/train_throughput.py, report A's preset);
+- two trainings sharing the GPU at once, as ``--gpus-per-trial 0.5`` packs two trials, against
+  one alone (the same training as the row above);
+- the export of the largest test image with the bf16 run's best checkpoint.
+
+``--repack SRC --out DST`` (used by ``gpu_check.sh pack``) rewrites the real slice's LZW images
+as zlib TIFFs, which tifffile decodes without imagecodecs (too large to carry), and checks that
+every image and mask reads back identical.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from cellseg.checkpoint import BEST, checkpoint_config, load_checkpoint
+from cellseg.config import load_config
+from cellseg.data import load_test_images, read_image
+from cellseg.export import export_predictions, write_submission
+from cellseg.model import build_model
+from cellseg.training import fit
+
+import common
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS = ("train", "export")
+
+
+def repack(src: Path, out: Path) -> None:
+    """The real slice with zlib instead of LZW TIFFs (same pixels), as a .tgz at ``out``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(src) as archive:
+            archive.extractall(tmp, filter="data")
+        for path in sorted(Path(tmp).rglob("*.tif")):
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                array, photometric = page.asarray(), page.photometric
+            before = read_image(path) if array.ndim == 3 else array
+            tifffile.imwrite(path, array, photometric=photometric, compression="zlib",
+                             compressionargs={"level": 9},
+                             predictor=array.dtype == np.uint8,
+                             extrasamples=() if array.ndim == 2 or array.shape[2] <= 3 else
+                             ("unspecified",) * (array.shape[2] - 3))
+            after = read_image(path) if array.ndim == 3 else tifffile.imread(path)
+            if not np.array_equal(before, after):
+                raise RuntimeError(f"{path}: re-encoding changed the pixels")
+        with tarfile.open(out, "w:gz") as archive:
+            for top in Path(tmp).iterdir():
+                archive.add(top, arcname=top.name)
+
+
+def train_variant(args: argparse.Namespace) -> dict:
+    """fit() with report B's preset; per-epoch AP50 and seconds, peak GPU memory."""
+    cfg = load_config(common.TRIALS / "report_b.yaml", [
+        f"data.root={args.data}", f"train.device={args.device}", "model.weights=none",
+        f"train.epochs={args.epochs}", f"train.amp={str(args.amp).lower()}",
+        "data.num_workers=4", *(common.TINY_MODEL if args.tiny else ())])
+    stamps = [time.perf_counter()]
+
+    def report(metrics: dict[str, float], run_dir: Path) -> None:
+        common.synchronize(args.device)
+        stamps.append(time.perf_counter())
+
+    result = fit(cfg, run_dir=args.run_dir, report=report, progress=False)
+    return {"ap50": [h["segm_AP50"] for h in result.history],
+            "epoch_s": [b - a for a, b in zip(stamps, stamps[1:])], **common.peak_memory()}
+
+
+def export_variant(args: argparse.Namespace) -> dict:
+    """The largest test image predicted and written as a checked submission."""
+    state = load_checkpoint(Path(args.run_dir) / BEST)
+    cfg = checkpoint_config(state)
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    largest = max(load_test_images(args.data), key=lambda t: t.height * t.width)
+    common.synchronize(args.device)
+    start = time.perf_counter()
+    results = export_predictions([model], [largest], read_image, device=args.device,
+                                 score_threshold=cfg.model.box_score_thresh, progress=False)
+    common.synchronize(args.device)
+    seconds = time.perf_counter() - start
+    write_submission(results, [largest], Path(args.run_dir) / "largest.json")
+    return {"image": f"{largest.height}x{largest.width}", "detections": len(results),
+            "seconds": seconds, **common.peak_memory()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="the real slice (folder with train/ and the test mapping)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each report-B run")
+    parser.add_argument("--repack", type=Path, help="hw3-dev.tgz to rewrite with zlib TIFFs")
+    parser.add_argument("--out", type=Path, help="where --repack writes its .tgz")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu with --tiny: a quick run of the steps on any machine")
+    parser.add_argument("--tiny", action="store_true", help="small inputs (common.TINY_MODEL)")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.repack:
+        repack(args.repack, args.out)
+        return
+    if args.variant:
+        common.emit_result((train_variant if args.variant == "train" else export_variant)(args))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device")
+    print(common.machine())
+    data = str(Path(args.data).resolve())
+    runs = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    start = time.perf_counter()
+    rows = []
+    same = ["--data", data, "--device", args.device, *(["--tiny"] if args.tiny else [])]
+    for amp in (True, False):
+        run_dir = runs / ("bf16" if amp else "float32")
+        r = common.run_variant(__file__, ["--variant", "train", *same, "--epochs",
+                                          str(args.epochs), "--amp" if amp else "--no-amp",
+                                          "--run-dir", str(run_dir)])
+        rows.append([f"report B, {run_dir.name}, {args.epochs} epochs",
+                     "AP50 " + " ".join(f"{v:.3f}" for v in r["ap50"]),
+                     "s/epoch " + " ".join(f"{v:.0f}" for v in r["epoch_s"]), r["peak_cuda_mb"]])
+    throughput = BENCH / "train_throughput.py"
+    base = [*same, "--epochs", "2"]
+    one = {v: common.run_variant(throughput, [*base, "--variant", v]) for v in ("cellseg", "plain")}
+    speed = {v: r["images"] / r["seconds"] for v, r in one.items()}
+    for v in ("cellseg", "plain"):
+        rows.append([f"training loop: {v} (report A)", f"{speed[v]:.1f} images/s",
+                     f"{speed[v] / speed['plain']:.2f}x plain", one[v]["peak_cuda_mb"]])
+    packed = common.run_variants(throughput, [[*base, "--variant", "cellseg"]] * 2)
+    total = sum(r["images"] / r["seconds"] for r in packed)
+    rows.append(["two trainings on one GPU (0.5 each)", f"{total:.1f} images/s together",
+                 f"{total / speed['cellseg']:.2f}x one alone",
+                 " + ".join("-" if r["peak_cuda_mb"] is None else f"{r['peak_cuda_mb']:.0f}"
+                            for r in packed)])
+    e = common.run_variant(__file__, ["--variant", "export", *same,
+                                      "--run-dir", str(runs / "bf16")])
+    rows.append([f"export, largest test image {e['image']}", f"{e['detections']} detections",
+                 f"{e['seconds']:.2f} s", e["peak_cuda_mb"]])
+    common.print_table(["what", "result", "speed", "peak GPU MiB"], rows)
+    print(f"gpu_check: {time.perf_counter() - start:.0f} s; runs in {runs}")
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

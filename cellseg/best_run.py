@@ -1,0 +1,142 @@
+"""Which run ``cellseg export --best`` ships, decided on plain run records.
+
+- **Exportable runs**: trials of a search and single ``cellseg train`` runs that ended FINISHED or
+  KILLED (a trial stopped early by ASHA keeps its best checkpoint) and logged their best metric.
+  Parent runs, FAILED and RUNNING runs never are.
+- **Groups**: the trials of one search form a group, named by the search; a training run is a
+  group of its own, named by the run. A group matches ``--data`` when one of its exportable runs
+  recorded the fingerprint that ``--data`` has under that run's split settings.
+- **Which group**: the most recent matching group (by start time), or the one ``--search NAME``
+  names, which must match too.
+- **Which run**: the highest best metric within the group; equal values go to the run that
+  started first, then to the smaller run id, so one store always gives the same answer. The
+  caller skips a run whose checkpoint artifact is missing and takes the next.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cellseg.config import DataConfig, TrainConfig
+from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
+from cellseg.tracking import SEARCH_TAG, RunRecord, TrackingError, best_metric_key
+
+EXPORTABLE_SOURCES = ("train", "search")  # a single training run, a search's trial
+EXPORTABLE_STATUSES = ("FINISHED", "KILLED")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An exportable run with the metric it is ranked by."""
+
+    record: RunRecord
+    metric: str  # the run's train.metric
+    value: float  # its best_<metric>
+
+    @property
+    def rank_key(self) -> tuple[float, float, str]:
+        return -self.value, self.record.start_time, self.record.run_id
+
+
+@dataclass(frozen=True)
+class Group:
+    """A search's exportable trials, or one training run."""
+
+    kind: str  # "search" or "train"
+    name: str
+    started: float  # seconds since the epoch
+    candidates: tuple[Candidate, ...]
+
+    def describe(self) -> str:
+        data = sorted({_data_label(c.record) for c in self.candidates})
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started))
+        return (f"{self.kind} {self.name!r}: {len(self.candidates)} exportable run(s), data "
+                f"{', '.join(data)}, started {when}")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The group chosen for ``--data`` and its matching runs, best first."""
+
+    group: Group
+    ranked: tuple[Candidate, ...]
+    data: DataFingerprint
+
+    @property
+    def search(self) -> str | None:
+        return self.group.name if self.group.kind == "search" else None
+
+
+def candidate(record: RunRecord) -> Candidate | None:
+    """The record as a candidate, or None when it cannot be exported."""
+    if record.source not in EXPORTABLE_SOURCES or record.status not in EXPORTABLE_STATUSES:
+        return None
+    metric = record.params.get("train.metric", TrainConfig.metric)
+    value = record.metrics.get(best_metric_key(metric))
+    if value is None or not math.isfinite(value):
+        return None
+    return Candidate(record, metric, value)
+
+
+def groups(records: list[RunRecord]) -> list[Group]:
+    """The groups with at least one exportable run, the most recent first."""
+    by_id = {r.run_id: r for r in records}
+    members: dict[tuple[str, str], list[Candidate]] = {}
+    started: dict[tuple[str, str], float] = {}
+    for record in records:
+        found = candidate(record)
+        if found is None:
+            continue
+        if record.source == "search":
+            parent = by_id.get(record.parent_id or "")
+            name = (parent.tags.get(SEARCH_TAG) or parent.name) if parent else str(record.parent_id)
+            key = ("search", name)
+            start = parent.start_time if parent else record.start_time
+        else:
+            key, start = ("train", record.name), record.start_time
+        members.setdefault(key, []).append(found)
+        started[key] = min(started.get(key, start), start)
+    found_groups = [Group(kind, name, started[(kind, name)],
+                          tuple(sorted(members[(kind, name)], key=lambda c: c.rank_key)))
+                    for kind, name in members]
+    return sorted(found_groups, key=lambda g: g.started, reverse=True)
+
+
+def choose(records: list[RunRecord], data_root: str | Path, *, search: str | None = None,
+           where: str = "the experiment") -> Choice:
+    """The group for ``data_root`` (or the one named ``search``) and its matching runs, ranked.
+
+    TrackingError, listing every group with its data and date, when none matches.
+    """
+    fingerprints: dict[tuple[float, int], DataFingerprint] = {}
+
+    def data_for(record: RunRecord) -> DataFingerprint:
+        split = (float(record.params.get("data.val_fraction", DataConfig.val_fraction)),
+                 int(record.params.get("data.split_seed", DataConfig.split_seed)))
+        if split not in fingerprints:
+            fingerprints[split] = dataset_fingerprint(
+                DataConfig(root=str(data_root), val_fraction=split[0], split_seed=split[1]))
+        return fingerprints[split]
+
+    all_groups = groups(records)
+    named = [g for g in all_groups if search is None or g.name == search]
+    for group in named:
+        ranked = tuple(c for c in group.candidates if c.record.fingerprint == data_for(c.record).digest)
+        if ranked:
+            return Choice(group, ranked, data_for(ranked[0].record))
+    data = dataset_fingerprint(DataConfig(root=str(data_root)))
+    wanted = f"search or training run named {search!r}" if search else "search or training run"
+    listing = "\n".join(f"  {g.describe()}" for g in all_groups) or "  (no exportable run at all)"
+    raise TrackingError(
+        f"no {wanted} in {where} trained on {data.root} ({data.name}@{data.digest}, "
+        f"{data.train_images} training images); exportable runs:\n{listing}\n"
+        "Train or search on this data, pass --search NAME for a search on the same data, or "
+        "--run-id RUN to export one run whatever its data.")
+
+
+def _data_label(record: RunRecord) -> str:
+    root = record.params.get("data.root")
+    name = Path(root).name if root else "?"
+    return f"{name}@{record.fingerprint}" if record.fingerprint else f"{name} (unrecorded)"

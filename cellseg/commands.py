@@ -1,0 +1,159 @@
+"""What the CLI commands do: train with MLflow tracking, evaluate, export and score."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from cellseg.best_run import choose
+from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
+from cellseg.config import Config, ConfigError, TrainConfig, flatten
+from cellseg.data import (check_test_image, dataset_fingerprint, load_test_images, read_image,
+                          targets_from_label_maps, test_truth)
+from cellseg.engine import evaluate
+from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
+from cellseg.export import export_predictions, write_provenance, write_submission
+from cellseg.plots import plot_class_distribution
+from cellseg.run_pictures import write_run_pictures
+from cellseg.tracking import (RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, TrackingError,
+                              best_metric_key)
+from cellseg.training import FitResult, build_loaders, fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_SUFFIX = ".provenance.json"  # test-results.json -> test-results.provenance.json
+
+
+def train_and_track(cfg: Config, *, name: str, experiment: str, tracking_uri: str | None,
+                    resume_from: str | None, config_path: Path, progress: bool) -> FitResult:
+    """``fit`` with an MLflow run: params, per-epoch metrics, best checkpoint and pictures."""
+    tracker = Tracker(tracking_uri)
+    tracker.check()
+    run_dir = Path(resume_from or Path(cfg.train.output_dir) / name).resolve()
+    previous = tracker.records(experiment, f"tags.`{RUN_DIR_TAG}` = '{run_dir}'") if resume_from else []
+    if previous:
+        run_id = previous[0].run_id
+        tracker.reopen_run(run_id)
+    else:
+        run_id = tracker.start_run(experiment, name, params=flatten(cfg),
+                                   tags={RUN_DIR_TAG: str(run_dir), SOURCE_TAG: "train",
+                                         "cellseg.config_file": str(config_path)},
+                                   dataset=dataset_fingerprint(cfg.data))
+    try:
+        result = fit(cfg, run_dir=run_dir, resume_from=resume_from, progress=progress,
+                     report=lambda m, _: tracker.log_metrics(run_id, m, step=int(m["epoch"])))
+        write_run_pictures(run_dir, resolve_device(cfg.train.device))
+    except BaseException as exc:
+        tracker.fail_run(run_id, exc)
+        raise
+    tracker.finish_run(run_id, run_dir, cfg, result.best_metric)
+    print(f"MLflow run {run_id} in {tracker.uri}")
+    return result
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None,
+                        progress: bool) -> dict[str, float]:
+    """The validation metrics of a checkpoint on the split its config defines."""
+    state = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(state)
+    if data_root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve())))
+    device = resolve_device(cfg.train.device)
+    model, _ = restore_model(state, device)
+    _, val_loader, _ = build_loaders(cfg, device)
+    return evaluate(model, val_loader, device, progress=progress,
+                    max_dets=coco_max_dets(cfg.model.detections_per_img), with_loss=True)
+
+
+def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, search: str | None,
+               experiment: str, tracking_uri: str | None, data_root: str | None, output: Path,
+               zip_path: Path | None, score_threshold: float, scratch: Path,
+               progress: bool) -> dict[str, Any]:
+    """Predict every test image with a checkpoint (a file, an MLflow run, or the best run).
+
+    Writes the submission, a class-distribution picture and ``<output stem>.provenance.json``
+    naming the model that made it (run, search, metric, data fingerprint).
+    """
+    tracker, provenance = None, {}
+    if checkpoint is None:
+        tracker = Tracker(tracking_uri)
+        tracker.check()
+        if best:
+            run_id, checkpoint, provenance = best_checkpoint(tracker, experiment, search,
+                                                             data_root, scratch)
+        else:
+            checkpoint = tracker.download_checkpoint(run_id, scratch)
+            provenance = _provenance(tracker.record(run_id), search=None)
+    state = load_checkpoint(checkpoint)
+    device = resolve_device(checkpoint_config(state).train.device)
+    model, cfg = restore_model(state, device)
+    if not provenance:
+        metric = cfg.train.metric
+        provenance = {"run_id": None, "run_name": None, "search": None, "metric": metric,
+                      "metric_value": state.get("metrics", {}).get(metric), "fingerprint": None}
+    root = data_root or cfg.data.root
+    test_images = load_test_images(root)
+    for test_image in test_images:  # every header, before any image is decoded
+        check_test_image(test_image, max_pixels=cfg.data.max_pixels)
+    results = export_predictions([model], test_images,
+                                 functools.partial(read_image, max_pixels=cfg.data.max_pixels),
+                                 device=device, score_threshold=score_threshold, progress=progress)
+    write_submission(results, test_images, output, zip_path=zip_path)
+    picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))
+    provenance_path = output.with_name(f"{output.stem}{PROVENANCE_SUFFIX}")
+    provenance.update(checkpoint=str(checkpoint), data=str(Path(root).resolve()),
+                      tracking_uri=tracker.uri if tracker else None,
+                      experiment=experiment if tracker else None, output=str(output.resolve()),
+                      written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_provenance(provenance_path, provenance)
+    if tracker is not None:
+        for path in (output, picture, provenance_path):
+            tracker.log_artifact(run_id, path, "export")
+    return {**{k: provenance[k] for k in ("run_id", "run_name", "search", "metric",
+                                         "metric_value", "fingerprint")},
+            "results": output, "zip": zip_path, "picture": picture, "provenance": provenance_path,
+            "checkpoint": checkpoint, "images": len(test_images), "detections": len(results)}
+
+
+def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
+    metric = record.params.get("train.metric", TrainConfig.metric)
+    return {"run_id": record.run_id, "run_name": record.name, "search": search, "metric": metric,
+            "metric_value": record.metrics.get(best_metric_key(metric)),
+            "fingerprint": record.fingerprint}
+
+
+def best_checkpoint(tracker: Tracker, experiment: str, search: str | None, data_root: str | None,
+                    scratch: Path) -> tuple[str, Path, dict[str, Any]]:
+    """The best run for ``data_root`` (cellseg.best_run's rule) whose checkpoint downloads."""
+    if not data_root:
+        raise ConfigError("export --best needs --data DIR: the best run is chosen among the runs "
+                          "trained on that dataset, whose test images are then predicted")
+    choice = choose(tracker.records(experiment), data_root, search=search,
+                    where=f"experiment {experiment!r} of {tracker.uri}")
+    skipped = []
+    for candidate in choice.ranked:
+        record = candidate.record
+        try:
+            checkpoint = tracker.download_checkpoint(record.run_id, scratch)
+        except TrackingError as exc:
+            log.warning("skipping run %s (%s): %s", record.run_id, record.name, exc)
+            skipped.append(record.run_id)
+            continue
+        provenance = {**_provenance(record, search=choice.search), "skipped_runs": skipped}
+        return record.run_id, checkpoint, provenance
+    raise TrackingError(
+        f"none of the {len(choice.ranked)} exportable runs of {choice.group.kind} "
+        f"{choice.group.name!r} has its checkpoint artifact in {tracker.uri} (skipped: "
+        f"{', '.join(skipped)}); pass --search NAME to choose another search")
+
+
+def score_export(results: Path, data_root: Path) -> dict[str, float]:
+    """Score a test-results.json against a synthetic dataset's ``test_ground_truth/``."""
+    truths = []
+    for test_image in load_test_images(data_root):
+        target = targets_from_label_maps(test_truth(data_root, test_image))
+        truths.append(truth_from_masks(test_image.image_id, target["masks"], target["labels"]))
+    return score_results_file(results, truths)

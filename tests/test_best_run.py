@@ -1,0 +1,185 @@
+"""Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoint), on a real
+MLflow SQLite store filled with runs shaped as ``cellseg train`` and searches write them."""
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from cellseg.best_run import choose, groups
+from cellseg.commands import best_checkpoint
+from cellseg.config import DataConfig
+from cellseg.data import dataset_fingerprint
+from cellseg.tracking import Tracker, TrackingError
+
+EXPERIMENT = "cellseg"
+T0 = 1_780_000_000_000  # ms; every run gets an explicit, increasing start time
+_clock = itertools.count()
+
+
+def dataset(root: Path) -> Path:
+    """A dataset folder with placeholder files: fingerprints never decode images."""
+    for item in ("a", "b"):
+        (root / "train" / item).mkdir(parents=True)
+        (root / "train" / item / "image.tif").write_bytes(root.name.encode() * 10)
+    (root / "test_image_name_to_ids.json").write_text("[]")
+    return root
+
+
+class Store:
+    """Runs written with MlflowClient the way cellseg's Tracker writes them."""
+
+    def __init__(self, tmp_path: Path, uri: str) -> None:
+        self.tmp = tmp_path
+        self.tracker = Tracker(uri)
+        self.client = MlflowClient(self.tracker.uri)
+        self.experiment_id = self.tracker.experiment_id(EXPERIMENT)
+
+    def run(self, name: str, *, source: str, data: Path | None = None, value: float | None = None,
+            status: str = "FINISHED", parent: str | None = None, search: str | None = None,
+            metric: str = "segm_AP50", split: dict | None = None, start: int | None = None,
+            checkpoint: bool = True, record_data: bool = True) -> str:
+        start = T0 + 1000 * next(_clock) if start is None else start
+        tags = {"cellseg.source": source}
+        params = {"train.metric": metric, **{f"data.{k}": v for k, v in (split or {}).items()}}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        if search:
+            tags["cellseg.search_name"] = search
+        if data is not None:
+            params["data.root"] = str(data)
+            if record_data:
+                tags["cellseg.data_fingerprint"] = dataset_fingerprint(
+                    DataConfig(root=str(data), **(split or {}))).digest
+        run_id = self.client.create_run(self.experiment_id, start_time=start, run_name=name,
+                                        tags=tags).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                              tags=[RunTag("x", "y")])
+        if value is not None:
+            self.client.log_batch(run_id, metrics=[Metric(f"best_{metric}", value, start, 0)])
+        if checkpoint and source != "search-parent":
+            best = self.tmp / "best.pt"
+            best.write_text(f"weights of {name}")
+            self.client.log_artifact(run_id, str(best), "checkpoint")
+        if status != "RUNNING":
+            self.client.set_terminated(run_id, status)
+        return run_id
+
+    def search(self, name: str, data: Path, trials: dict[str, tuple[float | None, str]],
+               **kwargs) -> dict[str, str]:
+        """A parent (scoring above every trial) and its trials {name: (value, status)}."""
+        parent = self.run(name, source="search-parent", data=data, value=9.0, search=name)
+        ids = {name: parent}
+        for trial, (value, status) in trials.items():
+            ids[trial] = self.run(trial, source="search", data=data, value=value, status=status,
+                                  parent=parent, **kwargs)
+        return ids
+
+    def choose(self, data: Path, search: str | None = None):
+        return choose(self.tracker.records(EXPERIMENT), data, search=search)
+
+
+@pytest.fixture
+def store(tmp_path: Path, mlflow_uri: str) -> Store:
+    return Store(tmp_path, mlflow_uri)
+
+
+@pytest.fixture
+def real(tmp_path: Path) -> Path:
+    return dataset(tmp_path / "real")
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Path:
+    return dataset(tmp_path / "demo-data")
+
+
+def test_never_a_parent_a_failed_or_a_running_run(store: Store, real: Path) -> None:
+    ids = store.search("s", real, {"failed": (0.9, "FAILED"), "running": (0.8, "RUNNING"),
+                                   "stopped": (0.5, "KILLED"), "finished": (0.4, "FINISHED"),
+                                   "no-metric": (None, "FINISHED")})
+    choice = store.choose(real)
+    assert choice.search == "s" and choice.group.kind == "search"
+    assert [c.record.run_id for c in choice.ranked] == [ids["stopped"], ids["finished"]]
+    assert choice.ranked[0].value == 0.5 and choice.data.digest == choice.ranked[0].record.fingerprint
+
+
+def test_a_newer_demo_search_on_other_data_is_not_chosen(store: Store, real: Path,
+                                                         demo: Path) -> None:
+    real_ids = store.search("real-search", real, {"r1": (0.3, "FINISHED"), "r2": (0.4, "KILLED")})
+    demo_ids = store.search("demo-search", demo, {"d1": (1.0, "FINISHED")})
+    assert store.choose(real).ranked[0].record.run_id == real_ids["r2"]
+    assert store.choose(demo).ranked[0].record.run_id == demo_ids["d1"]
+    assert [g.name for g in groups(store.tracker.records(EXPERIMENT))] == ["demo-search",
+                                                                           "real-search"]
+
+
+def test_the_most_recent_matching_search_unless_one_is_named(store: Store, real: Path) -> None:
+    old = store.search("old", real, {"o1": (0.9, "FINISHED")})
+    new = store.search("new", real, {"n1": (0.2, "FINISHED")})
+    single = store.run("single", source="train", data=real, value=0.5)
+    assert store.choose(real).ranked[0].record.run_id == single  # a training run is a group too
+    assert store.choose(real, search="new").ranked[0].record.run_id == new["n1"]
+    choice = store.choose(real, search="old")
+    assert choice.ranked[0].record.run_id == old["o1"] and choice.search == "old"
+    assert store.choose(real, search="single").search is None
+
+
+def test_nothing_matching_lists_the_candidates_with_data_and_dates(store: Store, real: Path,
+                                                                   demo: Path) -> None:
+    store.search("demo-search", demo, {"d1": (1.0, "FINISHED"), "d2": (0.5, "KILLED")})
+    store.run("legacy", source="train", data=real, value=0.7, record_data=False)
+    with pytest.raises(TrackingError) as raised:
+        store.choose(real)
+    message = str(raised.value)
+    assert str(real) in message and "2 training images" in message
+    digest = dataset_fingerprint(DataConfig(root=str(demo))).digest
+    assert f"search 'demo-search': 2 exportable run(s), data demo-data@{digest}, started 20" in message
+    assert "train 'legacy': 1 exportable run(s), data real (unrecorded), started 20" in message
+    assert "--run-id" in message
+    with pytest.raises(TrackingError, match="named 'demo-search'"):  # a named search on other data
+        store.choose(real, search="demo-search")
+    with pytest.raises(TrackingError, match="named 'nope'"):
+        store.choose(demo, search="nope")
+
+
+def test_ties_go_to_the_earlier_run_then_the_smaller_id(store: Store, real: Path) -> None:
+    parent = store.run("s", source="search-parent", data=real, search="s")
+    late = store.run("late", source="search", data=real, value=0.5, parent=parent, start=T0 + 5)
+    early = store.run("early", source="search", data=real, value=0.5, parent=parent, start=T0 + 1)
+    same = [store.run(f"same{i}", source="search", data=real, value=0.5, parent=parent,
+                      start=T0 + 3) for i in range(2)]
+    ranked = [c.record.run_id for c in store.choose(real).ranked]
+    assert ranked == [early, *sorted(same), late]
+
+
+def test_each_run_is_matched_under_its_own_split_and_metric(store: Store, real: Path) -> None:
+    ids = store.search("s", real, {"t": (0.3, "FINISHED")}, split={"val_fraction": 0.25},
+                       metric="bbox_AP50")
+    choice = store.choose(real)
+    assert choice.ranked[0].record.run_id == ids["t"] and choice.ranked[0].metric == "bbox_AP50"
+    assert choice.data.val_fraction == 0.25
+    assert choice.data.digest != dataset_fingerprint(DataConfig(root=str(real))).digest
+
+
+def test_a_missing_checkpoint_is_skipped_with_a_warning(store: Store, real: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    parent = store.run("s", source="search-parent", data=real, search="s")
+    gone = store.run("gone", source="search", data=real, value=0.9, parent=parent,
+                     checkpoint=False)
+    kept = store.run("kept", source="search", data=real, value=0.8, parent=parent)
+    with caplog.at_level(logging.WARNING):
+        run_id, checkpoint, provenance = best_checkpoint(store.tracker, EXPERIMENT, None, str(real),
+                                                         tmp_path / "scratch")
+    assert run_id == kept and checkpoint.read_text() == "weights of kept"
+    assert provenance["skipped_runs"] == [gone] and provenance["run_name"] == "kept"
+    assert provenance["search"] == "s" and provenance["metric_value"] == 0.8
+    assert any(gone in r.getMessage() and "gone" in r.getMessage() for r in caplog.records)
+
+    store.client.set_terminated(kept, "FAILED")
+    with pytest.raises(TrackingError, match=f"search 's'.*skipped: {gone}"):
+        best_checkpoint(store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch")
