@@ -11,7 +11,7 @@ from typing import Any
 from cellseg.best_run import choose
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, ConfigError, TrainConfig, flatten
-from cellseg.data import (check_test_image, dataset_fingerprint, load_test_images, read_image,
+from cellseg.data import (check_test_header, dataset_fingerprint, load_test_images, read_image,
                           targets_from_label_maps, test_truth)
 from cellseg.engine import evaluate
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
@@ -97,7 +97,7 @@ def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, search
     root = data_root or cfg.data.root
     test_images = load_test_images(root)
     for test_image in test_images:  # every header, before any image is decoded
-        check_test_image(test_image, max_pixels=cfg.data.max_pixels)
+        check_test_header(test_image, max_pixels=cfg.data.max_pixels)
     results = export_predictions([model], test_images,
                                  functools.partial(read_image, max_pixels=cfg.data.max_pixels),
                                  device=device, score_threshold=score_threshold, progress=progress)

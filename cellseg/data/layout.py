@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from cellseg.data.tiff_io import image_shape
 from cellseg.errors import DataError
 from cellseg.task import NUM_CLASSES
@@ -147,12 +149,21 @@ def load_test_images(root: str | Path) -> list[TestImage]:
     return sorted(images, key=lambda t: t.image_id)
 
 
-def check_test_image(test_image: TestImage, *, max_pixels: int) -> None:
+def check_test_header(test_image: TestImage, *, max_pixels: int) -> None:
     """DataError if a test image's size in its header differs from the mapping's height and width
     or exceeds ``max_pixels``; no pixel is decoded."""
     height, width = image_shape(test_image.path, max_pixels=max_pixels)
     if (height, width) != (test_image.height, test_image.width):
         raise DataError(
-            f"{test_image.path}: size {height}x{width} (HxW) differs from the mapping's "
-            f"{test_image.height}x{test_image.width}; fix {MAPPING_FILE}"
+            f"{test_image.path}: size {height}x{width} (HxW) in its header differs from the "
+            f"mapping's {test_image.height}x{test_image.width}; fix {MAPPING_FILE}"
+        )
+
+
+def check_test_image(test_image: TestImage, image: np.ndarray) -> None:
+    """DataError if a decoded test image's size differs from the mapping's height and width."""
+    if tuple(image.shape[:2]) != (test_image.height, test_image.width):
+        raise DataError(
+            f"{test_image.path}: decoded size {image.shape[0]}x{image.shape[1]} (HxW) differs from "
+            f"the mapping's {test_image.height}x{test_image.width}; fix {MAPPING_FILE}"
         )
