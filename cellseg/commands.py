@@ -12,7 +12,7 @@ from cellseg.best_run import choose
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, ConfigError, TrainConfig, flatten
 from cellseg.data import (check_test_header, dataset_fingerprint, load_test_images, read_image,
-                          targets_from_label_maps, test_truth)
+                          targets_from_label_maps, ground_truth_maps)
 from cellseg.engine import evaluate
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
@@ -154,6 +154,6 @@ def score_export(results: Path, data_root: Path) -> dict[str, float]:
     """Score a test-results.json against a synthetic dataset's ``test_ground_truth/``."""
     truths = []
     for test_image in load_test_images(data_root):
-        target = targets_from_label_maps(test_truth(data_root, test_image))
+        target = targets_from_label_maps(ground_truth_maps(data_root, test_image))
         truths.append(truth_from_masks(test_image.image_id, target["masks"], target["labels"]))
     return score_results_file(results, truths)

@@ -7,7 +7,6 @@ the key and the file.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,18 +130,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError("; ".join(errors))
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
-        return None
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -164,7 +151,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    raise ConfigError(f"{key}: unsupported type {hint!r}")
+    raise TypeError(f"{key}: no conversion for fields of type {hint!r}")  # a new field type
 
 
 def field_types(section: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from cellseg.errors import DataError
+from cellseg.rle import counts_str, encode_mask
 from cellseg.task import IOU_TYPES, NUM_CLASSES, SUMMARIES
 UNDEFINED = -1.0  # COCO's value for a metric without ground truth
 
@@ -45,36 +46,6 @@ class ImagePrediction:
     rles: list[dict]
 
 
-def encode_mask(mask: np.ndarray) -> dict:
-    """Compressed RLE of one (H, W) binary mask, with ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def encode_region(region: np.ndarray, top: int, left: int, image_size: tuple[int, int]) -> dict:
-    """``encode_mask`` of an (H, W) mask that is zero outside ``region`` placed at (top, left).
-
-    Runs are found in the region only, so the cost follows the region's area, not the image's.
-    """
-    height, width = image_size
-    rows, cols = region.shape
-    if not (0 <= top and top + rows <= height and 0 <= left and left + cols <= width):
-        raise ValueError(f"region {region.shape} at ({top}, {left}) leaves the {image_size} image")
-    gap = int(rows < height)  # a zero row stands for the pixels between two column segments
-    # Column-major pixels of the region, between a zero before and a zero after it.
-    sequence = np.zeros((rows + gap) * cols + 2, dtype=np.int8)
-    sequence[1:-1].reshape((rows + gap, cols), order="F")[:rows] = region != 0
-    changes = np.flatnonzero(sequence[1:] != sequence[:-1])
-    column, row = np.divmod(changes, rows + gap)
-    starts = (left + column) * height + top + row
-    starts = starts[starts < height * width]  # a run that ends with the image
-    counts = np.diff(starts, prepend=0, append=height * width)
-    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def truth_from_masks(image_id: int, masks: np.ndarray, labels: np.ndarray) -> ImageTruth:
     """Ground truth of one image from (N, H, W) binary masks and (N,) labels."""
     masks = np.asarray(masks)
@@ -98,17 +69,12 @@ def coco_results(image_id: int, prediction: ImagePrediction) -> list[dict]:
             "category_id": int(label),
             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
             "score": float(score),
-            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": _counts_str(rle)},
+            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": counts_str(rle)},
         }
         for (x0, y0, x1, y1), label, score, rle in zip(
             prediction.boxes.tolist(), prediction.labels, prediction.scores, prediction.rles
         )
     ]
-
-
-def _counts_str(rle: dict) -> str:
-    counts = rle["counts"]
-    return counts.decode("ascii") if isinstance(counts, bytes) else counts
 
 
 def ground_truth_coco(truths: list[ImageTruth], *, num_classes: int = NUM_CLASSES) -> COCO:

@@ -8,16 +8,15 @@ nor time grows with detections times image area.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
-from tqdm import tqdm
 
-from cellseg.evaluation import ImagePrediction, encode_region
+from cellseg.evaluation import ImagePrediction
+from cellseg.rle import encode_region
 from cellseg.torchvision_private import expand_boxes, expand_masks, resize_boxes
 
 _PADDING = 1  # torchvision pads the 28x28 masks by one pixel before pasting
@@ -117,20 +116,3 @@ def _encode_masks(
         rles.append(encode_region(region, top, left, image_size))
     return rles
 
-
-def predict_loader(
-    model: MaskRCNN,
-    loader: Iterable[tuple[list[torch.Tensor], list[dict]]],
-    device: torch.device | str,
-    progress: bool = False,
-    *,
-    score_threshold: float = 0.0,
-) -> dict[int, ImagePrediction]:
-    """Predictions for every batch of a loader of ``(images, targets)``, keyed by ``target["image_id"]``."""
-    model.eval().to(device)
-    predictions: dict[int, ImagePrediction] = {}
-    for images, targets in tqdm(loader, desc="predict", disable=not progress):
-        outputs = predict_images(model, list(images), score_threshold=score_threshold)
-        for target, prediction in zip(targets, outputs):
-            predictions[int(target["image_id"])] = prediction
-    return predictions

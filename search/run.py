@@ -50,7 +50,7 @@ DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
-CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: that many GPU nodes can be asked for at once
+CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: GPU nodes asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -163,8 +163,8 @@ def check_gpu_request(gpus_per_trial: float | None, address: str | None, device:
     if gpus_per_trial is None and address and device != "cpu":
         raise ConfigError(
             f"--address {address} with train.device {device!r} in the base config needs "
-            "--gpus-per-trial (1: a GPU per trial, 0.5: two trials share one); the cluster's GPU "
-            "nodes may not be started yet, so the default would train every trial on CPU")
+            "--gpus-per-trial (1: a GPU per trial, 0.5: two trials share one, 0: CPU only); the "
+            "cluster's GPU nodes may not be started yet, so a default would train on CPU")
 
 
 def trial_gpus(gpus_per_trial: float | None) -> float:

@@ -22,19 +22,13 @@ NODE_KEY = "node_id"
 # search/ is not installed: the driver ships this copy with the job (ray.init(runtime_env=...)),
 # and Ray workers on every node import the trainable from it.
 WORKER_RUNTIME_ENV = {"py_modules": [str(Path(__file__).resolve().parent)]}
-_scratch: list[str] = []  # this worker's scratch folder (a worker may serve several trials)
 
 
 def _fresh_scratch() -> Path:
-    """A new scratch folder, removing the previous trial's one in this worker.
-
-    A trial that the scheduler stops never returns from tune.report, so cleanup happens when the
-    next trial starts in the same worker, or when the worker exits.
-    """
-    while _scratch:
-        shutil.rmtree(_scratch.pop(), ignore_errors=True)
+    """A new scratch folder, removed when the worker exits (each trial has its own worker:
+    the tuner sets reuse_actors=False); a trial the scheduler stops never returns from
+    tune.report, so the folder cannot be removed when the trial ends."""
     folder = tempfile.mkdtemp(prefix="cellseg-trial-")
-    _scratch.append(folder)
     atexit.register(shutil.rmtree, folder, True)
     return Path(folder)
 

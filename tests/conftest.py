@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import yaml
 
 from cellseg.data.synth import make_synthetic_dataset
 from cellseg.data.tiff_io import write_image, write_mask
@@ -84,10 +85,10 @@ def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base config (the demo preset at 64-128 px, 3 epochs) and a 4-parameter space."""
     folder = tmp_path_factory.mktemp("tiny_search")
     base = folder / "base.yaml"
-    demo = (TRIALS / "demo.yaml").read_text()
-    base.write_text(demo.replace("min_size: 128", "min_size: 64")
-                    .replace("max_size: 256", "max_size: 128")
-                    .replace("epochs: 6", "epochs: 3"))
+    raw = yaml.safe_load((TRIALS / "demo.yaml").read_text())
+    raw["model"].update(min_size=64, max_size=128)  # a KeyError here if the preset loses a section
+    raw["train"]["epochs"] = 3
+    base.write_text(yaml.safe_dump(raw, sort_keys=False))
     (folder / "report_a.yaml").write_text((TRIALS / "report_a.yaml").read_text())
     space = folder / "space.yaml"
     space.write_text(TINY_SEARCH_SPACE)

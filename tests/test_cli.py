@@ -25,12 +25,12 @@ from cellseg.config import DataConfig
 from cellseg.data import (
     dataset_fingerprint,
     dataset_stats,
-    image_shape,
     load_test_images,
+    read_image,
     read_mask,
     scan_train,
+    ground_truth_maps,
     targets_from_label_maps,
-    test_truth,
 )
 from tiffutil import HUGE, write_zeros_lzw
 
@@ -110,7 +110,7 @@ def test_synth_then_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture) 
     # counted independently from the class files: distinct non-zero ids per file
     per_image, per_class = [], dict.fromkeys(range(1, 5), 0)
     for item in scan_train(data):
-        count, shape = 0, image_shape(item.image_path)
+        count, shape = 0, read_image(item.image_path).shape[:2]
         for c, path in item.class_paths.items():
             n = int(np.count_nonzero(np.unique(read_mask(path, shape))))
             per_class[c] += n
@@ -316,7 +316,7 @@ def perfect_results(data: Path) -> list[dict]:
     """Every ground-truth instance of the test set as a detection with score 1."""
     results = []
     for t in load_test_images(data):
-        target = targets_from_label_maps(test_truth(data, t))
+        target = targets_from_label_maps(ground_truth_maps(data, t))
         for mask, label in zip(target["masks"], target["labels"]):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             results.append({"image_id": t.image_id, "category_id": int(label), "score": 1.0,

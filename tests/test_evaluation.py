@@ -12,12 +12,12 @@ from cellseg.evaluation import (
     ImageTruth,
     coco_metrics,
     coco_results,
-    encode_region,
     ground_truth_coco,
     load_results,
     score_results_file,
     truth_from_masks,
 )
+from cellseg.rle import encode_region
 from cellseg.task import metric_names
 
 

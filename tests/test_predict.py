@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from cellseg.predict import predict_images, predict_loader
+from cellseg.predict import predict_images
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,3 @@ def test_requires_eval_mode(model):
     finally:
         model.eval()
 
-
-def test_predict_loader_keys_by_image_id(model):
-    loader = [([torch.rand(3, 32, 48)], [{"image_id": torch.tensor(5)}]), ([torch.rand(3, 40, 40)], [{"image_id": 9}])]
-    predictions = predict_loader(model, loader, "cpu", progress=False)
-    assert sorted(predictions) == [5, 9]
-    assert predictions[9].rles[0]["size"] == [40, 40]

@@ -15,7 +15,8 @@ from hypothesis.extra.numpy import arrays
 from pycocotools import mask as mask_utils
 
 from cellseg.config import Config, ConfigError, load_config
-from cellseg.evaluation import ImagePrediction, coco_results, encode_mask, encode_region
+from cellseg.evaluation import ImagePrediction, coco_results
+from cellseg.rle import encode_mask, encode_region
 
 SECTIONS = {f.name: [g.name for g in dataclasses.fields(getattr(Config(), f.name))]
             for f in dataclasses.fields(Config)}

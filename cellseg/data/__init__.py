@@ -11,11 +11,11 @@ from cellseg.data.layout import (
     load_test_images,
     scan_train,
 )
-from cellseg.data.sample import load_label_maps, load_sample, load_test_truth, test_truth
+from cellseg.data.sample import ground_truth_maps, load_label_maps, load_sample
 from cellseg.data.stats import dataset_stats, format_stats
 from cellseg.data.synth import PROFILES, make_synthetic_dataset
 from cellseg.data.targets import targets_from_label_maps
-from cellseg.data.tiff_io import image_shape, read_image, read_mask, write_image, write_mask
+from cellseg.data.tiff_io import read_image, read_mask, write_image, write_mask
 from cellseg.errors import DataError
 
 __all__ = [
@@ -33,18 +33,16 @@ __all__ = [
     "dataset_stats",
     "find_test_folder",
     "format_stats",
-    "image_shape",
+    "ground_truth_maps",
     "load_label_maps",
     "load_sample",
     "load_test_images",
-    "load_test_truth",
     "make_synthetic_dataset",
     "read_image",
     "read_mask",
     "scan_train",
     "split_items",
     "targets_from_label_maps",
-    "test_truth",
     "write_image",
     "write_mask",
 ]

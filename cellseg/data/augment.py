@@ -1,6 +1,7 @@
 """Paired augmentations of an image and its per-class instance-id maps.
 
-Every transform maps ``(image, label_maps, rng) -> (image, label_maps)`` where ``image`` is
+Every transform maps ``(image, label_maps, rng) -> (image, label_maps)`` (parameters are bound
+with ``functools.partial``, which pickles for loader workers) where ``image`` is
 float32 (H, W, 3) in [0, 1] and ``label_maps`` is int32 (C, H, W), one instance-id map per class.
 Geometric transforms move the label maps with the image (nearest neighbour, ids never mixed);
 photometric ones leave them untouched. Inputs are never modified in place (the dataset may cache
@@ -9,6 +10,7 @@ them). Boxes, labels and masks are derived from the label maps afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -50,39 +52,33 @@ def rot90(
     )
 
 
-@dataclass(frozen=True)
-class ScaleCrop:
+def scale_crop(
+    image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator, *,
+    scale_min: float, scale_max: float, crop_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale by a factor uniform in [scale_min, scale_max], then crop sides above crop_size."""
-
-    scale_min: float
-    scale_max: float
-    crop_size: int
-
-    def __call__(
-        self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        f = rng.uniform(self.scale_min, self.scale_max)
-        h, w = image.shape[:2]
-        scaled_h, scaled_w = max(round(h * f), 1), max(round(w * f), 1)
-        crop_h, crop_w = min(scaled_h, self.crop_size), min(scaled_w, self.crop_size)
-        y = int(rng.integers(0, scaled_h - crop_h + 1))
-        x = int(rng.integers(0, scaled_w - crop_w + 1))
-        # Only the crop is computed: output pixel o samples the input at (o + 0.5) * step - 0.5.
-        steps = (h / scaled_h, w / scaled_w)
-        rows, cols = (
-            np.minimum(((start + np.arange(size) + 0.5) * step).astype(np.intp), length - 1)
-            for start, size, step, length in zip((y, x), (crop_h, crop_w), steps, (h, w))
-        )
-        image = ndimage.affine_transform(
-            image,
-            (*steps, 1.0),
-            offset=((y + 0.5) * steps[0] - 0.5, (x + 0.5) * steps[1] - 0.5, 0.0),
-            output_shape=(crop_h, crop_w, image.shape[2]),
-            order=1,
-            mode="nearest",
-        )
-        label_maps = np.ascontiguousarray(label_maps[:, rows[:, None], cols[None, :]])
-        return np.clip(image, 0.0, 1.0), label_maps
+    f = rng.uniform(scale_min, scale_max)
+    h, w = image.shape[:2]
+    scaled_h, scaled_w = max(round(h * f), 1), max(round(w * f), 1)
+    crop_h, crop_w = min(scaled_h, crop_size), min(scaled_w, crop_size)
+    y = int(rng.integers(0, scaled_h - crop_h + 1))
+    x = int(rng.integers(0, scaled_w - crop_w + 1))
+    # Only the crop is computed: output pixel o samples the input at (o + 0.5) * step - 0.5.
+    steps = (h / scaled_h, w / scaled_w)
+    rows, cols = (
+        np.minimum(((start + np.arange(size) + 0.5) * step).astype(np.intp), length - 1)
+        for start, size, step, length in zip((y, x), (crop_h, crop_w), steps, (h, w))
+    )
+    image = ndimage.affine_transform(
+        image,
+        (*steps, 1.0),
+        offset=((y + 0.5) * steps[0] - 0.5, (x + 0.5) * steps[1] - 0.5, 0.0),
+        output_shape=(crop_h, crop_w, image.shape[2]),
+        order=1,
+        mode="nearest",
+    )
+    label_maps = np.ascontiguousarray(label_maps[:, rows[:, None], cols[None, :]])
+    return np.clip(image, 0.0, 1.0), label_maps
 
 
 def _hue_rotation(turns: float) -> np.ndarray:
@@ -94,25 +90,20 @@ def _hue_rotation(turns: float) -> np.ndarray:
     return (cos * np.eye(3) + sin * cross + (1 - cos) * np.outer(k, k)).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class ColorJitter:
+def color_jitter(
+    image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator, *, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Brightness, contrast and saturation factors in 1 +- strength, then a small hue rotation."""
-
-    strength: float
-
-    def __call__(
-        self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        factors = rng.uniform(1 - self.strength, 1 + self.strength, 3).astype(np.float32)
-        brightness, contrast, saturation = factors
-        turns = float(rng.uniform(-1, 1)) * self.strength * HUE_TURNS_PER_STRENGTH
-        out = image * brightness
-        mean = np.float32((out @ LUMA).mean())
-        out = mean + contrast * (out - mean)
-        grey = (out @ LUMA)[..., None]
-        out = grey + saturation * (out - grey)
-        out = out @ _hue_rotation(turns).T
-        return np.clip(out, 0.0, 1.0), label_maps
+    factors = rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
+    brightness, contrast, saturation = factors
+    turns = float(rng.uniform(-1, 1)) * strength * HUE_TURNS_PER_STRENGTH
+    out = image * brightness
+    mean = np.float32((out @ LUMA).mean())
+    out = mean + contrast * (out - mean)
+    grey = (out @ LUMA)[..., None]
+    out = grey + saturation * (out - grey)
+    out = out @ _hue_rotation(turns).T
+    return np.clip(out, 0.0, 1.0), label_maps
 
 
 def dark_shift(
@@ -132,30 +123,20 @@ def hist_eq(
     return np.stack(channels, axis=-1).astype(np.float32), label_maps
 
 
-@dataclass(frozen=True)
-class GaussianBlur:
+def gaussian_blur(
+    image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator, *, max_sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian blur with sigma uniform in (0.1, max_sigma) pixels."""
-
-    max_sigma: float
-
-    def __call__(
-        self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        sigma = rng.uniform(0.1, self.max_sigma)
-        return ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0)), label_maps
+    sigma = rng.uniform(0.1, max_sigma)
+    return ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0)), label_maps
 
 
-@dataclass(frozen=True)
-class GaussianNoise:
+def gaussian_noise(
+    image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator, *, std: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Additive Gaussian noise of standard deviation std, clipped to [0, 1]."""
-
-    std: float
-
-    def __call__(
-        self, image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(self.std)
-        return np.clip(image + noise, 0.0, 1.0), label_maps
+    noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(std)
+    return np.clip(image + noise, 0.0, 1.0), label_maps
 
 
 @dataclass(frozen=True)
@@ -176,15 +157,16 @@ class Compose:
 def build_augment(cfg: AugmentConfig) -> Compose | None:
     """The configured pipeline (geometric first, then photometric); None when every p is 0."""
     steps: tuple[tuple[float, Transform], ...] = (
-        (cfg.scale_crop_p, ScaleCrop(cfg.scale_min, cfg.scale_max, cfg.crop_size)),
+        (cfg.scale_crop_p, partial(scale_crop, scale_min=cfg.scale_min, scale_max=cfg.scale_max,
+                                   crop_size=cfg.crop_size)),
         (cfg.hflip_p, hflip),
         (cfg.vflip_p, vflip),
         (cfg.rot90_p, rot90),
-        (cfg.color_jitter_p, ColorJitter(cfg.color_jitter_strength)),
+        (cfg.color_jitter_p, partial(color_jitter, strength=cfg.color_jitter_strength)),
         (cfg.dark_shift_p, dark_shift),
         (cfg.hist_eq_p, hist_eq),
-        (cfg.blur_p, GaussianBlur(cfg.blur_sigma)),
-        (cfg.noise_p, GaussianNoise(cfg.noise_std)),
+        (cfg.blur_p, partial(gaussian_blur, max_sigma=cfg.blur_sigma)),
+        (cfg.noise_p, partial(gaussian_noise, std=cfg.noise_std)),
     )
     active = tuple((p, t) for p, t in steps if p > 0)
     return Compose(active) if active else None

@@ -40,7 +40,6 @@ class TrainItem:
 class TestImage:
     """One entry of the test mapping, with the path of its image."""
 
-    __test__ = False  # not a pytest test class despite its name
     file_name: str
     image_id: int
     height: int

@@ -18,7 +18,6 @@ from cellseg.data.layout import (
     NUM_CLASSES,
     TestImage,
     TrainItem,
-    load_test_images,
 )
 from cellseg.data.tiff_io import read_image, read_mask
 
@@ -60,7 +59,7 @@ def load_sample(item: TrainItem, *, max_pixels: int = DataConfig.max_pixels,
     return image, label_maps
 
 
-def test_truth(root: str | Path, test_image: TestImage) -> np.ndarray:
+def ground_truth_maps(root: str | Path, test_image: TestImage) -> np.ndarray:
     """Label maps of one test image from ``<root>/test_ground_truth/<stem>/classN.tif``.
 
     The synthetic generator writes them so that a submission can be scored locally; the shape
@@ -72,10 +71,3 @@ def test_truth(root: str | Path, test_image: TestImage) -> np.ndarray:
     class_paths = {c: folder / n for n, c in CLASS_FILES.items() if (folder / n).is_file()}
     return load_label_maps(class_paths, (test_image.height, test_image.width))
 
-
-test_truth.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported
-
-
-def load_test_truth(root: str | Path) -> dict[str, np.ndarray]:
-    """``test_truth`` of every mapped test image, keyed by the mapping's file_name."""
-    return {t.file_name: test_truth(root, t) for t in load_test_images(root)}

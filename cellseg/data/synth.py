@@ -11,7 +11,7 @@ Profiles:
 
 Classes look different: 1 large pale-pink round, 2 small dark-purple nuclei, 3 medium elongated
 orange-brown, 4 large brown or blue blobs. Test ground truth goes to
-``test_ground_truth/<stem>/classN.tif`` (outside the test folder), read by ``load_test_truth``.
+``test_ground_truth/<stem>/classN.tif`` (outside the test folder), read by ``ground_truth_maps``.
 """
 from __future__ import annotations
 
