@@ -41,6 +41,20 @@ DATASET_CONTEXT = "mlflow.data.context"  # the input tag MLflow shows as a datas
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names the error
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when an error of the store means 'try again later' (a server error, a lost
+    connection, a timeout) rather than 'this request is wrong' (a 4xx answer)."""
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+def error_tail(text: str) -> str:
+    """The last ERROR_CHARS characters of an error text, for a tag."""
+    return text[-ERROR_CHARS:]
 
 
 def best_metric_key(metric: str) -> str:
@@ -181,6 +195,18 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_text(self, run_id: str, text: str, artifact_path: str) -> None:
+        """``text`` as the artifact file ``artifact_path``."""
+        self.client.log_text(run_id, text, artifact_path)
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step at which metric ``key`` was logged; 0 when never."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+
+    def set_error(self, run_id: str, error: str) -> None:
+        """The tag ``error``: the end of ``error`` (a traceback names its error last)."""
+        self.set_tags(run_id, {"error": error_tail(error)})
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run as FINISHED, KILLED or FAILED."""
         self.client.set_terminated(run_id, status)
@@ -193,6 +219,11 @@ class Tracker:
     def finish_run(self, run_id: str, run_dir: Path, cfg: Config, best_metric: float,
                    status: str = "FINISHED") -> None:
         """Log the outcome of a run directory (best metric, best.pt, pictures, config) and close."""
+        self.log_outcome(run_id, run_dir, cfg, best_metric)
+        self.end_run(run_id, status)
+
+    def log_outcome(self, run_id: str, run_dir: Path, cfg: Config, best_metric: float) -> None:
+        """The best metric, config, ``best.pt`` and pictures of a run directory; again overwrites."""
         run_dir = Path(run_dir)
         if math.isfinite(best_metric):
             self.log_metrics(run_id, {best_metric_key(cfg.train.metric): best_metric}, step=0)
@@ -201,12 +232,11 @@ class Tracker:
             self.log_artifact(run_id, run_dir / BEST, CHECKPOINT_ARTIFACT)
         if (run_dir / PICTURES).is_dir():
             self.log_artifact(run_id, run_dir / PICTURES, PICTURES)
-        self.end_run(run_id, status)
 
     def fail_run(self, run_id: str, error: BaseException | str) -> None:
         """Close a run as FAILED (KILLED for an interrupt) with the error as a tag."""
         killed = isinstance(error, KeyboardInterrupt)
-        self.set_tags(run_id, {"error": str(error)[:4000] or type(error).__name__})
+        self.set_error(run_id, str(error) or type(error).__name__)
         self.end_run(run_id, "KILLED" if killed else "FAILED")
 
     def find_runs(self, experiment: str, filter_string: str = "", order_by: list[str] | None = None,

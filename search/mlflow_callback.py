@@ -3,12 +3,18 @@
 Trials never talk to MLflow: the driver is the single writer, so many concurrent trials cannot
 lock a SQLite store, and a remote server sees one client. On a restored search the callback finds
 the child runs it already created (by the Ray trial id tag), so no trial is duplicated, and skips
-epochs already logged (a trial restored from an older checkpoint repeats them). Every write goes
+epochs already logged (a trial restored from an older checkpoint repeats them). A driver can die
+between Tune's record of a trial's end and the MLflow writes that follow it, so on the first step
+of a restored search, every trial that Tune has ended and whose run is still open is closed from
+Tune's state (last epoch, best metric, checkpoint, status); at the end of the search, the same
+for trials Tune stopped without telling its callbacks (``--time-budget``). Every write goes
 through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
 retried, and the search goes on.
 
-Once a trial has ended, its checkpoint in storage keeps ``best.pt`` and the pictures but drops
-``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per trial.
+Once a trial has ended, its latest checkpoint in storage keeps ``best.pt`` and the pictures but
+drops ``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per
+trial. Tune keeps the trial's previous checkpoint too (two, see search/run.py) until the end of
+the search, when Tune's final state is saved and the callback removes it.
 """
 from __future__ import annotations
 
@@ -19,19 +25,24 @@ from typing import Any
 import pyarrow.fs
 from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
-from ray.tune.result import AUTO_RESULT_KEYS, TRAINING_ITERATION
+from ray.tune.result import AUTO_RESULT_KEYS
 
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.data import dataset_fingerprint
-from cellseg.tracking import PARENT_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import PARENT_TAG, SOURCE_TAG, Tracker, error_tail
+from search.driver_drill import DriverDrill, drill_for
 from search.mlflow_outbox import Outbox
-from search.trainable import NODE_KEY
+from search.trainable import NODE_KEY, reached_max_epochs
 
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "ray.trial_id"
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
+_ENDED = (Trial.TERMINATED, Trial.ERROR)
+_CLOSED = ("FINISHED", "KILLED", "FAILED")
+LOST = ("the driver stopped before Tune saved this trial; the resumed search runs its parameters "
+        "again as a new trial")
 
 
 class MlflowTrialLogger(Callback):
@@ -43,7 +54,9 @@ class MlflowTrialLogger(Callback):
 
     def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str,
                  base: dict[str, Any], max_epochs: int, metric: str,
-                 outbox_path: Path | None = None, drain_timeout_s: float = 600.0) -> None:
+                 outbox_path: Path | None = None, drain_timeout_s: float = 600.0,
+                 search_name: str = "") -> None:
+        self.search_name = search_name
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -56,10 +69,14 @@ class MlflowTrialLogger(Callback):
         self._outbox: Outbox | None = None
         self._runs: dict[str, str] = {}
         self._logged_epoch: dict[str, int] = {}
+        self._closed: set[str] = set()  # trials whose run is closed, or queued to be
+        self._reconciled = False
+        self._drill: DriverDrill | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_tracker=None, _outbox=None, _runs={}, _logged_epoch={})
+        state.update(_tracker=None, _outbox=None, _runs={}, _logged_epoch={}, _closed=set(),
+                     _reconciled=False, _drill=None)
         return state
 
     @property
@@ -75,22 +92,54 @@ class MlflowTrialLogger(Callback):
         return self._outbox
 
     def setup(self, **info: Any) -> None:
+        self._drill = drill_for(self.search_name)
         for run in self.tracker.find_runs(self.experiment, f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self._runs[trial_id] = run.info.run_id
-                history = self.tracker.client.get_metric_history(run.info.run_id, "epoch")
-                self._logged_epoch[trial_id] = max((m.step for m in history), default=0)
+                self._logged_epoch[trial_id] = self.tracker.last_step(run.info.run_id, "epoch")
+                if run.info.status in _CLOSED:
+                    self._closed.add(trial_id)
         self.outbox.flush()
+
+    def _drill_point(self, point: str) -> None:
+        if self._drill is not None:
+            self._drill.reached(point)
+
+    def reconcile(self, trials: list[Trial]) -> None:
+        """Close the run of every trial that Tune has ended but MLflow has not, from Tune's state;
+        KILLED, the run of a trial Tune does not know (started after Tune's last saved state)."""
+        known = {trial.trial_id for trial in trials}
+        for trial_id in set(self._runs) - known - self._closed:
+            self._closed.add(trial_id)
+            self.outbox.put("close", trial_id=trial_id, name="", config={}, status="KILLED",
+                            error=LOST, checkpoint=None)
+        for trial in trials:
+            if trial.status in _ENDED and trial.trial_id not in self._closed:
+                log.warning("closing the MLflow run of %s, which ended before the driver stopped",
+                            trial)
+                if "epoch" in trial.last_result:
+                    self._put_result(trial, trial.last_result)
+                self._end(trial)
 
     def trial_config(self, config: dict[str, Any]) -> Config:
         return apply_overrides(config_from_dict(self.base), config)
 
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if not self._reconciled:  # the trials of a restored search are known from here on
+            self._reconciled = True
+            self.reconcile(trials)
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._closed.discard(trial.trial_id)
         self.outbox.put("start", trial_id=trial.trial_id, name=str(trial), config=trial.config)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
+        self._put_result(trial, result)
+        self._drill_point("result")
+
+    def _put_result(self, trial: Trial, result: dict[str, Any]) -> None:
         metrics = {k: float(v) for k, v in result.items()
                    if k not in _SKIP and isinstance(v, (int, float))}
         self.outbox.put("result", trial_id=trial.trial_id, epoch=int(result["epoch"]),
@@ -103,38 +152,55 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        finished = trial.last_result.get(TRAINING_ITERATION, 0) >= self.max_epochs
-        self._close(trial, "FINISHED" if finished else "KILLED")
+        self._drill_point("trial-end")
+        self._end(trial)
+        self._drill_point("closed")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._close(trial, "FAILED", error=_error_text(trial))
+        self._end(trial)
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self.outbox.pending:
             self.outbox.flush()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self.reconcile(trials)
+        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
+            if trial.status in _ENDED and trial.checkpoint is not None:
+                _remove_older_checkpoints(trial.checkpoint)
         if not self.outbox.drain(self.drain_timeout_s):
             log.error("MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes "
                       "are kept in %s", self.tracking_uri, self.drain_timeout_s,
                       len(self.outbox.pending), self.outbox_path)
 
+    def _end(self, trial: Trial) -> None:
+        """Close the trial's run as Tune ended it: FAILED with its error, FINISHED when it ran
+        every epoch, else KILLED (stopped by ASHA or the time budget)."""
+        if trial.status == Trial.ERROR:
+            self._close(trial, "FAILED", error=_error_text(trial))
+        else:
+            self._close(trial, "FINISHED" if reached_max_epochs(trial.last_result, self.max_epochs)
+                        else "KILLED")
+
     def _close(self, trial: Trial, status: str, error: str | None = None) -> None:
+        self._closed.add(trial.trial_id)
         checkpoint = trial.checkpoint
         self.outbox.put("close", trial_id=trial.trial_id, name=str(trial), config=trial.config,
                         status=status, error=error,
                         checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None)
 
     def _apply(self, op: str, /, **kwargs: Any) -> None:
-        """Carry out one queued operation: ``_apply_<op>(**kwargs)``."""
-        getattr(self, f"_apply_{op}")(**kwargs)
+        """Carry out one queued operation."""
+        apply = {"start": self._apply_start, "result": self._apply_result,
+                 "tags": self._apply_tags, "close": self._apply_close}[op]
+        apply(**kwargs)
 
     def _apply_tags(self, trial_id: str, tags: dict[str, Any]) -> None:
         self.tracker.set_tags(self._runs[trial_id], tags)
 
     def _apply_start(self, trial_id: str, name: str, config: dict[str, Any]) -> None:
         if trial_id in self._runs:
-            self.tracker.client.update_run(self._runs[trial_id], status="RUNNING")
+            self.tracker.reopen_run(self._runs[trial_id])
             return
         found = self.tracker.find_runs(self.experiment, f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
                                                         f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
@@ -164,7 +230,7 @@ class MlflowTrialLogger(Callback):
             self._apply_start(trial_id, name, config)
         run_id = self._runs[trial_id]
         if error is not None:
-            self.tracker.set_tags(run_id, {"error": error})
+            self.tracker.set_error(run_id, error)
         if checkpoint is None:
             self.tracker.end_run(run_id, status)
             return
@@ -174,7 +240,9 @@ class MlflowTrialLogger(Callback):
                 best = float(load_checkpoint(Path(directory) / BEST)["metrics"][self.metric])
             except (CheckpointError, KeyError):
                 best = float("nan")
-            self.tracker.finish_run(run_id, Path(directory), self.trial_config(config), best, status)
+            self.tracker.log_outcome(run_id, Path(directory), self.trial_config(config), best)
+        self._drill_point("upload")
+        self.tracker.end_run(run_id, status)
         if status != "FAILED":  # a failed trial may still be restarted from its last state
             try:
                 filesystem.delete_file(f"{path}/{LAST}")
@@ -186,8 +254,21 @@ def _error_text(trial: Trial) -> str:
     """The tail of the trial's error file (its traceback)."""
     error_file = trial.error_file
     if error_file and Path(error_file).is_file():
-        return Path(error_file).read_text()[-4000:]
+        return error_tail(Path(error_file).read_text())
     return "trial failed (no error file)"
+
+
+def _remove_older_checkpoints(latest: Checkpoint) -> None:
+    """Delete the trial's checkpoint folders beside ``latest`` (Tune names them alike)."""
+    folder, _, name = latest.path.rstrip("/").rpartition("/")
+    prefix = name.rstrip("0123456789")
+    try:
+        for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
+            if (info.type == pyarrow.fs.FileType.Directory and info.base_name != name
+                    and info.base_name.startswith(prefix)):
+                latest.filesystem.delete_dir(info.path)
+    except OSError as exc:
+        log.warning("could not remove older checkpoints beside %s: %s", latest.path, exc)
 
 
 def _checkpoint_uri(checkpoint: Checkpoint) -> str:

@@ -1,11 +1,12 @@
 """MLflow writes of the search driver, kept in order and retried while the tracking store is down.
 
-Every write the Tune callback makes is an operation (a method name and plain arguments) put into
-this outbox, which applies operations in order. When the store is unavailable (server restarting,
-network gone, SQLite busy) the failed operation and all later ones stay queued, the queue is
-saved to a file, and the next callback event tries again, so trials go on training and nothing
-is lost. A deterministic refusal (a 4xx answer) is logged and that one operation dropped, so one
-bad value cannot hold back the record of the whole search. A restored driver reloads the file.
+Every write the Tune callback makes is an operation (a name and plain arguments, so that the
+queue can be saved as JSON) put into this outbox, which hands them in order to the callback's
+``apply``. When the store is unavailable (server restarting, network gone, SQLite busy) the
+failed operation and all later ones stay queued, the queue is saved to a file, and the next
+callback event tries again, so trials go on training and nothing is lost. A deterministic
+refusal (a 4xx answer) is logged and that one operation dropped, so one bad value cannot hold
+back the record of the whole search. A restored driver reloads the file.
 """
 from __future__ import annotations
 
@@ -16,20 +17,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from mlflow.exceptions import MlflowException
-
 from cellseg.atomic_file import write_atomic
+from cellseg.tracking import is_unavailable
 
 log = logging.getLogger(__name__)
 
 Operation = tuple[str, dict[str, Any]]  # (operation name, keyword arguments)
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True when ``exc`` means 'try again later' rather than 'this request is wrong'."""
-    if isinstance(exc, MlflowException):
-        return exc.get_http_status_code() >= 500
-    return isinstance(exc, (OSError, TimeoutError))
 
 
 class Outbox:

@@ -35,12 +35,13 @@ from cellseg.data import (DataError, DataFingerprint, dataset_fingerprint, make_
 from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import WeightsError, resolve_weights
+from search.driver_drill import DRILL_ENV, parse_drill
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.summary import SearchSummary, log_summary, summarize
+from search.summary import SearchFailed, SearchSummary, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 
 log = logging.getLogger("cellseg.search")
@@ -49,6 +50,7 @@ DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: GPU nodes asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
@@ -121,6 +123,15 @@ def check_fault_drill(spec: str | None, drill: bool) -> None:
     if spec:
         try:
             parse_fault(spec)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def check_driver_drill(spec: str | None) -> None:
+    """Refuse a malformed driver drill (``CELLSEG_DRIVER_DRILL``) before Ray starts."""
+    if spec:
+        try:
+            parse_drill(spec)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -209,7 +220,7 @@ def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: boo
         if not found:
             raise TrackingError(f"no search named {name!r} in experiment {experiment!r} "
                                 f"of {tracker.uri} to resume")
-        tracker.client.update_run(found[0].info.run_id, status="RUNNING")
+        tracker.reopen_run(found[0].info.run_id)
         return found[0].info.run_id
     if found:
         raise TrackingError(f"a search named {name!r} exists already; pass --resume to "
@@ -217,7 +228,7 @@ def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: boo
     run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags},
                                dataset=dataset)
     for artifact_path, text in texts.items():
-        tracker.client.log_text(run_id, text, artifact_path)
+        tracker.log_text(run_id, text, artifact_path)
     return run_id
 
 
@@ -242,7 +253,9 @@ def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpac
             reuse_actors=False),  # reused workers grew to 9 GB each over a 40-trial demo
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, callbacks=[callback],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # two: Tune deletes the older checkpoint before its saved state names the newer,
+            # so a driver that dies in between is resumed from the older one
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=max_failures)))
 
 
@@ -261,35 +274,54 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def tune_metric_check(strict: bool) -> contextlib.AbstractContextManager[None]:
-    """Tune's strict metric check on or off while the block runs; the environment is restored.
+def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[None]:
+    """Tune's settings for ``fit`` that Ray 2.60 reads only from the environment, restored after.
 
-    Ray 2.60 has no Tuner option for it: the driver's TuneController reads the variable
-    ``TUNE_DISABLE_STRICT_METRIC_CHECKING`` on every result, so it is set around ``fit`` only.
+    - ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` unless every epoch reports the metric (the
+      driver's TuneController reads it on every result; there is no Tuner option for it);
+    - ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt at once, so the driver
+      can mark the parent run KILLED; the search resumes as after any driver crash.
     """
-    return scoped_environ({} if strict else {STRICT_METRIC_ENV: "1"})
+    return scoped_environ({SIGINT_ENV: "1", **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
-def fit_tuner(tuner: tune.Tuner, tracker: Tracker, parent_run_id: str, *,
-              strict_metrics: bool) -> ResultGrid:
-    """Run the trials; the parent run is FAILED (KILLED for Ctrl-C) if the driver raises."""
+class SearchInterrupted(Exception):
+    """The search was stopped with Ctrl-C; it can be resumed."""
+
+
+@contextlib.contextmanager
+def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command: str) -> Iterator[None]:
+    """Close the parent run if the block raises: KILLED for Ctrl-C (SearchInterrupted, naming
+    ``resume_command``), FAILED otherwise. Left RUNNING when MLflow itself is unavailable."""
     try:
-        with tune_metric_check(strict_metrics):
-            return tuner.fit()
+        yield
+    except TrackingError:
+        raise
     except BaseException as exc:
-        tracker.fail_run(parent_run_id, exc)
+        try:
+            tracker.fail_run(parent_run_id, exc)
+        except Exception as mlflow_exc:  # keep the search's own error in front
+            log.error("could not close the parent run %s: %s", parent_run_id, mlflow_exc)
+        if isinstance(exc, KeyboardInterrupt):
+            raise SearchInterrupted(f"interrupted; the parent run is KILLED. Continue the search "
+                                    f"with: {resume_command}") from None
         raise
 
 
-def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
-                  metric: str, max_epochs: int, local_dir: Path,
-                  optuna_storage: str, wall_s: float) -> SearchSummary:
-    """The summary of an ended search, logged to the parent run, which is then FINISHED."""
+def check_outbox_empty(local_dir: Path, tracker: Tracker, name: str) -> None:
+    """TrackingError when the trials ended but MLflow writes are still queued in the outbox."""
     if (local_dir / OUTBOX).is_file():
         raise TrackingError(
             f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
             f"are kept in {local_dir / OUTBOX}. Bring the store back, then run: python "
             f"search/run.py --resume --name {name} (with the same other flags)")
+
+
+def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
+                  metric: str, max_epochs: int, local_dir: Path,
+                  optuna_storage: str, wall_s: float) -> SearchSummary:
+    """The summary of an ended search, logged to the parent run, which is then FINISHED;
+    SearchFailed (naming the first error) when no trial succeeded."""
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric,
@@ -303,6 +335,7 @@ def run_search(args: argparse.Namespace) -> int:
     start = time.time()
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
+    check_driver_drill(os.environ.get(DRILL_ENV))
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -329,35 +362,40 @@ def run_search(args: argparse.Namespace) -> int:
                f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)},
         dataset=dataset_fingerprint(base_cfg.data))
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    print(f"resume after a crash with: python search/run.py --resume --name {name} "
-          f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
+    resume_command = (f"python search/run.py --resume --name {name} "
+                      f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
+    print(f"resume after a crash with: {resume_command}")
 
-    optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict,
-                                                         fault_drill=args.fault_drill),
-                                    {"cpu": args.cpus_per_trial,
-                                     "gpu": trial_gpus(args.gpus_per_trial)})
-    if args.resume:
-        tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
-                                   resume_errored=True)
-    else:
-        tuner = new_tuner(
-            trainable, name=name, storage_path=storage_path, space=space, metric=metric,
-            max_epochs=max_epochs, num_samples=args.num_samples, seed=args.seed,
-            optuna_storage=optuna_storage, max_concurrent=args.max_concurrent,
-            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-            time_budget_s=args.time_budget, max_failures=args.max_failures,
-            callback=MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
-                                       parent_run_id=parent_run_id, base=base_dict,
-                                       max_epochs=max_epochs, metric=metric,
-                                       outbox_path=local_dir / OUTBOX,
-                                       drain_timeout_s=args.mlflow_wait))
-    with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}):  # read when fit starts
-        results = fit_tuner(tuner, tracker, parent_run_id,
-                            strict_metrics=metric_every_epoch(base_cfg, space))
-    summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
-                            max_epochs=max_epochs, local_dir=local_dir,
-                            optuna_storage=optuna_storage, wall_s=time.time() - start)
+    with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
+        trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict,
+                                                             fault_drill=args.fault_drill),
+                                        {"cpu": args.cpus_per_trial,
+                                         "gpu": trial_gpus(args.gpus_per_trial)})
+        if args.resume:
+            tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
+                                       resume_errored=True)
+        else:
+            tuner = new_tuner(
+                trainable, name=name, storage_path=storage_path, space=space, metric=metric,
+                max_epochs=max_epochs, num_samples=args.num_samples, seed=args.seed,
+                optuna_storage=optuna_storage, max_concurrent=args.max_concurrent,
+                grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                time_budget_s=args.time_budget, max_failures=args.max_failures,
+                callback=MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
+                                           parent_run_id=parent_run_id, base=base_dict,
+                                           max_epochs=max_epochs, metric=metric,
+                                           outbox_path=local_dir / OUTBOX,
+                                           drain_timeout_s=args.mlflow_wait,
+                                           search_name=name))
+        with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),  \
+                tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)):
+            results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
+    check_outbox_empty(local_dir, tracker, name)
+    with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
+                                max_epochs=max_epochs, local_dir=local_dir,
+                                optuna_storage=optuna_storage, wall_s=time.time() - start)
     print("\n".join(summary.lines(metric)))
     runs_page = (f"#/experiments/{tracker.experiment_id(args.experiment)}/runs"
                  "?workflowType=machine_learning")
@@ -382,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, TrackingError, StorageError, WeightsError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
+    except SearchFailed as exc:
+        print(f"search: failed: {exc}", file=sys.stderr)
+        return 1
+    except SearchInterrupted as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from ray.tune.search import Searcher
 
 from cellseg.config import ConfigError
 from search.space import SearchSpace
+from search.trainable import reached_max_epochs
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class StudySearcher(Searcher):
         """How a trial that ended with ``result`` goes into the study."""
         if error or not result:
             return TrialState.FAIL, None
-        if result[TRAINING_ITERATION] < self.max_epochs:
+        if not reached_max_epochs(result, self.max_epochs):
             return TrialState.PRUNED, None
         value = float(result.get(self.metric, math.nan))
         if math.isfinite(value):

@@ -5,10 +5,10 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
-from ray.tune import ResultGrid
+from ray.tune import Result, ResultGrid
 from ray.tune.result import TRAINING_ITERATION
 
 from cellseg.checkpoint import BEST
@@ -54,14 +54,46 @@ def _curve(result: Any, metric: str) -> list[tuple[int, float]]:
     return [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[metric]) if math.isfinite(v)]
 
 
-def summarize(results: ResultGrid, *, metric: str, max_epochs: int, wall_s: float) -> SearchSummary:
-    """Figures of a finished search, from Tune's results."""
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
+class SearchFailed(RuntimeError):
+    """No trial of the search succeeded."""
+
+
+def _first_line_of_error(error: BaseException) -> str:
+    """The exception line of a trial's error (the last line of its traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _best_value(result: Result, metric: str) -> float:
+    return max((v for _, v in _curve(result, metric)), default=float("nan"))
+
+
+def check_succeeded(results: Sequence[Result], metric: str) -> None:
+    """SearchFailed naming the first error when every trial failed or none reported ``metric``."""
+    if any(r.error is None for r in results) and any(_curve(r, metric) for r in results):
+        return
+    failed = [r for r in results if r.error is not None]
+    if not failed:
+        raise SearchFailed(f"no trial reported {metric} ({len(results)} trials ended)")
+    first = failed[0]
+    raise SearchFailed(
+        f"no trial succeeded: {len(failed)} of {len(results)} failed. The first error, in "
+        f"{Path(first.path).name}: {_first_line_of_error(first.error)}. Its traceback is in "
+        f"{first.path}/error.txt and in the tag 'error' of its MLflow run")
+
+
+def summarize(results: Sequence[Result], *, metric: str, max_epochs: int,
+              wall_s: float) -> SearchSummary:
+    """Figures of a finished search, from Tune's results (a ResultGrid or a list of Results);
+    SearchFailed when no trial succeeded. The best trial has the highest finite ``metric`` of
+    any epoch (the first of equals)."""
+    results = list(results)
+    check_succeeded(results, metric)
+    best = max((r for r in results if _curve(r, metric)), key=lambda r: _best_value(r, metric))
     epochs_run = sum(int((r.metrics or {}).get(TRAINING_ITERATION, 0)) for r in results)
     checkpoint = f"{best.checkpoint.path}/{BEST}" if best.checkpoint else "none"
-    best_metric = max((v for _, v in _curve(best, metric)), default=float("nan"))
-    return SearchSummary(trials=len(results), errors=results.num_errors,
-                         best_trial=Path(best.path).name, best_metric=best_metric,
+    return SearchSummary(trials=len(results), errors=sum(r.error is not None for r in results),
+                         best_trial=Path(best.path).name, best_metric=_best_value(best, metric),
                          best_config=best.config, best_checkpoint=checkpoint,
                          epochs_run=epochs_run, epochs_full=len(results) * max_epochs, wall_s=wall_s)
 
@@ -98,4 +130,4 @@ def log_summary(tracker: Tracker, parent_run_id: str, results: ResultGrid, summa
     if scores:
         tracker.log_metrics(parent_run_id, {f"importance.{k}": v for k, v in scores.items()}, step=0)
         lines = "\n".join(f"{k}: {v:.3f}" for k, v in scores.items())
-        tracker.client.log_text(parent_run_id, lines + "\n", "summary/param_importances.txt")
+        tracker.log_text(parent_run_id, lines + "\n", "summary/param_importances.txt")

@@ -8,10 +8,11 @@ import atexit
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 
 from cellseg.config import apply_overrides, config_from_dict
 from cellseg.run_pictures import write_run_pictures
@@ -64,3 +65,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bo
 def trial_dirname(trial: tune.experiment.Trial) -> str:
     """Short trial folder names (Tune's default embeds every sampled value)."""
     return f"trial_{trial.trial_id}"
+
+
+def reached_max_epochs(result: Mapping[str, Any], max_epochs: int) -> bool:
+    """Whether the trial whose latest result is ``result`` has trained every epoch (so it ended
+    as planned, not stopped early by ASHA or the time budget)."""
+    return result.get(TRAINING_ITERATION, 0) >= max_epochs

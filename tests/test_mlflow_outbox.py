@@ -7,7 +7,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from search.mlflow_outbox import Outbox, is_unavailable
+from cellseg.tracking import is_unavailable
+from search.mlflow_outbox import Outbox
 
 
 class Store:

@@ -159,3 +159,19 @@ def test_unusable_storage_fails_before_any_trial(tmp_path, easy_root, tiny_searc
     assert f"storage {storage}" in err and message in err
     _, parents, _ = search_runs(uri, "x", "s1")
     assert not parents and not ray.is_initialized()
+
+
+def test_a_search_where_no_trial_succeeds_fails_naming_the_first_error(tmp_path, easy_root,
+                                                                       tiny_search, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  optim.lr: {choice: [1.0e+4, 2.0e+4]}\nbaselines: [explodes.yaml]\n")
+    (tmp_path / "explodes.yaml").write_text("optim: {lr: 1.0e+4}\n")
+    code, (_, [parent], [child]) = run_search(
+        tmp_path, easy_root, {**tiny_search, "space": space}, "--num-samples", "1",
+        "--max-epochs", "1")
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "search: failed: no trial succeeded: 1 of 1 failed" in error
+    assert "NonFiniteLossError" in error and child.data.tags["ray.trial_id"] in error
+    assert parent.info.status == "FAILED" and "no trial succeeded" in parent.data.tags["error"]
+    assert child.info.status == "FAILED"

@@ -11,11 +11,11 @@ from cellseg.config import ConfigError
 from cellseg.data import DataError
 from cellseg.tracking import Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
-from search.run import (CLUSTER_PENDING_TRIALS, REPO, SEARCH_TAG, STRICT_METRIC_ENV,
+from search.run import (CLUSTER_PENDING_TRIALS, REPO, SEARCH_TAG, SIGINT_ENV, STRICT_METRIC_ENV,
                         check_fault_drill, check_gpu_request, data_root, load_base,
                         main as search_main, metric_every_epoch, open_parent_run, pending_trials,
                         scoped_environ, search_name, stage_weights, storage_paths,
-                        tune_metric_check)
+                        tune_environment)
 from search.space import load_space
 from searchutil import free_port, search_args
 
@@ -66,18 +66,19 @@ def test_local_and_remote_storage_paths(tmp_path):
 
 
 @pytest.mark.parametrize("before", [None, "0"])
-def test_the_relaxed_metric_check_is_scoped_to_the_block(monkeypatch, before):
+def test_tunes_environment_settings_are_scoped_to_the_block(monkeypatch, before):
     if before is None:
         monkeypatch.delenv(STRICT_METRIC_ENV, raising=False)
     else:
         monkeypatch.setenv(STRICT_METRIC_ENV, before)
-    with tune_metric_check(strict=True):
-        assert os.environ.get(STRICT_METRIC_ENV) == before
+    monkeypatch.delenv(SIGINT_ENV, raising=False)
+    with tune_environment(strict_metrics=True):
+        assert os.environ.get(STRICT_METRIC_ENV) == before and os.environ[SIGINT_ENV] == "1"
     with pytest.raises(KeyboardInterrupt):
-        with tune_metric_check(strict=False):
-            assert os.environ[STRICT_METRIC_ENV] == "1"
+        with tune_environment(strict_metrics=False):
+            assert os.environ[STRICT_METRIC_ENV] == "1" and os.environ[SIGINT_ENV] == "1"
             raise KeyboardInterrupt
-    assert os.environ.get(STRICT_METRIC_ENV) == before
+    assert os.environ.get(STRICT_METRIC_ENV) == before and SIGINT_ENV not in os.environ
 
 
 def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path):

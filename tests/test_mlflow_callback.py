@@ -1,0 +1,114 @@
+"""The MLflow callback driven with real Tune Trial objects and a real MLflow store on SQLite,
+without Ray running: child runs, epochs, statuses, and what a restored search reconciles."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune.experiment import Trial
+
+from cellseg.config import config_to_dict, load_config
+from cellseg.tracking import Tracker
+from search.mlflow_callback import LOST, TRIAL_TAG, MlflowTrialLogger
+
+TRIALS = Path(__file__).resolve().parents[1] / "trials"
+MAX_EPOCHS = 3
+
+
+@pytest.fixture
+def store(tmp_path, easy_root):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracker.start_run("e", "s1")
+    base = load_config(TRIALS / "demo.yaml", [f"data.root={easy_root}"])
+    return tracker, parent, config_to_dict(base)
+
+
+def logger(tracker: Tracker, parent: str, base: dict) -> MlflowTrialLogger:
+    callback = MlflowTrialLogger(
+        tracking_uri=tracker.uri, experiment="e", parent_run_id=parent, max_epochs=MAX_EPOCHS,
+        base=base, metric="segm_AP50")
+    callback.setup()
+    return callback
+
+
+def trial(trial_id: str, lr: float = 0.01) -> Trial:
+    return Trial("train_trial", config={"optim.lr": lr}, trial_id=trial_id, stub=True)
+
+
+def report(callback: MlflowTrialLogger, t: Trial, epoch: int) -> None:
+    result = {"epoch": epoch, "training_iteration": epoch, "segm_AP50": epoch / 10,
+              "train_loss": 1.0 / epoch, "trial_id": t.trial_id, "done": False}
+    callback.on_trial_result(0, [t], t, result)
+    t.update_last_result(result)
+
+
+def child(tracker: Tracker, trial_id: str):
+    [run] = MlflowClient(tracker.uri).search_runs(
+        [tracker.experiment_id("e")], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+    return run
+
+
+def epochs(tracker: Tracker, run) -> list[int]:
+    return sorted(m.step for m in MlflowClient(tracker.uri).get_metric_history(run.info.run_id,
+                                                                                "segm_AP50"))
+
+
+def test_every_trial_is_a_child_run_finished_when_it_ran_every_epoch_else_killed(store):
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    full, stopped = trial("t_00001", 0.01), trial("t_00002", 0.02)
+    for t, n in ((full, MAX_EPOCHS), (stopped, 1)):
+        callback.on_trial_start(0, [t], t)
+        for epoch in range(1, n + 1):
+            report(callback, t, epoch)
+        callback.on_trial_complete(0, [t], t)
+    run = child(tracker, "t_00001")
+    assert run.info.status == "FINISHED" and epochs(tracker, run) == [1, 2, 3]
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["optim.lr"] == "0.01" and run.data.params["model.backbone"]
+    assert run.data.metrics["train_loss"] == pytest.approx(1 / 3)
+    assert "trial_id" not in run.data.metrics and "done" not in run.data.metrics
+    run = child(tracker, "t_00002")
+    assert run.info.status == "KILLED" and epochs(tracker, run) == [1]
+
+
+def test_a_restored_search_brings_every_run_to_tunes_state(store):
+    tracker, parent, base = store
+    first = logger(tracker, parent, base)
+    ended, running, lost = trial("t_00001"), trial("t_00002"), trial("t_00003")
+    for t in (ended, running, lost):
+        first.on_trial_start(0, [t], t)
+        report(first, t, 1)
+    report(first, ended, 2)
+    # the driver dies: Tune had saved `ended` as ended after epoch 3, `running` as running, and
+    # had not saved `lost` at all
+    second = pickle.loads(pickle.dumps(first))  # as Tuner.restore brings the callback back
+    second.setup()
+    ended.update_last_result({"epoch": 3, "training_iteration": 3, "segm_AP50": 0.3})
+    ended.set_status(Trial.TERMINATED)
+    second.on_step_begin(0, [ended, running])
+    run = child(tracker, "t_00001")
+    assert run.info.status == "FINISHED" and epochs(tracker, run) == [1, 2, 3]
+    run = child(tracker, "t_00003")
+    assert run.info.status == "KILLED" and run.data.tags["error"] == LOST
+    assert child(tracker, "t_00002").info.status == "RUNNING"
+
+    second.on_trial_start(0, [ended, running], running)  # restored from its epoch-1 checkpoint
+    for epoch in (1, 2, 3):
+        report(second, running, epoch)
+    second.on_trial_complete(0, [ended, running], running)
+    run = child(tracker, "t_00002")
+    assert run.info.status == "FINISHED" and epochs(tracker, run) == [1, 2, 3]  # 1 not twice
+
+
+def test_trials_tune_stopped_without_telling_the_callback_are_closed_at_the_end(store):
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    t = trial("t_00001")
+    callback.on_trial_start(0, [t], t)
+    report(callback, t, 1)
+    t.set_status(Trial.TERMINATED)  # --time-budget ran out: Tune stops it, no on_trial_complete
+    callback.on_experiment_end([t])
+    assert child(tracker, "t_00001").info.status == "KILLED"
