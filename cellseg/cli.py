@@ -66,16 +66,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from cellseg.commands import export_run
+    from cellseg.tta import DEFAULT_TTA
 
     if args.search and not args.best:
         raise ConfigError("--search chooses among the runs of --best; add --best")
     with tempfile.TemporaryDirectory() as scratch:
         summary = export_run(
-            checkpoint=args.checkpoint, run_id=args.run_id, best=args.best, search=args.search,
-            experiment=args.experiment, tracking_uri=args.tracking_uri, data_root=args.data,
-            output=Path(args.output), zip_path=Path(args.zip) if args.zip else None,
-            score_threshold=args.score_threshold, scratch=Path(scratch),
-            progress=not args.no_progress)
+            checkpoints=args.checkpoint or [], run_id=args.run_id, best=args.best,
+            search=args.search, experiment=args.experiment, tracking_uri=args.tracking_uri,
+            data_root=args.data, output=Path(args.output),
+            zip_path=Path(args.zip) if args.zip else None, score_threshold=args.score_threshold,
+            scratch=Path(scratch), progress=not args.no_progress, ensemble=args.ensemble,
+            flips=DEFAULT_TTA if args.tta == [] else tuple(args.tta or ()),
+            **({} if args.merge_iou is None else {"iou_threshold": args.merge_iou}))
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
@@ -137,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="predict the test images and write test-results.json")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint file or run directory")
+    source.add_argument("--checkpoint", action="append",
+                        help="a checkpoint file or run directory; repeat it to merge several "
+                             "models (an ensemble)")
     source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
     source.add_argument("--best", action="store_true",
                         help="the best trial of the most recent search (or training run) of "
@@ -153,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", help="also write a zip holding test-results.json")
     p.add_argument("--score-threshold", type=float, default=0.0,
                    help="drop detections below this score (AP50 rewards keeping nearly all)")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="with --best: merge the K best runs of the chosen search (default 1)")
+    p.add_argument("--tta", nargs="*", metavar="FLIP",
+                   help="test-time augmentation: also predict the image flipped (hflip, vflip, "
+                        "hvflip; bare --tta: hflip vflip) and merge the passes")
+    p.add_argument("--merge-iou", type=float,
+                   help="box IoU at which detections of two passes (flips or models) are the same "
+                        "instance (default: docs/second-stage.md)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_export)
 

@@ -20,6 +20,7 @@ from cellseg.plots import plot_class_distribution
 from cellseg.run_pictures import write_run_pictures
 from cellseg.tracking import (RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, TrackingError,
                               best_metric_key)
+from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips
 from cellseg.training import FitResult, build_loaders, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -68,46 +69,65 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None,
                     max_dets=coco_max_dets(cfg.model.detections_per_img), with_loss=True)
 
 
-def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, search: str | None,
+def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search: str | None,
                experiment: str, tracking_uri: str | None, data_root: str | None, output: Path,
-               zip_path: Path | None, score_threshold: float, scratch: Path,
-               progress: bool) -> dict[str, Any]:
-    """Predict every test image with a checkpoint (a file, an MLflow run, or the best run).
+               zip_path: Path | None, score_threshold: float, scratch: Path, progress: bool,
+               ensemble: int = 1, flips: tuple[str, ...] = (),
+               iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> dict[str, Any]:
+    """Predict every test image with one or more checkpoints (files, an MLflow run, or the best
+    ``ensemble`` runs), on the image and its ``flips`` views, merged as ``cellseg.tta`` says.
 
     Writes the submission, a class-distribution picture and ``<output stem>.provenance.json``
-    naming the model that made it (run, search, metric, data fingerprint).
+    naming the model that made it (run, search, metric, data fingerprint; every member of an
+    ensemble; the flips and the merge IoU).
     """
-    tracker, provenance = None, {}
-    if checkpoint is None:
+    if ensemble < 1:
+        raise ConfigError(f"--ensemble {ensemble}: give the number of best runs to merge, 1 or more")
+    if ensemble > 1 and not best:
+        raise ConfigError("--ensemble K merges the K best runs of --best; add --best, or pass "
+                          "--checkpoint once per model")
+    flips = check_flips(flips)
+    tracker, members = None, []
+    if checkpoints:
+        members = [(None, Path(c), {}) for c in checkpoints]
+    else:
         tracker = Tracker(tracking_uri)
         tracker.check()
         if best:
-            run_id, checkpoint, provenance = best_checkpoint(tracker, experiment, search,
-                                                             data_root, scratch)
+            members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble)
         else:
-            checkpoint = tracker.download_checkpoint(run_id, scratch)
-            provenance = _provenance(tracker.record(run_id), search=None)
-    state = load_checkpoint(checkpoint)
-    device = resolve_device(checkpoint_config(state).train.device)
-    model, cfg = restore_model(state, device)
-    if not provenance:
-        metric = cfg.train.metric
-        provenance = {"run_id": None, "run_name": None, "search": None, "metric": metric,
-                      "metric_value": state.get("metrics", {}).get(metric), "fingerprint": None}
-    root = data_root or cfg.data.root
+            members = [(run_id, tracker.download_checkpoint(run_id, scratch),
+                        _provenance(tracker.record(run_id), search=None))]
+    states = [load_checkpoint(checkpoint) for _, checkpoint, _ in members]
+    device = resolve_device(checkpoint_config(states[0]).train.device)
+    models, configs = zip(*(restore_model(state, device) for state in states))
+    for (_, checkpoint, provenance), state, cfg in zip(members, states, configs):
+        if not provenance:
+            metric = cfg.train.metric
+            provenance.update(run_id=None, run_name=None, search=None, metric=metric,
+                              metric_value=state.get("metrics", {}).get(metric), fingerprint=None)
+        provenance["checkpoint"] = str(checkpoint)
+    run_id, checkpoint, provenance = members[0]
+    provenance = dict(provenance)
+    root = data_root or configs[0].data.root
     test_images = load_test_images(root)
+    max_pixels = configs[0].data.max_pixels
     for test_image in test_images:  # every header, before any image is decoded
-        check_test_header(test_image, max_pixels=cfg.data.max_pixels)
-    results = export_predictions([model], test_images,
-                                 functools.partial(read_image, max_pixels=cfg.data.max_pixels),
-                                 device=device, score_threshold=score_threshold, progress=progress)
+        check_test_header(test_image, max_pixels=max_pixels)
+    results = export_predictions(list(models), test_images,
+                                 functools.partial(read_image, max_pixels=max_pixels),
+                                 device=device, score_threshold=score_threshold, flips=flips,
+                                 iou_threshold=iou_threshold, progress=progress)
     write_submission(results, test_images, output, zip_path=zip_path)
     picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))
     provenance_path = output.with_name(f"{output.stem}{PROVENANCE_SUFFIX}")
-    provenance.update(checkpoint=str(checkpoint), data=str(Path(root).resolve()),
+    provenance.update(data=str(Path(root).resolve()),
                       tracking_uri=tracker.uri if tracker else None,
                       experiment=experiment if tracker else None, output=str(output.resolve()),
-                      written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                      written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      ensemble=[m[2] for m in members] if len(members) > 1 else None,
+                      tta_flips=list(flips),
+                      merge_iou_threshold=iou_threshold if len(members) > 1 or flips else None)
     write_provenance(provenance_path, provenance)
     if tracker is not None:
         for path in (output, picture, provenance_path):
@@ -115,7 +135,8 @@ def export_run(*, checkpoint: str | None, run_id: str | None, best: bool, search
     return {**{k: provenance[k] for k in ("run_id", "run_name", "search", "metric",
                                          "metric_value", "fingerprint")},
             "results": output, "zip": zip_path, "picture": picture, "provenance": provenance_path,
-            "checkpoint": checkpoint, "images": len(test_images), "detections": len(results)}
+            "checkpoint": checkpoint, "models": len(models), "tta_flips": ",".join(flips) or None,
+            "images": len(test_images), "detections": len(results)}
 
 
 def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
@@ -125,29 +146,38 @@ def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
             "fingerprint": record.fingerprint}
 
 
-def best_checkpoint(tracker: Tracker, experiment: str, search: str | None, data_root: str | None,
-                    scratch: Path) -> tuple[str, Path, dict[str, Any]]:
-    """The best run for ``data_root`` (cellseg.best_run's rule) whose checkpoint downloads."""
+def best_checkpoints(tracker: Tracker, experiment: str, search: str | None, data_root: str | None,
+                     scratch: Path, count: int = 1) -> list[tuple[str, Path, dict[str, Any]]]:
+    """The ``count`` best runs for ``data_root`` (cellseg.best_run's rule) whose checkpoints
+    download, best first: (run id, checkpoint, provenance) each."""
     if not data_root:
         raise ConfigError("export --best needs --data DIR: the best run is chosen among the runs "
                           "trained on that dataset, whose test images are then predicted")
     choice = choose(tracker.records(experiment), data_root, search=search,
                     where=f"experiment {experiment!r} of {tracker.uri}")
-    skipped = []
+    skipped, found = [], []
     for candidate in choice.ranked:
         record = candidate.record
         try:
-            checkpoint = tracker.download_checkpoint(record.run_id, scratch)
+            checkpoint = tracker.download_checkpoint(record.run_id, scratch / record.run_id)
         except TrackingError as exc:
             log.warning("skipping run %s (%s): %s", record.run_id, record.name, exc)
             skipped.append(record.run_id)
             continue
-        provenance = {**_provenance(record, search=choice.search), "skipped_runs": skipped}
-        return record.run_id, checkpoint, provenance
+        found.append((record.run_id, checkpoint, _provenance(record, search=choice.search)))
+        if len(found) == count:
+            found[0][2]["skipped_runs"] = skipped
+            return found
+    if not found:
+        raise TrackingError(
+            f"none of the {len(choice.ranked)} exportable runs of {choice.group.kind} "
+            f"{choice.group.name!r} has its checkpoint artifact in {tracker.uri} (skipped: "
+            f"{', '.join(skipped)}); pass --search NAME to choose another search")
     raise TrackingError(
-        f"none of the {len(choice.ranked)} exportable runs of {choice.group.kind} "
-        f"{choice.group.name!r} has its checkpoint artifact in {tracker.uri} (skipped: "
-        f"{', '.join(skipped)}); pass --search NAME to choose another search")
+        f"--ensemble {count} needs {count} runs with checkpoints, but {choice.group.kind} "
+        f"{choice.group.name!r} has {len(found)} (of {len(choice.ranked)} exportable runs on this "
+        f"data; skipped: {', '.join(skipped) or 'none'}); ask for fewer, or pass --search NAME "
+        "for a search with more trials")
 
 
 def score_export(results: Path, data_root: Path) -> dict[str, float]:

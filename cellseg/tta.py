@@ -35,6 +35,7 @@ from cellseg.evaluation import ImagePrediction
 from cellseg.predict import Detections, detect_images, encode_detections
 
 FLIPS = {"hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}  # view name -> flipped image dims
+DEFAULT_TTA = ("hflip", "vflip")  # the views of a bare ``export --tta``
 DEFAULT_IOU_THRESHOLD = 0.55  # box IoU at which two passes' detections are the same instance
 
 _SAME_BOX = 1e-3  # pixels: a member's box this close to the merged one needs no resampling

@@ -1,4 +1,4 @@
-"""Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoint), on a real
+"""Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoints), on a real
 MLflow SQLite store filled with runs shaped as ``cellseg train`` and searches write them."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cellseg.best_run import choose, groups
-from cellseg.commands import best_checkpoint
+from cellseg.commands import best_checkpoints
 from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint
 from cellseg.tracking import Tracker, TrackingError
@@ -173,8 +173,8 @@ def test_a_missing_checkpoint_is_skipped_with_a_warning(store: Store, real: Path
                      checkpoint=False)
     kept = store.run("kept", source="search", data=real, value=0.8, parent=parent)
     with caplog.at_level(logging.WARNING):
-        run_id, checkpoint, provenance = best_checkpoint(store.tracker, EXPERIMENT, None, str(real),
-                                                         tmp_path / "scratch")
+        [(run_id, checkpoint, provenance)] = best_checkpoints(store.tracker, EXPERIMENT, None,
+                                                              str(real), tmp_path / "scratch")
     assert run_id == kept and checkpoint.read_text() == "weights of kept"
     assert provenance["skipped_runs"] == [gone] and provenance["run_name"] == "kept"
     assert provenance["search"] == "s" and provenance["metric_value"] == 0.8
@@ -182,4 +182,21 @@ def test_a_missing_checkpoint_is_skipped_with_a_warning(store: Store, real: Path
 
     store.client.set_terminated(kept, "FAILED")
     with pytest.raises(TrackingError, match=f"search 's'.*skipped: {gone}"):
-        best_checkpoint(store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch")
+        best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch")
+
+
+def test_an_ensemble_takes_the_k_best_runs_with_checkpoints(store: Store, real: Path,
+                                                           tmp_path: Path) -> None:
+    parent = store.run("s", source="search-parent", data=real, search="s")
+    runs = {name: store.run(name, source="search", data=real, value=value, parent=parent,
+                            checkpoint=name != "gone")
+            for name, value in (("third", 0.5), ("gone", 0.9), ("best", 0.8), ("second", 0.7),
+                                ("fourth", 0.4))}
+    found = best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "a", 3)
+    assert [run_id for run_id, _, _ in found] == [runs["best"], runs["second"], runs["third"]]
+    assert [c.read_text() for _, c, _ in found] == ["weights of best", "weights of second",
+                                                    "weights of third"]  # one file each
+    assert found[0][2]["skipped_runs"] == [runs["gone"]]
+    assert [p["metric_value"] for _, _, p in found] == [0.8, 0.7, 0.5]
+    with pytest.raises(TrackingError, match=r"--ensemble 5 needs 5 runs.*search 's' has 4 \(of 5"):
+        best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "b", 5)

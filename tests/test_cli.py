@@ -426,6 +426,59 @@ def test_export_run_id_without_checkpoint_exits_2(workspace: dict, tmp_path: Pat
     assert empty in err and "checkpoint/best.pt" in err
 
 
+def segmentations(path: Path) -> list[tuple]:
+    return [(r["image_id"], r["category_id"], r["segmentation"]["counts"])
+            for r in json.loads(path.read_text())]
+
+
+def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
+    """--tta writes a valid submission recording its flips; one model given twice, or the best
+    run as an ensemble of one, exports what the model alone does; impossible requests exit 2."""
+    data, checkpoint = str(workspace["data"]), str(checkpoint_of(workspace, "r1"))
+    plain, tta, twice = tmp_path / "plain.json", tmp_path / "tta.json", tmp_path / "twice.json"
+    common = ["--data", data, "--no-progress"]
+    assert main(["export", "--checkpoint", checkpoint, "--output", str(plain), *common]) == 0
+    assert main(["export", "--checkpoint", checkpoint, "--tta", "--merge-iou", "0.5",
+                 "--output", str(tta), *common]) == 0
+    out = capsys.readouterr().out
+    assert "tta_flips: hflip,vflip" in out and "models: 1" in out
+    results = json.loads(tta.read_text())
+    assert results
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = mapping_coco(workspace["data"]).loadRes(copy.deepcopy(results))
+    assert len(loaded.getAnnIds()) == len(results)
+    provenance = json.loads((tmp_path / "tta.provenance.json").read_text())
+    assert provenance["tta_flips"] == ["hflip", "vflip"] and provenance["merge_iou_threshold"] == 0.5
+    assert provenance["ensemble"] is None and provenance["checkpoint"] == checkpoint
+
+    assert main(["export", "--checkpoint", checkpoint, "--checkpoint", checkpoint,
+                 "--output", str(twice), *common]) == 0
+    assert "models: 2" in capsys.readouterr().out
+    assert segmentations(twice) == segmentations(plain)
+    provenance = json.loads((tmp_path / "twice.provenance.json").read_text())
+    assert [m["checkpoint"] for m in provenance["ensemble"]] == [checkpoint, checkpoint]
+
+    mlflow = ["--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"]]
+    best, one = tmp_path / "best.json", tmp_path / "one.json"
+    assert main(["export", "--best", "--search", "r1", *mlflow, "--output", str(best), *common]) == 0
+    assert main(["export", "--best", "--search", "r1", "--ensemble", "1", *mlflow,
+                 "--output", str(one), *common]) == 0
+    assert segmentations(one) == segmentations(best) == segmentations(plain)
+    capsys.readouterr()
+
+    assert main(["export", "--best", "--search", "r1", "--ensemble", "2", *mlflow,
+                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert "--ensemble 2 needs 2 runs" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", checkpoint, "--ensemble", "2",
+                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert "add --best" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", checkpoint, "--tta", "rot90",
+                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert "'rot90'" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
+
+
 # ----------------------------------------------------------------------------- real data
 
 def test_inspect_real_data(realdata_root: Path, capsys: pytest.CaptureFixture) -> None:
