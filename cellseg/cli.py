@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cellseg.config import ModelConfig, load_config
+from cellseg.config import DataConfig, ModelConfig, load_config
 from cellseg.data import PROFILES
 from cellseg.errors import USER_ERRORS, ConfigError
 
@@ -21,6 +21,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from cellseg.data import dataset_stats, format_stats
 
     stats = dataset_stats(args.data, detections_per_img=args.detections_per_img,
+                          max_pixels=args.max_pixels, max_instances=args.max_instances,
                           progress=not args.json)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--detections-per-img", type=int, default=ModelConfig.detections_per_img,
                    help="warn about images holding more instances than this")
+    p.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels,
+                   help="refuse images and masks larger than this (data.max_pixels)")
+    p.add_argument("--max-instances", type=int, default=DataConfig.max_instances,
+                   help="refuse training images with more instances (data.max_instances)")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")

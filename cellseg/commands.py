@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 from cellseg.best_run import choose
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, ConfigError, TrainConfig, flatten
-from cellseg.data import (dataset_fingerprint, load_test_images, read_image,
+from cellseg.data import (check_test_header, dataset_fingerprint, load_test_images, read_image,
                           targets_from_label_maps, ground_truth_maps)
 from cellseg.engine import evaluate
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
@@ -110,8 +111,12 @@ def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search
     provenance = dict(provenance)
     root = data_root or configs[0].data.root
     test_images = load_test_images(root)
-    results = export_predictions(list(models), test_images, read_image, device=device,
-                                 score_threshold=score_threshold, flips=flips,
+    max_pixels = configs[0].data.max_pixels
+    for test_image in test_images:  # every header, before any image is decoded
+        check_test_header(test_image, max_pixels=max_pixels)
+    results = export_predictions(list(models), test_images,
+                                 functools.partial(read_image, max_pixels=max_pixels),
+                                 device=device, score_threshold=score_threshold, flips=flips,
                                  iou_threshold=iou_threshold, progress=progress)
     write_submission(results, test_images, output, zip_path=zip_path)
     picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))

@@ -25,6 +25,8 @@ class DataConfig:
     split_seed: int = 0  # fixed so every trial of a search is scored on the same images
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU demos and tests single-process
     cache_decoded: bool = True  # decode each tif once: LZW decoding dominates a CPU epoch
+    max_pixels: int = 50_000_000  # refuse larger TIFFs from their header; the largest real is 1.8 MP
+    max_instances: int = 5000  # refuse images with more; real max ~500, each costs an HxW mask
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,8 @@ def validate(cfg: Config) -> None:
     d, m, a, o, t = cfg.data, cfg.model, cfg.augment, cfg.optim, cfg.train
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _check(d.max_pixels > 0 and d.max_instances > 0,
+           "data.max_pixels and data.max_instances must be positive")
     _check(0 <= m.trainable_layers <= 5, "model.trainable_layers must lie in 0..5")
     _check(
         (m.anchors == "custom") == bool(m.anchor_sizes),

@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from cellseg.checkpoint import BEST, PICTURES
 from cellseg.config import Config, config_to_dict
 from cellseg.data.fingerprint import DataFingerprint
 from cellseg.errors import TrackingError
+from cellseg.telemetry_off import switch_off_telemetry
+
+switch_off_telemetry()  # before mlflow is imported: it decides at import whether to report usage
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_EXPERIMENT = "cellseg"

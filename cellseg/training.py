@@ -58,11 +58,12 @@ def build_datasets(cfg: Config) -> tuple[CellDataset, CellDataset]:
     train_items, val_items = split_items(items, cfg.data.val_fraction, cfg.data.split_seed)
     if cfg.train.max_eval_images:
         val_items = val_items[: cfg.train.max_eval_images]
+    limits = dict(max_pixels=cfg.data.max_pixels, max_instances=cfg.data.max_instances)
     train = CellDataset(train_items, transform=build_augment(cfg.augment),
                         cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed,
-                        downscale_to=(cfg.model.min_size, cfg.model.max_size))
+                        downscale_to=(cfg.model.min_size, cfg.model.max_size), **limits)
     val = CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,
-                      seed=cfg.train.seed)
+                      seed=cfg.train.seed, **limits)
     return train, val
 
 

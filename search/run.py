@@ -32,6 +32,7 @@ from ray.tune.search import ConcurrencyLimiter
 from cellseg.config import Config, ConfigError, config_to_dict, load_config
 from cellseg.data import (DataError, DataFingerprint, dataset_fingerprint, make_synthetic_dataset,
                           scan_train)
+from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import WeightsError, resolve_weights
 from search.driver_drill import DRILL_ENV, parse_drill
@@ -348,9 +349,9 @@ def run_search(args: argparse.Namespace) -> int:
     storage_path, local_dir = storage_paths(args.storage, name)
     check_storage(storage_path, args.min_free_gb)
     local_dir.mkdir(parents=True, exist_ok=True)
-
+    no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env=WORKER_RUNTIME_ENV)
+             runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry})  # workers get it too
     base_dict = config_to_dict(base_cfg)
     parent_run_id = open_parent_run(
         tracker, experiment=args.experiment, name=name, resume=args.resume,

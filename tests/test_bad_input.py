@@ -7,7 +7,10 @@ which is which.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -15,12 +18,16 @@ from typing import Callable
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from cellseg.cli import main as cellseg_main
-from cellseg.data import dataset_stats
+from cellseg.config import Config, DataConfig, apply_overrides
+from cellseg.data import CellDataset, DataError, dataset_stats, scan_train
 from cellseg.data.layout import MAPPING_FILE
 from cellseg.data.synth import make_synthetic_dataset
 from cellseg.data.tiff_io import write_image, write_mask
+from cellseg.training import build_loaders
+from tiffutil import HUGE, write_zeros_lzw
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,16 @@ def wrong_size_mask(root: Path) -> Path:
     return path
 
 
+def noise_masks(root: Path) -> Path:
+    """A 100 x 100 image whose class1.tif holds 10000 instances, one per pixel."""
+    folder = first_item(root)
+    for path in folder.glob("class*.tif"):
+        path.unlink()
+    write_image(folder / "image.tif", np.zeros((100, 100, 4), np.uint8))
+    write_mask(folder / "class1.tif", np.arange(1, 10_001, dtype=np.float64).reshape(100, 100))
+    return folder
+
+
 ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "truncated-image": (lambda r: truncate(first_item(r) / "image.tif"), "not a readable TIFF"),
     "truncated-mask": (lambda r: truncate(mask_file(r)), "not a readable TIFF"),
@@ -131,6 +148,7 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
                             "not a plain file name"),
     "mapping-not-json": (overwrite(lambda r: r / MAPPING_FILE, "[{"), "not valid JSON"),
     "mapping-wrong-schema": (edit_mapping(lambda m: [{**m[0], "height": "tall"}]), "expected an object"),
+    "too-many-instances": (noise_masks, "10000 instances (class1.tif: 10000"),
 }
 
 
@@ -170,6 +188,18 @@ def resize_test_image(root: Path) -> Path:
     return path
 
 
+def broken_test_image_of_another_size(root: Path) -> Path:
+    """A test image whose header differs from the mapping and whose pixels cannot be decoded."""
+    path = first_test(root)
+    tifffile.imwrite(path, np.zeros((7, 9, 4), np.uint8), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * count)
+    return path
+
+
 def empty_masks(root: Path) -> Path:
     for path in first_item(root).glob("class*.tif"):
         write_mask(path, np.zeros_like(tifffile.imread(path)))
@@ -180,6 +210,7 @@ WARNINGS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "stray-file": (stray_file, "ignoring unexpected files notes.txt"),
     "unmapped-test-image": (unmapped_test_image, f"not in {MAPPING_FILE}, ignored"),
     "test-size-differs-from-mapping": (resize_test_image, "differs from the mapping"),
+    "test-size-differs-not-decoded": (broken_test_image_of_another_size, "not decoded"),
     "image-without-instances": (empty_masks, "no instances in any class file"),
 }
 
@@ -219,3 +250,57 @@ def test_odd_names_large_ids_and_os_noise_are_fine(template, tmp_path, capsys):
     assert stats["num_test_images"] == expected["num_test_images"]
     assert len(stats["warnings"]) == len(expected["warnings"])
 
+
+
+HUGE_FILES: dict[str, Callable[[Path], Path]] = {
+    "train-image": lambda r: write_zeros_lzw(first_item(r) / "image.tif", (HUGE, HUGE, 4), np.uint8),
+    "mask": lambda r: write_zeros_lzw(mask_file(r), (HUGE, HUGE), np.float64),
+    "test-image": lambda r: write_zeros_lzw(first_test(r), (HUGE, HUGE, 4), np.uint8),
+}
+# Runs `cellseg inspect` on each folder in one process, printing after each its exit code and the
+# process's peak resident memory so far (Linux: KB); the first folder is intact, the baseline.
+INSPECT_WITH_PEAK_RSS = """
+import resource, sys
+from cellseg.cli import main
+for root in sys.argv[1:]:
+    code = main(["inspect", root, "--json"])
+    print("peak", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def test_huge_tiffs_are_refused_from_their_header_in_bounded_memory(template, tmp_path):
+    broken = {where: broken_copy(template, tmp_path / where, mutate)
+              for where, mutate in HUGE_FILES.items()}
+    assert all(path.stat().st_size < 4_000_000 for _, path in broken.values())
+    done = subprocess.run([sys.executable, "-c", INSPECT_WITH_PEAK_RSS, str(template),
+                           *(str(root) for root, _ in broken.values())],
+                          capture_output=True, text=True, timeout=600)
+    peaks = [line.split() for line in done.stderr.splitlines() if line.startswith("peak ")]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert [code for _, code, _ in peaks] == ["0", "2", "2", "2"], done.stderr
+    limit = f"above the limit of {DataConfig.max_pixels / 1e6:g} megapixels"
+    for (_, path), error in zip(broken.values(), errors, strict=True):
+        assert str(path) in error and f"{HUGE}x{HUGE} pixels" in error and limit in error, error
+    baseline_kb = int(peaks[0][2])
+    grown_mb = (int(peaks[-1][2]) - baseline_kb) / 1000
+    assert grown_mb < 300, f"{grown_mb:.0f} MB above an intact dataset's peak: a file was decoded"
+
+
+def test_training_refuses_a_sample_above_the_limits(template, tmp_path):
+    root, folder = broken_copy(template, tmp_path, noise_masks)
+    item = next(i for i in scan_train(root) if i.folder == folder)
+    with pytest.raises(DataError, match=f"{folder}: its masks hold 10000 instances"):
+        CellDataset([item], max_instances=9999)[0]
+    assert len(CellDataset([item], max_instances=10_000)[0][1]["labels"]) >= 10_000
+    with pytest.raises(DataError, match=f"{item.image_path}: .* above the limit of 0.0001 mega"):
+        CellDataset([item], max_pixels=100)[0]
+
+
+def test_training_takes_the_limits_from_the_config(template, tmp_path):
+    root, folder = broken_copy(template, tmp_path, noise_masks)
+    cfg = apply_overrides(Config(), {"data.root": str(root), "data.max_instances": 9999,
+                                     "model.min_size": 64, "model.max_size": 128})
+    train, val, _ = build_loaders(cfg, torch.device("cpu"))
+    with pytest.raises(DataError, match=f"{folder}: its masks hold 10000 instances"):
+        for loader in (train, val):
+            list(loader)

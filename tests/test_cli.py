@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from cellseg.data import (
     ground_truth_maps,
     targets_from_label_maps,
 )
+from tiffutil import HUGE, write_zeros_lzw
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 EXPERIMENT = "cli"
@@ -296,6 +298,18 @@ def test_export_checkpoint_writes_valid_json_and_zip(workspace: dict, tmp_path: 
     assert main(["score", "--results", str(output), "--data", str(data)]) == 0
     value = printed_metric(capsys.readouterr().out, "segm_AP50")
     assert 0.0 <= value <= 1.0
+
+
+def test_export_refuses_a_test_image_above_the_pixel_limit_before_decoding(
+        workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(workspace["data"], data)
+    huge = write_zeros_lzw(load_test_images(data)[-1].path, (HUGE, HUGE, 4), np.uint8)
+    code = main(["export", "--checkpoint", str(checkpoint_of(workspace, "r1")), "--data", str(data),
+                 "--output", str(tmp_path / "out.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{huge}: {HUGE}x{HUGE} pixels" in err and "above the limit" in err, err
+    assert not (tmp_path / "out.json").exists()
 
 
 def perfect_results(data: Path) -> list[dict]:

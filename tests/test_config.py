@@ -213,6 +213,8 @@ def test_literal_fields_reject_and_list_allowed(key: str, value: str, allowed: l
     [
         ({"data.val_fraction": 0.0}, "data.val_fraction"),
         ({"data.val_fraction": 1.0}, "data.val_fraction"),
+        ({"data.max_pixels": 0}, "data.max_pixels"),
+        ({"data.max_instances": -1}, "data.max_instances"),
         ({"model.anchors": "custom"}, "model.anchor_sizes"),  # custom without sizes
         ({"model.anchor_sizes": [8, 16, 32, 64, 128]}, "model.anchor_sizes"),  # sizes not custom
         ({"model.anchors": "custom", "model.anchor_sizes": [8, -16]}, "model.anchor_sizes"),

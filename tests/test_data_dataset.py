@@ -100,9 +100,9 @@ def test_dataset_items_and_empty_target(quirky_root: Path) -> None:
 def test_cache_decodes_once(quirky_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def counting(item: TrainItem):
+    def counting(item: TrainItem, **limits: int):
         calls.append(item.item_id)
-        return load_sample(item)
+        return load_sample(item, **limits)
 
     monkeypatch.setattr(dataset_module, "load_sample", counting)
     items = scan_train(quirky_root)

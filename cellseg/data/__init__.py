@@ -5,6 +5,7 @@ from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.data.layout import (
     TestImage,
     TrainItem,
+    check_test_header,
     check_test_image,
     find_test_folder,
     load_test_images,
@@ -25,6 +26,7 @@ __all__ = [
     "TestImage",
     "TrainItem",
     "build_augment",
+    "check_test_header",
     "check_test_image",
     "collate",
     "dataset_fingerprint",

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cellseg.config import DataConfig
 from cellseg.data.augment import Transform
 from cellseg.data.layout import TrainItem
 from cellseg.data.resize import downscale_sample
@@ -23,7 +24,7 @@ class CellDataset(torch.utils.data.Dataset):
     count or order. Call ``set_epoch`` before iterating each epoch; the epoch lives in shared
     memory, so persistent DataLoader workers see it too. ``downscale_to = (min_size, max_size)``
     shrinks each transformed sample to the model's input size before its masks are made
-    (``cellseg.data.resize``).
+    (``cellseg.data.resize``). ``max_pixels`` and ``max_instances`` are ``load_sample``'s limits.
     """
 
     def __init__(
@@ -34,8 +35,11 @@ class CellDataset(torch.utils.data.Dataset):
         cache_decoded: bool = True,
         seed: int = 0,
         downscale_to: tuple[int, int] | None = None,
+        max_pixels: int = DataConfig.max_pixels,
+        max_instances: int = DataConfig.max_instances,
     ) -> None:
         self.items = list(items)
+        self.limits = {"max_pixels": max_pixels, "max_instances": max_instances}
         self.downscale_to = downscale_to
         self.transform = transform
         self.cache_decoded = cache_decoded
@@ -58,7 +62,7 @@ class CellDataset(torch.utils.data.Dataset):
         """The untransformed image (H, W, 3) and label maps (4, H, W) of one sample."""
         if index in self._cache:
             return self._cache[index]
-        sample = load_sample(self.items[index])
+        sample = load_sample(self.items[index], **self.limits)
         if self.cache_decoded:
             self._cache[index] = sample
         return sample

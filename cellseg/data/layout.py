@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.data.tiff_io import image_shape
 from cellseg.errors import DataError
 from cellseg.task import NUM_CLASSES
 CLASS_FILES = {f"class{c}.tif": c for c in range(1, NUM_CLASSES + 1)}
@@ -145,6 +146,17 @@ def load_test_images(root: str | Path) -> list[TestImage]:
         warnings.warn(f"{path}: not in {MAPPING_FILE}, ignored (add it to the mapping to predict "
                       "it)", stacklevel=2)
     return sorted(images, key=lambda t: t.image_id)
+
+
+def check_test_header(test_image: TestImage, *, max_pixels: int) -> None:
+    """DataError if a test image's size in its header differs from the mapping's height and width
+    or exceeds ``max_pixels``; no pixel is decoded."""
+    height, width = image_shape(test_image.path, max_pixels=max_pixels)
+    if (height, width) != (test_image.height, test_image.width):
+        raise DataError(
+            f"{test_image.path}: size {height}x{width} (HxW) in its header differs from the "
+            f"mapping's {test_image.height}x{test_image.width}; fix {MAPPING_FILE}"
+        )
 
 
 def check_test_image(test_image: TestImage, image: np.ndarray) -> None:

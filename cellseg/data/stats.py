@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cellseg.config import DataConfig
 from cellseg.data.layout import MAPPING_FILE, NUM_CLASSES, load_test_images, scan_train
-from cellseg.data.sample import load_label_maps
-from cellseg.data.tiff_io import read_image
+from cellseg.data.sample import load_sample
+from cellseg.data.tiff_io import image_shape, read_image
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -32,12 +33,14 @@ def _size_summary(shapes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
 
 
 def dataset_stats(
-    root: str | Path, detections_per_img: int, *, progress: bool = True
+    root: str | Path, detections_per_img: int, *, max_pixels: int = DataConfig.max_pixels,
+    max_instances: int = DataConfig.max_instances, progress: bool = True
 ) -> dict[str, Any]:
     """Scan the training masks (and the test mapping, when present) of a dataset.
 
     ``image_size`` and ``test_image_size`` give min/median/max of heights and of widths taken
-    separately. Areas are in pixels; a class without instances has ``None`` percentiles.
+    separately. Areas are in pixels; a class without instances has ``None`` percentiles. Files
+    and images above the limits are the errors training gives (``load_sample``).
     """
     items = scan_train(root)
     warnings: list[str] = []
@@ -47,9 +50,8 @@ def dataset_stats(
     images_with: dict[int, int] = dict.fromkeys(areas, 0)
     for item in tqdm(items, desc="scanning train", unit="image", file=sys.stderr,
                      disable=not progress):
-        shape = read_image(item.image_path).shape[:2]
-        shapes.append(shape)
-        label_maps = load_label_maps(item.class_paths, shape)
+        image, label_maps = load_sample(item, max_pixels=max_pixels, max_instances=max_instances)
+        shapes.append(image.shape[:2])
         count = 0
         for c in areas:
             ids, sizes = np.unique(label_maps[c - 1], return_counts=True)
@@ -70,10 +72,12 @@ def dataset_stats(
     if (Path(root) / MAPPING_FILE).is_file():
         for test_image in load_test_images(root):
             test_shapes.append((test_image.height, test_image.width))
-            actual = read_image(test_image.path).shape[:2]
+            actual = image_shape(test_image.path, max_pixels=max_pixels)
             if actual != test_shapes[-1]:
-                warnings.append(f"{test_image.path}: size {actual} differs from the mapping's "
-                                f"{test_shapes[-1]} (height, width)")
+                warnings.append(f"{test_image.path}: size {actual} in its header differs from the "
+                                f"mapping's {test_shapes[-1]} (height, width); not decoded")
+            else:  # decoded as export decodes it, so a broken file fails here
+                read_image(test_image.path, max_pixels=max_pixels)
 
     all_areas = {c: np.concatenate(a) for c, a in areas.items()}
     return {

@@ -1,11 +1,18 @@
-"""Reading and writing the dataset's TIFF files: RGBA LZW images and float64 instance-id masks."""
+"""Reading and writing the dataset's TIFF files: RGBA LZW images and float64 instance-id masks.
+
+Every read takes the size from the file's header first and refuses a file above ``max_pixels``
+(``data.max_pixels``) or of an unexpected shape before any pixel is decoded: a few MB of LZW
+zeros can hold a 20000 x 20000 image that decodes to gigabytes.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tifffile
 
+from cellseg.config import DataConfig
 from cellseg.errors import DataError
 
 MAX_ID = 2**31 - 1  # ids are held as int32
@@ -33,34 +40,53 @@ def _unreadable(path: Path, exc: Exception) -> DataError:
     )
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """The first page of a TIFF file, or DataError naming the file."""
+def _header_shape(path: Path, tif: tifffile.TiffFile, max_pixels: int) -> tuple[int, ...]:
+    """The first page's shape from the header, or DataError when it holds over max_pixels."""
+    page = tif.pages[0]
+    height, width = int(page.imagelength), int(page.imagewidth)
+    if height * width > max_pixels:
+        raise DataError(
+            f"{path}: {height}x{width} pixels (HxW, {height * width / 1e6:.1f} megapixels) is "
+            f"above the limit of {max_pixels / 1e6:g} megapixels (data.max_pixels); shrink or "
+            "tile the image, or raise data.max_pixels (cellseg inspect: --max-pixels)"
+        )
+    return tuple(int(n) for n in page.shape)
+
+
+def _read_array(path: Path, max_pixels: int,
+                check_shape: Callable[[tuple[int, ...]], None]) -> np.ndarray:
+    """The first page of a TIFF file, decoded only once its header passed the pixel limit and
+    ``check_shape``; DataError naming the file otherwise."""
     with _open(path) as tif:
+        check_shape(_header_shape(path, tif, max_pixels))
         try:
             return tif.pages[0].asarray()
         except Exception as exc:
             raise _unreadable(path, exc) from exc
 
 
-def image_shape(path: str | Path) -> tuple[int, int]:
+def image_shape(path: str | Path, *, max_pixels: int = DataConfig.max_pixels) -> tuple[int, int]:
     """(height, width) of a TIFF image from its header, without decoding the pixels."""
     path = Path(path)
     with _open(path) as tif:
-        shape = tif.pages[0].shape
-    return int(shape[0]), int(shape[1])
+        shape = _header_shape(path, tif, max_pixels)
+    return shape[0], shape[1]
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, *, max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
     """An image as float32 (H, W, 3) in [0, 1] from RGBA, RGB or grayscale, uint8/uint16/float."""
     path = Path(path)
-    raw = _read_array(path)
+
+    def check_shape(shape: tuple[int, ...]) -> None:
+        if not (len(shape) == 2 or len(shape) == 3 and shape[2] in (1, 2, 3, 4)):
+            raise DataError(
+                f"{path}: image of shape {shape} is neither (H, W) nor (H, W, 1|2|3|4) channels; "
+                "save it as grayscale, RGB or RGBA"
+            )
+
+    raw = _read_array(path, max_pixels, check_shape)
     if raw.ndim == 2:
         raw = raw[:, :, None]
-    if raw.ndim != 3 or raw.shape[2] not in (1, 2, 3, 4):
-        raise DataError(
-            f"{path}: image of shape {raw.shape} is neither (H, W) nor (H, W, 1|2|3|4) channels; "
-            "save it as grayscale, RGB or RGBA"
-        )
     raw = raw[:, :, :3] if raw.shape[2] >= 3 else raw[:, :, :1]  # drop alpha
     if raw.dtype == np.uint8:
         image = raw.astype(np.float32) / 255.0
@@ -80,20 +106,24 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+def read_mask(path: str | Path, shape: tuple[int, int], *,
+              max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
     """An int32 (H, W) instance-id map (0 = background) from a float or integer TIFF mask.
 
     ``shape`` is the (height, width) of the image the mask belongs to.
     """
     path = Path(path)
-    raw = _read_array(path)
-    if raw.ndim == 3 and raw.shape[2] == 1:
+
+    def check_shape(header: tuple[int, ...]) -> None:
+        if header not in (tuple(shape), (*shape, 1)):
+            raise DataError(
+                f"{path}: mask shape {header} differs from its image's shape {tuple(shape)}; "
+                "a class mask must be (H, W) with the image's height and width"
+            )
+
+    raw = _read_array(path, max_pixels, check_shape)
+    if raw.ndim == 3:
         raw = raw[:, :, 0]
-    if raw.shape != tuple(shape):
-        raise DataError(
-            f"{path}: mask shape {raw.shape} differs from its image's shape {tuple(shape)}; "
-            "a class mask must be (H, W) with the image's height and width"
-        )
     fix = "each pixel must hold 0 (background) or a positive integer instance id"
     if raw.dtype.kind not in "fiub":
         raise DataError(f"{path}: mask type {raw.dtype} unsupported; {fix}")
