@@ -28,11 +28,10 @@ import numpy as np
 import tifffile
 import torch
 
-from cellseg.checkpoint import BEST, checkpoint_config, load_checkpoint
+from cellseg.checkpoint import BEST, load_checkpoint, restore_model
 from cellseg.config import load_config
 from cellseg.data import load_test_images, read_image
 from cellseg.export import export_predictions, write_submission
-from cellseg.model import build_model
 from cellseg.training import fit
 
 import common
@@ -84,9 +83,7 @@ def train_variant(args: argparse.Namespace) -> dict:
 def export_variant(args: argparse.Namespace) -> dict:
     """The largest test image predicted and written as a checked submission."""
     state = load_checkpoint(Path(args.run_dir) / BEST)
-    cfg = checkpoint_config(state)
-    model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
+    model, cfg = restore_model(state, args.device)
     largest = max(load_test_images(args.data), key=lambda t: t.height * t.width)
     common.synchronize(args.device)
     start = time.perf_counter()

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from cellseg.config import DataConfig, TrainConfig
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
-from cellseg.tracking import SEARCH_TAG, RunRecord, TrackingError, best_metric_key
+from cellseg.errors import TrackingError
+from cellseg.tracking import SEARCH_TAG, RunRecord, best_metric_key
 
 EXPORTABLE_SOURCES = ("train", "search")  # a single training run, a search's trial
 EXPORTABLE_STATUSES = ("FINISHED", "KILLED")

@@ -10,17 +10,17 @@ from typing import Any
 
 from cellseg.best_run import choose
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
-from cellseg.config import Config, ConfigError, TrainConfig, flatten
+from cellseg.config import Config, TrainConfig, flatten
 from cellseg.data import (check_test_header, dataset_fingerprint, load_test_images, read_image,
                           targets_from_label_maps, ground_truth_maps)
 from cellseg.engine import evaluate
+from cellseg.errors import ConfigError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.plots import plot_class_distribution
 from cellseg.run_pictures import write_run_pictures
-from cellseg.tracking import (RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, TrackingError,
-                              best_metric_key)
-from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips
+from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, best_metric_key
+from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, check_iou_threshold
 from cellseg.training import FitResult, build_loaders, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search
         raise ConfigError("--ensemble K merges the K best runs of --best; add --best, or pass "
                           "--checkpoint once per model")
     flips = check_flips(flips)
+    check_iou_threshold(iou_threshold)
     tracker, members = None, []
     if checkpoints:
         members = [(None, Path(c), {}) for c in checkpoints]

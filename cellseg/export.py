@@ -59,8 +59,6 @@ def export_predictions(
     results: list[dict] = []
     for test_image in tqdm(test_images, desc="export", disable=not progress):
         array = read_image(test_image.path)
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"{test_image.file_name}: expected an (H, W, 3) image, got shape {array.shape}")
         check_test_image(test_image, array)
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
         if len(models) == 1 and not flips:

@@ -152,8 +152,6 @@ class Tracker:
         run_tags = dict(tags)
         if parent_run_id:
             run_tags[PARENT_TAG] = parent_run_id
-        if dataset is not None:
-            run_tags[DATA_TAG] = dataset.digest
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
         self.log_params(run.info.run_id, params)
         if dataset is not None:

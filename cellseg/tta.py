@@ -56,6 +56,13 @@ def check_flips(flips: Sequence[str]) -> tuple[str, ...]:
     return tuple(flips)
 
 
+def check_iou_threshold(iou_threshold: float) -> float:
+    """``iou_threshold`` when it lies in (0, 1], else ConfigError."""
+    if not 0 < iou_threshold <= 1:
+        raise ConfigError(f"the merge IoU threshold must lie in (0, 1]; got {iou_threshold}")
+    return iou_threshold
+
+
 def unflip(detections: Detections, flip: str) -> Detections:
     """Detections of the ``flip`` view of an image mapped to the image itself (and back: a flip
     is its own inverse)."""

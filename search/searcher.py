@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import Searcher
 
-from cellseg.config import ConfigError
+from cellseg.errors import ConfigError
 from search.space import SearchSpace
 from search.trainable import reached_max_epochs
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from cellseg.config import Config, ConfigError, apply_overrides, flatten, load_config
+from cellseg.config import Config, apply_overrides, flatten, load_config
+from cellseg.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 

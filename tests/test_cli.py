@@ -471,6 +471,9 @@ def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path,
     assert main(["export", "--checkpoint", checkpoint, "--tta", "rot90",
                  "--output", str(tmp_path / "no.json"), *common]) == 2
     assert "'rot90'" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", checkpoint, "--tta", "--merge-iou", "1.5",
+                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert "must lie in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
 
 
