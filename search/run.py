@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # python search/run.py: search/ is not installed, the repo holds it
@@ -29,12 +29,13 @@ from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cellseg.config import Config, ConfigError, config_to_dict, load_config
-from cellseg.data import (DataError, DataFingerprint, dataset_fingerprint, make_synthetic_dataset,
+from cellseg.config import Config, config_to_dict, load_config
+from cellseg.data import (DataFingerprint, dataset_fingerprint, make_synthetic_dataset,
                           scan_train)
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker, TrackingError
-from cellseg.weights import WeightsError, resolve_weights
+from cellseg.errors import ConfigError, DataError, TrackingError
+from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker
+from cellseg.weights import resolve_weights
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
@@ -120,18 +121,19 @@ def check_fault_drill(spec: str | None, drill: bool) -> None:
     if spec and not drill:
         raise ConfigError(f"{FAULT_ENV}={spec!r} is set but --fault-drill is not: unset it, or "
                           "pass --fault-drill to make trials fail on purpose")
-    if spec:
-        try:
-            parse_fault(spec)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    _parsed_or_config_error(parse_fault, spec)
 
 
 def check_driver_drill(spec: str | None) -> None:
     """Refuse a malformed driver drill (``CELLSEG_DRIVER_DRILL``) before Ray starts."""
+    _parsed_or_config_error(parse_drill, spec)
+
+
+def _parsed_or_config_error(parse: Callable[[str], object], spec: str | None) -> None:
+    """``parse(spec)`` when ``spec`` is set, its ValueError as a ConfigError."""
     if spec:
         try:
-            parse_drill(spec)
+            parse(spec)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -204,7 +206,7 @@ def metric_every_epoch(base: Config, space: SearchSpace) -> bool:
 def storage_paths(storage: str, name: str) -> tuple[str, Path]:
     """Tune's storage path, and a local folder for this search's Optuna study and MLflow outbox."""
     if "://" in storage:
-        return storage, REPO / "runs" / "remote" / name
+        return storage, Path.home() / ".cellseg" / "searches" / name
     path = Path(storage).resolve()
     return str(path), path / name
 
@@ -402,10 +404,11 @@ def run_search(args: argparse.Namespace) -> int:
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
     else:
-        print(f"compare trials: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+        print(f"compare trials: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
               f"--port 5000, then open http://127.0.0.1:5000/{runs_page}")
     print(f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
-          f"{args.experiment} --output test-results.json --zip submission.zip")
+          f"{args.experiment} --tracking-uri {tracker.uri} --output test-results.json "
+          "--zip submission.zip")
     return 0
 
 
@@ -417,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_search(args)
-    except (ConfigError, DataError, TrackingError, StorageError, WeightsError) as exc:
+    except (ConfigError, DataError, TrackingError, StorageError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
     except SearchFailed as exc:

@@ -13,7 +13,7 @@ from ray.tune.result import TRAINING_ITERATION
 
 from cellseg.checkpoint import BEST
 from cellseg.plots import plot_parallel_coordinates, plot_trial_curves
-from cellseg.tracking import Tracker
+from cellseg.tracking import Tracker, best_metric_key
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ def _curve(result: Any, metric: str) -> list[tuple[int, float]]:
     return [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[metric]) if math.isfinite(v)]
 
 
+def _succeeded(result: Any, metric: str) -> bool:
+    """A trial that ended without error and reported ``metric`` (the only kind export --best takes)."""
+    return result.error is None and bool(_curve(result, metric))
+
+
 class SearchFailed(RuntimeError):
     """No trial of the search succeeded."""
 
@@ -70,7 +75,7 @@ def _best_value(result: Result, metric: str) -> float:
 
 def check_succeeded(results: Sequence[Result], metric: str) -> None:
     """SearchFailed naming the first error when every trial failed or none reported ``metric``."""
-    if any(r.error is None for r in results) and any(_curve(r, metric) for r in results):
+    if any(_succeeded(r, metric) for r in results):
         return
     failed = [r for r in results if r.error is not None]
     if not failed:
@@ -85,11 +90,11 @@ def check_succeeded(results: Sequence[Result], metric: str) -> None:
 def summarize(results: Sequence[Result], *, metric: str, max_epochs: int,
               wall_s: float) -> SearchSummary:
     """Figures of a finished search, from Tune's results (a ResultGrid or a list of Results);
-    SearchFailed when no trial succeeded. The best trial has the highest finite ``metric`` of
-    any epoch (the first of equals)."""
+    SearchFailed when no trial succeeded. The best trial is the trial without error with the highest
+    finite ``metric`` of any epoch (the first of equals)."""
     results = list(results)
     check_succeeded(results, metric)
-    best = max((r for r in results if _curve(r, metric)), key=lambda r: _best_value(r, metric))
+    best = max((r for r in results if _succeeded(r, metric)), key=lambda r: _best_value(r, metric))
     epochs_run = sum(int((r.metrics or {}).get(TRAINING_ITERATION, 0)) for r in results)
     checkpoint = f"{best.checkpoint.path}/{BEST}" if best.checkpoint else "none"
     return SearchSummary(trials=len(results), errors=sum(r.error is not None for r in results),
@@ -110,7 +115,7 @@ def importances(study: optuna.Study) -> dict[str, float]:
 def log_summary(tracker: Tracker, parent_run_id: str, results: ResultGrid, summary: SearchSummary,
                 study: optuna.Study, *, metric: str, out_dir: Path) -> None:
     """Best trial and params, curves of every trial, importances and parallel coordinates."""
-    tracker.log_metrics(parent_run_id, {f"best_{metric}": summary.best_metric,
+    tracker.log_metrics(parent_run_id, {best_metric_key(metric): summary.best_metric,
                                         "epochs_run": summary.epochs_run,
                                         "epochs_saved": summary.epochs_saved,
                                         "trials": summary.trials, "wall_s": summary.wall_s}, step=0)

@@ -62,7 +62,7 @@ def test_the_metric_is_every_epoch_unless_validation_may_be_skipped(tmp_path, ti
 
 def test_local_and_remote_storage_paths(tmp_path):
     assert storage_paths(str(tmp_path / "st"), "s1") == (str(tmp_path / "st"), tmp_path / "st" / "s1")
-    assert storage_paths("s3://bucket/x", "s1") == ("s3://bucket/x", REPO / "runs" / "remote" / "s1")
+    assert storage_paths("s3://bucket/x", "s1") == ("s3://bucket/x", Path.home() / ".cellseg" / "searches" / "s1")
 
 
 @pytest.mark.parametrize("before", [None, "0"])

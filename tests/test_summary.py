@@ -37,10 +37,11 @@ def test_the_best_trial_has_the_highest_metric_of_any_epoch_and_saved_epochs_are
     assert "epochs run: 10 of 12 for every trial to the end (ASHA saved 2, 17%)" in lines
 
 
-def test_a_failed_trial_counts_and_can_still_be_the_best():
+def test_a_failed_trial_counts_but_is_never_the_best():
+    """export --best never takes a FAILED run, so the summary's best trial cannot be one either."""
     results = [result("trial_a", [0.9], error=TuneError("boom")), result("trial_b", [0.2])]
     summary = summarize(results, metric=METRIC, max_epochs=1, wall_s=1)
-    assert summary.errors == 1 and summary.best_trial == "trial_a"
+    assert summary.errors == 1 and summary.best_trial == "trial_b"
 
 
 def test_when_every_trial_failed_the_error_names_the_first_one():
