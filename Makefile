@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 search: $(STAMP)
 	$(VENV)/bin/python search/run.py --num-samples 40
 
-# The whole test suite on CPU (slow end-to-end tests included).
+# Lint and format check (ruff), then the whole test suite on CPU (slow end-to-end tests included).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest

@@ -4,6 +4,7 @@ timing and result printing.
 The scripts import this module as ``common`` (run them as ``python bench/<name>.py`` so that
 ``bench/`` is first on ``sys.path``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torchvision.ops import MultiScaleRoIAlign
@@ -38,21 +40,36 @@ RATIO_PREFIX = "ratio "
 SYNTH_TINY = {"n_train": 6, "n_test": 2, "max_side": 160, "max_cells": 30}
 SYNTH_FULL = {"n_train": 20, "n_test": 4, "max_side": 1000, "max_cells": 300}
 # --tiny: small inputs and fewer proposals and sampled RoIs (the same for every variant).
-TINY_MODEL = ["model.min_size=64", "model.max_size=128", "model.rpn_pre_nms_top_n_train=200",
-              "model.rpn_post_nms_top_n_train=100", "model.box_batch_size_per_image=64"]
+TINY_MODEL = [
+    "model.min_size=64",
+    "model.max_size=128",
+    "model.rpn_pre_nms_top_n_train=200",
+    "model.rpn_post_nms_top_n_train=100",
+    "model.box_batch_size_per_image=64",
+]
 
 
 # ----------------------------------------------------------------------------- arguments
 
+
 def make_parser(description: str, variants: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The flags every benchmark takes; ``--variant`` (internal) runs one variant and exits."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--tiny", action="store_true",
-                   help="small data and model: finishes in well under a minute on 2 CPU cores")
-    p.add_argument("--data", help="dataset folder in cellseg's layout "
-                                  "(default: synthetic data generated into a temp dir)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: trials/demo.yaml sizes; cuda: trials/report_a.yaml settings")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="small data and model: finishes in well under a minute on 2 CPU cores",
+    )
+    p.add_argument(
+        "--data",
+        help="dataset folder in cellseg's layout (default: synthetic data generated into a temp dir)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: trials/demo.yaml sizes; cuda: trials/report_a.yaml settings",
+    )
     if variants:
         p.add_argument("--variant", choices=variants, help=argparse.SUPPRESS)
     return p
@@ -65,6 +82,7 @@ def child_args(args: argparse.Namespace, root: Path | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- data and config
+
 
 @contextmanager
 def dataset_root(args: argparse.Namespace, **synth: Any) -> Iterator[Path]:
@@ -80,8 +98,7 @@ def dataset_root(args: argparse.Namespace, **synth: Any) -> Iterator[Path]:
         yield root
 
 
-def bench_config(root: Path | None, *, tiny: bool, device: str,
-                 overrides: Sequence[str] = ()) -> Config:
+def bench_config(root: Path | None, *, tiny: bool, device: str, overrides: Sequence[str] = ()) -> Config:
     """trials/demo.yaml on CPU, trials/report_a.yaml on CUDA; --tiny shrinks the input size."""
     if device == "cuda":
         base = TRIALS / "report_a.yaml"
@@ -117,12 +134,12 @@ def torchvision_model(cfg: ModelConfig) -> torch.nn.Module:
     heads = model.roi_heads
     for name in ("box_roi_pool", "mask_roi_pool"):
         pool = getattr(heads, name)
-        setattr(heads, name, MultiScaleRoIAlign(pool.featmap_names, pool.output_size,
-                                                pool.sampling_ratio))
+        setattr(heads, name, MultiScaleRoIAlign(pool.featmap_names, pool.output_size, pool.sampling_ratio))
     return model
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued CUDA work, so that wall times include it."""
@@ -170,8 +187,9 @@ class TimedLoader:
 
 
 @contextmanager
-def timed_calls(module: Any, names: Sequence[str], totals: dict[str, float],
-                results: dict[str, list] | None = None) -> Iterator[None]:
+def timed_calls(
+    module: Any, names: Sequence[str], totals: dict[str, float], results: dict[str, list] | None = None
+) -> Iterator[None]:
     """Patch ``module.<name>`` for each name to add its wall time to ``totals[name]``
     (and append what it returns to ``results[name]``), restoring the originals afterwards."""
     originals = {name: getattr(module, name) for name in names}
@@ -184,6 +202,7 @@ def timed_calls(module: Any, names: Sequence[str], totals: dict[str, float],
             if results is not None:
                 results.setdefault(name, []).append(out)
             return out
+
         return timed
 
     try:
@@ -197,11 +216,15 @@ def timed_calls(module: Any, names: Sequence[str], totals: dict[str, float],
 
 # ----------------------------------------------------------------------------- memory and subprocesses
 
+
 def peak_memory() -> dict[str, float | None]:
     """This process's peak RSS in MiB, and peak CUDA memory allocated (None without CUDA)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    cuda = (torch.cuda.max_memory_allocated() / 2**20
-            if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    cuda = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
     return {"peak_rss_mb": rss, "peak_cuda_mb": cuda}
 
 
@@ -222,8 +245,10 @@ def run_variant(script: str | Path, argv: Sequence[str]) -> dict[str, Any]:
 def run_variants(script: str | Path, argvs: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
     """Run ``script`` once per argument list, all at the same time, each in a fresh process;
     their results in the same order (as ``run_variant``)."""
-    procs = [subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE) for argv in argvs]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, text=True, stdout=subprocess.PIPE)
+        for argv in argvs
+    ]
     with ThreadPoolExecutor(len(procs)) as pool:  # read every stdout at once: no full pipe
         outputs = [out for out, _ in pool.map(lambda proc: proc.communicate(), procs)]
     results = []
@@ -235,11 +260,12 @@ def run_variants(script: str | Path, argvs: Sequence[Sequence[str]]) -> list[dic
         lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
         if not lines:
             raise RuntimeError(f"{what} printed no result line")
-        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX) :]))
     return results
 
 
 # ----------------------------------------------------------------------------- printing
+
 
 def _cell(value: Any) -> str:
     if value is None:
@@ -266,5 +292,7 @@ def print_ratio(label: str, value: float, unit: str = "x") -> None:
 def machine() -> str:
     """One line describing where the benchmark ran."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {gpu}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {gpu}, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )

@@ -7,31 +7,34 @@ the same training images for several epochs (the cache fills in epoch 1), each i
 
     python bench/data_loading.py [--tiny] [--data DIR] [--epochs N]
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 import torch
-
-from cellseg.training import build_loaders, seed_everything
+from plain import plain_loader
 
 import common
-from plain import plain_loader
+from cellseg.training import build_loaders, seed_everything
 
 VARIANTS = ("cellseg", "plain")
 
 
 def run_child(args: argparse.Namespace) -> dict[str, object]:
-    cfg = common.bench_config(args.data, tiny=args.tiny, device="cpu",
-                              overrides=["data.cache_decoded=true"])
+    cfg = common.bench_config(args.data, tiny=args.tiny, device="cpu", overrides=["data.cache_decoded=true"])
     seed_everything(cfg.train.seed)
     if args.variant == "cellseg":
         loader, _, _ = build_loaders(cfg, torch.device("cpu"))
     else:
-        loader = plain_loader(common.train_folders(cfg), cfg.train.batch_size,
-                              hflip_p=cfg.augment.hflip_p, vflip_p=cfg.augment.vflip_p,
-                              seed=cfg.train.seed)
+        loader = plain_loader(
+            common.train_folders(cfg),
+            cfg.train.batch_size,
+            hflip_p=cfg.augment.hflip_p,
+            vflip_p=cfg.augment.vflip_p,
+            seed=cfg.train.seed,
+        )
     per_epoch = []
     for epoch in range(1, args.epochs + 1):
         if args.variant == "cellseg":
@@ -65,8 +68,12 @@ def main() -> None:
         epochs = r["per_epoch"]
         speed[v] = sum(n for n, _ in epochs) / sum(s for _, s in epochs)
         rows.append([v, *(n / s for n, s in epochs), speed[v], r["peak_rss_mb"]])
-    header = ["dataset", *(f"epoch {e} images/s" for e in range(1, args.epochs + 1)),
-              "all images/s", "peak RSS MiB"]
+    header = [
+        "dataset",
+        *(f"epoch {e} images/s" for e in range(1, args.epochs + 1)),
+        "all images/s",
+        "peak RSS MiB",
+    ]
     common.print_table(header, rows)
     common.print_ratio("images/s cellseg/plain", speed["cellseg"] / speed["plain"])
 

@@ -9,6 +9,7 @@ in ``cellseg.predict._encode_masks``), ``truth_from_masks`` (ground-truth RLE), 
 
     python bench/eval_share.py [--tiny] [--data DIR] [--device cuda] [--detections N]
 """
+
 from __future__ import annotations
 
 import time
@@ -17,11 +18,10 @@ import torch
 
 import cellseg.engine as engine
 import cellseg.predict as predict
+import common
 from cellseg.data import CellDataset
 from cellseg.evaluation import coco_max_dets
 from cellseg.training import build_training
-
-import common
 
 TIMED = ("predict_images", "truth_from_masks", "coco_metrics")
 
@@ -37,38 +37,64 @@ def main() -> None:
     parser.add_argument("--detections", type=int, default=500, help="model.detections_per_img")
     args = parser.parse_args()
     print(common.machine())
-    overrides = [f"model.detections_per_img={args.detections}", "model.box_score_thresh=0.0",
-                 "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_test=1000"]
+    overrides = [
+        f"model.detections_per_img={args.detections}",
+        "model.box_score_thresh=0.0",
+        "model.rpn_pre_nms_top_n_test=1000",
+        "model.rpn_post_nms_top_n_test=1000",
+    ]
     device = torch.device(args.device)
     with common.dataset_root(args) as root:
-        cfg = common.bench_config(root, tiny=args.tiny, device=args.device,
-                                  overrides=[*overrides, "train.epochs=1"])
+        cfg = common.bench_config(
+            root, tiny=args.tiny, device=args.device, overrides=[*overrides, "train.epochs=1"]
+        )
         s = build_training(cfg)
         warm_cache(s.train_loader.dataset)
         warm_cache(s.val_loader.dataset)
         s.train_loader.dataset.set_epoch(1)
         train = common.TimedLoader(s.train_loader, skip=0, device=device)
-        engine.train_one_epoch(s.model, s.optimizer, s.schedule, train, device, epoch=1,
-                               scaler=s.scaler, amp=s.amp, grad_clip=cfg.optim.grad_clip,
-                               progress=False)
+        engine.train_one_epoch(
+            s.model,
+            s.optimizer,
+            s.schedule,
+            train,
+            device,
+            epoch=1,
+            scaler=s.scaler,
+            amp=s.amp,
+            grad_clip=cfg.optim.grad_clip,
+            progress=False,
+        )
         totals: dict[str, float] = {}
         outputs: dict[str, list] = {}
         paste: dict[str, float] = {}
-        with common.timed_calls(engine, TIMED, totals, outputs), \
-                common.timed_calls(predict, ["_encode_masks"], paste):
+        with (
+            common.timed_calls(engine, TIMED, totals, outputs),
+            common.timed_calls(predict, ["_encode_masks"], paste),
+        ):
             start = time.perf_counter()
-            engine.evaluate(s.model, s.val_loader, device, amp=s.amp, progress=False,
-                            max_dets=coco_max_dets(cfg.model.detections_per_img),
-                            with_loss=cfg.train.val_loss)
+            engine.evaluate(
+                s.model,
+                s.val_loader,
+                device,
+                amp=s.amp,
+                progress=False,
+                max_dets=coco_max_dets(cfg.model.detections_per_img),
+                with_loss=cfg.train.val_loss,
+            )
             common.synchronize(device)
             eval_s = time.perf_counter() - start
     val_images = len(s.val_loader.dataset)
     detections = sum(len(p.scores) for batch in outputs.get("predict_images", []) for p in batch)
-    print(f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
-          f"detections_per_img {cfg.model.detections_per_img}: "
-          f"{detections / max(val_images, 1):.0f} detections per validation image")
-    rows = [["train_one_epoch", train.images, train.seconds, train.seconds / max(train.images, 1)],
-            ["evaluate", val_images, eval_s, eval_s / max(val_images, 1)]]
+    print(
+        f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
+        f"detections_per_img {cfg.model.detections_per_img}: "
+        f"{detections / max(val_images, 1):.0f} detections per validation image"
+    )
+    rows = [
+        ["train_one_epoch", train.images, train.seconds, train.seconds / max(train.images, 1)],
+        ["evaluate", val_images, eval_s, eval_s / max(val_images, 1)],
+    ]
     rows += [[f"  {name}", "", totals.get(name, 0.0), ""] for name in TIMED]
     rows.insert(3, ["    of which paste + RLE", "", paste.get("_encode_masks", 0.0), ""])
     rows.append(["  rest (loss forward)", "", eval_s - sum(totals.values()), ""])

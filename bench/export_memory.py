@@ -10,6 +10,7 @@ width x height: the largest real test sizes 2500x735 and 1771x1760 and a small o
 
     python bench/export_memory.py [--tiny] [--data DIR] [--device cuda] [--detections N] [--repeat R]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,10 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+import common
 from cellseg.data import load_test_images, read_image
 from cellseg.model import build_model
 from cellseg.predict import predict_images
-
-import common
 
 VARIANTS = ("torchvision", "cellseg")
 SIZES_FULL = ("256x256", "2500x735", "1771x1760")  # width x height
@@ -56,9 +56,17 @@ def load_input(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
 
 def run_child(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
-    cfg = common.bench_config(None, tiny=args.tiny, device=args.device, overrides=[
-        f"model.detections_per_img={args.detections}", "model.box_score_thresh=0.0",
-        "model.rpn_pre_nms_top_n_test=1000", "model.rpn_post_nms_top_n_test=1000"])
+    cfg = common.bench_config(
+        None,
+        tiny=args.tiny,
+        device=args.device,
+        overrides=[
+            f"model.detections_per_img={args.detections}",
+            "model.box_score_thresh=0.0",
+            "model.rpn_pre_nms_top_n_test=1000",
+            "model.rpn_post_nms_top_n_test=1000",
+        ],
+    )
     torch.manual_seed(0)
     if args.variant == "torchvision":
         model, run = common.torchvision_model(cfg.model), torchvision_path
@@ -74,8 +82,13 @@ def run_child(args: argparse.Namespace) -> dict[str, float]:
     detections = [run(model, image) for _ in range(args.repeat)]
     common.synchronize(device)
     seconds = time.perf_counter() - start
-    return {"images": args.repeat, "seconds": seconds, "detections": detections[-1],
-            "rss_before_mb": before, **common.peak_memory()}
+    return {
+        "images": args.repeat,
+        "seconds": seconds,
+        "detections": detections[-1],
+        "rss_before_mb": before,
+        **common.peak_memory(),
+    }
 
 
 def dataset_inputs(root: str) -> list[tuple[str, list[str]]]:
@@ -87,8 +100,9 @@ def dataset_inputs(root: str) -> list[tuple[str, list[str]]]:
 
 def main() -> None:
     parser = common.make_parser(__doc__.splitlines()[0], VARIANTS)
-    parser.add_argument("--detections", type=int,
-                        help="detections per image (default 100 on CPU, 500 on CUDA)")
+    parser.add_argument(
+        "--detections", type=int, help="detections per image (default 100 on CPU, 500 on CUDA)"
+    )
     parser.add_argument("--repeat", type=int, help="timed images per size (default 1 tiny, 2 else)")
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
@@ -99,22 +113,41 @@ def main() -> None:
         common.emit_result(run_child(args))
         return
     print(common.machine())
-    inputs = (dataset_inputs(args.data) if args.data else
-              [(s, ["--size", s]) for s in (SIZES_TINY if args.tiny else SIZES_FULL)])
-    argv = ["--device", args.device, "--detections", str(args.detections),
-            "--repeat", str(args.repeat)] + (["--tiny"] if args.tiny else [])
+    inputs = (
+        dataset_inputs(args.data)
+        if args.data
+        else [(s, ["--size", s]) for s in (SIZES_TINY if args.tiny else SIZES_FULL)]
+    )
+    argv = ["--device", args.device, "--detections", str(args.detections), "--repeat", str(args.repeat)] + (
+        ["--tiny"] if args.tiny else []
+    )
     rows, ratios = [], []
     for label, flags in inputs:
         r = {v: common.run_variant(__file__, [*argv, *flags, "--variant", v]) for v in VARIANTS}
         for v in VARIANTS:
             x = r[v]
-            rows.append([label, v, x["detections"], x["images"] / x["seconds"], x["peak_rss_mb"],
-                         x["peak_rss_mb"] - x["rss_before_mb"], x["peak_cuda_mb"]])
+            rows.append(
+                [
+                    label,
+                    v,
+                    x["detections"],
+                    x["images"] / x["seconds"],
+                    x["peak_rss_mb"],
+                    x["peak_rss_mb"] - x["rss_before_mb"],
+                    x["peak_cuda_mb"],
+                ]
+            )
         t, c = r["torchvision"], r["cellseg"]
-        ratios.append((label, (c["images"] / c["seconds"]) / (t["images"] / t["seconds"]),
-                       c["peak_rss_mb"] / t["peak_rss_mb"]))
-    common.print_table(["size WxH", "path", "detections", "images/s", "peak RSS MiB",
-                        "RSS added MiB", "peak CUDA MiB"], rows)
+        ratios.append(
+            (
+                label,
+                (c["images"] / c["seconds"]) / (t["images"] / t["seconds"]),
+                c["peak_rss_mb"] / t["peak_rss_mb"],
+            )
+        )
+    common.print_table(
+        ["size WxH", "path", "detections", "images/s", "peak RSS MiB", "RSS added MiB", "peak CUDA MiB"], rows
+    )
     for label, speed, memory in ratios:
         common.print_ratio(f"images/s cellseg/torchvision {label}", speed)
         common.print_ratio(f"peak RSS cellseg/torchvision {label}", memory)

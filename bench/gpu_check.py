@@ -15,6 +15,7 @@ Rows, each measured in its own process (so its peak GPU memory is its own):
 as zlib TIFFs, which tifffile decodes without imagecodecs (too large to carry), and checks that
 every image and mask reads back identical.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,12 @@ import numpy as np
 import tifffile
 import torch
 
+import common
 from cellseg.checkpoint import BEST, load_checkpoint, restore_model
 from cellseg.config import load_config
 from cellseg.data import load_test_images, read_image
 from cellseg.export import export_predictions, write_submission
 from cellseg.training import fit
-
-import common
 
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ("train", "export")
@@ -50,11 +50,17 @@ def repack(src: Path, out: Path) -> None:
                 page = tif.pages[0]
                 array, photometric = page.asarray(), page.photometric
             before = read_image(path) if array.ndim == 3 else array
-            tifffile.imwrite(path, array, photometric=photometric, compression="zlib",
-                             compressionargs={"level": 9},
-                             predictor=array.dtype == np.uint8,
-                             extrasamples=() if array.ndim == 2 or array.shape[2] <= 3 else
-                             ("unspecified",) * (array.shape[2] - 3))
+            tifffile.imwrite(
+                path,
+                array,
+                photometric=photometric,
+                compression="zlib",
+                compressionargs={"level": 9},
+                predictor=array.dtype == np.uint8,
+                extrasamples=()
+                if array.ndim == 2 or array.shape[2] <= 3
+                else ("unspecified",) * (array.shape[2] - 3),
+            )
             after = read_image(path) if array.ndim == 3 else tifffile.imread(path)
             if not np.array_equal(before, after):
                 raise RuntimeError(f"{path}: re-encoding changed the pixels")
@@ -65,10 +71,18 @@ def repack(src: Path, out: Path) -> None:
 
 def train_variant(args: argparse.Namespace) -> dict:
     """fit() with report B's preset; per-epoch AP50 and seconds, peak GPU memory."""
-    cfg = load_config(common.TRIALS / "report_b.yaml", [
-        f"data.root={args.data}", f"train.device={args.device}", "model.weights=none",
-        f"train.epochs={args.epochs}", f"train.amp={str(args.amp).lower()}",
-        "data.num_workers=4", *(common.TINY_MODEL if args.tiny else ())])
+    cfg = load_config(
+        common.TRIALS / "report_b.yaml",
+        [
+            f"data.root={args.data}",
+            f"train.device={args.device}",
+            "model.weights=none",
+            f"train.epochs={args.epochs}",
+            f"train.amp={str(args.amp).lower()}",
+            "data.num_workers=4",
+            *(common.TINY_MODEL if args.tiny else ()),
+        ],
+    )
     stamps = [time.perf_counter()]
 
     def report(metrics: dict[str, float], run_dir: Path) -> None:
@@ -76,8 +90,11 @@ def train_variant(args: argparse.Namespace) -> dict:
         stamps.append(time.perf_counter())
 
     result = fit(cfg, run_dir=args.run_dir, report=report, progress=False)
-    return {"ap50": [h["segm_AP50"] for h in result.history],
-            "epoch_s": [b - a for a, b in zip(stamps, stamps[1:])], **common.peak_memory()}
+    return {
+        "ap50": [h["segm_AP50"] for h in result.history],
+        "epoch_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        **common.peak_memory(),
+    }
 
 
 def export_variant(args: argparse.Namespace) -> dict:
@@ -87,13 +104,23 @@ def export_variant(args: argparse.Namespace) -> dict:
     largest = max(load_test_images(args.data), key=lambda t: t.height * t.width)
     common.synchronize(args.device)
     start = time.perf_counter()
-    results = export_predictions([model], [largest], read_image, device=args.device,
-                                 score_threshold=cfg.model.box_score_thresh, progress=False)
+    results = export_predictions(
+        [model],
+        [largest],
+        read_image,
+        device=args.device,
+        score_threshold=cfg.model.box_score_thresh,
+        progress=False,
+    )
     common.synchronize(args.device)
     seconds = time.perf_counter() - start
     write_submission(results, [largest], Path(args.run_dir) / "largest.json")
-    return {"image": f"{largest.height}x{largest.width}", "detections": len(results),
-            "seconds": seconds, **common.peak_memory()}
+    return {
+        "image": f"{largest.height}x{largest.width}",
+        "detections": len(results),
+        "seconds": seconds,
+        **common.peak_memory(),
+    }
 
 
 def main() -> None:
@@ -102,8 +129,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each report-B run")
     parser.add_argument("--repack", type=Path, help="hw3-dev.tgz to rewrite with zlib TIFFs")
     parser.add_argument("--out", type=Path, help="where --repack writes its .tgz")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu with --tiny: a quick run of the steps on any machine")
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu with --tiny: a quick run of the steps on any machine",
+    )
     parser.add_argument("--tiny", action="store_true", help="small inputs (common.TINY_MODEL)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
@@ -125,29 +156,59 @@ def main() -> None:
     same = ["--data", data, "--device", args.device, *(["--tiny"] if args.tiny else [])]
     for amp in (True, False):
         run_dir = runs / ("bf16" if amp else "float32")
-        r = common.run_variant(__file__, ["--variant", "train", *same, "--epochs",
-                                          str(args.epochs), "--amp" if amp else "--no-amp",
-                                          "--run-dir", str(run_dir)])
-        rows.append([f"report B, {run_dir.name}, {args.epochs} epochs",
-                     "AP50 " + " ".join(f"{v:.3f}" for v in r["ap50"]),
-                     "s/epoch " + " ".join(f"{v:.0f}" for v in r["epoch_s"]), r["peak_cuda_mb"]])
+        r = common.run_variant(
+            __file__,
+            [
+                "--variant",
+                "train",
+                *same,
+                "--epochs",
+                str(args.epochs),
+                "--amp" if amp else "--no-amp",
+                "--run-dir",
+                str(run_dir),
+            ],
+        )
+        rows.append(
+            [
+                f"report B, {run_dir.name}, {args.epochs} epochs",
+                "AP50 " + " ".join(f"{v:.3f}" for v in r["ap50"]),
+                "s/epoch " + " ".join(f"{v:.0f}" for v in r["epoch_s"]),
+                r["peak_cuda_mb"],
+            ]
+        )
     throughput = BENCH / "train_throughput.py"
     base = [*same, "--epochs", "2"]
     one = {v: common.run_variant(throughput, [*base, "--variant", v]) for v in ("cellseg", "plain")}
     speed = {v: r["images"] / r["seconds"] for v, r in one.items()}
     for v in ("cellseg", "plain"):
-        rows.append([f"training loop: {v} (report A)", f"{speed[v]:.1f} images/s",
-                     f"{speed[v] / speed['plain']:.2f}x plain", one[v]["peak_cuda_mb"]])
+        rows.append(
+            [
+                f"training loop: {v} (report A)",
+                f"{speed[v]:.1f} images/s",
+                f"{speed[v] / speed['plain']:.2f}x plain",
+                one[v]["peak_cuda_mb"],
+            ]
+        )
     packed = common.run_variants(throughput, [[*base, "--variant", "cellseg"]] * 2)
     total = sum(r["images"] / r["seconds"] for r in packed)
-    rows.append(["two trainings on one GPU (0.5 each)", f"{total:.1f} images/s together",
-                 f"{total / speed['cellseg']:.2f}x one alone",
-                 " + ".join("-" if r["peak_cuda_mb"] is None else f"{r['peak_cuda_mb']:.0f}"
-                            for r in packed)])
-    e = common.run_variant(__file__, ["--variant", "export", *same,
-                                      "--run-dir", str(runs / "bf16")])
-    rows.append([f"export, largest test image {e['image']}", f"{e['detections']} detections",
-                 f"{e['seconds']:.2f} s", e["peak_cuda_mb"]])
+    rows.append(
+        [
+            "two trainings on one GPU (0.5 each)",
+            f"{total:.1f} images/s together",
+            f"{total / speed['cellseg']:.2f}x one alone",
+            " + ".join("-" if r["peak_cuda_mb"] is None else f"{r['peak_cuda_mb']:.0f}" for r in packed),
+        ]
+    )
+    e = common.run_variant(__file__, ["--variant", "export", *same, "--run-dir", str(runs / "bf16")])
+    rows.append(
+        [
+            f"export, largest test image {e['image']}",
+            f"{e['detections']} detections",
+            f"{e['seconds']:.2f} s",
+            e["peak_cuda_mb"],
+        ]
+    )
     common.print_table(["what", "result", "speed", "peak GPU MiB"], rows)
     print(f"gpu_check: {time.perf_counter() - start:.0f} s; runs in {runs}")
     print(json.dumps({"rows": rows}))

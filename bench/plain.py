@@ -4,10 +4,12 @@ Every ``__getitem__`` decodes ``image.tif`` and each ``classN.tif`` with tifffil
 full-size uint8 mask per instance with a Python loop over ``np.unique`` ids; nothing is cached,
 the loader has no workers and the loop has no AMP, schedule or gradient clipping.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -53,8 +55,7 @@ class PlainDataset(Dataset):
         target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack(masks) if masks
-                                      else np.zeros((0, height, width), np.uint8)),
+            "masks": torch.from_numpy(np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)),
         }
         if torch.rand(1).item() < self.hflip_p:
             image, target["masks"] = image.flip(-1), target["masks"].flip(-1)
@@ -69,18 +70,28 @@ def plain_collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[tuple, 
     return tuple(zip(*batch))  # type: ignore[return-value]
 
 
-def plain_loader(folders: Sequence[Path], batch_size: int, *, hflip_p: float, vflip_p: float,
-                 seed: int = 0) -> DataLoader:
+def plain_loader(
+    folders: Sequence[Path], batch_size: int, *, hflip_p: float, vflip_p: float, seed: int = 0
+) -> DataLoader:
     """Shuffled, single-process loader; drops the last batch under the same rule as cellseg."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(PlainDataset(folders, hflip_p=hflip_p, vflip_p=vflip_p),
-                      batch_size=batch_size, shuffle=True, generator=generator, num_workers=0,
-                      collate_fn=plain_collate, drop_last=len(folders) > batch_size)
+    return DataLoader(
+        PlainDataset(folders, hflip_p=hflip_p, vflip_p=vflip_p),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=0,
+        collate_fn=plain_collate,
+        drop_last=len(folders) > batch_size,
+    )
 
 
-def plain_train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      loader: Iterable[tuple[Sequence[torch.Tensor], Sequence[Target]]],
-                      device: torch.device) -> float:
+def plain_train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[tuple[Sequence[torch.Tensor], Sequence[Target]]],
+    device: torch.device,
+) -> float:
     """One epoch of ``model(images, targets)``, ``backward``, ``step``; returns the last loss."""
     model.train()
     loss_value = float("nan")

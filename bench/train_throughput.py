@@ -9,31 +9,42 @@ process so that its peak RSS is its own.
 
     python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
+from plain import plain_loader, plain_train_epoch
 
+import common
 from cellseg.engine import train_one_epoch
 from cellseg.optim import build_optimizer
 from cellseg.training import build_training, seed_everything
-
-import common
-from plain import plain_loader, plain_train_epoch
 
 VARIANTS = ("cellseg", "plain")
 
 
 def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
-    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device,
-                              overrides=[f"train.epochs={args.epochs}"])
+    cfg = common.bench_config(
+        args.data, tiny=args.tiny, device=args.device, overrides=[f"train.epochs={args.epochs}"]
+    )
     s = build_training(cfg)
     timed = common.TimedLoader(s.train_loader, device=s.device)
     for epoch in range(1, args.epochs + 1):
         s.start_epoch(epoch)
-        train_one_epoch(s.model, s.optimizer, s.schedule, timed, s.device, epoch=epoch,
-                        scaler=s.scaler, amp=s.amp, grad_clip=cfg.optim.grad_clip, progress=False)
+        train_one_epoch(
+            s.model,
+            s.optimizer,
+            s.schedule,
+            timed,
+            s.device,
+            epoch=epoch,
+            scaler=s.scaler,
+            amp=s.amp,
+            grad_clip=cfg.optim.grad_clip,
+            progress=False,
+        )
     return {"images": timed.images, "seconds": timed.seconds, **common.peak_memory()}
 
 
@@ -43,9 +54,13 @@ def run_plain(args: argparse.Namespace) -> dict[str, float]:
     seed_everything(cfg.train.seed)
     model = common.torchvision_model(cfg.model).to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    loader = plain_loader(common.train_folders(cfg), cfg.train.batch_size,
-                          hflip_p=cfg.augment.hflip_p, vflip_p=cfg.augment.vflip_p,
-                          seed=cfg.train.seed)
+    loader = plain_loader(
+        common.train_folders(cfg),
+        cfg.train.batch_size,
+        hflip_p=cfg.augment.hflip_p,
+        vflip_p=cfg.augment.vflip_p,
+        seed=cfg.train.seed,
+    )
     timed = common.TimedLoader(loader, device=device)
     for _ in range(args.epochs):
         plain_train_epoch(model, optimizer, timed, device)
@@ -65,15 +80,18 @@ def main() -> None:
         argv = common.child_args(args, root) + ["--epochs", str(args.epochs)]
         results = {v: common.run_variant(__file__, [*argv, "--variant", v]) for v in VARIANTS}
         cfg = common.bench_config(root, tiny=args.tiny, device=args.device)
-    print(f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
-          f"batch {cfg.train.batch_size}, {args.epochs} epochs, first step not timed")
-    rows = [[v, r["images"], r["seconds"], r["images"] / r["seconds"], r["peak_rss_mb"],
-             r["peak_cuda_mb"]] for v, r in results.items()]
+    print(
+        f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
+        f"batch {cfg.train.batch_size}, {args.epochs} epochs, first step not timed"
+    )
+    rows = [
+        [v, r["images"], r["seconds"], r["images"] / r["seconds"], r["peak_rss_mb"], r["peak_cuda_mb"]]
+        for v, r in results.items()
+    ]
     common.print_table(["loop", "images", "seconds", "images/s", "peak RSS MiB", "peak CUDA MiB"], rows)
     c, p = results["cellseg"], results["plain"]
     common.print_ratio("peak RSS cellseg/plain", c["peak_rss_mb"] / p["peak_rss_mb"])
-    common.print_ratio("images/s cellseg/plain",
-                       (c["images"] / c["seconds"]) / (p["images"] / p["seconds"]))
+    common.print_ratio("images/s cellseg/plain", (c["images"] / c["seconds"]) / (p["images"] / p["seconds"]))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The one atomic file writer: a crash mid-write never leaves a half-written file."""
+
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:

@@ -12,6 +12,7 @@
   started first, then to the smaller run id, so one store always gives the same answer. The
   caller skips a run whose checkpoint artifact is missing and takes the next.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,10 @@ class Group:
     def describe(self) -> str:
         data = sorted({_data_label(c.record) for c in self.candidates})
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started))
-        return (f"{self.kind} {self.name!r}: {len(self.candidates)} exportable run(s), data "
-                f"{', '.join(data)}, started {when}")
+        return (
+            f"{self.kind} {self.name!r}: {len(self.candidates)} exportable run(s), data "
+            f"{', '.join(data)}, started {when}"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,14 +102,22 @@ def groups(records: list[RunRecord]) -> list[Group]:
             key, start = ("train", record.name), record.start_time
         members.setdefault(key, []).append(found)
         started[key] = min(started.get(key, start), start)
-    found_groups = [Group(kind, name, started[(kind, name)],
-                          tuple(sorted(members[(kind, name)], key=lambda c: c.rank_key)))
-                    for kind, name in members]
+    found_groups = [
+        Group(
+            kind, name, started[(kind, name)], tuple(sorted(members[(kind, name)], key=lambda c: c.rank_key))
+        )
+        for kind, name in members
+    ]
     return sorted(found_groups, key=lambda g: g.started, reverse=True)
 
 
-def choose(records: list[RunRecord], data_root: str | Path, *, search: str | None = None,
-           where: str = "the experiment") -> Choice:
+def choose(
+    records: list[RunRecord],
+    data_root: str | Path,
+    *,
+    search: str | None = None,
+    where: str = "the experiment",
+) -> Choice:
     """The group for ``data_root`` (or the one named ``search``) and its matching runs, ranked.
 
     TrackingError, listing every group with its data and date, when none matches.
@@ -114,11 +125,14 @@ def choose(records: list[RunRecord], data_root: str | Path, *, search: str | Non
     fingerprints: dict[tuple[float, int], DataFingerprint] = {}
 
     def data_for(record: RunRecord) -> DataFingerprint:
-        split = (float(record.params.get("data.val_fraction", DataConfig.val_fraction)),
-                 int(record.params.get("data.split_seed", DataConfig.split_seed)))
+        split = (
+            float(record.params.get("data.val_fraction", DataConfig.val_fraction)),
+            int(record.params.get("data.split_seed", DataConfig.split_seed)),
+        )
         if split not in fingerprints:
             fingerprints[split] = dataset_fingerprint(
-                DataConfig(root=str(data_root), val_fraction=split[0], split_seed=split[1]))
+                DataConfig(root=str(data_root), val_fraction=split[0], split_seed=split[1])
+            )
         return fingerprints[split]
 
     all_groups = groups(records)
@@ -134,7 +148,8 @@ def choose(records: list[RunRecord], data_root: str | Path, *, search: str | Non
         f"no {wanted} in {where} trained on {data.root} ({data.name}@{data.digest}, "
         f"{data.train_images} training images); exportable runs:\n{listing}\n"
         "Train or search on this data, pass --search NAME for a search on the same data, or "
-        "--run-id RUN to export one run whatever its data.")
+        "--run-id RUN to export one run whatever its data."
+    )
 
 
 def _data_label(record: RunRecord) -> str:

@@ -4,6 +4,7 @@ A run directory holds ``last.pt`` (model, optimizer, schedule, scaler, epoch, hi
 exactly), ``best.pt`` (model weights, config and metrics of the best epoch: what export needs)
 and ``pictures/`` (curves and predictions of the finished run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,11 +33,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return write_atomic(path, lambda file: torch.save(state, file))
 
 
-def make_state(cfg: Config, model: torch.nn.Module, *, epoch: int, metrics: dict[str, float],
-               **extra: Any) -> dict[str, Any]:
+def make_state(
+    cfg: Config, model: torch.nn.Module, *, epoch: int, metrics: dict[str, float], **extra: Any
+) -> dict[str, Any]:
     """The checkpoint dictionary: plain types and tensors only, so weights_only loading works."""
-    return {"config": config_to_dict(cfg), "model": model.state_dict(), "epoch": epoch,
-            "metrics": metrics, **extra}
+    return {
+        "config": config_to_dict(cfg),
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "metrics": metrics,
+        **extra,
+    }
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """``cellseg`` command line: inspect, synth, train, evaluate, export, score."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cellseg.config import DataConfig, ModelConfig, load_config
 from cellseg.data import PROFILES
@@ -20,9 +21,13 @@ log = logging.getLogger("cellseg")
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from cellseg.data import dataset_stats, format_stats
 
-    stats = dataset_stats(args.data, detections_per_img=args.detections_per_img,
-                          max_pixels=args.max_pixels, max_instances=args.max_instances,
-                          progress=not args.json)
+    stats = dataset_stats(
+        args.data,
+        detections_per_img=args.detections_per_img,
+        max_pixels=args.max_pixels,
+        max_instances=args.max_instances,
+        progress=not args.json,
+    )
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -30,8 +35,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from cellseg.data import make_synthetic_dataset
 
-    out = make_synthetic_dataset(args.out_dir, args.train, args.test, args.seed,
-                                 profile=args.profile)
+    out = make_synthetic_dataset(args.out_dir, args.train, args.test, args.seed, profile=args.profile)
     print(out)
     return 0
 
@@ -46,9 +50,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data.root:
         raise ConfigError(f"{args.config}: no dataset; pass --data DIR (or set data.root)")
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = train_and_track(cfg, name=name, experiment=args.experiment,
-                             tracking_uri=args.tracking_uri, resume_from=args.resume,
-                             config_path=Path(args.config), progress=not args.no_progress)
+    result = train_and_track(
+        cfg,
+        name=name,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        resume_from=args.resume,
+        config_path=Path(args.config),
+        progress=not args.no_progress,
+    )
     print(f"best {cfg.train.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
     print(f"checkpoint: {result.best_checkpoint}")
     return 0
@@ -72,13 +82,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--search chooses among the runs of --best; add --best")
     with tempfile.TemporaryDirectory() as scratch:
         summary = export_run(
-            checkpoints=args.checkpoint or [], run_id=args.run_id, best=args.best,
-            search=args.search, experiment=args.experiment, tracking_uri=args.tracking_uri,
-            data_root=args.data, output=Path(args.output),
-            zip_path=Path(args.zip) if args.zip else None, score_threshold=args.score_threshold,
-            scratch=Path(scratch), progress=not args.no_progress, ensemble=args.ensemble,
+            checkpoints=args.checkpoint or [],
+            run_id=args.run_id,
+            best=args.best,
+            search=args.search,
+            experiment=args.experiment,
+            tracking_uri=args.tracking_uri,
+            data_root=args.data,
+            output=Path(args.output),
+            zip_path=Path(args.zip) if args.zip else None,
+            score_threshold=args.score_threshold,
+            scratch=Path(scratch),
+            progress=not args.no_progress,
+            ensemble=args.ensemble,
             flips=DEFAULT_TTA if args.tta == [] else tuple(args.tta or ()),
-            **({} if args.merge_iou is None else {"iou_threshold": args.merge_iou}))
+            **({} if args.merge_iou is None else {"iou_threshold": args.merge_iou}),
+        )
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
@@ -101,12 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="dataset statistics")
     p.add_argument("data", help="dataset folder (train/, test_release/, mapping json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--detections-per-img", type=int, default=ModelConfig.detections_per_img,
-                   help="warn about images holding more instances than this")
-    p.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels,
-                   help="refuse images and masks larger than this (data.max_pixels)")
-    p.add_argument("--max-instances", type=int, default=DataConfig.max_instances,
-                   help="refuse training images with more instances (data.max_instances)")
+    p.add_argument(
+        "--detections-per-img",
+        type=int,
+        default=ModelConfig.detections_per_img,
+        help="warn about images holding more instances than this",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DataConfig.max_pixels,
+        help="refuse images and masks larger than this (data.max_pixels)",
+    )
+    p.add_argument(
+        "--max-instances",
+        type=int,
+        default=DataConfig.max_instances,
+        help="refuse training images with more instances (data.max_instances)",
+    )
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
@@ -114,20 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_count, default=40, help="training images")
     p.add_argument("--test", type=_count, default=10, help="test images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default="realistic", choices=PROFILES,
-                   help="realistic: the real data's quirks and sizes; easy: small images with a "
-                        "few large cells, for quick learning checks")
+    p.add_argument(
+        "--profile",
+        default="realistic",
+        choices=PROFILES,
+        help="realistic: the real data's quirks and sizes; easy: small images with a "
+        "few large cells, for quick learning checks",
+    )
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train one configuration, logged to MLflow")
     p.add_argument("--config", required=True, help="YAML config, e.g. trials/demo.yaml")
     p.add_argument("--data", help="dataset folder (overrides data.root)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
     p.add_argument("--name", help="run name (default: config name and time)")
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI "
-                                          "or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     p.add_argument("--resume", help="run directory of an interrupted run to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
@@ -140,32 +181,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="predict the test images and write test-results.json")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", action="append",
-                        help="a checkpoint file or run directory; repeat it to merge several "
-                             "models (an ensemble)")
+    source.add_argument(
+        "--checkpoint",
+        action="append",
+        help="a checkpoint file or run directory; repeat it to merge several models (an ensemble)",
+    )
     source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
-    source.add_argument("--best", action="store_true",
-                        help="the best trial of the most recent search (or training run) of "
-                             "--experiment trained on --data (required with --best)")
-    p.add_argument("--search", help="with --best: choose within this search (or training run) "
-                                    "instead of the most recent one")
+    source.add_argument(
+        "--best",
+        action="store_true",
+        help="the best trial of the most recent search (or training run) of "
+        "--experiment trained on --data (required with --best)",
+    )
+    p.add_argument(
+        "--search",
+        help="with --best: choose within this search (or training run) instead of the most recent one",
+    )
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment for --best")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
-    p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint; "
-                                  "required with --best)")
-    p.add_argument("--output", default="test-results.json",
-                   help="the submission; <stem>.provenance.json beside it names the model")
+    p.add_argument(
+        "--data", help="dataset folder (default: the one stored in the checkpoint; required with --best)"
+    )
+    p.add_argument(
+        "--output",
+        default="test-results.json",
+        help="the submission; <stem>.provenance.json beside it names the model",
+    )
     p.add_argument("--zip", help="also write a zip holding test-results.json")
-    p.add_argument("--score-threshold", type=float, default=0.0,
-                   help="drop detections below this score (AP50 rewards keeping nearly all)")
-    p.add_argument("--ensemble", type=int, default=1, metavar="K",
-                   help="with --best: merge the K best runs of the chosen search (default 1)")
-    p.add_argument("--tta", nargs="*", metavar="FLIP",
-                   help="test-time augmentation: also predict the image flipped (hflip, vflip, "
-                        "hvflip; bare --tta: hflip vflip) and merge the passes")
-    p.add_argument("--merge-iou", type=float,
-                   help="box IoU at which detections of two passes (flips or models) are the same "
-                        "instance (default: docs/second-stage.md)")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.0,
+        help="drop detections below this score (AP50 rewards keeping nearly all)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --best: merge the K best runs of the chosen search (default 1)",
+    )
+    p.add_argument(
+        "--tta",
+        nargs="*",
+        metavar="FLIP",
+        help="test-time augmentation: also predict the image flipped (hflip, vflip, "
+        "hvflip; bare --tta: hflip vflip) and merge the passes",
+    )
+    p.add_argument(
+        "--merge-iou",
+        type=float,
+        help="box IoU at which detections of two passes (flips or models) are the same "
+        "instance (default: docs/second-stage.md)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_export)
 
@@ -186,8 +254,9 @@ def _count(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (errors print one line, exit code 2)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except USER_ERRORS as exc:  # anything else is a bug and keeps its traceback

@@ -1,4 +1,5 @@
 """What the CLI commands do: train with MLflow tracking, evaluate, export and score."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,14 @@ from typing import Any
 from cellseg.best_run import choose
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, TrainConfig, flatten
-from cellseg.data import (check_test_header, dataset_fingerprint, load_test_images, read_image,
-                          targets_from_label_maps, ground_truth_maps)
+from cellseg.data import (
+    check_test_header,
+    dataset_fingerprint,
+    ground_truth_maps,
+    load_test_images,
+    read_image,
+    targets_from_label_maps,
+)
 from cellseg.engine import evaluate
 from cellseg.errors import ConfigError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
@@ -20,16 +27,24 @@ from cellseg.export import export_predictions, write_provenance, write_submissio
 from cellseg.plots import plot_class_distribution
 from cellseg.run_pictures import write_run_pictures
 from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, best_metric_key
-from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, check_iou_threshold
 from cellseg.training import FitResult, build_loaders, fit, resolve_device
+from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, check_iou_threshold
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_SUFFIX = ".provenance.json"  # test-results.json -> test-results.provenance.json
 
 
-def train_and_track(cfg: Config, *, name: str, experiment: str, tracking_uri: str | None,
-                    resume_from: str | None, config_path: Path, progress: bool) -> FitResult:
+def train_and_track(
+    cfg: Config,
+    *,
+    name: str,
+    experiment: str,
+    tracking_uri: str | None,
+    resume_from: str | None,
+    config_path: Path,
+    progress: bool,
+) -> FitResult:
     """``fit`` with an MLflow run: params, per-epoch metrics, best checkpoint and pictures."""
     tracker = Tracker(tracking_uri)
     tracker.check()
@@ -39,13 +54,21 @@ def train_and_track(cfg: Config, *, name: str, experiment: str, tracking_uri: st
         run_id = previous[0].run_id
         tracker.reopen_run(run_id)
     else:
-        run_id = tracker.start_run(experiment, name, params=flatten(cfg),
-                                   tags={RUN_DIR_TAG: str(run_dir), SOURCE_TAG: "train",
-                                         "cellseg.config_file": str(config_path)},
-                                   dataset=dataset_fingerprint(cfg.data))
+        run_id = tracker.start_run(
+            experiment,
+            name,
+            params=flatten(cfg),
+            tags={RUN_DIR_TAG: str(run_dir), SOURCE_TAG: "train", "cellseg.config_file": str(config_path)},
+            dataset=dataset_fingerprint(cfg.data),
+        )
     try:
-        result = fit(cfg, run_dir=run_dir, resume_from=resume_from, progress=progress,
-                     report=lambda m, _: tracker.log_metrics(run_id, m, step=int(m["epoch"])))
+        result = fit(
+            cfg,
+            run_dir=run_dir,
+            resume_from=resume_from,
+            progress=progress,
+            report=lambda m, _: tracker.log_metrics(run_id, m, step=int(m["epoch"])),
+        )
         write_run_pictures(run_dir, resolve_device(cfg.train.device))
     except BaseException as exc:
         tracker.fail_run(run_id, exc)
@@ -55,25 +78,45 @@ def train_and_track(cfg: Config, *, name: str, experiment: str, tracking_uri: st
     return result
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None,
-                        progress: bool) -> dict[str, float]:
+def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progress: bool) -> dict[str, float]:
     """The validation metrics of a checkpoint on the split its config defines."""
     state = load_checkpoint(checkpoint)
     cfg = checkpoint_config(state)
     if data_root:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve())))
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve()))
+        )
     device = resolve_device(cfg.train.device)
     model, _ = restore_model(state, device)
     _, val_loader, _ = build_loaders(cfg, device)
-    return evaluate(model, val_loader, device, progress=progress,
-                    max_dets=coco_max_dets(cfg.model.detections_per_img), with_loss=True)
+    return evaluate(
+        model,
+        val_loader,
+        device,
+        progress=progress,
+        max_dets=coco_max_dets(cfg.model.detections_per_img),
+        with_loss=True,
+    )
 
 
-def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search: str | None,
-               experiment: str, tracking_uri: str | None, data_root: str | None, output: Path,
-               zip_path: Path | None, score_threshold: float, scratch: Path, progress: bool,
-               ensemble: int = 1, flips: tuple[str, ...] = (),
-               iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> dict[str, Any]:
+def export_run(
+    *,
+    checkpoints: list[str],
+    run_id: str | None,
+    best: bool,
+    search: str | None,
+    experiment: str,
+    tracking_uri: str | None,
+    data_root: str | None,
+    output: Path,
+    zip_path: Path | None,
+    score_threshold: float,
+    scratch: Path,
+    progress: bool,
+    ensemble: int = 1,
+    flips: tuple[str, ...] = (),
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+) -> dict[str, Any]:
     """Predict every test image with one or more checkpoints (files, an MLflow run, or the best
     ``ensemble`` runs), on the image and its ``flips`` views, merged as ``cellseg.tta`` says.
 
@@ -84,8 +127,9 @@ def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search
     if ensemble < 1:
         raise ConfigError(f"--ensemble {ensemble}: give the number of best runs to merge, 1 or more")
     if ensemble > 1 and not best:
-        raise ConfigError("--ensemble K merges the K best runs of --best; add --best, or pass "
-                          "--checkpoint once per model")
+        raise ConfigError(
+            "--ensemble K merges the K best runs of --best; add --best, or pass --checkpoint once per model"
+        )
     flips = check_flips(flips)
     check_iou_threshold(iou_threshold)
     tracker, members = None, []
@@ -97,16 +141,27 @@ def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search
         if best:
             members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble)
         else:
-            members = [(run_id, tracker.download_checkpoint(run_id, scratch),
-                        _provenance(tracker.record(run_id), search=None))]
+            members = [
+                (
+                    run_id,
+                    tracker.download_checkpoint(run_id, scratch),
+                    _provenance(tracker.record(run_id), search=None),
+                )
+            ]
     states = [load_checkpoint(checkpoint) for _, checkpoint, _ in members]
     device = resolve_device(checkpoint_config(states[0]).train.device)
     models, configs = zip(*(restore_model(state, device) for state in states))
     for (_, checkpoint, provenance), state, cfg in zip(members, states, configs):
         if not provenance:
             metric = cfg.train.metric
-            provenance.update(run_id=None, run_name=None, search=None, metric=metric,
-                              metric_value=state.get("metrics", {}).get(metric), fingerprint=None)
+            provenance.update(
+                run_id=None,
+                run_name=None,
+                search=None,
+                metric=metric,
+                metric_value=state.get("metrics", {}).get(metric),
+                fingerprint=None,
+            )
         provenance["checkpoint"] = str(checkpoint)
     run_id, checkpoint, provenance = members[0]
     provenance = dict(provenance)
@@ -115,47 +170,83 @@ def export_run(*, checkpoints: list[str], run_id: str | None, best: bool, search
     max_pixels = configs[0].data.max_pixels
     for test_image in test_images:  # every header, before any image is decoded
         check_test_header(test_image, max_pixels=max_pixels)
-    results = export_predictions(list(models), test_images,
-                                 functools.partial(read_image, max_pixels=max_pixels),
-                                 device=device, score_threshold=score_threshold, flips=flips,
-                                 iou_threshold=iou_threshold, progress=progress)
+    results = export_predictions(
+        list(models),
+        test_images,
+        functools.partial(read_image, max_pixels=max_pixels),
+        device=device,
+        score_threshold=score_threshold,
+        flips=flips,
+        iou_threshold=iou_threshold,
+        progress=progress,
+    )
     write_submission(results, test_images, output, zip_path=zip_path)
     picture = plot_class_distribution(results, output.with_name(f"{output.stem}-classes.png"))
     provenance_path = output.with_name(f"{output.stem}{PROVENANCE_SUFFIX}")
-    provenance.update(data=str(Path(root).resolve()),
-                      tracking_uri=tracker.uri if tracker else None,
-                      experiment=experiment if tracker else None, output=str(output.resolve()),
-                      written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      ensemble=[m[2] for m in members] if len(members) > 1 else None,
-                      tta_flips=list(flips),
-                      merge_iou_threshold=iou_threshold if len(members) > 1 or flips else None)
+    provenance.update(
+        data=str(Path(root).resolve()),
+        tracking_uri=tracker.uri if tracker else None,
+        experiment=experiment if tracker else None,
+        output=str(output.resolve()),
+        written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        ensemble=[m[2] for m in members] if len(members) > 1 else None,
+        tta_flips=list(flips),
+        merge_iou_threshold=iou_threshold if len(members) > 1 or flips else None,
+    )
     write_provenance(provenance_path, provenance)
     if tracker is not None:
         for path in (output, picture, provenance_path):
             tracker.log_artifact(run_id, path, "export")
-    return {**{k: provenance[k] for k in ("run_id", "run_name", "search", "metric",
-                                         "metric_value", "fingerprint")},
-            "results": output, "zip": zip_path, "picture": picture, "provenance": provenance_path,
-            "checkpoint": checkpoint, "models": len(models), "tta_flips": ",".join(flips) or None,
-            "images": len(test_images), "detections": len(results)}
+    return {
+        **{
+            k: provenance[k]
+            for k in ("run_id", "run_name", "search", "metric", "metric_value", "fingerprint")
+        },
+        "results": output,
+        "zip": zip_path,
+        "picture": picture,
+        "provenance": provenance_path,
+        "checkpoint": checkpoint,
+        "models": len(models),
+        "tta_flips": ",".join(flips) or None,
+        "images": len(test_images),
+        "detections": len(results),
+    }
 
 
 def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
     metric = record.params.get("train.metric", TrainConfig.metric)
-    return {"run_id": record.run_id, "run_name": record.name, "search": search, "metric": metric,
-            "metric_value": record.metrics.get(best_metric_key(metric)),
-            "fingerprint": record.fingerprint}
+    return {
+        "run_id": record.run_id,
+        "run_name": record.name,
+        "search": search,
+        "metric": metric,
+        "metric_value": record.metrics.get(best_metric_key(metric)),
+        "fingerprint": record.fingerprint,
+    }
 
 
-def best_checkpoints(tracker: Tracker, experiment: str, search: str | None, data_root: str | None,
-                     scratch: Path, count: int = 1) -> list[tuple[str, Path, dict[str, Any]]]:
+def best_checkpoints(
+    tracker: Tracker,
+    experiment: str,
+    search: str | None,
+    data_root: str | None,
+    scratch: Path,
+    count: int = 1,
+) -> list[tuple[str, Path, dict[str, Any]]]:
     """The ``count`` best runs for ``data_root`` (cellseg.best_run's rule) whose checkpoints
     download, best first: (run id, checkpoint, provenance) each."""
     if not data_root:
-        raise ConfigError("export --best needs --data DIR: the best run is chosen among the runs "
-                          "trained on that dataset, whose test images are then predicted")
-    choice = choose(tracker.records(experiment), data_root, search=search,
-                    where=f"experiment {experiment!r} of {tracker.uri}")
+        raise ConfigError(
+            "export --best needs --data DIR: the best run is chosen among the runs "
+            "trained on that dataset, whose test images are then predicted"
+        )
+    choice = choose(
+        tracker.records(experiment),
+        data_root,
+        search=search,
+        where=f"experiment {experiment!r} of {tracker.uri}",
+    )
     skipped, found = [], []
     for candidate in choice.ranked:
         record = candidate.record
@@ -173,12 +264,14 @@ def best_checkpoints(tracker: Tracker, experiment: str, search: str | None, data
         raise TrackingError(
             f"none of the {len(choice.ranked)} exportable runs of {choice.group.kind} "
             f"{choice.group.name!r} has its checkpoint artifact in {tracker.uri} (skipped: "
-            f"{', '.join(skipped)}); pass --search NAME to choose another search")
+            f"{', '.join(skipped)}); pass --search NAME to choose another search"
+        )
     raise TrackingError(
         f"--ensemble {count} needs {count} runs with checkpoints, but {choice.group.kind} "
         f"{choice.group.name!r} has {len(found)} (of {len(choice.ranked)} exportable runs on this "
         f"data; skipped: {', '.join(skipped) or 'none'}); ask for fewer, or pass --search NAME "
-        "for a search with more trials")
+        "for a search with more trials"
+    )
 
 
 def score_export(results: Path, data_root: Path) -> dict[str, float]:

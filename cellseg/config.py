@@ -4,13 +4,15 @@ A config file is a mapping of sections (``data``, ``model``, ``augment``, ``opti
 absent keys keep their defaults, unknown keys and values of the wrong type are errors that name
 the key and the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -168,9 +170,7 @@ def _build_section(section: str, values: Mapping[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(
-                f"{where}unknown key {section}.{key}; valid keys: {', '.join(sorted(hints))}"
-            )
+            raise ConfigError(f"{where}unknown key {section}.{key}; valid keys: {', '.join(sorted(hints))}")
         kwargs[key] = _coerce(value, hints[key], f"{where}{section}.{key}")
     return SECTIONS[section](**kwargs)
 
@@ -183,9 +183,7 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
         raise ConfigError(f"{where}expected a mapping of sections, got {type(raw).__name__}")
     for section in raw:
         if section not in SECTIONS:
-            raise ConfigError(
-                f"{where}unknown section {section!r}; sections are {', '.join(SECTIONS)}"
-            )
+            raise ConfigError(f"{where}unknown section {section!r}; sections are {', '.join(SECTIONS)}")
     cfg = Config(**{s: _build_section(s, raw.get(s, {}), where) for s in raw})
     try:
         validate(cfg)
@@ -196,6 +194,7 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The nested plain-dict form of a config (tuples as lists), the inverse of config_from_dict."""
+
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
 
@@ -224,8 +223,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | list[str]) -> Co
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(
-                f"unknown key {key!r}: keys look like section.name with a section of "
-                f"{', '.join(SECTIONS)}"
+                f"unknown key {key!r}: keys look like section.name with a section of {', '.join(SECTIONS)}"
             )
         if name not in nested[section]:
             raise ConfigError(
@@ -258,20 +256,27 @@ def validate(cfg: Config) -> None:
     d, m, a, o, t = cfg.data, cfg.model, cfg.augment, cfg.optim, cfg.train
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
-    _check(d.max_pixels > 0 and d.max_instances > 0,
-           "data.max_pixels and data.max_instances must be positive")
+    _check(
+        d.max_pixels > 0 and d.max_instances > 0, "data.max_pixels and data.max_instances must be positive"
+    )
     _check(0 <= m.trainable_layers <= 5, "model.trainable_layers must lie in 0..5")
     _check(
         (m.anchors == "custom") == bool(m.anchor_sizes),
         "model.anchor_sizes must be given exactly when model.anchors is 'custom'",
     )
     _check(all(s > 0 for s in m.anchor_sizes), "model.anchor_sizes must be positive")
-    _check(bool(m.aspect_ratios) and all(r > 0 for r in m.aspect_ratios),
-           "model.aspect_ratios must be a non-empty list of positive numbers")
-    _check(m.mask_head_channels > 0 and m.mask_head_convs > 0,
-           "model.mask_head_channels and model.mask_head_convs must be positive")
-    _check(m.detections_per_img > 0 and m.box_head_dim > 0,
-           "model.detections_per_img and model.box_head_dim must be positive")
+    _check(
+        bool(m.aspect_ratios) and all(r > 0 for r in m.aspect_ratios),
+        "model.aspect_ratios must be a non-empty list of positive numbers",
+    )
+    _check(
+        m.mask_head_channels > 0 and m.mask_head_convs > 0,
+        "model.mask_head_channels and model.mask_head_convs must be positive",
+    )
+    _check(
+        m.detections_per_img > 0 and m.box_head_dim > 0,
+        "model.detections_per_img and model.box_head_dim must be positive",
+    )
     _check(0 < m.min_size <= m.max_size, "model.min_size must be positive and <= model.max_size")
     for name in ("box_score_thresh", "box_nms_thresh", "rpn_nms_thresh"):
         _check(0.0 <= getattr(m, name) <= 1.0, f"model.{name} must lie in [0, 1]")
@@ -285,12 +290,19 @@ def validate(cfg: Config) -> None:
     _check(a.crop_size >= 32, "augment.crop_size must be at least 32")
     _check(o.lr > 0, "optim.lr must be positive")
     _check(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and grad_clip must be >= 0")
-    _check(0 < o.gamma <= 1 and 0 < o.plateau_factor < 1,
-           "optim.gamma must lie in (0, 1] and optim.plateau_factor in (0, 1)")
-    _check(o.step_size > 0 and o.warmup_epochs >= 0,
-           "optim.step_size must be positive and optim.warmup_epochs >= 0")
-    _check(t.epochs > 0 and t.batch_size > 0 and t.eval_every > 0,
-           "train.epochs, train.batch_size and train.eval_every must be positive")
-    _check(t.metric in METRICS,
-           f"train.metric: {t.metric!r} is not a metric evaluation reports; use one of "
-           f"{', '.join(METRICS)}")
+    _check(
+        0 < o.gamma <= 1 and 0 < o.plateau_factor < 1,
+        "optim.gamma must lie in (0, 1] and optim.plateau_factor in (0, 1)",
+    )
+    _check(
+        o.step_size > 0 and o.warmup_epochs >= 0,
+        "optim.step_size must be positive and optim.warmup_epochs >= 0",
+    )
+    _check(
+        t.epochs > 0 and t.batch_size > 0 and t.eval_every > 0,
+        "train.epochs, train.batch_size and train.eval_every must be positive",
+    )
+    _check(
+        t.metric in METRICS,
+        f"train.metric: {t.metric!r} is not a metric evaluation reports; use one of {', '.join(METRICS)}",
+    )

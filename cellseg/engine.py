@@ -1,10 +1,12 @@
 """The two steps of the training loop, as free functions returning flat dicts of floats."""
+
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,22 +27,34 @@ Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     images, targets = batch
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in t.items()} for t in targets]
+    targets = [
+        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+        for t in targets
+    ]
     return images, targets
 
 
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported()
-                              else torch.float16)
+        return torch.autocast(
+            "cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        )
     return nullcontext()
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
-                    loader: Iterable[Batch], device: torch.device, *, epoch: int,
-                    scaler: torch.amp.GradScaler | None = None, amp: bool = False,
-                    grad_clip: float = 0.0, progress: bool = True) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+    grad_clip: float = 0.0,
+    progress: bool = True,
+) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term and of their sum (``loss``)."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
@@ -55,7 +69,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         if not math.isfinite(float(loss.detach())):
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, step {steps + 1}: {values}; "
-                "lower optim.lr, enable optim.grad_clip or check the data")
+                "lower optim.lr, enable optim.grad_clip or check the data"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -64,7 +79,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+                [p for g in optimizer.param_groups for p in g["params"]], grad_clip
+            )
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -88,9 +104,16 @@ def _loss_mode(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, *,
-             max_dets: int, progress: bool = True, amp: bool = False,
-             with_loss: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    max_dets: int,
+    progress: bool = True,
+    amp: bool = False,
+    with_loss: bool = False,
+) -> dict[str, Any]:
     """COCO metrics (segm_AP50, segm_AP, bbox_AP50, per class), and ``val_loss`` if asked.
 
     The loss needs a second forward pass in training mode (the only mode in which torchvision
@@ -108,8 +131,9 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, *,
         model.eval()
         for target, prediction in zip(targets, predict_images(model, images)):
             image_id = int(target["image_id"])
-            truths.append(truth_from_masks(image_id, target["masks"].cpu().numpy(),
-                                           target["labels"].cpu().numpy()))
+            truths.append(
+                truth_from_masks(image_id, target["masks"].cpu().numpy(), target["labels"].cpu().numpy())
+            )
             predictions[image_id] = prediction
     metrics = coco_metrics(truths, predictions, max_dets=max_dets)
     if with_loss:

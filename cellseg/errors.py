@@ -3,6 +3,7 @@
 ``cellseg`` prints these as one line (exit code 2). Any other exception is a bug and keeps its
 traceback. A leaf module: every layer may raise these.
 """
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ default of 100 per image throws recall away on images with 500 cells). A metric 
 because the evaluated set has no ground truth (for the whole set, or for one class) is -1.0, as in
 COCO's own summaries; with ground truth but no predictions every AP is 0.0.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ from pycocotools.cocoeval import COCOeval
 from cellseg.errors import DataError
 from cellseg.rle import counts_str, encode_mask
 from cellseg.task import IOU_TYPES, NUM_CLASSES, SUMMARIES
+
 UNDEFINED = -1.0  # COCO's value for a metric without ground truth
 
 
@@ -118,7 +120,9 @@ def load_results(ground_truth: COCO, results: list[dict]) -> COCO:
         if image is None:
             raise DataError(f"result {i}: unknown image_id {result['image_id']!r}")
         if result["category_id"] not in category_ids:
-            raise DataError(f"result {i}: category_id {result['category_id']!r} not in {sorted(category_ids)}")
+            raise DataError(
+                f"result {i}: category_id {result['category_id']!r} not in {sorted(category_ids)}"
+            )
         size = list(result["segmentation"]["size"])
         if size != [image["height"], image["width"]]:
             raise DataError(
@@ -155,9 +159,12 @@ def evaluate_results(
         precision = evaluator.eval["precision"][:, :, :, 0, -1]
         recall = evaluator.eval["recall"][:, :, 0, -1]
         at50 = precision[np.isclose(iou_thresholds, 0.5)][0]
-        summaries = {"AP": _mean_defined(precision), "AP50": _mean_defined(at50),
-                     "AP75": _mean_defined(precision[np.isclose(iou_thresholds, 0.75)][0]),
-                     "AR": _mean_defined(recall)}
+        summaries = {
+            "AP": _mean_defined(precision),
+            "AP50": _mean_defined(at50),
+            "AP75": _mean_defined(precision[np.isclose(iou_thresholds, 0.75)][0]),
+            "AR": _mean_defined(recall),
+        }
         metrics.update({f"{iou_type}_{name}": summaries[name] for name in SUMMARIES})
         if iou_type == "segm":
             for k, category_id in enumerate(evaluator.params.catIds):

@@ -1,4 +1,5 @@
 """Test-set inference to COCO results and the submission file (test-results.json, optionally zipped)."""
+
 from __future__ import annotations
 
 import json
@@ -64,9 +65,14 @@ def export_predictions(
         if len(models) == 1 and not flips:
             [prediction] = predict_images(models[0], [tensor], score_threshold=score_threshold)
         else:
-            prediction = predict_merged(detectors, tensor.to(device), flips=flips,
-                                        iou_threshold=iou_threshold, max_detections=max_detections,
-                                        score_threshold=score_threshold)
+            prediction = predict_merged(
+                detectors,
+                tensor.to(device),
+                flips=flips,
+                iou_threshold=iou_threshold,
+                max_detections=max_detections,
+                score_threshold=score_threshold,
+            )
         results.extend(coco_results(test_image.image_id, prediction))
     return results
 

@@ -6,6 +6,7 @@ The invariant: the model's transform (``cellseg.model.CellTransform``) scales an
 beforehand with the same two functions, so the transform then finds scale 1 and passes image
 and masks through untouched. ``data`` and ``model`` both import this module, never each other.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,11 +20,11 @@ def model_scale(height: int, width: int, min_size: int, max_size: int) -> float:
 
 def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
     """A (C, H, W) float image scaled bilinearly by ``scale``, as GeneralizedRCNNTransform does."""
-    return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                         recompute_scale_factor=True, align_corners=False)[0]
+    return F.interpolate(
+        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]
 
 
 def resize_masks(masks: torch.Tensor, scale: float) -> torch.Tensor:
     """(N, H, W) uint8 masks scaled by nearest neighbour, as GeneralizedRCNNTransform does."""
-    return F.interpolate(masks[:, None].float(), scale_factor=scale,
-                         recompute_scale_factor=True)[:, 0].byte()
+    return F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)[:, 0].byte()

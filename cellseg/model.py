@@ -2,11 +2,13 @@
 
 The one module that knows torchvision's detection API; everything is chosen by ``ModelConfig``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -67,8 +69,15 @@ class CellTransform(GeneralizedRCNNTransform):
     torchvision does (``cellseg.input_scale``).
     """
 
-    def __init__(self, min_size: int, max_size: int, image_mean: list[float],
-                 image_std: list[float], *, upscale_small: bool) -> None:
+    def __init__(
+        self,
+        min_size: int,
+        max_size: int,
+        image_mean: list[float],
+        image_std: list[float],
+        *,
+        upscale_small: bool,
+    ) -> None:
         super().__init__(min_size, max_size, image_mean, image_std)
         self.upscale_small = upscale_small
 
@@ -129,8 +138,7 @@ def _anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
         sizes = cfg.anchor_sizes
         if len(sizes) != FPN_LEVELS:
             raise ConfigError(
-                f"model.anchor_sizes: got {len(sizes)} sizes, need exactly {FPN_LEVELS} "
-                "(one per FPN level)"
+                f"model.anchor_sizes: got {len(sizes)} sizes, need exactly {FPN_LEVELS} (one per FPN level)"
             )
     else:
         sizes = _choose(ANCHOR_SIZES, cfg.anchors, "anchors")
@@ -178,8 +186,9 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
     norm_layer = _choose(NORM_LAYERS, cfg.norm, "norm")
     if not 0 <= cfg.trainable_layers <= 5:
         raise ConfigError(f"model.trainable_layers: {cfg.trainable_layers} is not in 0..5")
-    return resnet_fpn_backbone(backbone_name=cfg.backbone, weights=None, norm_layer=norm_layer,
-                               trainable_layers=cfg.trainable_layers)
+    return resnet_fpn_backbone(
+        backbone_name=cfg.backbone, weights=None, norm_layer=norm_layer, trainable_layers=cfg.trainable_layers
+    )
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN:
@@ -223,8 +232,9 @@ def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN
     t = model.transform
     model.rpn.box_coder = _float32_box_coder(model.rpn.box_coder)
     model.roi_heads.box_coder = _float32_box_coder(model.roi_heads.box_coder)
-    model.transform = CellTransform(cfg.min_size, cfg.max_size, t.image_mean, t.image_std,
-                                    upscale_small=cfg.upscale_small)
+    model.transform = CellTransform(
+        cfg.min_size, cfg.max_size, t.image_mean, t.image_std, upscale_small=cfg.upscale_small
+    )
     check_parameter_budget(model)
     _load_weights(model, cfg)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model

@@ -3,6 +3,7 @@
 The schedule is computed in closed form (warmup factor x epoch factor) so that it resumes exactly
 from a checkpoint and combines warmup with every scheduler, plateau included.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
 class LRSchedule:
     """Linear warmup per iteration times a per-epoch factor (cosine, step, plateau or none)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epochs: int,
-                 iters_per_epoch: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epochs: int, iters_per_epoch: int
+    ) -> None:
         self.optimizer = optimizer
         self.cfg = cfg
         self.epochs = epochs

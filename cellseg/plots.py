@@ -3,6 +3,7 @@
 Figures are drawn with matplotlib's object API and saved through the Agg canvas, so no display,
 no pyplot state and no global backend switch are involved.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,14 +70,21 @@ def _overlay(image: np.ndarray, labels: np.ndarray, rles: list[dict]) -> np.ndar
 
 
 def plot_predictions(
-    image: np.ndarray, truth: ImageTruth, prediction: ImagePrediction, path: Path, score_threshold: float = 0.5
+    image: np.ndarray,
+    truth: ImageTruth,
+    prediction: ImagePrediction,
+    path: Path,
+    score_threshold: float = 0.5,
 ) -> Path:
     """Ground truth and predictions scoring at least ``score_threshold`` side by side, coloured by class."""
     keep = np.flatnonzero(prediction.scores >= score_threshold)
     panels = [
         (f"truth ({len(truth.rles)})", truth.labels, truth.rles),
-        (f"predicted, score >= {score_threshold:g} ({len(keep)})",
-         prediction.labels[keep], [prediction.rles[i] for i in keep]),
+        (
+            f"predicted, score >= {score_threshold:g} ({len(keep)})",
+            prediction.labels[keep],
+            [prediction.rles[i] for i in keep],
+        ),
     ]
     figure = Figure(figsize=(12, 6))
     axes = figure.subplots(1, 2)
@@ -95,15 +103,18 @@ def plot_class_distribution(results: list[dict], path: Path) -> Path:
     classes = list(range(1, NUM_CLASSES + 1))
     figure = Figure(figsize=(10, 4))
     bars, scores = figure.subplots(1, 2)
-    bars.bar([f"class{k}" for k in classes], [counts[k] for k in classes],
-             color=[CLASS_COLORS[k] for k in classes])
+    bars.bar(
+        [f"class{k}" for k in classes], [counts[k] for k in classes], color=[CLASS_COLORS[k] for k in classes]
+    )
     bars.set(title=f"predicted instances ({len(results)})", ylabel="count")
     scores.hist([r["score"] for r in results], bins=20, range=(0, 1), color="gray")
     scores.set(title="scores", xlabel="score", ylabel="count")
     return _save(figure, path)
 
 
-def plot_trial_curves(curves: dict[str, list[tuple[int, float]]], path: Path, metric: str = "segm_AP50") -> Path:
+def plot_trial_curves(
+    curves: dict[str, list[tuple[int, float]]], path: Path, metric: str = "segm_AP50"
+) -> Path:
     """One line of ``metric`` per epoch for each trial."""
     figure = Figure(figsize=(8, 5))
     ax = figure.subplots()

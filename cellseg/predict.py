@@ -5,6 +5,7 @@ float tensor (500 detections on a 2500x735 image is 3.7 GB). Here the model's pa
 and each mask is pasted into its box region and run-length encoded from there, so neither memory
 nor time grows with detections times image area.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -57,15 +58,20 @@ def detect_images(model: MaskRCNN, images: list[torch.Tensor]) -> list[Detection
     proposals, _ = model.rpn(batch, features)
     detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     return [
-        Detections(boxes=resize_boxes(d["boxes"], resized_size, original_size),
-                   labels=d["labels"], scores=d["scores"], masks=d["masks"][:, 0],
-                   image_size=original_size)
+        Detections(
+            boxes=resize_boxes(d["boxes"], resized_size, original_size),
+            labels=d["labels"],
+            scores=d["scores"],
+            masks=d["masks"][:, 0],
+            image_size=original_size,
+        )
         for d, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
     ]
 
 
-def encode_detections(detections: Detections, *, score_threshold: float = 0.0,
-                      mask_threshold: float = 0.5) -> ImagePrediction:
+def encode_detections(
+    detections: Detections, *, score_threshold: float = 0.0, mask_threshold: float = 0.5
+) -> ImagePrediction:
     """Detections scoring at least ``score_threshold``, masks pasted into their boxes as torchvision
     does and binarised at ``mask_threshold`` one at a time, as RLE at original size."""
     keep = detections.scores >= score_threshold
@@ -74,8 +80,7 @@ def encode_detections(detections: Detections, *, score_threshold: float = 0.0,
         boxes=boxes.cpu().numpy(),
         labels=detections.labels[keep].cpu().numpy(),
         scores=detections.scores[keep].cpu().numpy(),
-        rles=_encode_masks(detections.masks[keep][:, None], boxes, detections.image_size,
-                           mask_threshold),
+        rles=_encode_masks(detections.masks[keep][:, None], boxes, detections.image_size, mask_threshold),
     )
 
 
@@ -92,8 +97,10 @@ def predict_images(
     Same boxes, labels, scores and masks as ``model(images)`` thresholded at ``mask_threshold``,
     keeping detections scoring at least ``score_threshold``. The model must be in eval mode.
     """
-    return [encode_detections(d, score_threshold=score_threshold, mask_threshold=mask_threshold)
-            for d in detect_images(model, images)]
+    return [
+        encode_detections(d, score_threshold=score_threshold, mask_threshold=mask_threshold)
+        for d in detect_images(model, images)
+    ]
 
 
 def _encode_masks(
@@ -109,10 +116,11 @@ def _encode_masks(
         left, right = max(x0, 0), min(x1 + 1, width)
         top, bottom = max(y0, 0), min(y1 + 1, height)
         if left < right and top < bottom:
-            resized = F.interpolate(mask[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)
+            resized = F.interpolate(
+                mask[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False
+            )
             region = (resized[0, 0, top - y0 : bottom - y0, left - x0 : right - x0] > threshold).cpu().numpy()
         else:
             region, top, left = np.zeros((0, 0), dtype=bool), 0, 0
         rles.append(encode_region(region, top, left, image_size))
     return rles
-

@@ -2,6 +2,7 @@
 
 Compressed RLE (pycocotools) with ``counts`` as str, so that it goes into JSON as it is.
 """
+
 from __future__ import annotations
 
 import numpy as np

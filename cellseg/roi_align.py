@@ -10,6 +10,7 @@ averaging as torchvision's ``roi_align`` with ``aligned=False``; on CUDA torchvi
 Which level pools a region, and each level's scale, stay torchvision's: ``MultiScaleRoIAlign``
 infers them on its first call and keeps them in its public ``scales`` and ``map_levels``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
 
 
-def _axis_samples(start: Tensor, length: Tensor, bins: int, ratio: int,
-                  size: Tensor) -> tuple[Tensor, Tensor]:
+def _axis_samples(
+    start: Tensor, length: Tensor, bins: int, ratio: int, size: Tensor
+) -> tuple[Tensor, Tensor]:
     """Sample corners and bilinear weights along one axis, as torchvision computes them.
 
     ``start``, ``length`` and ``size`` (of the feature map) are per region, in feature-map pixels.
@@ -43,8 +45,14 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, ratio: int,
     return index.view(-1, bins, ratio, 2), weights.view(-1, bins, ratio, 2)
 
 
-def roi_align_cpu(levels: list[Tensor], rois: Tensor, level_of: Tensor, scales: list[float],
-                  output_size: tuple[int, int], sampling_ratio: int) -> Tensor:
+def roi_align_cpu(
+    levels: list[Tensor],
+    rois: Tensor,
+    level_of: Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+) -> Tensor:
     """torchvision's ``roi_align`` (aligned=False, fixed sampling ratio), each region pooled from
     the feature level ``level_of`` names.
 
@@ -73,13 +81,17 @@ def roi_align_cpu(levels: list[Tensor], rois: Tensor, level_of: Tensor, scales: 
     # One bag per output value (k, out_y, out_x) over (sample_y, sample_x, corner_y, corner_x).
     base = start + rois[:, 0].long() * height * width
     per_region = (k, 1, 1, 1, 1, 1, 1)
-    index = (base.view(per_region) + rows.view(k, out_h, 1, r, 1, 2, 1) * width.view(per_region)
-             + cols.view(k, 1, out_w, 1, r, 1, 2))
+    index = (
+        base.view(per_region)
+        + rows.view(k, out_h, 1, r, 1, 2, 1) * width.view(per_region)
+        + cols.view(k, 1, out_w, 1, r, 1, 2)
+    )
     weight = row_w.view(k, out_h, 1, r, 1, 2, 1) * col_w.view(k, 1, out_w, 1, r, 1, 2) / (r * r)
     table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in levels]).contiguous()
     bags, per_bag = k * out_h * out_w, 4 * r * r
-    pooled = F.embedding_bag(index.reshape(bags, per_bag), table,
-                             per_sample_weights=weight.reshape(bags, per_bag), mode="sum")
+    pooled = F.embedding_bag(
+        index.reshape(bags, per_bag), table, per_sample_weights=weight.reshape(bags, per_bag), mode="sum"
+    )
     return pooled.view(k, out_h, out_w, channels).permute(0, 3, 1, 2)
 
 
@@ -91,8 +103,9 @@ class CellRoIAlign(MultiScaleRoIAlign):
             raise ValueError(f"sampling_ratio must be at least 1, got {sampling_ratio}")
         super().__init__(featmap_names, output_size, sampling_ratio)
 
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
-                image_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
         levels = [feature for name, feature in x.items() if name in self.featmap_names]
         if levels[0].device.type != "cpu":
             return super().forward(x, boxes, image_shapes)
@@ -100,9 +113,10 @@ class CellRoIAlign(MultiScaleRoIAlign):
             # torchvision's own forward on no regions sets scales and map_levels, at no cost
             super().forward(x, [b[:0] for b in boxes], image_shapes)
         assert self.scales is not None and self.map_levels is not None
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1)
-                          for i, b in enumerate(boxes)])
-        level_of = (self.map_levels(boxes) if len(levels) > 1
-                    else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
-        return roi_align_cpu(levels, rois, level_of, self.scales, self.output_size,
-                             self.sampling_ratio)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        level_of = (
+            self.map_levels(boxes)
+            if len(levels) > 1
+            else torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        )
+        return roi_align_cpu(levels, rois, level_of, self.scales, self.output_size, self.sampling_ratio)

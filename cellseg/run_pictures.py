@@ -4,6 +4,7 @@ Drawn from what ``fit`` left in the run directory (``last.pt``'s history, ``best
 config), so callers draw them when they need them: ``cellseg train`` after ``fit``, a Tune trial
 before its last report.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,21 +18,24 @@ from cellseg.predict import predict_images
 from cellseg.training import build_datasets
 
 
-def write_run_pictures(run_dir: str | Path, device: torch.device | str = "cpu", *,
-                       num_images: int = 3) -> list[Path]:
+def write_run_pictures(
+    run_dir: str | Path, device: torch.device | str = "cpu", *, num_images: int = 3
+) -> list[Path]:
     """Write ``pictures/history.png`` and ``pictures/val_<i>.png`` (the best epoch's model on the
     first validation images) under ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
     last = load_checkpoint(run_dir / LAST)
     out = run_dir / PICTURES
     paths = [plot_history(last["history"], out / "history.png")]
-    model, cfg = restore_model(load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file()
-                               else last, device)
+    model, cfg = restore_model(
+        load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file() else last, device
+    )
     _, val_dataset = build_datasets(cfg)
     for index in range(min(num_images, len(val_dataset))):
         image, target = val_dataset[index]
         prediction = predict_images(model, [image.to(device)])[0]
         truth = truth_from_masks(index, target["masks"].numpy(), target["labels"].numpy())
-        paths.append(plot_predictions(image.permute(1, 2, 0).numpy(), truth, prediction,
-                                      out / f"val_{index}.png"))
+        paths.append(
+            plot_predictions(image.permute(1, 2, 0).numpy(), truth, prediction, out / f"val_{index}.png")
+        )
     return paths

@@ -6,10 +6,11 @@ the Ray runtime environment (trial workers, also on an existing cluster), and ``
 on the cluster's nodes. A value the user has set wins (``RAY_USAGE_STATS_ENABLED=1`` turns Ray's
 statistics back on); ``CELLSEG_TELEMETRY=on`` leaves every library at its own default.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 OPT_IN = "CELLSEG_TELEMETRY"
 OFF: dict[str, str] = {

@@ -4,6 +4,7 @@ Checked against torchvision ``TESTED_WITH`` (the pin in pyproject.toml);
 ``tests/test_torchvision_private.py`` fails on any other version until each helper below is
 checked again, and fails on any version where one of them no longer behaves as used here.
 """
+
 from __future__ import annotations
 
 from torchvision.models.detection._utils import BoxCoder

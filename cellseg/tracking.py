@@ -4,15 +4,17 @@ Everything goes through an explicit ``MlflowClient`` (no global active run), so 
 keep many runs open: the search driver writes every trial's run from a single process, which is
 what keeps a SQLite store free of 'database is locked' and a remote server free of races.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -98,14 +100,20 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def _local_artifact_root(uri: str) -> str | None:
     """Artifacts of a SQLite store go to ``mlartifacts/`` beside the database file."""
     if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+        return str(Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts")
     return None
 
 
 def _record(run: Run) -> RunRecord:
-    return RunRecord(run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
-                     start_time=(run.info.start_time or 0) / 1000, tags=dict(run.data.tags),
-                     params=dict(run.data.params), metrics=dict(run.data.metrics))
+    return RunRecord(
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
+        start_time=(run.info.start_time or 0) / 1000,
+        tags=dict(run.data.tags),
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+    )
 
 
 class Tracker:
@@ -122,7 +130,8 @@ class Tracker:
         except Exception as exc:
             raise TrackingError(
                 f"MLflow tracking store {self.uri} is not reachable: {exc}. Start the server "
-                "or pass --tracking-uri / MLFLOW_TRACKING_URI pointing to a working store.") from exc
+                "or pass --tracking-uri / MLFLOW_TRACKING_URI pointing to a working store."
+            ) from exc
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created (with a local artifact root) if absent.
@@ -133,21 +142,30 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             if EXPERIMENT_KIND_TAG not in experiment.tags:
-                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
-                                               MODEL_TRAINING)
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.uri),
-                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return self.client.create_experiment(
+                name,
+                artifact_location=_local_artifact_root(self.uri),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+            )
         except MlflowException:  # created meanwhile by another process
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
                 raise
             return experiment.experiment_id
 
-    def start_run(self, experiment: str, name: str, *, params: Mapping[str, Any] = {},
-                  tags: Mapping[str, str] = {}, parent_run_id: str | None = None,
-                  dataset: DataFingerprint | None = None) -> str:
+    def start_run(
+        self,
+        experiment: str,
+        name: str,
+        *,
+        params: Mapping[str, Any] = {},
+        tags: Mapping[str, str] = {},
+        parent_run_id: str | None = None,
+        dataset: DataFingerprint | None = None,
+    ) -> str:
         """Create a run (nested under ``parent_run_id`` when given), log its params and data."""
         run_tags = dict(tags)
         if parent_run_id:
@@ -160,9 +178,13 @@ class Tracker:
 
     def log_dataset(self, run_id: str, dataset: DataFingerprint) -> None:
         """The training data as the run's input (MLflow's Dataset column) and as a tag."""
-        entity = Dataset(name=dataset.name, digest=dataset.digest, source_type="local",
-                         source=json.dumps({"uri": dataset.root}),
-                         profile=json.dumps(dataset.profile()))
+        entity = Dataset(
+            name=dataset.name,
+            digest=dataset.digest,
+            source_type="local",
+            source=json.dumps({"uri": dataset.root}),
+            profile=json.dumps(dataset.profile()),
+        )
         self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag(DATASET_CONTEXT, "training")])])
         self.set_tags(run_id, {DATA_TAG: dataset.digest})
 
@@ -173,15 +195,18 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, params=items[i:i + _BATCH])
+            self.client.log_batch(run_id, params=items[i : i + _BATCH])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log finite numeric metrics at ``step`` (the epoch)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, metrics=items[i:i + _BATCH])
+            self.client.log_batch(run_id, metrics=items[i : i + _BATCH])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -211,11 +236,11 @@ class Tracker:
 
     def log_config(self, run_id: str, cfg: Config) -> None:
         """The full config as ``config.yaml``: enough to rebuild and retrain the model."""
-        self.client.log_text(run_id, yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
-                             CONFIG_ARTIFACT)
+        self.client.log_text(run_id, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
 
-    def finish_run(self, run_id: str, run_dir: Path, cfg: Config, best_metric: float,
-                   status: str = "FINISHED") -> None:
+    def finish_run(
+        self, run_id: str, run_dir: Path, cfg: Config, best_metric: float, status: str = "FINISHED"
+    ) -> None:
         """Log the outcome of a run directory (best metric, best.pt, pictures, config) and close."""
         self.log_outcome(run_id, run_dir, cfg, best_metric)
         self.end_run(run_id, status)
@@ -237,13 +262,19 @@ class Tracker:
         self.set_error(run_id, str(error) or type(error).__name__)
         self.end_run(run_id, "KILLED" if killed else "FAILED")
 
-    def find_runs(self, experiment: str, filter_string: str = "", order_by: list[str] | None = None,
-                  max_results: int = 1000) -> list:
+    def find_runs(
+        self,
+        experiment: str,
+        filter_string: str = "",
+        order_by: list[str] | None = None,
+        max_results: int = 1000,
+    ) -> list:
         experiment_obj = self.client.get_experiment_by_name(experiment)
         if experiment_obj is None:
             return []
-        return self.client.search_runs([experiment_obj.experiment_id], filter_string,
-                                       order_by=order_by, max_results=max_results)
+        return self.client.search_runs(
+            [experiment_obj.experiment_id], filter_string, order_by=order_by, max_results=max_results
+        )
 
     def record(self, run_id: str) -> RunRecord:
         """The run ``run_id``; TrackingError naming it when the store has no such run."""
@@ -260,9 +291,13 @@ class Tracker:
             return []
         records, token = [], None
         while True:
-            page = self.client.search_runs([experiment_obj.experiment_id], filter_string,
-                                           max_results=1000,
-                                           order_by=["attributes.start_time ASC"], page_token=token)
+            page = self.client.search_runs(
+                [experiment_obj.experiment_id],
+                filter_string,
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
             records += [_record(run) for run in page]
             token = page.token
             if not token:
@@ -282,4 +317,3 @@ class Tracker:
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
-

@@ -1,13 +1,14 @@
 """fit(): the one training loop, called by ``cellseg train`` and by the search trainable."""
+
 from __future__ import annotations
 
 import logging
 import math
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -59,23 +60,38 @@ def build_datasets(cfg: Config) -> tuple[CellDataset, CellDataset]:
     if cfg.train.max_eval_images:
         val_items = val_items[: cfg.train.max_eval_images]
     limits = dict(max_pixels=cfg.data.max_pixels, max_instances=cfg.data.max_instances)
-    train = CellDataset(train_items, transform=build_augment(cfg.augment),
-                        cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed,
-                        downscale_to=(cfg.model.min_size, cfg.model.max_size), **limits)
-    val = CellDataset(val_items, transform=None, cache_decoded=cfg.data.cache_decoded,
-                      seed=cfg.train.seed, **limits)
+    train = CellDataset(
+        train_items,
+        transform=build_augment(cfg.augment),
+        cache_decoded=cfg.data.cache_decoded,
+        seed=cfg.train.seed,
+        downscale_to=(cfg.model.min_size, cfg.model.max_size),
+        **limits,
+    )
+    val = CellDataset(
+        val_items, transform=None, cache_decoded=cfg.data.cache_decoded, seed=cfg.train.seed, **limits
+    )
     return train, val
 
 
 def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
     """Train and validation loaders on the fixed seeded split, and the train shuffle generator."""
     train, val = build_datasets(cfg)
-    common = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
-                  pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    common = dict(
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+    )
     shuffle = torch.Generator()
-    train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
-                              generator=shuffle, drop_last=len(train) > cfg.train.batch_size,
-                              **common)
+    train_loader = DataLoader(
+        train,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=shuffle,
+        drop_last=len(train) > cfg.train.batch_size,
+        **common,
+    )
     val_loader = DataLoader(val, batch_size=cfg.train.batch_size, shuffle=False, **common)
     return train_loader, val_loader, shuffle
 
@@ -108,16 +124,20 @@ def build_training(cfg: Config) -> Training:
     train_loader, val_loader, shuffle = build_loaders(cfg, device)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs,
-                          iters_per_epoch=len(train_loader))
+    schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs, iters_per_epoch=len(train_loader))
     amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
-    return Training(cfg, device, model, optimizer, schedule, train_loader, val_loader, shuffle,
-                    scaler, amp)
+    return Training(cfg, device, model, optimizer, schedule, train_loader, val_loader, shuffle, scaler, amp)
 
 
-def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
-        resume_from: str | Path | None = None, progress: bool = True) -> FitResult:
+def fit(
+    cfg: Config,
+    *,
+    run_dir: str | Path,
+    report: Report | None = None,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+) -> FitResult:
     """Train ``cfg`` for ``cfg.train.epochs``, validating and checkpointing every epoch.
 
     ``resume_from`` is a run directory (or its last.pt) written by an earlier call: training
@@ -150,26 +170,52 @@ def fit(cfg: Config, *, run_dir: str | Path, report: Report | None = None,
     metric_name = cfg.train.metric
     for epoch in range(start, cfg.train.epochs + 1):
         t.start_epoch(epoch)
-        losses = train_one_epoch(model, optimizer, schedule, t.train_loader, device, epoch=epoch,
-                                 scaler=scaler, amp=t.amp, grad_clip=cfg.optim.grad_clip,
-                                 progress=progress)
-        metrics = {"epoch": float(epoch), "lr": schedule.lr,
-                   **{f"train_{k}": v for k, v in losses.items()}}
+        losses = train_one_epoch(
+            model,
+            optimizer,
+            schedule,
+            t.train_loader,
+            device,
+            epoch=epoch,
+            scaler=scaler,
+            amp=t.amp,
+            grad_clip=cfg.optim.grad_clip,
+            progress=progress,
+        )
+        metrics = {"epoch": float(epoch), "lr": schedule.lr, **{f"train_{k}": v for k, v in losses.items()}}
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-            metrics.update(evaluate(model, t.val_loader, device, amp=t.amp, progress=progress,
-                                    max_dets=coco_max_dets(cfg.model.detections_per_img),
-                                    with_loss=cfg.train.val_loss))
+            metrics.update(
+                evaluate(
+                    model,
+                    t.val_loader,
+                    device,
+                    amp=t.amp,
+                    progress=progress,
+                    max_dets=coco_max_dets(cfg.model.detections_per_img),
+                    with_loss=cfg.train.val_loss,
+                )
+            )
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
                 save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
         schedule.step_epoch(metrics.get(metric_name, best_metric))
         history.append(metrics)
-        save_checkpoint(run_dir / LAST, make_state(
-            cfg, model, epoch=epoch, metrics=metrics, optimizer=optimizer.state_dict(),
-            schedule=schedule.state_dict(), scaler=scaler.state_dict() if scaler else None,
-            torch_rng=torch.get_rng_state(), history=history, best_metric=best_metric,
-            best_epoch=best_epoch))
+        save_checkpoint(
+            run_dir / LAST,
+            make_state(
+                cfg,
+                model,
+                epoch=epoch,
+                metrics=metrics,
+                optimizer=optimizer.state_dict(),
+                schedule=schedule.state_dict(),
+                scaler=scaler.state_dict() if scaler else None,
+                torch_rng=torch.get_rng_state(),
+                history=history,
+                best_metric=best_metric,
+                best_epoch=best_epoch,
+            ),
+        )
         if report is not None:
             report(metrics, run_dir)
-    return FitResult(run_dir=run_dir, best_metric=best_metric, best_epoch=best_epoch,
-                     history=history)
+    return FitResult(run_dir=run_dir, best_metric=best_metric, best_epoch=best_epoch, history=history)

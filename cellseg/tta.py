@@ -20,6 +20,7 @@ Memory: masks stay in their M x M box-relative form (M = 28) until each is paste
 passes of N detections holds P * N * M * M floats (9 passes of 500 detections: 14 MB) plus one
 IoU matrix of P * N by N at a time (9 MB); nothing of image size is ever stacked.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -85,8 +86,12 @@ def augmented_passes(detector: Detector, image: torch.Tensor, flips: Sequence[st
 
 
 @torch.inference_mode()
-def merge_detections(passes: Sequence[Detections], *, iou_threshold: float = DEFAULT_IOU_THRESHOLD,
-                     max_detections: int | None = None) -> Detections:
+def merge_detections(
+    passes: Sequence[Detections],
+    *,
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    max_detections: int | None = None,
+) -> Detections:
     """One set of detections from several passes over one image, by the module's merge rule."""
     if not passes:
         raise ValueError("merge_detections needs at least one pass")
@@ -120,16 +125,25 @@ def merge_detections(passes: Sequence[Detections], *, iou_threshold: float = DEF
     order = torch.argsort(merged_scores, descending=True, stable=True)[:max_detections].tolist()
     groups = [groups[i] for i in order]
     merged_boxes = torch.stack([boxes[g].mean(dim=0) for g in groups]) if groups else boxes[:0]
-    merged_masks = (torch.stack([_mean_mask(boxes[g], masks[g], box, len(passes))
-                                 for g, box in zip(groups, merged_boxes)])
-                    if groups else masks[:0])
-    return Detections(boxes=merged_boxes, labels=torch.as_tensor(labels[[g[0] for g in groups]],
-                                                                 dtype=torch.int64),
-                      scores=merged_scores[order], masks=merged_masks, image_size=image_size)
+    merged_masks = (
+        torch.stack(
+            [_mean_mask(boxes[g], masks[g], box, len(passes)) for g, box in zip(groups, merged_boxes)]
+        )
+        if groups
+        else masks[:0]
+    )
+    return Detections(
+        boxes=merged_boxes,
+        labels=torch.as_tensor(labels[[g[0] for g in groups]], dtype=torch.int64),
+        scores=merged_scores[order],
+        masks=merged_masks,
+        image_size=image_size,
+    )
 
 
-def _candidates(boxes: torch.Tensor, labels: np.ndarray, starts: np.ndarray,
-                threshold: float) -> dict[int, dict[int, list[int]]]:
+def _candidates(
+    boxes: torch.Tensor, labels: np.ndarray, starts: np.ndarray, threshold: float
+) -> dict[int, dict[int, list[int]]]:
     """For each detection, per pass, the same-class detections at IoU >= threshold, best first.
 
     One pass's IoU column block is computed at a time (all detections by that pass's).
@@ -143,8 +157,10 @@ def _candidates(boxes: torch.Tensor, labels: np.ndarray, starts: np.ndarray,
         rows, cols = np.nonzero(iou >= threshold)
         for row, col in zip(rows.tolist(), cols.tolist()):
             found.setdefault(row, {}).setdefault(index, []).append((-float(iou[row, col]), start + col))
-    return {row: {index: [j for _, j in sorted(options)] for index, options in per_pass.items()}
-            for row, per_pass in found.items()}
+    return {
+        row: {index: [j for _, j in sorted(options)] for index, options in per_pass.items()}
+        for row, per_pass in found.items()
+    }
 
 
 def _mean_mask(boxes: torch.Tensor, masks: torch.Tensor, box: torch.Tensor, passes: int) -> torch.Tensor:
@@ -163,15 +179,23 @@ def _mean_mask(boxes: torch.Tensor, masks: torch.Tensor, box: torch.Tensor, pass
         gx = 2 * (xs[None, :] - others[:, 0, None]) / widths[:, None] - 1  # (K, M) in [-1, 1]
         gy = 2 * (ys[None, :] - others[:, 1, None]) / heights[:, None] - 1
         grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-        resampled = F.grid_sample(masks[~same][:, None], grid, mode="bilinear",
-                                  padding_mode="zeros", align_corners=False)
+        resampled = F.grid_sample(
+            masks[~same][:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         total = total + resampled[:, 0].sum(dim=0)
     return total / passes
 
 
-def predict_merged(detectors: Sequence[Detector], image: torch.Tensor, *, flips: Sequence[str] = (),
-                   iou_threshold: float = DEFAULT_IOU_THRESHOLD, max_detections: int | None = None,
-                   score_threshold: float = 0.0, mask_threshold: float = 0.5) -> ImagePrediction:
+def predict_merged(
+    detectors: Sequence[Detector],
+    image: torch.Tensor,
+    *,
+    flips: Sequence[str] = (),
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    max_detections: int | None = None,
+    score_threshold: float = 0.0,
+    mask_threshold: float = 0.5,
+) -> ImagePrediction:
     """Every detector on ``image`` and its ``flips`` views, merged, binarised and RLE-encoded.
 
     Merged detections scoring below ``score_threshold`` are dropped.

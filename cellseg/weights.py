@@ -6,13 +6,15 @@ internet access, set ``CELLSEG_WEIGHTS_MIRROR`` to an internal ``https://``, ``h
 ``file://`` folder holding torchvision's files under their own names; the file's SHA-256 is
 checked against the prefix in its name either way.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -37,8 +39,9 @@ class WeightsError(ConfigError):
     """Weights (``model.weights``) that cannot be found, downloaded or read."""
 
 
-def load_weights_only(path: Path, *, error: type[ValueError] = WeightsError,
-                      what: str = "a readable torch file") -> Any:
+def load_weights_only(
+    path: Path, *, error: type[ValueError] = WeightsError, what: str = "a readable torch file"
+) -> Any:
     """``torch.load`` on CPU with ``weights_only=True`` (nothing in the file can run code);
     ``error`` naming the file when it is truncated, foreign or holds code."""
     try:
@@ -59,8 +62,10 @@ def imagenet_url(backbone: str) -> str:
     """Where the ImageNet file of ``backbone`` is downloaded from: torchvision's URL, or the same
     file name under ``$CELLSEG_WEIGHTS_MIRROR`` when that is set."""
     if backbone not in IMAGENET:
-        raise WeightsError(f"model.backbone: {backbone!r} has no ImageNet weights here; one of "
-                           f"{', '.join(map(repr, IMAGENET))}")
+        raise WeightsError(
+            f"model.backbone: {backbone!r} has no ImageNet weights here; one of "
+            f"{', '.join(map(repr, IMAGENET))}"
+        )
     url = IMAGENET[backbone].url
     mirror = os.environ.get(MIRROR_ENV, "").strip()
     return f"{mirror.rstrip('/')}/{Path(urlparse(url).path).name}" if mirror else url
@@ -76,8 +81,7 @@ def fetch(url: str, path: Path) -> Path:
     log.info("downloading %s to %s", url, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
-                                       progress=False)
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
     except (OSError, RuntimeError) as exc:  # URLError, HTTPError, disk errors; a hash mismatch
         raise WeightsError(
             f"model.weights: downloading {url} to {path} failed ({exc}). Without internet "

@@ -19,6 +19,7 @@ search wrote, then checks and screenshots into ``--out``:
 It talks to the server only through its REST API and the browser; it exits 1 naming the first
 step that failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ def api(base: str, endpoint: str, body: dict | None = None) -> dict:
     if body is None:
         request = urllib.request.Request(url)
     else:
-        request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -72,9 +74,24 @@ def api(base: str, endpoint: str, body: dict | None = None) -> dict:
 def start_server(mlflow: str, uri: str, port: int, artifacts: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--artifacts-destination", str(artifacts)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                mlflow,
+                "server",
+                "--backend-store-uri",
+                uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--artifacts-destination",
+                str(artifacts),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.time() + 120
     while time.time() < deadline:
         if server.poll() is not None:
@@ -90,28 +107,39 @@ def start_server(mlflow: str, uri: str, port: int, artifacts: Path, log: Path) -
 
 def find_search(base: str, experiment: str, search: str | None) -> tuple[str, dict, list[dict]]:
     """The experiment id, the search's parent run (the latest when ``search`` is None), its trials."""
-    found = api(base, "experiments/get-by-name?" + urllib.parse.urlencode(
-        {"experiment_name": experiment}))["experiment"]
+    found = api(base, "experiments/get-by-name?" + urllib.parse.urlencode({"experiment_name": experiment}))[
+        "experiment"
+    ]
     tags = {t["key"]: t["value"] for t in found.get("tags", [])}
     if tags.get("mlflow.experimentKind") != MODEL_TRAINING:
-        raise CheckFailed(f"experiment {experiment!r} has mlflow.experimentKind="
-                          f"{tags.get('mlflow.experimentKind')!r}, not {MODEL_TRAINING!r}")
-    runs = api(base, "runs/search", {"experiment_ids": [found["experiment_id"]],
-                                     "max_results": 1000,
-                                     "order_by": ["attributes.start_time DESC"]}).get("runs", [])
+        raise CheckFailed(
+            f"experiment {experiment!r} has mlflow.experimentKind="
+            f"{tags.get('mlflow.experimentKind')!r}, not {MODEL_TRAINING!r}"
+        )
+    runs = api(
+        base,
+        "runs/search",
+        {
+            "experiment_ids": [found["experiment_id"]],
+            "max_results": 1000,
+            "order_by": ["attributes.start_time DESC"],
+        },
+    ).get("runs", [])
 
     def tag(run: dict, key: str) -> str | None:
         return next((t["value"] for t in run["data"].get("tags", []) if t["key"] == key), None)
 
-    parents = [r for r in runs if tag(r, "cellseg.search_name")
-               and search in (None, tag(r, "cellseg.search_name"))]
+    parents = [
+        r for r in runs if tag(r, "cellseg.search_name") and search in (None, tag(r, "cellseg.search_name"))
+    ]
     if not parents:
         raise CheckFailed(f"no search {search or ''} in experiment {experiment!r}")
     parent = parents[0]
     trials = [r for r in runs if tag(r, "mlflow.parentRunId") == parent["info"]["run_id"]]
     if len(trials) < 2:
-        raise CheckFailed(f"search {parent['info']['run_name']!r} has {len(trials)} trial(s); "
-                          "the compare view needs two")
+        raise CheckFailed(
+            f"search {parent['info']['run_name']!r} has {len(trials)} trial(s); the compare view needs two"
+        )
     return found["experiment_id"], parent, trials
 
 
@@ -122,8 +150,9 @@ def expect_text(page: Page, text: str, step: str) -> None:
         raise CheckFailed(f"{step}: {text!r} not shown within {TIMEOUT_MS / 1000:.0f} s") from None
 
 
-def check(page: Page, base: str, experiment_id: str, parent: dict, trials: list[dict],
-          out: Path) -> list[str]:
+def check(
+    page: Page, base: str, experiment_id: str, parent: dict, trials: list[dict], out: Path
+) -> list[str]:
     notes = []
     parent_name = parent["info"]["run_name"]
     trial_names = [t["info"]["run_name"] for t in trials]
@@ -159,9 +188,11 @@ def check(page: Page, base: str, experiment_id: str, parent: dict, trials: list[
 
     # 3. compare the trials
     runs = json.dumps([t["info"]["run_id"] for t in trials])
-    page.goto(f"{base}/#/compare-runs?runs={urllib.parse.quote(runs)}"
-              f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}"
-              "&workflowType=machine_learning")
+    page.goto(
+        f"{base}/#/compare-runs?runs={urllib.parse.quote(runs)}"
+        f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}"
+        "&workflowType=machine_learning"
+    )
     expect_text(page, trial_names[0], "compare view")
     expect_text(page, "optim.lr", "compare view params")
     page.wait_for_timeout(3000)  # charts draw after the tables
@@ -175,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="cellseg")
     p.add_argument("--search", help="search name (default: the latest search of the experiment)")
-    p.add_argument("--mlflow", default=str(REPO / ".venv" / "bin" / "mlflow"),
-                   help="the mlflow executable of the project's environment")
-    p.add_argument("--browser", default=shutil.which("chromium") or "chromium",
-                   help="a Chromium executable")
+    p.add_argument(
+        "--mlflow",
+        default=str(REPO / ".venv" / "bin" / "mlflow"),
+        help="the mlflow executable of the project's environment",
+    )
+    p.add_argument("--browser", default=shutil.which("chromium") or "chromium", help="a Chromium executable")
     p.add_argument("--out", default="mlflow-ui-check", help="folder for the screenshots")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -188,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as artifacts:
         server = None
         try:
-            server = start_server(args.mlflow, args.backend_store_uri, port, Path(artifacts),
-                                  out / "mlflow-server.log")
+            server = start_server(
+                args.mlflow, args.backend_store_uri, port, Path(artifacts), out / "mlflow-server.log"
+            )
             experiment_id, parent, trials = find_search(base, args.experiment, args.search)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=args.browser, headless=True)

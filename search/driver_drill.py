@@ -13,6 +13,7 @@ the driver of the search named ``<search name>`` (and no other) send itself ``<s
 
 Unset, it costs one environment lookup per search.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DriverDrill:
     """Where and how the driver of ``search`` stops itself; :meth:`reached` fires it."""
+
     search: str
     signal: str
     point: str
@@ -54,11 +56,18 @@ def parse_drill(spec: str) -> DriverDrill:
     search, _, rest = spec.rpartition(":")
     sig, _, point = rest.partition("@")
     point, _, count = point.partition("#")
-    if not search or sig not in SIGNALS or point not in POINTS or not (count or "1").isdigit() \
-            or int(count or "1") < 1:
-        raise ValueError(f"{DRILL_ENV}={spec!r}: expected <search name>:<signal>@<point>[#<n>] "
-                         f"with signal one of {', '.join(SIGNALS)} and point one of "
-                         f"{', '.join(POINTS)}, e.g. search-1:kill@upload")
+    if (
+        not search
+        or sig not in SIGNALS
+        or point not in POINTS
+        or not (count or "1").isdigit()
+        or int(count or "1") < 1
+    ):
+        raise ValueError(
+            f"{DRILL_ENV}={spec!r}: expected <search name>:<signal>@<point>[#<n>] "
+            f"with signal one of {', '.join(SIGNALS)} and point one of "
+            f"{', '.join(POINTS)}, e.g. search-1:kill@upload"
+        )
     return DriverDrill(search, sig, point, int(count or "1"))
 
 

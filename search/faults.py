@@ -15,11 +15,12 @@ once when it starts. Set them in the environment of the Ray workers
 
 Nothing happens when ``CELLSEG_FAULT`` is unset.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,8 +36,10 @@ def parse_fault(spec: str) -> tuple[str, int]:
     """``"oom@2"`` -> ``("oom", 2)``; ValueError naming the variable for anything else."""
     kind, _, epoch = spec.partition("@")
     if kind not in KINDS or not epoch.isdigit() or int(epoch) < 1:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <kind>@<epoch> with kind one of "
-                         f"{', '.join(KINDS)} and epoch >= 1, e.g. oom@2")
+        raise ValueError(
+            f"{FAULT_ENV}={spec!r}: expected <kind>@<epoch> with kind one of "
+            f"{', '.join(KINDS)} and epoch >= 1, e.g. oom@2"
+        )
     return kind, int(epoch)
 
 

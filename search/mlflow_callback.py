@@ -16,6 +16,7 @@ drops ``last.pt`` (optimizer state, only needed to continue a trial): several ti
 trial. Tune keeps the trial's previous checkpoint too (two, see search/run.py) until the end of
 the search, when Tune's final state is saved and the callback removes it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,10 @@ TRIAL_TAG = "ray.trial_id"
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
 _CLOSED = ("FINISHED", "KILLED", "FAILED")
-LOST = ("the driver stopped before Tune saved this trial; the resumed search runs its parameters "
-        "again as a new trial")
+LOST = (
+    "the driver stopped before Tune saved this trial; the resumed search runs its parameters "
+    "again as a new trial"
+)
 
 
 class MlflowTrialLogger(Callback):
@@ -52,10 +55,19 @@ class MlflowTrialLogger(Callback):
     stopping the search; ``outbox_path`` keeps queued writes across a driver crash.
     """
 
-    def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str,
-                 base: dict[str, Any], max_epochs: int, metric: str,
-                 outbox_path: Path | None = None, drain_timeout_s: float = 600.0,
-                 search_name: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        tracking_uri: str,
+        experiment: str,
+        parent_run_id: str,
+        base: dict[str, Any],
+        max_epochs: int,
+        metric: str,
+        outbox_path: Path | None = None,
+        drain_timeout_s: float = 600.0,
+        search_name: str = "",
+    ) -> None:
         self.search_name = search_name
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -75,8 +87,15 @@ class MlflowTrialLogger(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_tracker=None, _outbox=None, _runs={}, _logged_epoch={}, _closed=set(),
-                     _reconciled=False, _drill=None)
+        state.update(
+            _tracker=None,
+            _outbox=None,
+            _runs={},
+            _logged_epoch={},
+            _closed=set(),
+            _reconciled=False,
+            _drill=None,
+        )
         return state
 
     @property
@@ -112,12 +131,12 @@ class MlflowTrialLogger(Callback):
         known = {trial.trial_id for trial in trials}
         for trial_id in set(self._runs) - known - self._closed:
             self._closed.add(trial_id)
-            self.outbox.put("close", trial_id=trial_id, name="", config={}, status="KILLED",
-                            error=LOST, checkpoint=None)
+            self.outbox.put(
+                "close", trial_id=trial_id, name="", config={}, status="KILLED", error=LOST, checkpoint=None
+            )
         for trial in trials:
             if trial.status in _ENDED and trial.trial_id not in self._closed:
-                log.warning("closing the MLflow run of %s, which ended before the driver stopped",
-                            trial)
+                log.warning("closing the MLflow run of %s, which ended before the driver stopped", trial)
                 if "epoch" in trial.last_result:
                     self._put_result(trial, trial.last_result)
                 self._end(trial)
@@ -134,24 +153,30 @@ class MlflowTrialLogger(Callback):
         self._closed.discard(trial.trial_id)
         self.outbox.put("start", trial_id=trial.trial_id, name=str(trial), config=trial.config)
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
-                        result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
         self._put_result(trial, result)
         self._drill_point("result")
 
     def _put_result(self, trial: Trial, result: dict[str, Any]) -> None:
-        metrics = {k: float(v) for k, v in result.items()
-                   if k not in _SKIP and isinstance(v, (int, float))}
-        self.outbox.put("result", trial_id=trial.trial_id, epoch=int(result["epoch"]),
-                        metrics=metrics, node_id=result.get(NODE_KEY))
+        metrics = {k: float(v) for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float))}
+        self.outbox.put(
+            "result",
+            trial_id=trial.trial_id,
+            epoch=int(result["epoch"]),
+            metrics=metrics,
+            node_id=result.get(NODE_KEY),
+        )
 
-    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
-                         **info: Any) -> None:
-        self.outbox.put("tags", trial_id=trial.trial_id, tags={
-            "ray.num_failures": trial.num_failures, "last_error": _error_text(trial)})
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.outbox.put(
+            "tags",
+            trial_id=trial.trial_id,
+            tags={"ray.num_failures": trial.num_failures, "last_error": _error_text(trial)},
+        )
 
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
-                          **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._drill_point("trial-end")
         self._end(trial)
         self._drill_point("closed")
@@ -169,9 +194,13 @@ class MlflowTrialLogger(Callback):
             if trial.status in _ENDED and trial.checkpoint is not None:
                 _remove_older_checkpoints(trial.checkpoint)
         if not self.outbox.drain(self.drain_timeout_s):
-            log.error("MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes "
-                      "are kept in %s", self.tracking_uri, self.drain_timeout_s,
-                      len(self.outbox.pending), self.outbox_path)
+            log.error(
+                "MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes are kept in %s",
+                self.tracking_uri,
+                self.drain_timeout_s,
+                len(self.outbox.pending),
+                self.outbox_path,
+            )
 
     def _end(self, trial: Trial) -> None:
         """Close the trial's run as Tune ended it: FAILED with its error, FINISHED when it ran
@@ -179,20 +208,31 @@ class MlflowTrialLogger(Callback):
         if trial.status == Trial.ERROR:
             self._close(trial, "FAILED", error=_error_text(trial))
         else:
-            self._close(trial, "FINISHED" if reached_max_epochs(trial.last_result, self.max_epochs)
-                        else "KILLED")
+            self._close(
+                trial, "FINISHED" if reached_max_epochs(trial.last_result, self.max_epochs) else "KILLED"
+            )
 
     def _close(self, trial: Trial, status: str, error: str | None = None) -> None:
         self._closed.add(trial.trial_id)
         checkpoint = trial.checkpoint
-        self.outbox.put("close", trial_id=trial.trial_id, name=str(trial), config=trial.config,
-                        status=status, error=error,
-                        checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None)
+        self.outbox.put(
+            "close",
+            trial_id=trial.trial_id,
+            name=str(trial),
+            config=trial.config,
+            status=status,
+            error=error,
+            checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None,
+        )
 
     def _apply(self, op: str, /, **kwargs: Any) -> None:
         """Carry out one queued operation."""
-        apply = {"start": self._apply_start, "result": self._apply_result,
-                 "tags": self._apply_tags, "close": self._apply_close}[op]
+        apply = {
+            "start": self._apply_start,
+            "result": self._apply_result,
+            "tags": self._apply_tags,
+            "close": self._apply_close,
+        }[op]
         apply(**kwargs)
 
     def _apply_tags(self, trial_id: str, tags: dict[str, Any]) -> None:
@@ -202,30 +242,47 @@ class MlflowTrialLogger(Callback):
         if trial_id in self._runs:
             self.tracker.reopen_run(self._runs[trial_id])
             return
-        found = self.tracker.find_runs(self.experiment, f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                                                        f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+        found = self.tracker.find_runs(
+            self.experiment,
+            f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+        )
         if found:  # created just before the store went away, the answer lost
             self._runs[trial_id] = found[0].info.run_id
             return
         cfg = self.trial_config(config)
         self._runs[trial_id] = self.tracker.start_run(
-            self.experiment, name, params=flatten(cfg), parent_run_id=self.parent_run_id,
-            tags={TRIAL_TAG: trial_id, SOURCE_TAG: "search",
-                  "cellseg.searched_keys": ",".join(sorted(config))},
-            dataset=dataset_fingerprint(cfg.data))
+            self.experiment,
+            name,
+            params=flatten(cfg),
+            parent_run_id=self.parent_run_id,
+            tags={
+                TRIAL_TAG: trial_id,
+                SOURCE_TAG: "search",
+                "cellseg.searched_keys": ",".join(sorted(config)),
+            },
+            dataset=dataset_fingerprint(cfg.data),
+        )
 
-    def _apply_result(self, trial_id: str, epoch: int, metrics: dict[str, float],
-                      node_id: str | None) -> None:
+    def _apply_result(
+        self, trial_id: str, epoch: int, metrics: dict[str, float], node_id: str | None
+    ) -> None:
         if epoch <= self._logged_epoch.get(trial_id, 0):  # repeated by a trial restored from
-            return                                         # an older checkpoint
+            return  # an older checkpoint
         run_id = self._runs[trial_id]
         self.tracker.log_metrics(run_id, metrics, step=epoch)
         if node_id:
             self.tracker.set_tags(run_id, {"ray.node_id": node_id})
         self._logged_epoch[trial_id] = epoch
 
-    def _apply_close(self, trial_id: str, name: str, config: dict[str, Any], status: str,
-                     error: str | None, checkpoint: str | None) -> None:
+    def _apply_close(
+        self,
+        trial_id: str,
+        name: str,
+        config: dict[str, Any],
+        status: str,
+        error: str | None,
+        checkpoint: str | None,
+    ) -> None:
         if trial_id not in self._runs:  # failed before it started (e.g. its worker died)
             self._apply_start(trial_id, name, config)
         run_id = self._runs[trial_id]
@@ -264,8 +321,11 @@ def _remove_older_checkpoints(latest: Checkpoint) -> None:
     prefix = name.rstrip("0123456789")
     try:
         for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
-            if (info.type == pyarrow.fs.FileType.Directory and info.base_name != name
-                    and info.base_name.startswith(prefix)):
+            if (
+                info.type == pyarrow.fs.FileType.Directory
+                and info.base_name != name
+                and info.base_name.startswith(prefix)
+            ):
                 latest.filesystem.delete_dir(info.path)
     except OSError as exc:
         log.warning("could not remove older checkpoints beside %s: %s", latest.path, exc)

@@ -8,14 +8,16 @@ callback event tries again, so trials go on training and nothing is lost. A dete
 refusal (a 4xx answer) is logged and that one operation dropped, so one bad value cannot hold
 back the record of the whole search. A restored driver reloads the file.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cellseg.atomic_file import write_atomic
 from cellseg.tracking import is_unavailable
@@ -28,8 +30,9 @@ Operation = tuple[str, dict[str, Any]]  # (operation name, keyword arguments)
 class Outbox:
     """An ordered queue of operations ``apply(name, **kwargs)``, saved as JSON at ``path``."""
 
-    def __init__(self, apply: Callable[..., None], path: Path | None = None,
-                 retry_after_s: float = 10.0) -> None:
+    def __init__(
+        self, apply: Callable[..., None], path: Path | None = None, retry_after_s: float = 10.0
+    ) -> None:
         self._apply = apply
         self.path = path
         self.retry_after_s = retry_after_s
@@ -69,8 +72,9 @@ class Outbox:
                 return False
             self.pending.popleft()
         if self._down_since is not None:
-            log.warning("MLflow reachable again after %.0f s; queued writes applied",
-                        time.time() - self._down_since)
+            log.warning(
+                "MLflow reachable again after %.0f s; queued writes applied", time.time() - self._down_since
+            )
             self._down_since = None
         self._save()
         return True

@@ -5,6 +5,7 @@
 With no other flag it runs on the embedded default: local Ray, a synthetic demo dataset made
 once under .cellseg/, the demo space and preset (sized for 2 CPU cores), MLflow in ./mlflow.db.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # python search/run.py: search/ is not installed, the repo holds it
@@ -30,10 +32,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.config import Config, config_to_dict, load_config
-from cellseg.data import (DataFingerprint, dataset_fingerprint, make_synthetic_dataset,
-                          scan_train)
-from cellseg.telemetry_off import switch_off_telemetry
+from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
+from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker
 from cellseg.weights import resolve_weights
 from search.driver_drill import DRILL_ENV, parse_drill
@@ -56,9 +57,11 @@ PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: GPU nodes asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,44 +70,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default=str(REPO / "trials" / "space_demo.yaml"), help="search space YAML")
     p.add_argument("--base", default=str(REPO / "trials" / "demo.yaml"), help="base config YAML")
     p.add_argument("--num-samples", type=int, default=40, help="trials to run")
-    p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops "
-                                                  "(default: the base config's train.epochs)")
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        help="epochs of a trial that ASHA never stops (default: the base config's train.epochs)",
+    )
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA keeps 1/this per rung")
-    p.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU (default without "
-                   "--address: 1 if this machine has GPUs, else 0; needed with --address unless "
-                   "the base config's train.device is cpu)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="fractions share a GPU (default without "
+        "--address: 1 if this machine has GPUs, else 0; needed with --address unless "
+        "the base config's train.device is cpu)",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
-    p.add_argument("--max-pending-trials", type=int, help="trials waiting for resources at once, "
-                   "each of which can make the autoscaler start a node (default: --max-concurrent "
-                   f"if set, else {CLUSTER_PENDING_TRIALS} with --address, 1 without)")
-    p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial from "
-                                                               "its last checkpoint")
+    p.add_argument(
+        "--max-pending-trials",
+        type=int,
+        help="trials waiting for resources at once, "
+        "each of which can make the autoscaler start a node (default: --max-concurrent "
+        f"if set, else {CLUSTER_PENDING_TRIALS} with --address, 1 without)",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=0, help="retries of a failing trial from its last checkpoint"
+    )
     p.add_argument("--address", help="an existing Ray cluster ('auto'); default: start Ray locally")
-    p.add_argument("--storage", default=str(REPO / "runs" / "search"),
-                   help="trial checkpoints: local dir, shared file system or s3://bucket/path")
+    p.add_argument(
+        "--storage",
+        default=str(REPO / "runs" / "search"),
+        help="trial checkpoints: local dir, shared file system or s3://bucket/path",
+    )
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI "
-                                          "or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     p.add_argument("--name", help="search name (default search-<time>); needed with --resume")
     p.add_argument("--resume", action="store_true", help="continue the search --name after a crash")
     p.add_argument("--seed", type=int, default=0, help="seeds the TPE sampler")
-    p.add_argument("--fault-drill", action="store_true",
-                   help=f"let trials fail on purpose as {FAULT_ENV} in the workers' environment "
-                        "says (docs/reliability.md); without it trials never read it")
+    p.add_argument(
+        "--fault-drill",
+        action="store_true",
+        help=f"let trials fail on purpose as {FAULT_ENV} in the workers' environment "
+        "says (docs/reliability.md); without it trials never read it",
+    )
     p.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--min-free-gb", type=float, default=2.0,
-                   help="refuse to start when local storage has less free space")
-    p.add_argument("--mlflow-wait", type=float, default=600,
-                   help="seconds to wait at the end for an unavailable MLflow store")
+    p.add_argument(
+        "--min-free-gb",
+        type=float,
+        default=2.0,
+        help="refuse to start when local storage has less free space",
+    )
+    p.add_argument(
+        "--mlflow-wait",
+        type=float,
+        default=600,
+        help="seconds to wait at the end for an unavailable MLflow store",
+    )
     return p
 
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -119,8 +150,10 @@ def search_name(name: str | None, resume: bool) -> str:
 def check_fault_drill(spec: str | None, drill: bool) -> None:
     """Refuse a stray or malformed fault drill (``CELLSEG_FAULT``) before Ray starts."""
     if spec and not drill:
-        raise ConfigError(f"{FAULT_ENV}={spec!r} is set but --fault-drill is not: unset it, or "
-                          "pass --fault-drill to make trials fail on purpose")
+        raise ConfigError(
+            f"{FAULT_ENV}={spec!r} is set but --fault-drill is not: unset it, or "
+            "pass --fault-drill to make trials fail on purpose"
+        )
     _parsed_or_config_error(parse_fault, spec)
 
 
@@ -177,7 +210,8 @@ def check_gpu_request(gpus_per_trial: float | None, address: str | None, device:
         raise ConfigError(
             f"--address {address} with train.device {device!r} in the base config needs "
             "--gpus-per-trial (1: a GPU per trial, 0.5: two trials share one, 0: CPU only); the "
-            "cluster's GPU nodes may not be started yet, so a default would train on CPU")
+            "cluster's GPU nodes may not be started yet, so a default would train on CPU"
+        )
 
 
 def trial_gpus(gpus_per_trial: float | None) -> float:
@@ -211,54 +245,97 @@ def storage_paths(storage: str, name: str) -> tuple[str, Path]:
     return str(path), path / name
 
 
-def open_parent_run(tracker: Tracker, *, experiment: str, name: str, resume: bool,
-                    params: Mapping[str, Any], tags: Mapping[str, str],
-                    texts: Mapping[str, str], dataset: DataFingerprint | None = None) -> str:
+def open_parent_run(
+    tracker: Tracker,
+    *,
+    experiment: str,
+    name: str,
+    resume: bool,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    texts: Mapping[str, str],
+    dataset: DataFingerprint | None = None,
+) -> str:
     """The search's parent run: created with ``params``, ``tags``, ``texts`` (artifact path ->
     content) and its ``dataset`` for a new search, found again by name and set RUNNING for
     ``resume``."""
     found = tracker.find_runs(experiment, f"tags.`{SEARCH_TAG}` = '{name}'")
     if resume:
         if not found:
-            raise TrackingError(f"no search named {name!r} in experiment {experiment!r} "
-                                f"of {tracker.uri} to resume")
+            raise TrackingError(
+                f"no search named {name!r} in experiment {experiment!r} of {tracker.uri} to resume"
+            )
         tracker.reopen_run(found[0].info.run_id)
         return found[0].info.run_id
     if found:
-        raise TrackingError(f"a search named {name!r} exists already; pass --resume to "
-                            "continue it or choose another --name")
-    run_id = tracker.start_run(experiment, name, params=params, tags={SEARCH_TAG: name, **tags},
-                               dataset=dataset)
+        raise TrackingError(
+            f"a search named {name!r} exists already; pass --resume to continue it or choose another --name"
+        )
+    run_id = tracker.start_run(
+        experiment, name, params=params, tags={SEARCH_TAG: name, **tags}, dataset=dataset
+    )
     for artifact_path, text in texts.items():
         tracker.log_text(run_id, text, artifact_path)
     return run_id
 
 
-def new_tuner(trainable: Any, *, name: str, storage_path: str, space: SearchSpace, metric: str,
-              max_epochs: int, num_samples: int, seed: int, optuna_storage: str,
-              max_concurrent: int, grace_period: int, reduction_factor: float,
-              time_budget_s: float | None, max_failures: int,
-              callback: MlflowTrialLogger) -> tune.Tuner:
+def new_tuner(
+    trainable: Any,
+    *,
+    name: str,
+    storage_path: str,
+    space: SearchSpace,
+    metric: str,
+    max_epochs: int,
+    num_samples: int,
+    seed: int,
+    optuna_storage: str,
+    max_concurrent: int,
+    grace_period: int,
+    reduction_factor: float,
+    time_budget_s: float | None,
+    max_failures: int,
+    callback: MlflowTrialLogger,
+) -> tune.Tuner:
     """A Tuner for a new search: Optuna's TPE (the space's baselines first) and ASHA."""
     searcher = StudySearcher(
-        space, metric=metric, mode="max", storage=optuna_storage, study_name=name,
-        sampler=optuna.samplers.TPESampler(seed=seed), max_epochs=max_epochs,
-        points_to_evaluate=space.baseline_points())
+        space,
+        metric=metric,
+        mode="max",
+        storage=optuna_storage,
+        study_name=name,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        max_epochs=max_epochs,
+        points_to_evaluate=space.baseline_points(),
+    )
     search_alg = ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=metric, mode="max", search_alg=search_alg, num_samples=num_samples,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                    grace_period=grace_period, reduction_factor=reduction_factor),
-            time_budget_s=time_budget_s, trial_dirname_creator=trial_dirname,
-            reuse_actors=False),  # reused workers grew to 9 GB each over a 40-trial demo
+            metric=metric,
+            mode="max",
+            search_alg=search_alg,
+            num_samples=num_samples,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max_epochs,
+                grace_period=grace_period,
+                reduction_factor=reduction_factor,
+            ),
+            time_budget_s=time_budget_s,
+            trial_dirname_creator=trial_dirname,
+            reuse_actors=False,
+        ),  # reused workers grew to 9 GB each over a 40-trial demo
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, callbacks=[callback],
+            name=name,
+            storage_path=storage_path,
+            callbacks=[callback],
             # two: Tune deletes the older checkpoint before its saved state names the newer,
             # so a driver that dies in between is resumed from the older one
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=max_failures)))
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -305,8 +382,9 @@ def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command:
         except Exception as mlflow_exc:  # keep the search's own error in front
             log.error("could not close the parent run %s: %s", parent_run_id, mlflow_exc)
         if isinstance(exc, KeyboardInterrupt):
-            raise SearchInterrupted(f"interrupted; the parent run is KILLED. Continue the search "
-                                    f"with: {resume_command}") from None
+            raise SearchInterrupted(
+                f"interrupted; the parent run is KILLED. Continue the search with: {resume_command}"
+            ) from None
         raise
 
 
@@ -316,18 +394,27 @@ def check_outbox_empty(local_dir: Path, tracker: Tracker, name: str) -> None:
         raise TrackingError(
             f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
             f"are kept in {local_dir / OUTBOX}. Bring the store back, then run: python "
-            f"search/run.py --resume --name {name} (with the same other flags)")
+            f"search/run.py --resume --name {name} (with the same other flags)"
+        )
 
 
-def finish_search(tracker: Tracker, parent_run_id: str, results: ResultGrid, *, name: str,
-                  metric: str, max_epochs: int, local_dir: Path,
-                  optuna_storage: str, wall_s: float) -> SearchSummary:
+def finish_search(
+    tracker: Tracker,
+    parent_run_id: str,
+    results: ResultGrid,
+    *,
+    name: str,
+    metric: str,
+    max_epochs: int,
+    local_dir: Path,
+    optuna_storage: str,
+    wall_s: float,
+) -> SearchSummary:
     """The summary of an ended search, logged to the parent run, which is then FINISHED;
     SearchFailed (naming the first error) when no trial succeeded."""
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
-    log_summary(tracker, parent_run_id, results, summary, study, metric=metric,
-                out_dir=local_dir / "summary")
+    log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
     tracker.end_run(parent_run_id, "FINISHED")
     return summary
 
@@ -352,63 +439,105 @@ def run_search(args: argparse.Namespace) -> int:
     check_storage(storage_path, args.min_free_gb)
     local_dir.mkdir(parents=True, exist_ok=True)
     no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry})  # workers get it too
+    ray.init(
+        address=args.address,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry},
+    )  # workers get it too
     base_dict = config_to_dict(base_cfg)
     parent_run_id = open_parent_run(
-        tracker, experiment=args.experiment, name=name, resume=args.resume,
+        tracker,
+        experiment=args.experiment,
+        name=name,
+        resume=args.resume,
         params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
-        tags={SOURCE_TAG: "search-parent", "git_commit": _git_commit(),
-              "ray.cluster_resources": str(ray.cluster_resources()), "command": " ".join(sys.argv)},
-        texts={f"search/{space_path.name}": space_path.read_text(),
-               f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False)},
-        dataset=dataset_fingerprint(base_cfg.data))
+        tags={
+            SOURCE_TAG: "search-parent",
+            "git_commit": _git_commit(),
+            "ray.cluster_resources": str(ray.cluster_resources()),
+            "command": " ".join(sys.argv),
+        },
+        texts={
+            f"search/{space_path.name}": space_path.read_text(),
+            f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False),
+        },
+        dataset=dataset_fingerprint(base_cfg.data),
+    )
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    resume_command = (f"python search/run.py --resume --name {name} "
-                      f"{' '.join(a for a in sys.argv[1:] if a != '--resume')}")
+    resume_command = (
+        f"python search/run.py --resume --name {name} {' '.join(a for a in sys.argv[1:] if a != '--resume')}"
+    )
     print(f"resume after a crash with: {resume_command}")
 
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
         optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
-        trainable = tune.with_resources(tune.with_parameters(train_trial, base=base_dict,
-                                                             fault_drill=args.fault_drill),
-                                        {"cpu": args.cpus_per_trial,
-                                         "gpu": trial_gpus(args.gpus_per_trial)})
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, base=base_dict, fault_drill=args.fault_drill),
+            {"cpu": args.cpus_per_trial, "gpu": trial_gpus(args.gpus_per_trial)},
+        )
         if args.resume:
-            tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable,
-                                       resume_errored=True)
+            tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable, resume_errored=True)
         else:
             tuner = new_tuner(
-                trainable, name=name, storage_path=storage_path, space=space, metric=metric,
-                max_epochs=max_epochs, num_samples=args.num_samples, seed=args.seed,
-                optuna_storage=optuna_storage, max_concurrent=args.max_concurrent,
-                grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                time_budget_s=args.time_budget, max_failures=args.max_failures,
-                callback=MlflowTrialLogger(tracking_uri=tracker.uri, experiment=args.experiment,
-                                           parent_run_id=parent_run_id, base=base_dict,
-                                           max_epochs=max_epochs, metric=metric,
-                                           outbox_path=local_dir / OUTBOX,
-                                           drain_timeout_s=args.mlflow_wait,
-                                           search_name=name))
-        with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),  \
-                tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)):
+                trainable,
+                name=name,
+                storage_path=storage_path,
+                space=space,
+                metric=metric,
+                max_epochs=max_epochs,
+                num_samples=args.num_samples,
+                seed=args.seed,
+                optuna_storage=optuna_storage,
+                max_concurrent=args.max_concurrent,
+                grace_period=args.grace_period,
+                reduction_factor=args.reduction_factor,
+                time_budget_s=args.time_budget,
+                max_failures=args.max_failures,
+                callback=MlflowTrialLogger(
+                    tracking_uri=tracker.uri,
+                    experiment=args.experiment,
+                    parent_run_id=parent_run_id,
+                    base=base_dict,
+                    max_epochs=max_epochs,
+                    metric=metric,
+                    outbox_path=local_dir / OUTBOX,
+                    drain_timeout_s=args.mlflow_wait,
+                    search_name=name,
+                ),
+            )
+        with (
+            scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),
+            tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)),
+        ):
             results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
-        summary = finish_search(tracker, parent_run_id, results, name=name, metric=metric,
-                                max_epochs=max_epochs, local_dir=local_dir,
-                                optuna_storage=optuna_storage, wall_s=time.time() - start)
+        summary = finish_search(
+            tracker,
+            parent_run_id,
+            results,
+            name=name,
+            metric=metric,
+            max_epochs=max_epochs,
+            local_dir=local_dir,
+            optuna_storage=optuna_storage,
+            wall_s=time.time() - start,
+        )
     print("\n".join(summary.lines(metric)))
-    runs_page = (f"#/experiments/{tracker.experiment_id(args.experiment)}/runs"
-                 "?workflowType=machine_learning")
+    runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
     else:
-        print(f"compare trials: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
-              f"--port 5000, then open http://127.0.0.1:5000/{runs_page}")
-    print(f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
-          f"{args.experiment} --tracking-uri {tracker.uri} --output test-results.json "
-          "--zip submission.zip")
+        print(
+            f"compare trials: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+            f"--port 5000, then open http://127.0.0.1:5000/{runs_page}"
+        )
+    print(
+        f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
+        f"{args.experiment} --tracking-uri {tracker.uri} --output test-results.json "
+        "--zip submission.zip"
+    )
     return 0
 
 

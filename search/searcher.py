@@ -15,12 +15,14 @@ and its parameters are enqueued again, so that a resumed search neither doubles 
 An errored trial that ``--resume`` runs again (Tune's ``resume_errored``) keeps its FAIL record and,
 if it ends without error, gets a second record with its epochs and ending beside it.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import pickle
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -39,20 +41,34 @@ TRIAL_ATTR = "ray.trial_id"  # Optuna user attribute naming the Tune trial (as M
 class StudySearcher(Searcher):
     """Optuna's sampler (TPE) over a ``SearchSpace``, through an Optuna study this searcher owns."""
 
-    def __init__(self, space: SearchSpace, *, metric: str, mode: str, storage: str, study_name: str,
-                 sampler: optuna.samplers.BaseSampler, max_epochs: int,
-                 points_to_evaluate: Sequence[dict[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        metric: str,
+        mode: str,
+        storage: str,
+        study_name: str,
+        sampler: optuna.samplers.BaseSampler,
+        max_epochs: int,
+        points_to_evaluate: Sequence[dict[str, Any]] = (),
+    ) -> None:
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.max_epochs = max_epochs
         try:
             self.study = optuna.create_study(
-                storage=storage, study_name=study_name, sampler=sampler,
+                storage=storage,
+                study_name=study_name,
+                sampler=sampler,
                 pruner=optuna.pruners.NopPruner(),  # ASHA decides; the study records
-                direction="maximize" if mode == "max" else "minimize")
+                direction="maximize" if mode == "max" else "minimize",
+            )
         except optuna.exceptions.DuplicatedStudyError:
-            raise ConfigError(f"{storage}: an Optuna study named {study_name!r} exists already; "
-                              "choose another search name, or pass --resume to continue it") from None
+            raise ConfigError(
+                f"{storage}: an Optuna study named {study_name!r} exists already; "
+                "choose another search name, or pass --resume to continue it"
+            ) from None
         for point in points_to_evaluate:
             self.study.enqueue_trial(point)
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its running Optuna trial
@@ -78,8 +94,7 @@ class StudySearcher(Searcher):
             return  # told already
         self.last_step[trial_id] = step
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result:
             self.on_trial_result(trial_id, result)  # the epoch that triggered a stop
         self.last_step.pop(trial_id, None)
@@ -105,15 +120,29 @@ class StudySearcher(Searcher):
     def _record_rerun(self, trial_id: str, state: TrialState, value: float | None) -> None:
         """A failed trial that a resumed search ran again to its end: a new record beside the FAIL."""
         first = self.study.get_trials(deepcopy=False)[self.failed.pop(trial_id)]
-        self.study.add_trial(optuna.trial.create_trial(
-            state=state, value=value, params=first.params, distributions=first.distributions,
-            user_attrs=first.user_attrs,
-            intermediate_values={**first.intermediate_values, **self.rerun.pop(trial_id, {})}))
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=value,
+                params=first.params,
+                distributions=first.distributions,
+                user_attrs=first.user_attrs,
+                intermediate_values={**first.intermediate_values, **self.rerun.pop(trial_id, {})},
+            )
+        )
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as out:  # Tune swaps the file in atomically
-            pickle.dump({"study": self.study, "trials": self.trials, "last_step": self.last_step,
-                         "failed": self.failed, "rerun": self.rerun}, out)
+            pickle.dump(
+                {
+                    "study": self.study,
+                    "trials": self.trials,
+                    "last_step": self.last_step,
+                    "failed": self.failed,
+                    "rerun": self.rerun,
+                },
+                out,
+            )
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as saved:
@@ -122,8 +151,14 @@ class StudySearcher(Searcher):
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
         saved = state["trials"]
         self.trials = {k: t for k, t in saved.items() if not states[t.number].is_finished()}
-        self.failed = {**state["failed"], **{k: t.number for k, t in saved.items()  # told FAIL
-                                             if states[t.number] == TrialState.FAIL}}  # after the save
+        self.failed = {
+            **state["failed"],
+            **{
+                k: t.number
+                for k, t in saved.items()  # told FAIL
+                if states[t.number] == TrialState.FAIL
+            },
+        }  # after the save
         self.rerun = {k: v for k, v in state["rerun"].items() if k in self.failed}
         self.last_step = {k: v for k, v in state["last_step"].items() if k in self.trials}
         live = {t.number for t in self.trials.values()}
@@ -131,5 +166,7 @@ class StudySearcher(Searcher):
             if orphan.number not in live:  # asked after the last save: Tune does not know it
                 self.study.tell(orphan.number, state=TrialState.FAIL)
                 self.study.enqueue_trial(dict(orphan.params))
-                log.info("Optuna trial %d started after the last save; its parameters are queued "
-                         "again", orphan.number)
+                log.info(
+                    "Optuna trial %d started after the last save; its parameters are queued again",
+                    orphan.number,
+                )

@@ -5,6 +5,7 @@ A space file holds ``params``: dotted config keys, each with one distribution
 optional condition ``if: {earlier.key: value or [values]}``; and ``baselines``: preset files whose
 values on the space's dimensions are enqueued as the first trials.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,6 +57,7 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     """An ordered list of parameters; calling it on an Optuna trial samples a flat config dict."""
+
     params: tuple[Param, ...]
     baselines: tuple[str, ...] = ()
     source: str = ""
@@ -101,15 +103,18 @@ def _parse_param(key: str, spec: Any, earlier: list[str], where: str) -> Param:
     kinds = [k for k in spec if k in DISTRIBUTIONS]
     unknown = [k for k in spec if k not in DISTRIBUTIONS]
     if unknown or len(kinds) != 1:
-        raise ConfigError(f"{where}{key}: give exactly one of {', '.join(DISTRIBUTIONS)} "
-                          f"(and optionally 'if'); got {', '.join(map(str, spec)) or 'nothing'}")
+        raise ConfigError(
+            f"{where}{key}: give exactly one of {', '.join(DISTRIBUTIONS)} "
+            f"(and optionally 'if'); got {', '.join(map(str, spec)) or 'nothing'}"
+        )
     kind = kinds[0]
     values = spec[kind]
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}{key}: {kind} needs a non-empty list, got {values!r}")
     if kind != "choice":
-        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                       for v in values):
+        if len(values) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
             raise ConfigError(f"{where}{key}: {kind} needs [low, high] numbers, got {values!r}")
         low, high = values
         if not low < high:
@@ -123,8 +128,10 @@ def _parse_param(key: str, spec: Any, earlier: list[str], where: str) -> Param:
     condition = []
     for other, allowed in condition_raw.items():
         if other not in earlier:
-            raise ConfigError(f"{where}{key}: condition on {other!r}, which is not a parameter "
-                              "listed before it in this space")
+            raise ConfigError(
+                f"{where}{key}: condition on {other!r}, which is not a parameter "
+                "listed before it in this space"
+            )
         condition.append((other, tuple(allowed) if isinstance(allowed, list) else (allowed,)))
     return Param(key, kind, tuple(values), tuple(condition))
 

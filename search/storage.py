@@ -1,4 +1,5 @@
 """A check that the search's storage can take checkpoints, before any trial starts."""
+
 from __future__ import annotations
 
 import shutil
@@ -37,9 +38,13 @@ def check_storage(storage: str, min_free_gb: float) -> None:
         finally:
             probe.unlink(missing_ok=True)
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
-        raise StorageError(f"storage {storage} is not writable ({exc}); pass --storage with a "
-                           "folder or s3:// path this machine can write") from exc
+        raise StorageError(
+            f"storage {storage} is not writable ({exc}); pass --storage with a "
+            "folder or s3:// path this machine can write"
+        ) from exc
     free_gb = shutil.disk_usage(folder).free / 1e9
     if free_gb < min_free_gb:
-        raise StorageError(f"storage {storage} has {free_gb:.1f} GB free, below --min-free-gb "
-                           f"{min_free_gb:g}; free space or pass --storage on a larger disk")
+        raise StorageError(
+            f"storage {storage} has {free_gb:.1f} GB free, below --min-free-gb "
+            f"{min_free_gb:g}; free space or pass --storage on a larger disk"
+        )

@@ -1,11 +1,13 @@
 """The end of a search: best trial, epochs ASHA saved, and the parent run's plots."""
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 from ray.tune import Result, ResultGrid
@@ -84,11 +86,11 @@ def check_succeeded(results: Sequence[Result], metric: str) -> None:
     raise SearchFailed(
         f"no trial succeeded: {len(failed)} of {len(results)} failed. The first error, in "
         f"{Path(first.path).name}: {_first_line_of_error(first.error)}. Its traceback is in "
-        f"{first.path}/error.txt and in the tag 'error' of its MLflow run")
+        f"{first.path}/error.txt and in the tag 'error' of its MLflow run"
+    )
 
 
-def summarize(results: Sequence[Result], *, metric: str, max_epochs: int,
-              wall_s: float) -> SearchSummary:
+def summarize(results: Sequence[Result], *, metric: str, max_epochs: int, wall_s: float) -> SearchSummary:
     """Figures of a finished search, from Tune's results (a ResultGrid or a list of Results);
     SearchFailed when no trial succeeded. The best trial is the trial without error with the highest
     finite ``metric`` of any epoch (the first of equals)."""
@@ -97,10 +99,17 @@ def summarize(results: Sequence[Result], *, metric: str, max_epochs: int,
     best = max((r for r in results if _succeeded(r, metric)), key=lambda r: _best_value(r, metric))
     epochs_run = sum(int((r.metrics or {}).get(TRAINING_ITERATION, 0)) for r in results)
     checkpoint = f"{best.checkpoint.path}/{BEST}" if best.checkpoint else "none"
-    return SearchSummary(trials=len(results), errors=sum(r.error is not None for r in results),
-                         best_trial=Path(best.path).name, best_metric=_best_value(best, metric),
-                         best_config=best.config, best_checkpoint=checkpoint,
-                         epochs_run=epochs_run, epochs_full=len(results) * max_epochs, wall_s=wall_s)
+    return SearchSummary(
+        trials=len(results),
+        errors=sum(r.error is not None for r in results),
+        best_trial=Path(best.path).name,
+        best_metric=_best_value(best, metric),
+        best_config=best.config,
+        best_checkpoint=checkpoint,
+        epochs_run=epochs_run,
+        epochs_full=len(results) * max_epochs,
+        wall_s=wall_s,
+    )
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
@@ -112,25 +121,50 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
-def log_summary(tracker: Tracker, parent_run_id: str, results: ResultGrid, summary: SearchSummary,
-                study: optuna.Study, *, metric: str, out_dir: Path) -> None:
+def log_summary(
+    tracker: Tracker,
+    parent_run_id: str,
+    results: ResultGrid,
+    summary: SearchSummary,
+    study: optuna.Study,
+    *,
+    metric: str,
+    out_dir: Path,
+) -> None:
     """Best trial and params, curves of every trial, importances and parallel coordinates."""
-    tracker.log_metrics(parent_run_id, {best_metric_key(metric): summary.best_metric,
-                                        "epochs_run": summary.epochs_run,
-                                        "epochs_saved": summary.epochs_saved,
-                                        "trials": summary.trials, "wall_s": summary.wall_s}, step=0)
-    tracker.set_tags(parent_run_id, {"best_trial": summary.best_trial,
-                                     "best_checkpoint": summary.best_checkpoint,
-                                     **{f"best.{k}": v for k, v in summary.best_config.items()}})
+    tracker.log_metrics(
+        parent_run_id,
+        {
+            best_metric_key(metric): summary.best_metric,
+            "epochs_run": summary.epochs_run,
+            "epochs_saved": summary.epochs_saved,
+            "trials": summary.trials,
+            "wall_s": summary.wall_s,
+        },
+        step=0,
+    )
+    tracker.set_tags(
+        parent_run_id,
+        {
+            "best_trial": summary.best_trial,
+            "best_checkpoint": summary.best_checkpoint,
+            **{f"best.{k}": v for k, v in summary.best_config.items()},
+        },
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = {Path(r.path).name: _curve(r, metric) for r in results if r.path}
-    tracker.log_artifact(parent_run_id, plot_trial_curves(curves, out_dir / "trial_curves.png",
-                                                          metric=metric), "summary")
-    rows = [{**r.config, metric: max((v for _, v in _curve(r, metric)), default=0.0)}
-            for r in results if r.config]
+    tracker.log_artifact(
+        parent_run_id, plot_trial_curves(curves, out_dir / "trial_curves.png", metric=metric), "summary"
+    )
+    rows = [
+        {**r.config, metric: max((v for _, v in _curve(r, metric)), default=0.0)} for r in results if r.config
+    ]
     if rows:
-        tracker.log_artifact(parent_run_id, plot_parallel_coordinates(
-            rows, metric, out_dir / "parallel_coordinates.png"), "summary")
+        tracker.log_artifact(
+            parent_run_id,
+            plot_parallel_coordinates(rows, metric, out_dir / "parallel_coordinates.png"),
+            "summary",
+        )
     scores = importances(study)
     if scores:
         tracker.log_metrics(parent_run_id, {f"importance.{k}": v for k, v in scores.items()}, step=0)

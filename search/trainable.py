@@ -2,13 +2,15 @@
 
 Importable by module path so that workers on other nodes can load it; it takes only plain data.
 """
+
 from __future__ import annotations
 
 import atexit
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ray
 from ray import tune
@@ -55,11 +57,15 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bo
         if int(metrics["epoch"]) == cfg.train.epochs:  # pictures go into the last checkpoint
             write_run_pictures(directory, resolve_device(cfg.train.device))
         inject(int(metrics["epoch"]))
-        tune.report({**metrics, NODE_KEY: node_id},
-                    checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        tune.report({**metrics, NODE_KEY: node_id}, checkpoint=tune.Checkpoint.from_directory(str(directory)))
 
-    fit(cfg, run_dir=run_dir, report=report, progress=False,
-        resume_from=run_dir if checkpoint is not None else None)
+    fit(
+        cfg,
+        run_dir=run_dir,
+        report=report,
+        progress=False,
+        resume_from=run_dir if checkpoint is not None else None,
+    )
 
 
 def trial_dirname(trial: tune.experiment.Trial) -> str:

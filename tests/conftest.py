@@ -1,11 +1,12 @@
 """Shared fixtures: small synthetic datasets in the real layout, and the optional real slice."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,15 +19,13 @@ from cellseg.data.tiff_io import write_image, write_mask
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Realistic profile, 8 training and 4 test images of at most 400 px."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", 8, 4, seed=0,
-                                  max_side=400)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", 8, 4, seed=0, max_side=400)
 
 
 @pytest.fixture(scope="session")
 def easy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Easy profile: 24 training and 4 test images with few large, separated cells."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("easy") / "data", 24, 4, seed=1,
-                                  profile="easy")
+    return make_synthetic_dataset(tmp_path_factory.mktemp("easy") / "data", 24, 4, seed=1, profile="easy")
 
 
 REALDATA_UNPACK = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "unpack.sh"
@@ -40,8 +39,12 @@ def realdata_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (root / "train").is_dir():
         return root
     if REALDATA_UNPACK.is_file():
-        out = subprocess.run(["bash", str(REALDATA_UNPACK), str(tmp_path_factory.mktemp("real"))],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["bash", str(REALDATA_UNPACK), str(tmp_path_factory.mktemp("real"))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return Path(out.stdout.strip().splitlines()[-1])
     pytest.skip(f"real data not found at {root} nor at {REALDATA_UNPACK.parent}")
 
@@ -55,8 +58,10 @@ def write_sample() -> SampleWriter:
 
     ``masks`` maps class index to an (H, W) id array; the image is a random RGBA of that shape.
     """
-    def write(root: Path, item_id: str, shape: tuple[int, int],
-              masks: dict[int, np.ndarray] | None = None) -> Path:
+
+    def write(
+        root: Path, item_id: str, shape: tuple[int, int], masks: dict[int, np.ndarray] | None = None
+    ) -> Path:
         folder = root / "train" / item_id
         folder.mkdir(parents=True)
         rgba = np.random.default_rng(0).integers(0, 256, (*shape, 4), dtype=np.uint8)

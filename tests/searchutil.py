@@ -1,12 +1,13 @@
 """Helpers for the search tests: driving search/run.py and reading what it wrote to MLflow."""
+
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -16,19 +17,39 @@ from search.run import SEARCH_TAG
 RUN_PY = Path(__file__).resolve().parents[1] / "search" / "run.py"
 
 
-def search_args(data: Path, tiny_search: dict[str, Path], storage: Path, uri: str,
-                experiment: str, name: str, *extra: str) -> list[str]:
+def search_args(
+    data: Path, tiny_search: dict[str, Path], storage: Path, uri: str, experiment: str, name: str, *extra: str
+) -> list[str]:
     """run.py arguments for a tiny search on ``data``."""
-    return ["--data", str(data), "--base", str(tiny_search["base"]),
-            "--space", str(tiny_search["space"]), "--storage", str(storage),
-            "--tracking-uri", uri, "--experiment", experiment, "--name", name, *extra]
+    return [
+        "--data",
+        str(data),
+        "--base",
+        str(tiny_search["base"]),
+        "--space",
+        str(tiny_search["space"]),
+        "--storage",
+        str(storage),
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        experiment,
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 def start_driver(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """run.py in its own process group (so that a test can kill it and its Ray) logging to ``log``."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(RUN_PY), *args], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        return subprocess.Popen(
+            [sys.executable, str(RUN_PY), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

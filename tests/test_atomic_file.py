@@ -1,4 +1,5 @@
 """The one atomic writer: umask permissions (checkpoints included), and nothing half-written."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Paired augmentations: alignment of image and label maps, ids, ranges, determinism, pickling."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,16 +4,16 @@ Every broken file gives one clear error naming the file (exit code 2); what a us
 skip gives a warning naming it and the command goes on (exit code 0). docs/reliability.md lists
 which is which.
 """
+
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -32,8 +32,9 @@ from tiffutil import HUGE, write_zeros_lzw
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("corpus") / "data", 3, 2, seed=3,
-                                  max_side=96, max_cells=20)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("corpus") / "data", 3, 2, seed=3, max_side=96, max_cells=20
+    )
 
 
 def first_item(root: Path) -> Path:
@@ -60,6 +61,7 @@ def rewrite_mask(value: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path], 
         path = mask_file(root)
         tifffile.imwrite(path, value(tifffile.imread(path)))
         return path
+
     return mutate
 
 
@@ -68,6 +70,7 @@ def edit_mapping(edit: Callable[[list[dict]], list]) -> Callable[[Path], Path]:
         path = root / MAPPING_FILE
         path.write_text(json.dumps(edit(json.loads(path.read_text()))))
         return path
+
     return mutate
 
 
@@ -76,6 +79,7 @@ def overwrite(locate: Callable[[Path], Path], text: str) -> Callable[[Path], Pat
         path = locate(root)
         path.write_text(text)
         return path
+
     return mutate
 
 
@@ -142,10 +146,14 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty-item-folder": (empty_item, "training folder without image.tif"),
     "empty-test-folder": (empty_test_folder, "which does not exist"),
     "mapping-duplicate-id": (edit_mapping(lambda m: [m[0], {**m[1], "id": m[0]["id"]}]), "repeated"),
-    "mapping-duplicate-name": (edit_mapping(lambda m: [m[0], {**m[1], "file_name": m[0]["file_name"]}]),
-                               "repeated"),
-    "mapping-path-escape": (edit_mapping(lambda m: [{**m[0], "file_name": "../../etc/passwd"}]),
-                            "not a plain file name"),
+    "mapping-duplicate-name": (
+        edit_mapping(lambda m: [m[0], {**m[1], "file_name": m[0]["file_name"]}]),
+        "repeated",
+    ),
+    "mapping-path-escape": (
+        edit_mapping(lambda m: [{**m[0], "file_name": "../../etc/passwd"}]),
+        "not a plain file name",
+    ),
     "mapping-not-json": (overwrite(lambda r: r / MAPPING_FILE, "[{"), "not valid JSON"),
     "mapping-wrong-schema": (edit_mapping(lambda m: [{**m[0], "height": "tall"}]), "expected an object"),
     "too-many-instances": (noise_masks, "10000 instances (class1.tif: 10000"),
@@ -234,8 +242,9 @@ def test_odd_names_large_ids_and_os_noise_are_fine(template, tmp_path, capsys):
     old = first_test(root)
     odd = old.with_name("spaced ü (1).tif")
     old.rename(odd)
-    edit_mapping(lambda m: [{**e, "file_name": odd.name} if e["file_name"] == old.name else e
-                            for e in m])(root)
+    edit_mapping(lambda m: [{**e, "file_name": odd.name} if e["file_name"] == old.name else e for e in m])(
+        root
+    )
     path = mask_file(root)
     mask = tifffile.imread(path)
     write_mask(path, np.where(mask > 0, mask + 70_000, 0))
@@ -249,7 +258,6 @@ def test_odd_names_large_ids_and_os_noise_are_fine(template, tmp_path, capsys):
     assert stats["instances_per_class"] == expected["instances_per_class"]
     assert stats["num_test_images"] == expected["num_test_images"]
     assert len(stats["warnings"]) == len(expected["warnings"])
-
 
 
 HUGE_FILES: dict[str, Callable[[Path], Path]] = {
@@ -269,12 +277,20 @@ for root in sys.argv[1:]:
 
 
 def test_huge_tiffs_are_refused_from_their_header_in_bounded_memory(template, tmp_path):
-    broken = {where: broken_copy(template, tmp_path / where, mutate)
-              for where, mutate in HUGE_FILES.items()}
+    broken = {where: broken_copy(template, tmp_path / where, mutate) for where, mutate in HUGE_FILES.items()}
     assert all(path.stat().st_size < 4_000_000 for _, path in broken.values())
-    done = subprocess.run([sys.executable, "-c", INSPECT_WITH_PEAK_RSS, str(template),
-                           *(str(root) for root, _ in broken.values())],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            INSPECT_WITH_PEAK_RSS,
+            str(template),
+            *(str(root) for root, _ in broken.values()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     peaks = [line.split() for line in done.stderr.splitlines() if line.startswith("peak ")]
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert [code for _, code, _ in peaks] == ["0", "2", "2", "2"], done.stderr
@@ -298,8 +314,10 @@ def test_training_refuses_a_sample_above_the_limits(template, tmp_path):
 
 def test_training_takes_the_limits_from_the_config(template, tmp_path):
     root, folder = broken_copy(template, tmp_path, noise_masks)
-    cfg = apply_overrides(Config(), {"data.root": str(root), "data.max_instances": 9999,
-                                     "model.min_size": 64, "model.max_size": 128})
+    cfg = apply_overrides(
+        Config(),
+        {"data.root": str(root), "data.max_instances": 9999, "model.min_size": 64, "model.max_size": 128},
+    )
     train, val, _ = build_loaders(cfg, torch.device("cpu"))
     with pytest.raises(DataError, match=f"{folder}: its masks hold 10000 instances"):
         for loader in (train, val):

@@ -1,5 +1,6 @@
 """Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoints), on a real
 MLflow SQLite store filled with runs shaped as ``cellseg train`` and searches write them."""
+
 from __future__ import annotations
 
 import itertools
@@ -39,10 +40,22 @@ class Store:
         self.client = MlflowClient(self.tracker.uri)
         self.experiment_id = self.tracker.experiment_id(EXPERIMENT)
 
-    def run(self, name: str, *, source: str, data: Path | None = None, value: float | None = None,
-            status: str = "FINISHED", parent: str | None = None, search: str | None = None,
-            metric: str = "segm_AP50", split: dict | None = None, start: int | None = None,
-            checkpoint: bool = True, record_data: bool = True) -> str:
+    def run(
+        self,
+        name: str,
+        *,
+        source: str,
+        data: Path | None = None,
+        value: float | None = None,
+        status: str = "FINISHED",
+        parent: str | None = None,
+        search: str | None = None,
+        metric: str = "segm_AP50",
+        split: dict | None = None,
+        start: int | None = None,
+        checkpoint: bool = True,
+        record_data: bool = True,
+    ) -> str:
         start = T0 + 1000 * next(_clock) if start is None else start
         tags = {"cellseg.source": source}
         params = {"train.metric": metric, **{f"data.{k}": v for k, v in (split or {}).items()}}
@@ -54,11 +67,14 @@ class Store:
             params["data.root"] = str(data)
             if record_data:
                 tags["cellseg.data_fingerprint"] = dataset_fingerprint(
-                    DataConfig(root=str(data), **(split or {}))).digest
-        run_id = self.client.create_run(self.experiment_id, start_time=start, run_name=name,
-                                        tags=tags).info.run_id
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                              tags=[RunTag("x", "y")])
+                    DataConfig(root=str(data), **(split or {}))
+                ).digest
+        run_id = self.client.create_run(
+            self.experiment_id, start_time=start, run_name=name, tags=tags
+        ).info.run_id
+        self.client.log_batch(
+            run_id, params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag("x", "y")]
+        )
         if value is not None:
             self.client.log_batch(run_id, metrics=[Metric(f"best_{metric}", value, start, 0)])
         if checkpoint and source != "search-parent":
@@ -69,14 +85,16 @@ class Store:
             self.client.set_terminated(run_id, status)
         return run_id
 
-    def search(self, name: str, data: Path, trials: dict[str, tuple[float | None, str]],
-               **kwargs) -> dict[str, str]:
+    def search(
+        self, name: str, data: Path, trials: dict[str, tuple[float | None, str]], **kwargs
+    ) -> dict[str, str]:
         """A parent (scoring above every trial) and its trials {name: (value, status)}."""
         parent = self.run(name, source="search-parent", data=data, value=9.0, search=name)
         ids = {name: parent}
         for trial, (value, status) in trials.items():
-            ids[trial] = self.run(trial, source="search", data=data, value=value, status=status,
-                                  parent=parent, **kwargs)
+            ids[trial] = self.run(
+                trial, source="search", data=data, value=value, status=status, parent=parent, **kwargs
+            )
         return ids
 
     def choose(self, data: Path, search: str | None = None):
@@ -99,23 +117,29 @@ def demo(tmp_path: Path) -> Path:
 
 
 def test_never_a_parent_a_failed_or_a_running_run(store: Store, real: Path) -> None:
-    ids = store.search("s", real, {"failed": (0.9, "FAILED"), "running": (0.8, "RUNNING"),
-                                   "stopped": (0.5, "KILLED"), "finished": (0.4, "FINISHED"),
-                                   "no-metric": (None, "FINISHED")})
+    ids = store.search(
+        "s",
+        real,
+        {
+            "failed": (0.9, "FAILED"),
+            "running": (0.8, "RUNNING"),
+            "stopped": (0.5, "KILLED"),
+            "finished": (0.4, "FINISHED"),
+            "no-metric": (None, "FINISHED"),
+        },
+    )
     choice = store.choose(real)
     assert choice.search == "s" and choice.group.kind == "search"
     assert [c.record.run_id for c in choice.ranked] == [ids["stopped"], ids["finished"]]
     assert choice.ranked[0].value == 0.5 and choice.data.digest == choice.ranked[0].record.fingerprint
 
 
-def test_a_newer_demo_search_on_other_data_is_not_chosen(store: Store, real: Path,
-                                                         demo: Path) -> None:
+def test_a_newer_demo_search_on_other_data_is_not_chosen(store: Store, real: Path, demo: Path) -> None:
     real_ids = store.search("real-search", real, {"r1": (0.3, "FINISHED"), "r2": (0.4, "KILLED")})
     demo_ids = store.search("demo-search", demo, {"d1": (1.0, "FINISHED")})
     assert store.choose(real).ranked[0].record.run_id == real_ids["r2"]
     assert store.choose(demo).ranked[0].record.run_id == demo_ids["d1"]
-    assert [g.name for g in groups(store.tracker.records(EXPERIMENT))] == ["demo-search",
-                                                                           "real-search"]
+    assert [g.name for g in groups(store.tracker.records(EXPERIMENT))] == ["demo-search", "real-search"]
 
 
 def test_the_most_recent_matching_search_unless_one_is_named(store: Store, real: Path) -> None:
@@ -129,8 +153,9 @@ def test_the_most_recent_matching_search_unless_one_is_named(store: Store, real:
     assert store.choose(real, search="single").search is None
 
 
-def test_nothing_matching_lists_the_candidates_with_data_and_dates(store: Store, real: Path,
-                                                                   demo: Path) -> None:
+def test_nothing_matching_lists_the_candidates_with_data_and_dates(
+    store: Store, real: Path, demo: Path
+) -> None:
     store.search("demo-search", demo, {"d1": (1.0, "FINISHED"), "d2": (0.5, "KILLED")})
     store.run("legacy", source="train", data=real, value=0.7, record_data=False)
     with pytest.raises(TrackingError) as raised:
@@ -151,30 +176,32 @@ def test_ties_go_to_the_earlier_run_then_the_smaller_id(store: Store, real: Path
     parent = store.run("s", source="search-parent", data=real, search="s")
     late = store.run("late", source="search", data=real, value=0.5, parent=parent, start=T0 + 5)
     early = store.run("early", source="search", data=real, value=0.5, parent=parent, start=T0 + 1)
-    same = [store.run(f"same{i}", source="search", data=real, value=0.5, parent=parent,
-                      start=T0 + 3) for i in range(2)]
+    same = [
+        store.run(f"same{i}", source="search", data=real, value=0.5, parent=parent, start=T0 + 3)
+        for i in range(2)
+    ]
     ranked = [c.record.run_id for c in store.choose(real).ranked]
     assert ranked == [early, *sorted(same), late]
 
 
 def test_each_run_is_matched_under_its_own_split_and_metric(store: Store, real: Path) -> None:
-    ids = store.search("s", real, {"t": (0.3, "FINISHED")}, split={"val_fraction": 0.25},
-                       metric="bbox_AP50")
+    ids = store.search("s", real, {"t": (0.3, "FINISHED")}, split={"val_fraction": 0.25}, metric="bbox_AP50")
     choice = store.choose(real)
     assert choice.ranked[0].record.run_id == ids["t"] and choice.ranked[0].metric == "bbox_AP50"
     assert choice.data.val_fraction == 0.25
     assert choice.data.digest != dataset_fingerprint(DataConfig(root=str(real))).digest
 
 
-def test_a_missing_checkpoint_is_skipped_with_a_warning(store: Store, real: Path, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_missing_checkpoint_is_skipped_with_a_warning(
+    store: Store, real: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     parent = store.run("s", source="search-parent", data=real, search="s")
-    gone = store.run("gone", source="search", data=real, value=0.9, parent=parent,
-                     checkpoint=False)
+    gone = store.run("gone", source="search", data=real, value=0.9, parent=parent, checkpoint=False)
     kept = store.run("kept", source="search", data=real, value=0.8, parent=parent)
     with caplog.at_level(logging.WARNING):
-        [(run_id, checkpoint, provenance)] = best_checkpoints(store.tracker, EXPERIMENT, None,
-                                                              str(real), tmp_path / "scratch")
+        [(run_id, checkpoint, provenance)] = best_checkpoints(
+            store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch"
+        )
     assert run_id == kept and checkpoint.read_text() == "weights of kept"
     assert provenance["skipped_runs"] == [gone] and provenance["run_name"] == "kept"
     assert provenance["search"] == "s" and provenance["metric_value"] == 0.8
@@ -185,17 +212,21 @@ def test_a_missing_checkpoint_is_skipped_with_a_warning(store: Store, real: Path
         best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch")
 
 
-def test_an_ensemble_takes_the_k_best_runs_with_checkpoints(store: Store, real: Path,
-                                                           tmp_path: Path) -> None:
+def test_an_ensemble_takes_the_k_best_runs_with_checkpoints(store: Store, real: Path, tmp_path: Path) -> None:
     parent = store.run("s", source="search-parent", data=real, search="s")
-    runs = {name: store.run(name, source="search", data=real, value=value, parent=parent,
-                            checkpoint=name != "gone")
-            for name, value in (("third", 0.5), ("gone", 0.9), ("best", 0.8), ("second", 0.7),
-                                ("fourth", 0.4))}
+    runs = {
+        name: store.run(
+            name, source="search", data=real, value=value, parent=parent, checkpoint=name != "gone"
+        )
+        for name, value in (("third", 0.5), ("gone", 0.9), ("best", 0.8), ("second", 0.7), ("fourth", 0.4))
+    }
     found = best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "a", 3)
     assert [run_id for run_id, _, _ in found] == [runs["best"], runs["second"], runs["third"]]
-    assert [c.read_text() for _, c, _ in found] == ["weights of best", "weights of second",
-                                                    "weights of third"]  # one file each
+    assert [c.read_text() for _, c, _ in found] == [
+        "weights of best",
+        "weights of second",
+        "weights of third",
+    ]  # one file each
     assert found[0][2]["skipped_runs"] == [runs["gone"]]
     assert [p["metric_value"] for _, _, p in found] == [0.8, 0.7, 0.5]
     with pytest.raises(TrackingError, match=r"--ensemble 5 needs 5 runs.*search 's' has 4 \(of 5"):

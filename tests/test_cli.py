@@ -2,6 +2,7 @@
 
 One tiny dataset and two tiny MLflow-tracked training runs are shared by the module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,11 +26,11 @@ from cellseg.config import DataConfig
 from cellseg.data import (
     dataset_fingerprint,
     dataset_stats,
+    ground_truth_maps,
     load_test_images,
     read_image,
     read_mask,
     scan_train,
-    ground_truth_maps,
     targets_from_label_maps,
 )
 from tiffutil import HUGE, write_zeros_lzw
@@ -58,21 +59,34 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A synthetic dataset written by ``cellseg synth`` and two runs trained by ``cellseg train``."""
     tmp = tmp_path_factory.mktemp("cli")
     data = tmp / "data"
-    code, out, err = run_cli("synth", data, "--train", 8, "--test", 3, "--seed", 5,
-                             "--profile", "easy")
+    code, out, err = run_cli("synth", data, "--train", 8, "--test", 3, "--seed", 5, "--profile", "easy")
     assert code == 0, err
     assert out.strip() == str(data)
     uri = f"sqlite:///{tmp}/mlflow.db"
     runs = {}
     for name, epochs in (("r1", 2), ("r2", 1)):
         code, out, err = run_cli(
-            "train", "--config", TRIALS / "demo.yaml", "--data", data, *TINY,
-            "--set", f"train.epochs={epochs}", "--set", f"train.output_dir={tmp / 'runs'}",
-            "--tracking-uri", uri, "--experiment", EXPERIMENT, "--name", name, "--no-progress")
+            "train",
+            "--config",
+            TRIALS / "demo.yaml",
+            "--data",
+            data,
+            *TINY,
+            "--set",
+            f"train.epochs={epochs}",
+            "--set",
+            f"train.output_dir={tmp / 'runs'}",
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            EXPERIMENT,
+            "--name",
+            name,
+            "--no-progress",
+        )
         assert code == 0, err
         runs[name] = out
-    return {"tmp": tmp, "data": data, "uri": uri, "runs": runs,
-            "client": MlflowClient(tracking_uri=uri)}
+    return {"tmp": tmp, "data": data, "uri": uri, "runs": runs, "client": MlflowClient(tracking_uri=uri)}
 
 
 def run_of(workspace: dict, name: str):
@@ -91,22 +105,25 @@ def checkpoint_of(workspace: dict, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- synth, inspect
 
+
 def test_synth_then_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "d"
-    assert main(["synth", str(data), "--train", "5", "--test", "3", "--seed", "4",
-                 "--profile", "easy"]) == 0
+    assert main(["synth", str(data), "--train", "5", "--test", "3", "--seed", "4", "--profile", "easy"]) == 0
     assert capsys.readouterr().out.strip() == str(data)
 
     assert main(["inspect", str(data), "--json"]) == 0
     captured = capsys.readouterr()
     stats = json.loads(captured.out)  # exactly one JSON object, nothing else on stdout
     assert isinstance(stats, dict)
-    assert {"num_train_images", "num_test_images", "max_instances_per_image",
-            "instances_per_class"} <= stats.keys()
+    assert {
+        "num_train_images",
+        "num_test_images",
+        "max_instances_per_image",
+        "instances_per_class",
+    } <= stats.keys()
     assert stats["num_train_images"] == 5 and stats["num_test_images"] == 3
     assert set(stats["instances_per_class"]) == {"class1", "class2", "class3", "class4"}
-    assert stats == json.loads(json.dumps(dataset_stats(data, detections_per_img=500,
-                                                        progress=False)))
+    assert stats == json.loads(json.dumps(dataset_stats(data, detections_per_img=500, progress=False)))
     # counted independently from the class files: distinct non-zero ids per file
     per_image, per_class = [], dict.fromkeys(range(1, 5), 0)
     for item in scan_train(data):
@@ -145,8 +162,7 @@ def test_synth_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "x").read_text() == "keep me"
 
 
-def test_an_internal_error_keeps_its_traceback(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_internal_error_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the user-fixable error types become one line; a bug (here a ValueError from
     inside a command) propagates, so Python prints its traceback."""
     import cellseg.data
@@ -166,6 +182,7 @@ def test_synth_refuses_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 # ----------------------------------------------------------------------------- train
+
 
 def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
     out = workspace["runs"]["r1"]
@@ -196,8 +213,7 @@ def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
     history = sorted(client.get_metric_history(run.info.run_id, "segm_AP50"), key=lambda m: m.step)
     best = load_checkpoint(checkpoint)
     # step 0 is what train logged (the --best export test may log a fake value at step 1)
-    logged = [m.value for m in client.get_metric_history(run.info.run_id, "best_segm_AP50")
-              if m.step == 0]
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "best_segm_AP50") if m.step == 0]
     assert logged == [pytest.approx(max(m.value for m in history))]
     assert logged == [pytest.approx(best["metrics"]["segm_AP50"])]
 
@@ -206,17 +222,30 @@ def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {"checkpoint/best.pt"}
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
     assert "pictures/history.png" in pictures
-    config_file = client.download_artifacts(run.info.run_id, "config.yaml",
-                                            str(workspace["tmp"] / "dl"))
+    config_file = client.download_artifacts(run.info.run_id, "config.yaml", str(workspace["tmp"] / "dl"))
     assert "lr: 0.001" in Path(config_file).read_text()
 
 
-def test_train_unknown_key_exits_2_without_a_run(tmp_path: Path, synth_root: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_train_unknown_key_exits_2_without_a_run(
+    tmp_path: Path, synth_root: Path, capsys: pytest.CaptureFixture
+) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    code = main(["train", "--config", str(TRIALS / "demo.yaml"), "--data", str(synth_root),
-                 "--set", "optim.nope=1", "--tracking-uri", uri, "--name", "bad",
-                 "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(TRIALS / "demo.yaml"),
+            "--data",
+            str(synth_root),
+            "--set",
+            "optim.nope=1",
+            "--tracking-uri",
+            uri,
+            "--name",
+            "bad",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "optim.nope" in err and len(err.strip().splitlines()) == 1
@@ -226,16 +255,29 @@ def test_train_unknown_key_exits_2_without_a_run(tmp_path: Path, synth_root: Pat
 def test_train_bad_config_file_names_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("optim:\n  lr: fast\n")
-    assert main(["train", "--config", str(config), "--no-progress",
-                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--no-progress",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path}/mlflow.db",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(config) in err and "optim.lr" in err
 
 
 # ----------------------------------------------------------------------------- evaluate
 
-def test_evaluate_checkpoint_reproduces_training_metric(workspace: dict,
-                                                        capsys: pytest.CaptureFixture) -> None:
+
+def test_evaluate_checkpoint_reproduces_training_metric(
+    workspace: dict, capsys: pytest.CaptureFixture
+) -> None:
     checkpoint = checkpoint_of(workspace, "r1")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -256,11 +298,14 @@ def test_evaluate_bad_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 
 # ----------------------------------------------------------------------------- export, score
 
+
 def mapping_coco(data: Path) -> COCO:
     coco = COCO()
     coco.dataset = {
-        "images": [{"id": t.image_id, "file_name": t.file_name, "height": t.height,
-                    "width": t.width} for t in load_test_images(data)],
+        "images": [
+            {"id": t.image_id, "file_name": t.file_name, "height": t.height, "width": t.width}
+            for t in load_test_images(data)
+        ],
         "annotations": [],
         "categories": [{"id": c, "name": f"class{c}"} for c in range(1, 5)],
     }
@@ -268,12 +313,25 @@ def mapping_coco(data: Path) -> COCO:
     return coco
 
 
-def test_export_checkpoint_writes_valid_json_and_zip(workspace: dict, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_export_checkpoint_writes_valid_json_and_zip(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = workspace["data"]
     output, archive = tmp_path / "out.json", tmp_path / "sub.zip"
-    code = main(["export", "--checkpoint", str(checkpoint_of(workspace, "r1")), "--data", str(data),
-                 "--output", str(output), "--zip", str(archive), "--no-progress"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(checkpoint_of(workspace, "r1")),
+            "--data",
+            str(data),
+            "--output",
+            str(output),
+            "--zip",
+            str(archive),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     results = json.loads(output.read_text())
@@ -301,12 +359,23 @@ def test_export_checkpoint_writes_valid_json_and_zip(workspace: dict, tmp_path: 
 
 
 def test_export_refuses_a_test_image_above_the_pixel_limit_before_decoding(
-        workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = tmp_path / "data"
     shutil.copytree(workspace["data"], data)
     huge = write_zeros_lzw(load_test_images(data)[-1].path, (HUGE, HUGE, 4), np.uint8)
-    code = main(["export", "--checkpoint", str(checkpoint_of(workspace, "r1")), "--data", str(data),
-                 "--output", str(tmp_path / "out.json"), "--no-progress"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(checkpoint_of(workspace, "r1")),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "out.json"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"{huge}: {HUGE}x{HUGE} pixels" in err and "above the limit" in err, err
     assert not (tmp_path / "out.json").exists()
@@ -319,15 +388,24 @@ def perfect_results(data: Path) -> list[dict]:
         target = targets_from_label_maps(ground_truth_maps(data, t))
         for mask, label in zip(target["masks"], target["labels"]):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            results.append({"image_id": t.image_id, "category_id": int(label), "score": 1.0,
-                            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                            "segmentation": {"size": [int(s) for s in rle["size"]],
-                                             "counts": rle["counts"].decode("ascii")}})
+            results.append(
+                {
+                    "image_id": t.image_id,
+                    "category_id": int(label),
+                    "score": 1.0,
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "segmentation": {
+                        "size": [int(s) for s in rle["size"]],
+                        "counts": rle["counts"].decode("ascii"),
+                    },
+                }
+            )
     return results
 
 
-def test_score_perfect_and_empty_results(workspace: dict, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_score_perfect_and_empty_results(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = workspace["data"]
     perfect = tmp_path / "perfect.json"
     perfect.write_text(json.dumps(perfect_results(data)))
@@ -348,8 +426,9 @@ def test_score_perfect_and_empty_results(workspace: dict, tmp_path: Path,
     assert str(not_a_list) in capsys.readouterr().err
 
 
-def test_export_best_takes_the_latest_training_run_on_the_data(workspace: dict, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_export_best_takes_the_latest_training_run_on_the_data(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Two single training runs on one dataset: each is its own group, the latest wins by default
     whatever the other scored; --search NAME takes the other. Provenance is printed and written."""
     client: MlflowClient = workspace["client"]
@@ -358,8 +437,21 @@ def test_export_best_takes_the_latest_training_run_on_the_data(workspace: dict, 
     client.log_metric(r1.info.run_id, "best_segm_AP50", 1.5, step=1)  # r1 outscores r2
 
     output = tmp_path / "test-results.json"
-    code = main(["export", "--best", "--data", str(workspace["data"]), "--experiment", EXPERIMENT,
-                 "--tracking-uri", workspace["uri"], "--output", str(output), "--no-progress"])
+    code = main(
+        [
+            "export",
+            "--best",
+            "--data",
+            str(workspace["data"]),
+            "--experiment",
+            EXPERIMENT,
+            "--tracking-uri",
+            workspace["uri"],
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"run_id: {r2.info.run_id}" in out and "run_name: r2" in out and "search: None" in out
@@ -371,21 +463,39 @@ def test_export_best_takes_the_latest_training_run_on_the_data(workspace: dict, 
     assert f"fingerprint: {provenance['fingerprint']}" in out
     assert json.loads(output.read_text()) is not None
     exported = {a.path for a in client.list_artifacts(r2.info.run_id, "export")}
-    assert exported == {"export/test-results.json", "export/test-results-classes.png",
-                        "export/test-results.provenance.json"}
+    assert exported == {
+        "export/test-results.json",
+        "export/test-results-classes.png",
+        "export/test-results.provenance.json",
+    }
     assert client.list_artifacts(r1.info.run_id, "export") == []
 
-    code = main(["export", "--best", "--search", "r1", "--data", str(workspace["data"]),
-                 "--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"],
-                 "--output", str(output), "--no-progress"])
+    code = main(
+        [
+            "export",
+            "--best",
+            "--search",
+            "r1",
+            "--data",
+            str(workspace["data"]),
+            "--experiment",
+            EXPERIMENT,
+            "--tracking-uri",
+            workspace["uri"],
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert f"run_id: {r1.info.run_id}" in capsys.readouterr().out
     provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
     assert provenance["run_id"] == r1.info.run_id and provenance["metric_value"] == 1.5
 
 
-def test_export_best_needs_data_and_a_matching_run(workspace: dict, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_export_best_needs_data_and_a_matching_run(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     output = tmp_path / "o.json"
     common = ["--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"], "--output", str(output)]
     assert main(["export", "--best", *common]) == 2
@@ -398,49 +508,93 @@ def test_export_best_needs_data_and_a_matching_run(workspace: dict, tmp_path: Pa
     err = capsys.readouterr().err
     assert str(other) in err
     for name in ("r1", "r2"):  # each candidate with its data and date
-        assert re.search(rf"train '{name}': 1 exportable run\(s\), data data@[0-9a-f]{{16}}, "
-                         r"started \d{4}-\d\d-\d\d \d\d:\d\d", err), err
+        assert re.search(
+            rf"train '{name}': 1 exportable run\(s\), data data@[0-9a-f]{{16}}, "
+            r"started \d{4}-\d\d-\d\d \d\d:\d\d",
+            err,
+        ), err
     assert not output.exists()
 
 
-def test_export_best_without_runs_exits_2(tmp_path: Path, synth_root: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
-    code = main(["export", "--best", "--data", str(synth_root), "--experiment", "empty",
-                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--output",
-                 str(tmp_path / "o.json")])
+def test_export_best_without_runs_exits_2(
+    tmp_path: Path, synth_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        [
+            "export",
+            "--best",
+            "--data",
+            str(synth_root),
+            "--experiment",
+            "empty",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--output",
+            str(tmp_path / "o.json"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "no exportable run at all" in err and "'empty'" in err
     assert not (tmp_path / "o.json").exists()
 
 
-def test_export_run_id_without_checkpoint_exits_2(workspace: dict, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_export_run_id_without_checkpoint_exits_2(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     client: MlflowClient = workspace["client"]
     experiment = client.get_experiment_by_name(EXPERIMENT)
     empty = client.create_run(experiment.experiment_id, run_name="no-checkpoint").info.run_id
     client.set_terminated(empty)
-    assert main(["export", "--run-id", empty, "--tracking-uri", workspace["uri"],
-                 "--data", str(workspace["data"]), "--output", str(tmp_path / "o.json")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--run-id",
+                empty,
+                "--tracking-uri",
+                workspace["uri"],
+                "--data",
+                str(workspace["data"]),
+                "--output",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert empty in err and "checkpoint/best.pt" in err
 
 
 def segmentations(path: Path) -> list[tuple]:
-    return [(r["image_id"], r["category_id"], r["segmentation"]["counts"])
-            for r in json.loads(path.read_text())]
+    return [
+        (r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in json.loads(path.read_text())
+    ]
 
 
-def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture) -> None:
+def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """--tta writes a valid submission recording its flips; one model given twice exports what the
     model alone does; impossible requests (too few runs for --ensemble K) exit 2."""
     data, checkpoint = str(workspace["data"]), str(checkpoint_of(workspace, "r1"))
     plain, tta, twice = tmp_path / "plain.json", tmp_path / "tta.json", tmp_path / "twice.json"
     common = ["--data", data, "--no-progress"]
     assert main(["export", "--checkpoint", checkpoint, "--output", str(plain), *common]) == 0
-    assert main(["export", "--checkpoint", checkpoint, "--tta", "--merge-iou", "0.5",
-                 "--output", str(tta), *common]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--tta",
+                "--merge-iou",
+                "0.5",
+                "--output",
+                str(tta),
+                *common,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tta_flips: hflip,vflip" in out and "models: 1" in out
     results = json.loads(tta.read_text())
@@ -452,8 +606,21 @@ def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path,
     assert provenance["tta_flips"] == ["hflip", "vflip"] and provenance["merge_iou_threshold"] == 0.5
     assert provenance["ensemble"] is None and provenance["checkpoint"] == checkpoint
 
-    assert main(["export", "--checkpoint", checkpoint, "--checkpoint", checkpoint,
-                 "--output", str(twice), *common]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--checkpoint",
+                checkpoint,
+                "--output",
+                str(twice),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert "models: 2" in capsys.readouterr().out
     assert segmentations(twice) == segmentations(plain)
     provenance = json.loads((tmp_path / "twice.provenance.json").read_text())
@@ -462,22 +629,78 @@ def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path,
     # (a successful --best export would log artifacts to the shared runs: the K best runs
     # themselves are tests/test_best_run.py's)
     mlflow = ["--experiment", EXPERIMENT, "--tracking-uri", workspace["uri"]]
-    assert main(["export", "--best", "--search", "r1", "--ensemble", "2", *mlflow,
-                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--best",
+                "--search",
+                "r1",
+                "--ensemble",
+                "2",
+                *mlflow,
+                "--output",
+                str(tmp_path / "no.json"),
+                *common,
+            ]
+        )
+        == 2
+    )
     assert "--ensemble 2 needs 2 runs" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", checkpoint, "--ensemble", "2",
-                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--ensemble",
+                "2",
+                "--output",
+                str(tmp_path / "no.json"),
+                *common,
+            ]
+        )
+        == 2
+    )
     assert "add --best" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", checkpoint, "--tta", "rot90",
-                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--tta",
+                "rot90",
+                "--output",
+                str(tmp_path / "no.json"),
+                *common,
+            ]
+        )
+        == 2
+    )
     assert "'rot90'" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", checkpoint, "--tta", "--merge-iou", "1.5",
-                 "--output", str(tmp_path / "no.json"), *common]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                checkpoint,
+                "--tta",
+                "--merge-iou",
+                "1.5",
+                "--output",
+                str(tmp_path / "no.json"),
+                *common,
+            ]
+        )
+        == 2
+    )
     assert "must lie in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
 
 
 # ----------------------------------------------------------------------------- real data
+
 
 def test_inspect_real_data(realdata_root: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", str(realdata_root), "--json"]) == 0

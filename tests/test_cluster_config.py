@@ -1,5 +1,6 @@
 """cluster.yaml against Ray's own cluster-config schema, and consistent with the project: the
 weights staged per node, the IAM policies, the bucket."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def test_cluster_yaml_follows_rays_schema(cluster: dict) -> None:
     validate(cluster)
     with pytest.raises(jsonschema.ValidationError, match="worker_types"):
         validate({**cluster, "worker_types": {}})  # the check can fail
-    broken = {**cluster, "available_node_types": {
-        **cluster["available_node_types"], "gpu_worker": {"node_config": {}, "min_workers": "0"}}}
+    broken = {
+        **cluster,
+        "available_node_types": {
+            **cluster["available_node_types"],
+            "gpu_worker": {"node_config": {}, "min_workers": "0"},
+        },
+    }
     with pytest.raises(jsonschema.ValidationError):
         validate(broken)
 
@@ -75,8 +81,9 @@ def test_iam_profiles_and_policies_match(cluster: dict) -> None:
     assert types["gpu_worker"]["node_config"]["IamInstanceProfile"] == {"Name": "cellseg-worker"}
     head = json.loads((REPO / "cluster" / "head-policy.json").read_text())
     worker = json.loads((REPO / "cluster" / "worker-policy.json").read_text())
-    actions = {a for s in head["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str)
-                                                      else s["Action"])}
+    actions = {
+        a for s in head["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
     assert {"ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole", "s3:PutObject"} <= actions
     [pass_role] = [s for s in head["Statement"] if s["Action"] == "iam:PassRole"]
     assert pass_role["Resource"].endswith(":role/cellseg-worker")

@@ -2,6 +2,7 @@
 
 (The successful paths, which train models, are in test_cli.py; export --best's choice is in
 test_best_run.py.)"""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,14 +15,18 @@ from cellseg.data import DataError, dataset_fingerprint
 from cellseg.tracking import Tracker
 
 
-def test_a_failing_run_is_failed_and_resuming_it_reuses_the_run(tmp_path: Path,
-                                                                mlflow_uri: str) -> None:
+def test_a_failing_run_is_failed_and_resuming_it_reuses_the_run(tmp_path: Path, mlflow_uri: str) -> None:
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)  # no training folder: fit fails after the run starts
-    cfg = Config(data=DataConfig(root=str(data)),
-                 train=TrainConfig(output_dir=str(tmp_path / "runs"), device="cpu"))
-    common = {"experiment": "e", "tracking_uri": mlflow_uri, "config_path": tmp_path / "c.yaml",
-              "progress": False}
+    cfg = Config(
+        data=DataConfig(root=str(data)), train=TrainConfig(output_dir=str(tmp_path / "runs"), device="cpu")
+    )
+    common = {
+        "experiment": "e",
+        "tracking_uri": mlflow_uri,
+        "config_path": tmp_path / "c.yaml",
+        "progress": False,
+    }
     with pytest.raises(DataError, match="empty dataset"):
         train_and_track(cfg, name="r", resume_from=None, **common)
     tracker = Tracker(mlflow_uri)

@@ -1,4 +1,5 @@
 """Typed config: YAML loading, dotted overrides, type and value checks, dict round trips."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ def write_yaml(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 
 # ----------------------------------------------------------------------------- defaults, presets
+
 
 def test_defaults_load_and_validate() -> None:
     cfg = Config()
@@ -78,6 +80,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- unknown keys
 
+
 def test_unknown_section_in_file_names_section_and_file(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "modle:\n  backbone: resnet18\n")
     with pytest.raises(ConfigError) as info:
@@ -116,6 +119,7 @@ def test_section_must_be_a_mapping(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- types
+
 
 @pytest.mark.parametrize(
     "key, value",
@@ -163,15 +167,20 @@ def test_exponent_without_dot_is_a_float_in_overrides(tmp_path: Path) -> None:
 
 
 def test_override_values_are_read_as_yaml() -> None:
-    cfg = apply_overrides(Config(), ["train.amp=false", "train.epochs=3", "train.device=cpu",
-                                     "data.root="])
+    cfg = apply_overrides(Config(), ["train.amp=false", "train.epochs=3", "train.device=cpu", "data.root="])
     assert cfg.train.amp is False and cfg.train.epochs == 3 and cfg.train.device == "cpu"
     assert cfg.data.root == ""
 
 
 def test_list_overrides_become_tuples() -> None:
-    cfg = apply_overrides(Config(), ["model.anchors=custom", "model.anchor_sizes=[8, 16, 32, 64, 128]",
-                                     "model.aspect_ratios=[0.5, 1, 2]"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            "model.anchors=custom",
+            "model.anchor_sizes=[8, 16, 32, 64, 128]",
+            "model.aspect_ratios=[0.5, 1, 2]",
+        ],
+    )
     assert cfg.model.anchor_sizes == (8, 16, 32, 64, 128)
     assert isinstance(cfg.model.anchor_sizes, tuple)
     assert cfg.model.aspect_ratios == (0.5, 1.0, 2.0)
@@ -207,6 +216,7 @@ def test_literal_fields_reject_and_list_allowed(key: str, value: str, allowed: l
 
 
 # ----------------------------------------------------------------------------- validate
+
 
 @pytest.mark.parametrize(
     "overrides, key",
@@ -254,14 +264,16 @@ def test_custom_anchors_with_sizes_are_valid() -> None:
 
 # ----------------------------------------------------------------------------- round trips
 
+
 def test_flatten_keys_and_values() -> None:
     cfg = load_config(TRIALS / "demo.yaml")
     flat = flatten(cfg)
     assert flat["optim.lr"] == pytest.approx(1e-3)
     assert flat["model.backbone"] == "resnet18"
     assert flat["model.aspect_ratios"] == [0.5, 1.0, 2.0]
-    n_fields = sum(len(dataclasses.fields(getattr(cfg, s))) for s in ("data", "model", "augment",
-                                                                         "optim", "train"))
+    n_fields = sum(
+        len(dataclasses.fields(getattr(cfg, s))) for s in ("data", "model", "augment", "optim", "train")
+    )
     assert len(flat) == n_fields
     assert all(k.count(".") == 1 for k in flat)
     # flatten is a valid override mapping: applying it to defaults gives the config back
@@ -280,8 +292,10 @@ def test_dict_round_trip_of_presets(path: Path) -> None:
 def test_dict_round_trip_through_yaml(tmp_path: Path) -> None:
     import yaml
 
-    cfg = apply_overrides(load_config(TRIALS / "report_b.yaml"),
-                          {"model.anchors": "custom", "model.anchor_sizes": [8, 16, 32, 64, 128]})
+    cfg = apply_overrides(
+        load_config(TRIALS / "report_b.yaml"),
+        {"model.anchors": "custom", "model.anchor_sizes": [8, 16, 32, 64, 128]},
+    )
     path = write_yaml(tmp_path, yaml.safe_dump(config_to_dict(cfg)))
     assert load_config(path) == cfg
 
@@ -302,8 +316,7 @@ OVERRIDE_VALUES = st.fixed_dictionaries(
         "model.mask_head_norm": st.booleans(),
         "train.amp": st.booleans(),
         "data.cache_decoded": st.booleans(),
-        "model.aspect_ratios": st.lists(st.floats(min_value=0.1, max_value=10.0), min_size=1,
-                                        max_size=5),
+        "model.aspect_ratios": st.lists(st.floats(min_value=0.1, max_value=10.0), min_size=1, max_size=5),
     },
 )
 

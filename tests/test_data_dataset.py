@@ -1,4 +1,5 @@
 """Samples, per-instance targets, the Dataset, the split and the collate."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -131,8 +132,11 @@ def test_transform_randomness_reproducible(synth_root: Path) -> None:
     def flipped_pattern(seed: int, epochs: range) -> list[bool]:
         ds = CellDataset(items, transform=_flip, seed=seed)
         plain = CellDataset(items)
-        return [not np.array_equal(a, plain[i][0].numpy())
-                for e in epochs for i, a in enumerate(epoch_outputs(ds, e))]
+        return [
+            not np.array_equal(a, plain[i][0].numpy())
+            for e in epochs
+            for i, a in enumerate(epoch_outputs(ds, e))
+        ]
 
     a, b = flipped_pattern(0, range(6)), flipped_pattern(0, range(6))
     assert a == b  # same seed, same augmentation
@@ -143,8 +147,9 @@ def test_transform_randomness_reproducible(synth_root: Path) -> None:
 def test_epoch_reaches_persistent_workers(synth_root: Path) -> None:
     items = scan_train(synth_root)[:2]
     ds = CellDataset(items, transform=_flip, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, persistent_workers=True,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=1, num_workers=1, persistent_workers=True, collate_fn=collate
+    )
     expected_per_epoch = []
     for epoch in range(6):
         ds.set_epoch(epoch)
@@ -156,15 +161,15 @@ def test_epoch_reaches_persistent_workers(synth_root: Path) -> None:
 
 
 def test_transformed_targets_follow(quirky_root: Path) -> None:
-    ds = CellDataset(scan_train(quirky_root),
-                     transform=lambda im, lm, rng: (im[:, ::-1], lm[:, :, ::-1]))
+    ds = CellDataset(scan_train(quirky_root), transform=lambda im, lm, rng: (im[:, ::-1], lm[:, :, ::-1]))
     _, target = ds[0]
     assert target["boxes"][0].tolist() == [9, 0, 12, 2]  # x range 0..3 mirrored in width 12
 
 
 def test_loader_with_collate(quirky_root: Path) -> None:
-    loader = torch.utils.data.DataLoader(CellDataset(scan_train(quirky_root)), batch_size=2,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        CellDataset(scan_train(quirky_root)), batch_size=2, collate_fn=collate
+    )
     images, targets = next(iter(loader))
     assert [i.shape for i in images] == [(3, 10, 12), (3, 9, 5)]
     assert [t["image_id"] for t in targets] == [0, 1]
@@ -183,8 +188,9 @@ def test_maskrcnn_accepts_targets(quirky_root: Path) -> None:
 
 
 def _items(n: int) -> list[TrainItem]:
-    return [TrainItem(f"id{i:03d}", Path(f"/d/id{i:03d}"), Path(f"/d/id{i:03d}/image.tif"), {})
-            for i in range(n)]
+    return [
+        TrainItem(f"id{i:03d}", Path(f"/d/id{i:03d}"), Path(f"/d/id{i:03d}/image.tif"), {}) for i in range(n)
+    ]
 
 
 def test_split_deterministic_and_order_free() -> None:

@@ -1,4 +1,5 @@
 """The dataset fingerprint: what changes it and what does not (no image is decoded)."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """TIFF reading and writing: image formats, mask ids and every broken-file case."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,13 +59,14 @@ def test_float_image_in_unit_range_kept(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "array, photometric, message",
-    [(np.full((4, 4, 3), 2.0, np.float32), "rgb", "lie in"),
-     (np.zeros((4, 4, 5), np.uint8), "minisblack", "shape"),
-     (np.zeros((4, 4), np.int8), "minisblack", "int8")],
+    [
+        (np.full((4, 4, 3), 2.0, np.float32), "rgb", "lie in"),
+        (np.zeros((4, 4, 5), np.uint8), "minisblack", "shape"),
+        (np.zeros((4, 4), np.int8), "minisblack", "int8"),
+    ],
     ids=["float-out-of-range", "five-channels", "int8"],
 )
-def test_unsupported_images(tmp_path: Path, array: np.ndarray, photometric: str,
-                            message: str) -> None:
+def test_unsupported_images(tmp_path: Path, array: np.ndarray, photometric: str, message: str) -> None:
     path = tmp_path / "bad.tif"
     tifffile.imwrite(path, array, photometric=photometric, planarconfig="contig")
     with pytest.raises(DataError, match=f"{path}.*{message}"):
@@ -127,8 +129,7 @@ def test_mask_shape_mismatch_says_both(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "value, message",
-    [(1.5, "non-integer"), (-1.0, "negative"), (np.nan, "NaN"), (np.inf, "infinite"),
-     (2.0**31, "above")],
+    [(1.5, "non-integer"), (-1.0, "negative"), (np.nan, "NaN"), (np.inf, "infinite"), (2.0**31, "above")],
 )
 def test_bad_mask_values(tmp_path: Path, value: float, message: str) -> None:
     ids = np.zeros((3, 3))

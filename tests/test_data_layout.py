@@ -1,4 +1,5 @@
 """Dataset layout: training folders, the test mapping and their failure modes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.data import (DataError, check_test_header, check_test_image, load_test_images,
-                          scan_train)
+from cellseg.data import DataError, check_test_header, check_test_image, load_test_images, scan_train
 from cellseg.data.layout import MAPPING_FILE
 
 
@@ -174,10 +174,12 @@ def test_check_test_image(mapped_root: Path) -> None:
 def test_check_test_header_reads_only_the_header(mapped_root: Path) -> None:
     t = load_test_images(mapped_root)[0]
     check_test_header(t, max_pixels=t.height * t.width)
-    with pytest.raises(DataError, match=f"{t.file_name}: {t.height}x{t.width} pixels .* above the "
-                                        "limit"):
+    with pytest.raises(DataError, match=f"{t.file_name}: {t.height}x{t.width} pixels .* above the limit"):
         check_test_header(t, max_pixels=t.height * t.width - 1)
     wider = dataclasses.replace(t, width=t.width + 1)
-    with pytest.raises(DataError, match=f"{t.file_name}: size {t.height}x{t.width} .* differs "
-                                        f"from the mapping's {t.height}x{t.width + 1}"):
+    with pytest.raises(
+        DataError,
+        match=f"{t.file_name}: size {t.height}x{t.width} .* differs "
+        f"from the mapping's {t.height}x{t.width + 1}",
+    ):
         check_test_header(wider, max_pixels=10**9)

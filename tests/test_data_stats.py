@@ -1,4 +1,5 @@
 """Dataset statistics for `cellseg inspect`."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """The synthetic generator: determinism, exact real formats and every data quirk present."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def samples(synth_root: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
-    a, b, c = (make_synthetic_dataset(tmp_path / n, 4, 2, seed=s, max_side=160)
-               for n, s in (("a", 5), ("b", 5), ("c", 6)))
+    a, b, c = (
+        make_synthetic_dataset(tmp_path / n, 4, 2, seed=s, max_side=160)
+        for n, s in (("a", 5), ("b", 5), ("c", 6))
+    )
     assert _files(a) == _files(b)
     assert _files(a) != _files(c)
     assert sorted(_files(a)) != sorted(_files(c))  # uuids come from the seed too

@@ -1,4 +1,5 @@
 """train_one_epoch and evaluate on a tiny model and a synthetic two-image batch (seconds)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,11 +11,23 @@ from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
 from cellseg.task import metric_names
 
-TINY = ModelConfig(backbone="resnet18", weights="none", norm="bn", min_size=64, max_size=64,
-                   rpn_pre_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
-                   rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=50,
-                   box_batch_size_per_image=32, detections_per_img=20, channels_last=False,
-                   mask_head_channels=32, mask_head_convs=1, box_head_dim=64)
+TINY = ModelConfig(
+    backbone="resnet18",
+    weights="none",
+    norm="bn",
+    min_size=64,
+    max_size=64,
+    rpn_pre_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_train=50,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=32,
+    detections_per_img=20,
+    channels_last=False,
+    mask_head_channels=32,
+    mask_head_convs=1,
+    box_head_dim=64,
+)
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
@@ -24,12 +37,16 @@ def batch(image_id: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tenso
     for k in range(2):
         masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
         masks[0, 8:28, 10:30] = 1
-        masks[1, 36:60, 30 + k:54 + k] = 1
+        masks[1, 36:60, 30 + k : 54 + k] = 1
         images.append(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(k)))
-        targets.append({"boxes": torch.tensor([[10.0, 8.0, 30.0, 28.0],
-                                               [30.0 + k, 36.0, 54.0 + k, 60.0]]),
-                        "labels": torch.tensor([1, 3]), "masks": masks,
-                        "image_id": torch.tensor(image_id + k)})
+        targets.append(
+            {
+                "boxes": torch.tensor([[10.0, 8.0, 30.0, 28.0], [30.0 + k, 36.0, 54.0 + k, 60.0]]),
+                "labels": torch.tensor([1, 3]),
+                "masks": masks,
+                "image_id": torch.tensor(image_id + k),
+            }
+        )
     return images, targets
 
 
@@ -45,8 +62,9 @@ def test_train_one_epoch_means_losses_and_steps_the_schedule() -> None:
     model, optimizer, schedule = setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first_lr = schedule.lr
-    losses = train_one_epoch(model, optimizer, schedule, [batch(0), batch(2)], torch.device("cpu"),
-                             epoch=1, progress=False)
+    losses = train_one_epoch(
+        model, optimizer, schedule, [batch(0), batch(2)], torch.device("cpu"), epoch=1, progress=False
+    )
     assert set(losses) == LOSSES | {"loss"}
     assert losses["loss"] == pytest.approx(sum(losses[k] for k in LOSSES))
     assert all(v > 0 for v in losses.values())
@@ -58,16 +76,16 @@ def test_train_one_epoch_means_losses_and_steps_the_schedule() -> None:
 
 def test_train_one_epoch_on_no_batches_returns_nothing() -> None:
     model, optimizer, schedule = setup()
-    assert train_one_epoch(model, optimizer, schedule, [], torch.device("cpu"), epoch=1,
-                           progress=False) == {}
+    assert train_one_epoch(model, optimizer, schedule, [], torch.device("cpu"), epoch=1, progress=False) == {}
 
 
 def test_a_non_finite_loss_names_every_term() -> None:
     # SGD at lr 1e6: the first update blows the weights up, the second forward pass gives NaN
     model, optimizer, schedule = setup(lr=1e6, warmup_epochs=0.0)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 2: .*loss_classifier"):
-        train_one_epoch(model, optimizer, schedule, [batch(0), batch(2)], torch.device("cpu"),
-                        epoch=3, progress=False)
+        train_one_epoch(
+            model, optimizer, schedule, [batch(0), batch(2)], torch.device("cpu"), epoch=3, progress=False
+        )
 
 
 def test_gradient_clipping_bounds_the_update() -> None:
@@ -75,8 +93,16 @@ def test_gradient_clipping_bounds_the_update() -> None:
     for clip in (0.0, 1e-6):
         model, optimizer, schedule = setup(lr=0.5, warmup_epochs=0.0)
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        train_one_epoch(model, optimizer, schedule, [batch(0)], torch.device("cpu"), epoch=1,
-                        grad_clip=clip, progress=False)
+        train_one_epoch(
+            model,
+            optimizer,
+            schedule,
+            [batch(0)],
+            torch.device("cpu"),
+            epoch=1,
+            grad_clip=clip,
+            progress=False,
+        )
         after = [p.detach() for p in model.parameters() if p.requires_grad]
         steps.append(sum(float((a - b).norm() ** 2) for a, b in zip(after, before)) ** 0.5)
     assert steps[1] < 1e-5 < steps[0]  # lr 0.5 x total gradient norm 1e-6 (momentum: first step)
@@ -85,14 +111,13 @@ def test_gradient_clipping_bounds_the_update() -> None:
 def test_evaluate_reports_every_metric_and_val_loss_without_touching_norm_statistics() -> None:
     model, _, _ = setup()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
-    metrics = evaluate(model, [batch(0), batch(2)], torch.device("cpu"), max_dets=100,
-                       progress=False, with_loss=True)
+    metrics = evaluate(
+        model, [batch(0), batch(2)], torch.device("cpu"), max_dets=100, progress=False, with_loss=True
+    )
     assert set(metrics) == set(metric_names()) | {"val_loss"}
     assert metrics["val_loss"] > 0
     assert all(-1.0 <= v <= 1.0 for k, v in metrics.items() if k != "val_loss")
     assert metrics["segm_AP50_class2"] == -1.0  # no class-2 instance in the batches
     assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
     assert not model.training
-    assert "val_loss" not in evaluate(model, [batch(0)], torch.device("cpu"), max_dets=100,
-                                      progress=False)
-
+    assert "val_loss" not in evaluate(model, [batch(0)], torch.device("cpu"), max_dets=100, progress=False)

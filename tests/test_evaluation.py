@@ -1,4 +1,5 @@
 """COCO evaluation on synthetic masks: perfect predictions score 1, misses and empties lower it."""
+
 import contextlib
 import io
 import json
@@ -115,8 +116,11 @@ def test_coco_results_are_json_and_load_with_load_res(truths):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"image_id": 99}, "unknown image_id"), ({"category_id": 5}, "category_id"),
-     ({"segmentation": {"size": [41, 50], "counts": ""}}, "mask size")],
+    [
+        ({"image_id": 99}, "unknown image_id"),
+        ({"category_id": 5}, "category_id"),
+        ({"segmentation": {"size": [41, 50], "counts": ""}}, "mask size"),
+    ],
 )
 def test_load_results_rejects_bad_entries(truths, change, message):
     results = coco_results(1, perfect(truths[0]))

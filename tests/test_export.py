@@ -1,4 +1,5 @@
 """Test-set export: one image at a time, validated with pycocotools, written atomically (+ zip)."""
+
 import contextlib
 import io
 import json
@@ -27,7 +28,10 @@ class Entry:
 
 
 MAPPING = [Entry("a.tif", 3, 33, 35, Path("a.tif")), Entry("b.tif", 8, 50, 90, Path("b.tif"))]
-IMAGES = {entry.path: np.random.default_rng(entry.image_id).random((entry.height, entry.width, 3)) for entry in MAPPING}
+IMAGES = {
+    entry.path: np.random.default_rng(entry.image_id).random((entry.height, entry.width, 3))
+    for entry in MAPPING
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +39,24 @@ def model() -> MaskRCNN:
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
     return MaskRCNN(
-        backbone, num_classes=5, min_size=64, max_size=128, box_score_thresh=0.0,
-        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_detections_per_img=10,
+        backbone,
+        num_classes=5,
+        min_size=64,
+        max_size=128,
+        box_score_thresh=0.0,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=50,
+        box_detections_per_img=10,
     )
 
 
 def mapping_coco() -> COCO:
     coco = COCO()
     coco.dataset = {
-        "images": [{"id": e.image_id, "height": e.height, "width": e.width, "file_name": e.file_name} for e in MAPPING],
+        "images": [
+            {"id": e.image_id, "height": e.height, "width": e.width, "file_name": e.file_name}
+            for e in MAPPING
+        ],
         "categories": [{"id": k} for k in range(1, 5)],
         "annotations": [],
     }
@@ -53,8 +66,9 @@ def mapping_coco() -> COCO:
 
 
 def test_export_writes_results_accepted_by_load_res(model, tmp_path):
-    results = export_predictions([model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
-                                 progress=False)
+    results = export_predictions(
+        [model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False
+    )
     assert {r["image_id"] for r in results} == {3, 8}
     output, archive = tmp_path / "out" / "test-results.json", tmp_path / "submission.zip"
     write_submission(results, MAPPING, output, zip_path=archive)
@@ -71,15 +85,25 @@ def test_export_writes_results_accepted_by_load_res(model, tmp_path):
 
 
 def test_tta_and_ensemble_export_results_accepted_by_load_res(model, tmp_path):
-    plain = export_predictions([model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
-                               progress=False)
-    twice = export_predictions([model, model], MAPPING, IMAGES.__getitem__, device="cpu",
-                               score_threshold=0.0, progress=False)
-    assert [(r["image_id"], r["category_id"], r["segmentation"]) for r in twice] == \
-        [(r["image_id"], r["category_id"], r["segmentation"]) for r in plain]  # twins merge to one
-    results = export_predictions([model, model], MAPPING, IMAGES.__getitem__, device="cpu",
-                                 score_threshold=0.0, flips=["hflip", "vflip"], iou_threshold=0.5,
-                                 progress=False)
+    plain = export_predictions(
+        [model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False
+    )
+    twice = export_predictions(
+        [model, model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False
+    )
+    assert [(r["image_id"], r["category_id"], r["segmentation"]) for r in twice] == [
+        (r["image_id"], r["category_id"], r["segmentation"]) for r in plain
+    ]  # twins merge to one
+    results = export_predictions(
+        [model, model],
+        MAPPING,
+        IMAGES.__getitem__,
+        device="cpu",
+        score_threshold=0.0,
+        flips=["hflip", "vflip"],
+        iou_threshold=0.5,
+        progress=False,
+    )
     for image_id in (3, 8):
         assert 0 < sum(r["image_id"] == image_id for r in results) <= 10  # the model's limit
     output = tmp_path / "test-results.json"
@@ -88,14 +112,23 @@ def test_tta_and_ensemble_export_results_accepted_by_load_res(model, tmp_path):
         loaded = mapping_coco().loadRes(str(output))
     assert len(loaded.anns) == len(results)
     with pytest.raises(ValueError, match="'rot90'"):
-        export_predictions([model], MAPPING, IMAGES.__getitem__, device="cpu", score_threshold=0.0,
-                           flips=["rot90"], progress=False)
+        export_predictions(
+            [model],
+            MAPPING,
+            IMAGES.__getitem__,
+            device="cpu",
+            score_threshold=0.0,
+            flips=["rot90"],
+            progress=False,
+        )
 
 
 def test_size_mismatch_names_the_file(model):
     wrong = [Entry("wrong.tif", 1, 34, 35, Path("a.tif"))]
     with pytest.raises(DataError, match=r"a\.tif: decoded size .* differs from the mapping"):
-        export_predictions([model], wrong, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False)
+        export_predictions(
+            [model], wrong, IMAGES.__getitem__, device="cpu", score_threshold=0.0, progress=False
+        )
 
 
 def test_empty_results_write_an_empty_list(tmp_path):
@@ -107,8 +140,15 @@ def test_empty_results_write_an_empty_list(tmp_path):
 
 
 def test_invalid_results_are_not_written(tmp_path):
-    bad = [{"image_id": 4, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5,
-            "segmentation": {"size": [33, 35], "counts": "0"}}]
+    bad = [
+        {
+            "image_id": 4,
+            "category_id": 1,
+            "bbox": [0, 0, 1, 1],
+            "score": 0.5,
+            "segmentation": {"size": [33, 35], "counts": "0"},
+        }
+    ]
     output = tmp_path / "test-results.json"
     with pytest.raises(DataError, match="image_id"):
         write_submission(bad, MAPPING, output)

@@ -1,5 +1,6 @@
 """The resize rule shared by data and model: both scale as torchvision does, so a sample the
 dataset shrank passes the model's transform untouched; data and model never import each other."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,16 +15,20 @@ from cellseg.config import ModelConfig
 from cellseg.data.resize import downscale_sample
 from cellseg.model import build_model
 
-TINY = ModelConfig(backbone="resnet18", weights="none", norm="bn", min_size=64, max_size=96,
-                   upscale_small=True)
+TINY = ModelConfig(
+    backbone="resnet18", weights="none", norm="bn", min_size=64, max_size=96, upscale_small=True
+)
 
 
 def _target(height: int, width: int) -> dict[str, torch.Tensor]:
     masks = torch.zeros(2, height, width, dtype=torch.uint8)
     masks[0, 10:40, 5:30] = 1
     masks[1, 50:, 60:] = 1
-    return {"boxes": torch.tensor([[5.0, 10.0, 30.0, 40.0], [60.0, 50.0, width, height]]),
-            "labels": torch.tensor([1, 2]), "masks": masks}
+    return {
+        "boxes": torch.tensor([[5.0, 10.0, 30.0, 40.0], [60.0, 50.0, width, height]]),
+        "labels": torch.tensor([1, 2]),
+        "masks": masks,
+    }
 
 
 @pytest.mark.parametrize("shape", [(150, 130), (40, 50), (300, 90)])
@@ -51,7 +56,9 @@ def test_a_sample_the_dataset_shrank_passes_the_transform_untouched() -> None:
 
 
 def test_data_and_model_do_not_import_each_other() -> None:
-    code = ("import sys, cellseg.{0}; bad = sorted(m for m in sys.modules if m.startswith("
-            "'cellseg.{1}')); assert not bad, bad")
+    code = (
+        "import sys, cellseg.{0}; bad = sorted(m for m in sys.modules if m.startswith("
+        "'cellseg.{1}')); assert not bad, bad"
+    )
     for a, b in (("model", "data"), ("data", "model")):
         subprocess.run([sys.executable, "-c", code.format(a, b)], check=True)

@@ -1,8 +1,7 @@
 """bf16 mixed precision keeps box coordinates exact: box decoding runs in float32 under autocast
 (torchvision's own decoding rounds anchors and proposals to bf16: 4 px steps above 512 px)."""
-from __future__ import annotations
 
-import dataclasses
+from __future__ import annotations
 
 import pytest
 import torch
@@ -12,10 +11,20 @@ from cellseg.config import ModelConfig
 from cellseg.model import Float32BoxCoder, build_model
 from cellseg.torchvision_private import BoxCoder
 
-LARGE = ModelConfig(backbone="resnet18", weights="none", norm="bn", min_size=800, max_size=1333,
-                    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                    box_head_dim=64, mask_head_channels=16, mask_head_convs=1,
-                    detections_per_img=20, box_score_thresh=0.0)
+LARGE = ModelConfig(
+    backbone="resnet18",
+    weights="none",
+    norm="bn",
+    min_size=800,
+    max_size=1333,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=50,
+    box_head_dim=64,
+    mask_head_channels=16,
+    mask_head_convs=1,
+    detections_per_img=20,
+    box_score_thresh=0.0,
+)
 HEIGHT, WIDTH = 800, 1333  # the largest input the base config gives the model
 
 
@@ -39,9 +48,9 @@ def test_proposals_and_final_boxes_are_float32_exact_under_bf16_autocast(model, 
     assert isinstance(coder, Float32BoxCoder)
     boxes = _anchors(model).clamp(0, WIDTH)  # proposals are clipped to the image
     if stage == "roi_heads":  # proposals: boxes anywhere, not only at anchor positions
-        boxes = (boxes + torch.rand(boxes.shape, generator=torch.Generator().manual_seed(1)))
+        boxes = boxes + torch.rand(boxes.shape, generator=torch.Generator().manual_seed(1))
     assert boxes.max() > 1300
-    deltas = (torch.randn(len(boxes), 4, generator=torch.Generator().manual_seed(0)) * 0.1)
+    deltas = torch.randn(len(boxes), 4, generator=torch.Generator().manual_seed(0)) * 0.1
     deltas = deltas.to(torch.bfloat16)  # what the heads return under bf16 autocast
     torchvision_coder = BoxCoder(coder.weights, coder.bbox_xform_clip)
     expected = torchvision_coder.decode(deltas.float(), [boxes])  # float32 throughout

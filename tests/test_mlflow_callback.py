@@ -1,5 +1,6 @@
 """The MLflow callback driven with real Tune Trial objects and a real MLflow store on SQLite,
 without Ray running: child runs, epochs, statuses, and what a restored search reconciles."""
+
 from __future__ import annotations
 
 import pickle
@@ -27,8 +28,13 @@ def store(tmp_path, easy_root):
 
 def logger(tracker: Tracker, parent: str, base: dict) -> MlflowTrialLogger:
     callback = MlflowTrialLogger(
-        tracking_uri=tracker.uri, experiment="e", parent_run_id=parent, max_epochs=MAX_EPOCHS,
-        base=base, metric="segm_AP50")
+        tracking_uri=tracker.uri,
+        experiment="e",
+        parent_run_id=parent,
+        max_epochs=MAX_EPOCHS,
+        base=base,
+        metric="segm_AP50",
+    )
     callback.setup()
     return callback
 
@@ -38,21 +44,27 @@ def trial(trial_id: str, lr: float = 0.01) -> Trial:
 
 
 def report(callback: MlflowTrialLogger, t: Trial, epoch: int) -> None:
-    result = {"epoch": epoch, "training_iteration": epoch, "segm_AP50": epoch / 10,
-              "train_loss": 1.0 / epoch, "trial_id": t.trial_id, "done": False}
+    result = {
+        "epoch": epoch,
+        "training_iteration": epoch,
+        "segm_AP50": epoch / 10,
+        "train_loss": 1.0 / epoch,
+        "trial_id": t.trial_id,
+        "done": False,
+    }
     callback.on_trial_result(0, [t], t, result)
     t.update_last_result(result)
 
 
 def child(tracker: Tracker, trial_id: str):
     [run] = MlflowClient(tracker.uri).search_runs(
-        [tracker.experiment_id("e")], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+        [tracker.experiment_id("e")], f"tags.`{TRIAL_TAG}` = '{trial_id}'"
+    )
     return run
 
 
 def epochs(tracker: Tracker, run) -> list[int]:
-    return sorted(m.step for m in MlflowClient(tracker.uri).get_metric_history(run.info.run_id,
-                                                                                "segm_AP50"))
+    return sorted(m.step for m in MlflowClient(tracker.uri).get_metric_history(run.info.run_id, "segm_AP50"))
 
 
 def test_every_trial_is_a_child_run_finished_when_it_ran_every_epoch_else_killed(store):

@@ -1,4 +1,5 @@
 """The outbox keeps MLflow writes in order while the store is unavailable, across restarts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,11 +61,14 @@ def test_retries_wait_for_the_interval_unless_forced(tmp_path: Path) -> None:
     assert store.applied == [("start", {"trial_id": "a"})]
 
 
-@pytest.mark.parametrize("exc, unavailable", [
-    (MlflowException("boom"), True),
-    (MlflowException("bad", INVALID_PARAMETER_VALUE), False),
-    (ConnectionRefusedError(), True),
-    (KeyError("x"), False),
-])
+@pytest.mark.parametrize(
+    "exc, unavailable",
+    [
+        (MlflowException("boom"), True),
+        (MlflowException("bad", INVALID_PARAMETER_VALUE), False),
+        (ConnectionRefusedError(), True),
+        (KeyError("x"), False),
+    ],
+)
 def test_unavailable_means_retry_later(exc: BaseException, unavailable: bool) -> None:
     assert is_unavailable(exc) is unavailable

@@ -1,4 +1,5 @@
 """build_model: backbones, norms, anchors, heads, resize policy, weights and the parameter limit."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,19 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg.config import ModelConfig
 from cellseg.errors import ConfigError
-from cellseg.weights import MIRROR_ENV
 from cellseg.model import (
     MAX_TRAINABLE_PARAMETERS,
     build_model,
     check_parameter_budget,
     count_trainable_parameters,
 )
+from cellseg.weights import MIRROR_ENV
 from searchutil import free_port
 
 TINY = ModelConfig(
@@ -51,9 +52,7 @@ def tiny_target() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(
-    ("backbone", "upscale_small"), [("resnet18", True), ("resnet34", False)]
-)
+@pytest.mark.parametrize(("backbone", "upscale_small"), [("resnet18", True), ("resnet34", False)])
 def test_small_backbones_predict_and_train(backbone: str, upscale_small: bool) -> None:
     torch.manual_seed(0)
     model = build_model(tiny(backbone=backbone, upscale_small=upscale_small))
@@ -169,10 +168,10 @@ def test_resize_policy() -> None:
     assert keep.transform.image_mean == [0.485, 0.456, 0.406]
 
 
-@pytest.mark.parametrize(("upscale_small", "shape", "short_side"),
-                         [(False, (40, 30), 30), (True, (64, 64), 64)])
-def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape,
-                                                            short_side) -> None:
+@pytest.mark.parametrize(
+    ("upscale_small", "shape", "short_side"), [(False, (40, 30), 30), (True, (64, 64), 64)]
+)
+def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape, short_side) -> None:
     model = build_model(tiny(upscale_small=upscale_small)).train()
     image, target = torch.rand(3, *shape), tiny_target()
     target["masks"] = torch.zeros(2, *shape, dtype=torch.uint8)

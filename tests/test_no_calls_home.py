@@ -5,6 +5,7 @@ The children get the user's environment without cellseg's switches, without the 
 make MLflow keep quiet on its own (``PYTEST_CURRENT_TEST`` among them), and with no ``no_proxy``,
 so that whatever a library would send out reaches the recorder.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 TRIALS = REPO / "trials"
 TINY = ["--set", "model.min_size=64", "--set", "model.max_size=128"]
 # Markers of CI or test runs under which MLflow stays silent by itself (mlflow/telemetry/utils.py)
-QUIET_MARKERS = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE",
-                 "JENKINS_URL", "TRAVIS", "CIRCLECI", "TF_BUILD", "DO_NOT_TRACK")
+QUIET_MARKERS = (
+    "PYTEST_CURRENT_TEST",
+    "CI",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "BUILDKITE",
+    "JENKINS_URL",
+    "TRAVIS",
+    "CIRCLECI",
+    "TF_BUILD",
+    "DO_NOT_TRACK",
+)
 # Ray 2.60's dashboard probes three cloud-metadata addresses when a local Ray starts, before it
 # reads RAY_USAGE_STATS_ENABLED (ray/dashboard/modules/usage_stats/usage_stats_head.py, run());
 # no setting turns that off. A `ray up` head reads ~/ray_bootstrap_config.yaml instead.
@@ -70,17 +81,23 @@ def proxy() -> RecordingProxy:
 
 
 def proxied_env(proxy: RecordingProxy, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in OFF and k != OPT_IN and k not in QUIET_MARKERS
-           and k.lower() not in ("no_proxy", "http_proxy", "https_proxy", "all_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in OFF
+        and k != OPT_IN
+        and k not in QUIET_MARKERS
+        and k.lower() not in ("no_proxy", "http_proxy", "https_proxy", "all_proxy")
+    }
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[key] = proxy.url
     return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
 def run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> str:
-    done = subprocess.run([sys.executable, *argv], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -100,13 +117,43 @@ def cellseg(*argv: str) -> list[str]:
 def test_train_and_export_attempt_no_connection(proxy, workspace):
     tmp, env = workspace["tmp"], proxied_env(proxy, TORCH_HOME=str(workspace["tmp"] / "torch"))
     proxy.take()
-    run(cellseg("train", "--config", str(TRIALS / "demo.yaml"), "--data", str(workspace["data"]),
-                *TINY, "--set", "train.epochs=1", "--set", f"train.output_dir={tmp / 'runs'}",
-                "--tracking-uri", workspace["uri"], "--name", "t", "--no-progress"), env, tmp)
+    run(
+        cellseg(
+            "train",
+            "--config",
+            str(TRIALS / "demo.yaml"),
+            "--data",
+            str(workspace["data"]),
+            *TINY,
+            "--set",
+            "train.epochs=1",
+            "--set",
+            f"train.output_dir={tmp / 'runs'}",
+            "--tracking-uri",
+            workspace["uri"],
+            "--name",
+            "t",
+            "--no-progress",
+        ),
+        env,
+        tmp,
+    )
     assert proxy.take() == [], "cellseg train tried to connect"
-    run(cellseg("export", "--best", "--tracking-uri", workspace["uri"], "--data",
-                str(workspace["data"]), "--output", str(tmp / "test-results.json"),
-                "--no-progress"), env, tmp)
+    run(
+        cellseg(
+            "export",
+            "--best",
+            "--tracking-uri",
+            workspace["uri"],
+            "--data",
+            str(workspace["data"]),
+            "--output",
+            str(tmp / "test-results.json"),
+            "--no-progress",
+        ),
+        env,
+        tmp,
+    )
     assert (tmp / "test-results.json").is_file()
     assert proxy.take() == [], "cellseg export tried to connect"
 
@@ -115,10 +162,25 @@ def test_train_and_export_attempt_no_connection(proxy, workspace):
 def test_search_attempts_no_connection_but_rays_metadata_probes(proxy, workspace, tiny_search):
     tmp = workspace["tmp"]
     proxy.take()
-    run([str(RUN_PY), *search_args(workspace["data"], tiny_search, tmp / "storage",
-                                   workspace["uri"], "search", "s", "--num-samples", "1",
-                                   "--max-epochs", "1")],
-        proxied_env(proxy), tmp)
+    run(
+        [
+            str(RUN_PY),
+            *search_args(
+                workspace["data"],
+                tiny_search,
+                tmp / "storage",
+                workspace["uri"],
+                "search",
+                "s",
+                "--num-samples",
+                "1",
+                "--max-epochs",
+                "1",
+            ),
+        ],
+        proxied_env(proxy),
+        tmp,
+    )
     assert set(proxy.take()) <= RAY_DASHBOARD_PROBES
 
 
@@ -130,8 +192,11 @@ def test_user_settings_win_and_opting_in_sets_nothing():
 
 def test_cluster_nodes_start_ray_and_mlflow_with_telemetry_off():
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
-              if "ray start" in c or "mlflow server" in c]
+    starts = [
+        c
+        for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+        if "ray start" in c or "mlflow server" in c
+    ]
     assert len(starts) == 3
     for command in starts:
         for key, value in OFF.items():
@@ -143,11 +208,31 @@ def test_imagenet_weights_absent_from_the_cache_are_the_only_attempt(proxy, work
     tmp = workspace["tmp"]
     proxy.take()
     done = subprocess.run(
-        [sys.executable, *cellseg("train", "--config", str(TRIALS / "demo.yaml"), "--data",
-                                  str(workspace["data"]), *TINY, "--set", "model.weights=imagenet",
-                                  "--set", "model.norm=frozen_bn", "--tracking-uri",
-                                  workspace["uri"], "--name", "w", "--no-progress")],
-        env=proxied_env(proxy, TORCH_HOME=str(tmp / "empty-torch-home")), cwd=tmp,
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            *cellseg(
+                "train",
+                "--config",
+                str(TRIALS / "demo.yaml"),
+                "--data",
+                str(workspace["data"]),
+                *TINY,
+                "--set",
+                "model.weights=imagenet",
+                "--set",
+                "model.norm=frozen_bn",
+                "--tracking-uri",
+                workspace["uri"],
+                "--name",
+                "w",
+                "--no-progress",
+            ),
+        ],
+        env=proxied_env(proxy, TORCH_HOME=str(tmp / "empty-torch-home")),
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2 and "downloading https://download.pytorch.org/" in done.stderr
     assert proxy.take() == ["CONNECT download.pytorch.org:443"]

@@ -1,4 +1,5 @@
 """Optimizer choice and the closed-form learning-rate schedule (warmup x epoch factor)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,7 @@ def test_step_decays_by_gamma_every_step_size() -> None:
 
 
 def test_plateau_halves_after_patience_epochs_without_improvement() -> None:
-    cfg = OptimConfig(lr=0.1, scheduler="plateau", plateau_patience=2, plateau_factor=0.5,
-                      warmup_epochs=0.0)
+    cfg = OptimConfig(lr=0.1, scheduler="plateau", plateau_patience=2, plateau_factor=0.5, warmup_epochs=0.0)
     _, schedule = make(cfg, epochs=20, iters=1)
     lrs = []
     # improves for 3 epochs, then flat: patience 2 tolerates 2 bad epochs, the 3rd decays
@@ -114,8 +114,7 @@ def test_plateau_halves_after_patience_epochs_without_improvement() -> None:
 
 
 def test_plateau_combines_with_warmup() -> None:
-    cfg = OptimConfig(lr=0.1, scheduler="plateau", plateau_patience=0, plateau_factor=0.5,
-                      warmup_epochs=1.0)
+    cfg = OptimConfig(lr=0.1, scheduler="plateau", plateau_patience=0, plateau_factor=0.5, warmup_epochs=1.0)
     _, schedule = make(cfg, epochs=5, iters=4)
     schedule.step_epoch(0.5)  # improvement at iteration 0: factor stays 1
     schedule.step_epoch(0.5)  # no improvement, patience 0: factor halves
@@ -125,8 +124,15 @@ def test_plateau_combines_with_warmup() -> None:
 @pytest.mark.parametrize("split", [1, 3])  # 1: resumed inside the warmup
 @pytest.mark.parametrize("scheduler", ["cosine", "step", "plateau", "none"])
 def test_state_dict_resumes_to_identical_lr_sequence(scheduler: str, split: int) -> None:
-    cfg = OptimConfig(lr=0.05, scheduler=scheduler, warmup_epochs=1.5, step_size=2, gamma=0.3,
-                      plateau_patience=1, plateau_factor=0.5)
+    cfg = OptimConfig(
+        lr=0.05,
+        scheduler=scheduler,
+        warmup_epochs=1.5,
+        step_size=2,
+        gamma=0.3,
+        plateau_patience=1,
+        plateau_factor=0.5,
+    )
     metrics = [0.1, 0.2, 0.2, 0.2, 0.1, 0.3, 0.3, 0.3]
     iters = 4
     _, full = make(cfg, epochs=8, iters=iters)
@@ -183,8 +189,7 @@ def test_build_optimizer_rejects_unknown_name() -> None:
 
 
 def test_optimizer_steps_with_scheduled_lr() -> None:
-    cfg = OptimConfig(name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0, scheduler="none",
-                      warmup_epochs=1.0)
+    cfg = OptimConfig(name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0, scheduler="none", warmup_epochs=1.0)
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = build_optimizer([param], cfg)
     schedule = LRSchedule(optimizer, cfg, epochs=1, iters_per_epoch=2)

@@ -1,4 +1,5 @@
 """Every picture function writes a non-empty PNG, tolerating sparse inputs."""
+
 import numpy as np
 import pytest
 
@@ -25,7 +26,9 @@ def sample():
     truth = truth_from_masks(1, masks, np.array([1, 2, 4]))
     prediction = ImagePrediction(
         boxes=np.array([[2, 2, 10, 10], [5, 12, 25, 20], [30, 22, 38, 28]], dtype=float),
-        labels=np.array([1, 3, 4]), scores=np.array([0.9, 0.6, 0.2]), rles=truth.rles,
+        labels=np.array([1, 3, 4]),
+        scores=np.array([0.9, 0.6, 0.2]),
+        rles=truth.rles,
     )
     return np.random.default_rng(0).random((30, 40, 3)), truth, prediction
 
@@ -61,7 +64,12 @@ def test_plot_parallel_coordinates(tmp_path):
         {"optim.lr": 1e-3, "optim.name": "adam", "model.backbone": "resnet18", "segm_AP50": 0.3},
         {"optim.lr": 5e-3, "optim.name": "sgd", "model.backbone": "resnet50", "segm_AP50": 0.4},
         {"optim.lr": 5e-3, "optim.name": "sgd", "model.backbone": "resnet50", "segm_AP50": None},
-        {"optim.lr": np.float32(2e-3), "optim.name": "sgd", "model.backbone": "resnet50", "segm_AP50": float("nan")},
+        {
+            "optim.lr": np.float32(2e-3),
+            "optim.name": "sgd",
+            "model.backbone": "resnet50",
+            "segm_AP50": float("nan"),
+        },
     ]
     assert_png(plot_parallel_coordinates(rows, "segm_AP50", tmp_path / "parallel.png"))
     assert_png(plot_parallel_coordinates(rows[:1], "segm_AP50", tmp_path / "single.png"))

@@ -1,4 +1,5 @@
 """Memory-safe inference matches torchvision's own output on a tiny random Mask R-CNN."""
+
 import copy
 
 import numpy as np
@@ -71,4 +72,3 @@ def test_requires_eval_mode(model):
             predict_images(model, [torch.rand(3, 32, 32)])
     finally:
         model.eval()
-

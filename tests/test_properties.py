@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): the config loader on arbitrary YAML, and the RLE round trip
 from a binary mask to the JSON a submission holds and back."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,16 +19,25 @@ from cellseg.config import Config, ConfigError, load_config
 from cellseg.evaluation import ImagePrediction, coco_results
 from cellseg.rle import encode_mask, encode_region
 
-SECTIONS = {f.name: [g.name for g in dataclasses.fields(getattr(Config(), f.name))]
-            for f in dataclasses.fields(Config)}
-SCALARS = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats()
-           | st.text(max_size=12))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+SECTIONS = {
+    f.name: [g.name for g in dataclasses.fields(getattr(Config(), f.name))]
+    for f in dataclasses.fields(Config)
+}
+SCALARS = st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats() | st.text(max_size=12)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
 KNOWN_OR_NOT = st.sampled_from([k for keys in SECTIONS.values() for k in keys]) | st.text(max_size=8)
-DOCUMENTS = st.dictionaries(st.sampled_from(sorted(SECTIONS)) | st.text(max_size=8),
-                            st.dictionaries(KNOWN_OR_NOT, VALUES, max_size=4) | VALUES,
-                            max_size=4) | VALUES
+DOCUMENTS = (
+    st.dictionaries(
+        st.sampled_from(sorted(SECTIONS)) | st.text(max_size=8),
+        st.dictionaries(KNOWN_OR_NOT, VALUES, max_size=4) | VALUES,
+        max_size=4,
+    )
+    | VALUES
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -50,8 +60,7 @@ def test_loader_refuses_python_tags(tmp_path: Path) -> None:
         load_config(path)
 
 
-MASKS = st.tuples(st.integers(1, 48), st.integers(1, 48)).flatmap(
-    lambda shape: arrays(np.bool_, shape))
+MASKS = st.tuples(st.integers(1, 48), st.integers(1, 48)).flatmap(lambda shape: arrays(np.bool_, shape))
 
 
 @settings(max_examples=300, deadline=None)
@@ -59,11 +68,17 @@ MASKS = st.tuples(st.integers(1, 48), st.integers(1, 48)).flatmap(
 def test_rle_round_trip_through_submission_json(mask: np.ndarray) -> None:
     rle = encode_mask(mask)
     assert rle["size"] == list(mask.shape)
-    prediction = ImagePrediction(boxes=np.zeros((1, 4), np.float32), labels=np.array([2]),
-                                 scores=np.array([0.5], np.float32), rles=[rle])
+    prediction = ImagePrediction(
+        boxes=np.zeros((1, 4), np.float32),
+        labels=np.array([2]),
+        scores=np.array([0.5], np.float32),
+        rles=[rle],
+    )
     [entry] = json.loads(json.dumps(coco_results(7, prediction)))
-    segmentation = {"size": entry["segmentation"]["size"],
-                    "counts": entry["segmentation"]["counts"].encode("ascii")}
+    segmentation = {
+        "size": entry["segmentation"]["size"],
+        "counts": entry["segmentation"]["counts"].encode("ascii"),
+    }
     assert np.array_equal(mask_utils.decode(segmentation).astype(bool), mask)
     assert int(mask_utils.area(segmentation)) == int(mask.sum())
 
@@ -82,5 +97,5 @@ def regions_in_images(draw: st.DrawFn) -> tuple[np.ndarray, int, int, tuple[int,
 def test_region_rle_equals_full_image_rle(case) -> None:
     region, top, left, (height, width) = case
     full = np.zeros((height, width), dtype=bool)
-    full[top:top + region.shape[0], left:left + region.shape[1]] = region
+    full[top : top + region.shape[0], left : left + region.shape[1]] = region
     assert encode_region(region, top, left, (height, width)) == encode_mask(full)

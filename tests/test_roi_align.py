@@ -1,4 +1,5 @@
 """cellseg's CPU RoIAlign gives torchvision's values and gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,18 +14,24 @@ def _rois(generator: torch.Generator, count: int, images: int, side: float) -> t
     corner = torch.rand(count, 2, generator=generator) * side
     size = torch.rand(count, 2, generator=generator) * side / 4
     boxes = torch.cat([corner, corner + size], dim=1)
-    edge_cases = torch.tensor([[-30.0, -30.0, 10.0, 10.0],  # starts outside
-                               [side - 2, side - 3, side + 30, side + 40],  # ends outside
-                               [5.0, 5.0, 5.0, 5.0],  # empty
-                               [0.0, 0.0, side, side],  # the whole image
-                               [-50.0, 3.0, -20.0, 9.0]])  # entirely outside
+    edge_cases = torch.tensor(
+        [
+            [-30.0, -30.0, 10.0, 10.0],  # starts outside
+            [side - 2, side - 3, side + 30, side + 40],  # ends outside
+            [5.0, 5.0, 5.0, 5.0],  # empty
+            [0.0, 0.0, side, side],  # the whole image
+            [-50.0, 3.0, -20.0, 9.0],
+        ]
+    )  # entirely outside
     boxes = torch.cat([boxes, edge_cases])
     index = torch.randint(0, images, (len(boxes), 1), generator=generator).float()
     return torch.cat([index, boxes], dim=1)
 
 
-@pytest.mark.parametrize(("output_size", "ratio", "images", "side"),
-                         [((7, 7), 2, 1, 32), ((14, 14), 2, 2, 20), ((3, 5), 1, 2, 9), ((4, 4), 3, 1, 16)])
+@pytest.mark.parametrize(
+    ("output_size", "ratio", "images", "side"),
+    [((7, 7), 2, 1, 32), ((14, 14), 2, 2, 20), ((3, 5), 1, 2, 9), ((4, 4), 3, 1, 16)],
+)
 def test_same_values_and_gradients_as_torchvision(output_size, ratio, images, side) -> None:
     generator = torch.Generator().manual_seed(side)
     features = torch.randn(images, 8, side, side + 3, generator=generator, requires_grad=True)
@@ -42,12 +49,22 @@ def test_same_values_and_gradients_as_torchvision(output_size, ratio, images, si
 def test_multi_level_pooling_matches_torchvision() -> None:
     generator = torch.Generator().manual_seed(0)
     names = ["0", "1", "2", "3"]
-    features = {name: torch.randn(2, 16, 96 >> level, 128 >> level, generator=generator)
-                for level, name in enumerate(names)}
+    features = {
+        name: torch.randn(2, 16, 96 >> level, 128 >> level, generator=generator)
+        for level, name in enumerate(names)
+    }
     features["pool"] = torch.randn(2, 16, 3, 4, generator=generator)  # not pooled from
-    boxes = [torch.tensor([[0.0, 0.0, 380.0, 300.0], [10.0, 10.0, 20.0, 22.0],
-                           [5.0, 5.0, 200.0, 250.0], [100.0, 40.0, 160.0, 90.0]]),
-             torch.tensor([[50.0, 60.0, 90.0, 100.0], [0.0, 0.0, 500.0, 380.0]])]
+    boxes = [
+        torch.tensor(
+            [
+                [0.0, 0.0, 380.0, 300.0],
+                [10.0, 10.0, 20.0, 22.0],
+                [5.0, 5.0, 200.0, 250.0],
+                [100.0, 40.0, 160.0, 90.0],
+            ]
+        ),
+        torch.tensor([[50.0, 60.0, 90.0, 100.0], [0.0, 0.0, 500.0, 380.0]]),
+    ]
     shapes = [(384, 512), (380, 500)]
     for size in (7, 14):
         expected = MultiScaleRoIAlign(names, size, 2)(features, boxes, shapes)

@@ -6,6 +6,7 @@ Ray's ``AutoscalingCluster`` runs ``ray stop --force`` (every Ray process on the
 config template is missing from the Ray 2.60 wheel, so this test starts the same fake-multinode
 autoscaler itself, on free ports, and ends only the processes of its own temp folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import ray
@@ -46,21 +47,36 @@ def fake_cluster_config(gcs_address: str) -> dict:
         "max_workers": WORKERS,
         "upscaling_speed": real["upscaling_speed"],
         "idle_timeout_minutes": real["idle_timeout_minutes"],
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True,
-                     "gcs_address": gcs_address,
-                     "launch_multiple": True},  # as EC2 does: one request for N instances
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+            "launch_multiple": True,
+        },  # as EC2 does: one request for N instances
         "available_node_types": {
-            "ray.head.default": {"resources": dict(head["resources"]), "node_config": {},
-                                 "max_workers": 0},
-            "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {},
-                           "min_workers": worker["min_workers"], "max_workers": WORKERS},
+            "ray.head.default": {"resources": dict(head["resources"]), "node_config": {}, "max_workers": 0},
+            "gpu_worker": {
+                "resources": {"CPU": 1, "GPU": 1},
+                "node_config": {},
+                "min_workers": worker["min_workers"],
+                "max_workers": WORKERS,
+            },
         },
         "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
 
@@ -101,11 +117,24 @@ def autoscaling_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     config.write_text(json.dumps(fake_cluster_config(address)))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
-                        "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-                        f"--dashboard-port={free_port()}",
-                        f"--autoscaling-config={config}"],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={address.split(':')[1]}",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                f"--temp-dir={temp_dir}",
+                "--include-dashboard=false",
+                f"--dashboard-port={free_port()}",
+                f"--autoscaling-config={config}",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         yield address
     finally:
         _end([pid for pid in _own_processes(temp_dir) if pid != os.getpid()])
@@ -113,14 +142,26 @@ def autoscaling_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def test_gpu_trials_start_their_nodes_together_and_never_run_on_the_head(
-        tmp_path, easy_root, tiny_search, autoscaling_cluster):
+    tmp_path, easy_root, tiny_search, autoscaling_cluster
+):
     address = autoscaling_cluster
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "shared"
     log = tmp_path / "driver.log"
-    driver = start_driver(["--address", address, "--gpus-per-trial", "1", "--num-samples",
-                           str(WORKERS), "--max-epochs", "1",
-                           *search_args(easy_root, tiny_search, storage, uri, "auto", "a1")], log)
+    driver = start_driver(
+        [
+            "--address",
+            address,
+            "--gpus-per-trial",
+            "1",
+            "--num-samples",
+            str(WORKERS),
+            "--max-epochs",
+            "1",
+            *search_args(easy_root, tiny_search, storage, uri, "auto", "a1"),
+        ],
+        log,
+    )
     ray.init(address=address)
     try:
         most_pending = 0
@@ -134,8 +175,11 @@ def test_gpu_trials_start_their_nodes_together_and_never_run_on_the_head(
 
         wait_for(trials_placed, 300, f"{WORKERS} trials placed on GPU nodes")
         assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
-        head = next(n["NodeID"] for n in ray.nodes()
-                    if n["Resources"].get("CPU", 0) == 0 and "GPU" not in n["Resources"])
+        head = next(
+            n["NodeID"]
+            for n in ray.nodes()
+            if n["Resources"].get("CPU", 0) == 0 and "GPU" not in n["Resources"]
+        )
         gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}
     finally:
         ray.shutdown()

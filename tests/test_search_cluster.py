@@ -1,5 +1,6 @@
 """A search on a simulated two-node Ray cluster: trials on both nodes, checkpoints in shared
 storage, and a trial whose node is removed resumes on the other node from its checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -28,15 +29,26 @@ def two_nodes():
         cluster.shutdown()
 
 
-def test_trials_run_on_both_nodes_and_checkpoint_to_shared_storage(tmp_path, easy_root,
-                                                                   tiny_search, two_nodes):
+def test_trials_run_on_both_nodes_and_checkpoint_to_shared_storage(
+    tmp_path, easy_root, tiny_search, two_nodes
+):
     cluster, _ = two_nodes
     storage = tmp_path / "shared"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    code = search_main(["--address", cluster.address, "--num-samples", "2", "--max-epochs", "1",
-                        "--cpus-per-trial", "1",
-                        *search_args(easy_root, tiny_search, storage, uri, "cluster", "c1")])
+    code = search_main(
+        [
+            "--address",
+            cluster.address,
+            "--num-samples",
+            "2",
+            "--max-epochs",
+            "1",
+            "--cpus-per-trial",
+            "1",
+            *search_args(easy_root, tiny_search, storage, uri, "cluster", "c1"),
+        ]
+    )
     assert code == 0 and len(nodes) == 2
     _, _, children = search_runs(uri, "cluster", "c1")
     assert len(children) == 2
@@ -52,12 +64,14 @@ class CpuHolder:
         return True
 
 
-def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(tmp_path, easy_root,
-                                                                          tiny_search, two_nodes):
+def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(
+    tmp_path, easy_root, tiny_search, two_nodes
+):
     cluster, worker = two_nodes
     head_id = cluster.head_node.node_id
-    holder = CpuHolder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        head_id, soft=False)).remote()
+    holder = CpuHolder.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_id, soft=False)
+    ).remote()
     ray.get(holder.ready.remote())
     storage = tmp_path / "shared"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -67,12 +81,28 @@ def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(tmp_pa
         client, _, children = search_runs(uri, "cluster", "n1")
         return any(epochs_of(client, child) for child in children)
 
-    driver = start_driver(["--address", cluster.address, "--num-samples", "1", "--max-epochs", "3",
-                           "--cpus-per-trial", "1", "--max-failures", "1",
-                           *search_args(easy_root, tiny_search, storage, uri, "cluster", "n1")], log)
+    driver = start_driver(
+        [
+            "--address",
+            cluster.address,
+            "--num-samples",
+            "1",
+            "--max-epochs",
+            "3",
+            "--cpus-per-trial",
+            "1",
+            "--max-failures",
+            "1",
+            *search_args(easy_root, tiny_search, storage, uri, "cluster", "n1"),
+        ],
+        log,
+    )
     try:
-        wait_for(lambda: any(storage.glob("n1/trial_*/checkpoint_000000/best.pt")), 600,
-                 "the trial's first checkpoint")
+        wait_for(
+            lambda: any(storage.glob("n1/trial_*/checkpoint_000000/best.pt")),
+            600,
+            "the trial's first checkpoint",
+        )
         wait_for(first_epoch_logged, 120, "the driver to take the first result (MLflow has it)")
         ray.kill(holder)
         cluster.remove_node(worker)

@@ -1,4 +1,5 @@
 """A real search end to end: Ray Tune + Optuna + ASHA on synthetic data, recorded in MLflow."""
+
 from __future__ import annotations
 
 import copy
@@ -30,21 +31,53 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        code = search_main(search_args(
-            easy_root, tiny_search, folder / "storage", uri, "e2e", "s1",
-            "--num-samples", str(NUM_SAMPLES), "--grace-period", "1", "--reduction-factor", "2",
-            "--seed", "7"))
-        other_code = search_main(search_args(
-            synth_root, tiny_search, folder / "storage", uri, "e2e", "other",
-            "--num-samples", "1", "--max-epochs", "1"))
+        code = search_main(
+            search_args(
+                easy_root,
+                tiny_search,
+                folder / "storage",
+                uri,
+                "e2e",
+                "s1",
+                "--num-samples",
+                str(NUM_SAMPLES),
+                "--grace-period",
+                "1",
+                "--reduction-factor",
+                "2",
+                "--seed",
+                "7",
+            )
+        )
+        other_code = search_main(
+            search_args(
+                synth_root,
+                tiny_search,
+                folder / "storage",
+                uri,
+                "e2e",
+                "other",
+                "--num-samples",
+                "1",
+                "--max-epochs",
+                "1",
+            )
+        )
     finally:
         ray.shutdown()
     assert code == 0 and other_code == 0
     client, [parent], children = search_runs(uri, "e2e", "s1")
     _, [other_parent], other_children = search_runs(uri, "e2e", "other")
-    return {"folder": folder, "uri": uri, "client": client, "parent": parent,
-            "children": children, "data": easy_root, "other_children": other_children,
-            "other_data": synth_root}
+    return {
+        "folder": folder,
+        "uri": uri,
+        "client": client,
+        "parent": parent,
+        "children": children,
+        "data": easy_root,
+        "other_children": other_children,
+        "other_data": synth_root,
+    }
 
 
 def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
@@ -81,8 +114,9 @@ def test_asha_stopped_some_trials_and_the_summary_counts_the_saved_epochs(search
 
 
 def test_optuna_sees_asha_stopped_trials_as_pruned_with_their_epochs(search):
-    study = optuna.load_study(study_name="s1",
-                              storage=f"sqlite:///{search['folder'] / 'storage' / 's1' / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="s1", storage=f"sqlite:///{search['folder'] / 'storage' / 's1' / 'optuna.db'}"
+    )
     by_lr = {t.params["optim.lr"]: t for t in study.trials}
     client = search["client"]
     for child in search["children"]:
@@ -104,14 +138,29 @@ def test_report_a_baseline_runs_first(search):
 
 def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
     output = tmp_path / "test-results.json"
-    code = cellseg_main(["export", "--best", "--experiment", "e2e", "--tracking-uri", search["uri"],
-                         "--data", str(search["data"]), "--output", str(output), "--no-progress"])
+    code = cellseg_main(
+        [
+            "export",
+            "--best",
+            "--experiment",
+            "e2e",
+            "--tracking-uri",
+            search["uri"],
+            "--data",
+            str(search["data"]),
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     images = load_test_images(search["data"])
     ground_truth = COCO()
-    ground_truth.dataset = {"images": [{"id": t.image_id, "height": t.height, "width": t.width}
-                                       for t in images],
-                            "categories": [{"id": i} for i in range(1, 5)], "annotations": []}
+    ground_truth.dataset = {
+        "images": [{"id": t.image_id, "height": t.height, "width": t.width} for t in images],
+        "categories": [{"id": i} for i in range(1, 5)],
+        "annotations": [],
+    }
     ground_truth.createIndex()
     results = json.loads(output.read_text())
     assert results, "the best model predicted nothing on the test images"
@@ -120,8 +169,7 @@ def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
     provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
     children = {c.info.run_id: c for c in search["children"]}
     assert provenance["run_id"] in children and provenance["search"] == "s1"
-    assert provenance["metric_value"] == max(c.data.metrics["best_segm_AP50"]
-                                             for c in children.values())
+    assert provenance["metric_value"] == max(c.data.metrics["best_segm_AP50"] for c in children.values())
     assert provenance["fingerprint"] == search["parent"].data.tags["cellseg.data_fingerprint"]
     exported = {a.path for a in search["client"].list_artifacts(provenance["run_id"], "export")}
     assert "export/test-results.json" in exported
@@ -131,18 +179,33 @@ def test_export_best_follows_the_data_across_searches_in_one_store(search, tmp_p
     """The newer search "other" trained on other data: --data picks the search trained on it, and
     --search names one only when it matches --data."""
     common = ["--experiment", "e2e", "--tracking-uri", search["uri"], "--no-progress"]
-    for data, children, name in ((search["data"], search["children"], "s1"),
-                                 (search["other_data"], search["other_children"], "other")):
+    for data, children, name in (
+        (search["data"], search["children"], "s1"),
+        (search["other_data"], search["other_children"], "other"),
+    ):
         output = tmp_path / name / "test-results.json"
-        assert cellseg_main(["export", "--best", "--data", str(data), "--output", str(output),
-                             *common]) == 0
+        assert cellseg_main(["export", "--best", "--data", str(data), "--output", str(output), *common]) == 0
         provenance = json.loads(output.with_name("test-results.provenance.json").read_text())
         assert provenance["search"] == name
         assert provenance["run_id"] in {c.info.run_id for c in children}
     capsys.readouterr()
     output = tmp_path / "refused.json"
-    assert cellseg_main(["export", "--best", "--search", "s1", "--data", str(search["other_data"]),
-                         "--output", str(output), *common]) == 2
+    assert (
+        cellseg_main(
+            [
+                "export",
+                "--best",
+                "--search",
+                "s1",
+                "--data",
+                str(search["other_data"]),
+                "--output",
+                str(output),
+                *common,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "named 's1'" in err and "search 's1': " in err and "search 'other': 1 exportable" in err
     assert not output.exists()

@@ -1,4 +1,5 @@
 """A search whose trials validate every second epoch (train.eval_every: 2)."""
+
 from __future__ import annotations
 
 import optuna
@@ -11,17 +12,31 @@ from searchutil import epochs_of, search_args, search_runs
 pytestmark = pytest.mark.slow
 
 
-def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny_search,
-                                                       monkeypatch):
+def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny_search, monkeypatch):
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")  # restored after the test
     base = tmp_path / "base.yaml"
     base.write_text(tiny_search["base"].read_text().replace("epochs: 3", "epochs: 4\n  eval_every: 2"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        code = search_main(search_args(
-            easy_root, {**tiny_search, "base": base}, tmp_path / "storage", uri, "every2", "s1",
-            "--num-samples", "4", "--grace-period", "1", "--reduction-factor", "2", "--seed", "3"))
+        code = search_main(
+            search_args(
+                easy_root,
+                {**tiny_search, "base": base},
+                tmp_path / "storage",
+                uri,
+                "every2",
+                "s1",
+                "--num-samples",
+                "4",
+                "--grace-period",
+                "1",
+                "--reduction-factor",
+                "2",
+                "--seed",
+                "3",
+            )
+        )
     finally:
         ray.shutdown()
     assert code == 0
@@ -35,8 +50,9 @@ def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny
         assert len(trained) in (2, 4)  # ASHA decides on validated epochs only
         stopped += len(trained) == 2
     assert stopped > 0
-    study = optuna.load_study(study_name="s1",
-                              storage=f"sqlite:///{tmp_path / 'storage' / 's1' / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="s1", storage=f"sqlite:///{tmp_path / 'storage' / 's1' / 'optuna.db'}"
+    )
     by_lr = {t.params["optim.lr"]: t for t in study.trials}
     for child in children:
         trial = by_lr[float(child.data.params["optim.lr"])]

@@ -3,6 +3,7 @@
 The driver's writes are queued in its outbox while the server is away and applied once it is
 back; every trial is recorded once, with every epoch once.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,27 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
     """``mlflow server`` on 127.0.0.1:port over a SQLite file and an artifact folder in ``folder``."""
     log = open(folder / f"server-{port}.log", "a")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_for(lambda: _healthy(port), 120, "the MLflow server to answer")
     return server
 
@@ -50,14 +68,33 @@ def test_server_restart_mid_search_loses_nothing(tmp_path, easy_root, tiny_searc
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     log = tmp_path / "driver.log"
-    driver = start_driver(search_args(easy_root, tiny_search, tmp_path / "storage", uri, "outage",
-                                      "o1", "--num-samples", "3", "--grace-period", "3"), log)
+    driver = start_driver(
+        search_args(
+            easy_root,
+            tiny_search,
+            tmp_path / "storage",
+            uri,
+            "outage",
+            "o1",
+            "--num-samples",
+            "3",
+            "--grace-period",
+            "3",
+        ),
+        log,
+    )
     try:
-        wait_for(lambda: any(epochs_of(*pair) for pair in _client_children(uri)), 600,
-                 "a trial's first epoch in MLflow")
+        wait_for(
+            lambda: any(epochs_of(*pair) for pair in _client_children(uri)),
+            600,
+            "a trial's first epoch in MLflow",
+        )
         stop(server)
-        wait_for(lambda: "MLflow unavailable" in log.read_text() or driver.poll() is not None, 300,
-                 "the driver to queue a write while the server is down")
+        wait_for(
+            lambda: "MLflow unavailable" in log.read_text() or driver.poll() is not None,
+            300,
+            "the driver to queue a write while the server is down",
+        )
         server = start_server(tmp_path, port)
         assert driver.wait(timeout=900) == 0, log.read_text()[-3000:]
         text = log.read_text()

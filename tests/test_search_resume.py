@@ -1,6 +1,7 @@
 """A search whose driver dies (SIGKILL) or is interrupted (Ctrl-C) at a chosen point finishes with
 --resume: every trial once in MLflow, closed as Tune ended it, with its epochs, best metric and
 checkpoint. The driver stops itself through its drill (search/driver_drill.py), not by timing."""
+
 from __future__ import annotations
 
 import os
@@ -20,19 +21,35 @@ pytestmark = pytest.mark.slow
 EPOCHS = 2
 
 
-@pytest.mark.parametrize("drill, code, parent_status", [
-    ("kill@result#3", -signal.SIGKILL, "RUNNING"),  # a trial's epoch logged, the other mid-epoch
-    ("kill@trial-end", -signal.SIGKILL, "RUNNING"),  # Tune ended a trial, MLflow not yet
-    ("kill@upload", -signal.SIGKILL, "RUNNING"),  # during the close: checkpoint uploaded
-    ("kill@closed", -signal.SIGKILL, "RUNNING"),  # MLflow closed the trial, Tune's state not yet
-    ("int@result#3", 130, "KILLED"),  # Ctrl-C
-])
+@pytest.mark.parametrize(
+    "drill, code, parent_status",
+    [
+        ("kill@result#3", -signal.SIGKILL, "RUNNING"),  # a trial's epoch logged, the other mid-epoch
+        ("kill@trial-end", -signal.SIGKILL, "RUNNING"),  # Tune ended a trial, MLflow not yet
+        ("kill@upload", -signal.SIGKILL, "RUNNING"),  # during the close: checkpoint uploaded
+        ("kill@closed", -signal.SIGKILL, "RUNNING"),  # MLflow closed the trial, Tune's state not yet
+        ("int@result#3", 130, "KILLED"),  # Ctrl-C
+    ],
+)
 def test_a_stopped_driver_resumes_without_losing_or_duplicating_trials(
-        tmp_path, easy_root, tiny_search, drill, code, parent_status):
+    tmp_path, easy_root, tiny_search, drill, code, parent_status
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "storage"
-    args = search_args(easy_root, tiny_search, storage, uri, "resume", "r1", "--num-samples", "2",
-                       "--max-epochs", str(EPOCHS), "--grace-period", str(EPOCHS))
+    args = search_args(
+        easy_root,
+        tiny_search,
+        storage,
+        uri,
+        "resume",
+        "r1",
+        "--num-samples",
+        "2",
+        "--max-epochs",
+        str(EPOCHS),
+        "--grace-period",
+        str(EPOCHS),
+    )
     env = {**os.environ, "RAY_ADDRESS": "local"}  # never another test's Ray
     driver = start_driver(args, tmp_path / "first.log", env={**env, DRILL_ENV: f"r1:{drill}"})
     try:
@@ -49,8 +66,9 @@ def test_a_stopped_driver_resumes_without_losing_or_duplicating_trials(
     if code == 130:
         assert "interrupted; the parent run is KILLED" in log and "--resume --name r1" in log
 
-    resumed = subprocess.run([sys.executable, str(RUN_PY), *args, "--resume"], capture_output=True,
-                             text=True, timeout=900, env=env)
+    resumed = subprocess.run(
+        [sys.executable, str(RUN_PY), *args, "--resume"], capture_output=True, text=True, timeout=900, env=env
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     client, parents, children = search_runs(uri, "resume", "r1")
@@ -66,8 +84,9 @@ def test_a_stopped_driver_resumes_without_losing_or_duplicating_trials(
         assert list(storage.glob(f"r1/trial_{trial_id}/checkpoint_*/best.pt"))
     study = optuna.load_study(study_name="r1", storage=f"sqlite:///{storage / 'r1' / 'optuna.db'}")
     told = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
-    assert sorted(t.user_attrs[TRIAL_ATTR] for t in told) == sorted(trial_ids), \
+    assert sorted(t.user_attrs[TRIAL_ATTR] for t in told) == sorted(trial_ids), (
         "Optuna lost or doubled a trial across the resume"
+    )
     for trial in told:
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))

@@ -1,4 +1,5 @@
 """The driver's steps one by one, without Ray or a subprocess (MLflow is real, on SQLite)."""
+
 from __future__ import annotations
 
 import os
@@ -11,11 +12,25 @@ from cellseg.config import ConfigError
 from cellseg.data import DataError
 from cellseg.tracking import Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
-from search.run import (CLUSTER_PENDING_TRIALS, REPO, SEARCH_TAG, SIGINT_ENV, STRICT_METRIC_ENV,
-                        check_fault_drill, check_gpu_request, data_root, load_base,
-                        main as search_main, metric_every_epoch, open_parent_run, pending_trials,
-                        scoped_environ, search_name, stage_weights, storage_paths,
-                        tune_environment)
+from search.run import (
+    CLUSTER_PENDING_TRIALS,
+    SEARCH_TAG,
+    SIGINT_ENV,
+    STRICT_METRIC_ENV,
+    check_fault_drill,
+    check_gpu_request,
+    data_root,
+    load_base,
+    metric_every_epoch,
+    open_parent_run,
+    pending_trials,
+    scoped_environ,
+    search_name,
+    stage_weights,
+    storage_paths,
+    tune_environment,
+)
+from search.run import main as search_main
 from search.space import load_space
 from searchutil import free_port, search_args
 
@@ -62,7 +77,10 @@ def test_the_metric_is_every_epoch_unless_validation_may_be_skipped(tmp_path, ti
 
 def test_local_and_remote_storage_paths(tmp_path):
     assert storage_paths(str(tmp_path / "st"), "s1") == (str(tmp_path / "st"), tmp_path / "st" / "s1")
-    assert storage_paths("s3://bucket/x", "s1") == ("s3://bucket/x", Path.home() / ".cellseg" / "searches" / "s1")
+    assert storage_paths("s3://bucket/x", "s1") == (
+        "s3://bucket/x",
+        Path.home() / ".cellseg" / "searches" / "s1",
+    )
 
 
 @pytest.mark.parametrize("before", [None, "0"])
@@ -83,8 +101,13 @@ def test_tunes_environment_settings_are_scoped_to_the_block(monkeypatch, before)
 
 def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    kwargs = dict(experiment="e", name="s1", params={"num_samples": 3},
-                  tags={"cellseg.source": "search-parent"}, texts={"search/space.yaml": "params: {}\n"})
+    kwargs = dict(
+        experiment="e",
+        name="s1",
+        params={"num_samples": 3},
+        tags={"cellseg.source": "search-parent"},
+        texts={"search/space.yaml": "params: {}\n"},
+    )
     with pytest.raises(TrackingError, match="no search named 's1'"):
         open_parent_run(tracker, resume=True, **kwargs)
     run_id = open_parent_run(tracker, resume=False, **kwargs)
@@ -132,8 +155,9 @@ def _imagenet_base(tmp_path: Path, tiny_search) -> Path:
     return base
 
 
-def test_weights_of_every_backbone_in_the_space_are_staged_once(tmp_path, tiny_search, easy_root,
-                                                                monkeypatch):
+def test_weights_of_every_backbone_in_the_space_are_staged_once(
+    tmp_path, tiny_search, easy_root, monkeypatch
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # nothing is downloaded
     cache = tmp_path / "torch" / "hub" / "checkpoints"
@@ -151,8 +175,9 @@ def test_weights_of_every_backbone_in_the_space_are_staged_once(tmp_path, tiny_s
     assert stage_weights(demo, load_space(tiny_search["space"], demo)) == []
 
 
-def test_missing_weights_fail_the_search_before_ray_starts(tmp_path, tiny_search, easy_root,
-                                                           monkeypatch, capsys):
+def test_missing_weights_fail_the_search_before_ray_starts(
+    tmp_path, tiny_search, easy_root, monkeypatch, capsys
+):
     import ray
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -1,4 +1,5 @@
 """Search spaces: loading, validation against the config dataclasses, conditional sampling."""
+
 from pathlib import Path
 
 import optuna
@@ -32,20 +33,26 @@ def test_shipped_spaces_load_and_enqueue_both_reports(space, base):
     assert report_b["optim.scheduler"] == "plateau" and report_b["optim.plateau_patience"] == 3
 
 
-@pytest.mark.parametrize("body, message", [
-    ("params:\n  optim.lrr: {uniform: [0.1, 0.2]}\n", "optim.lrr"),
-    ("params:\n  model.backbone: {choice: [resnet50, vgg16]}\n", "vgg16"),
-    ("params:\n  optim.lr: {loguniform: [0.1, 0.01]}\n", "impossible range"),
-    ("params:\n  optim.lr: {loguniform: [0.0, 0.01]}\n", "low > 0"),
-    ("params:\n  augment.blur_p: {uniform: [0.0, 1.5]}\n", "augment.blur_p"),
-    ("params:\n  train.epochs: {int: [1.5, 3]}\n", "integer bounds"),
-    ("params:\n  optim.lr: {normal: [0, 1]}\n", "exactly one of"),
-    ("params:\n  optim.momentum: {uniform: [0.8, 0.9], if: {optim.name: sgd}}\n"
-     "  optim.name: {choice: [sgd, adam]}\n", "listed before"),
-    ("params: {}\n", "'params'"),
-    ("params:\n  optim.lr: {uniform: [0.1, 0.2]}\nextras: 1\n", "top-level keys"),
-    ("params:\n  optim.lr: {uniform: [0.1, 0.2]}\nbaselines: [missing.yaml]\n", "missing.yaml"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("params:\n  optim.lrr: {uniform: [0.1, 0.2]}\n", "optim.lrr"),
+        ("params:\n  model.backbone: {choice: [resnet50, vgg16]}\n", "vgg16"),
+        ("params:\n  optim.lr: {loguniform: [0.1, 0.01]}\n", "impossible range"),
+        ("params:\n  optim.lr: {loguniform: [0.0, 0.01]}\n", "low > 0"),
+        ("params:\n  augment.blur_p: {uniform: [0.0, 1.5]}\n", "augment.blur_p"),
+        ("params:\n  train.epochs: {int: [1.5, 3]}\n", "integer bounds"),
+        ("params:\n  optim.lr: {normal: [0, 1]}\n", "exactly one of"),
+        (
+            "params:\n  optim.momentum: {uniform: [0.8, 0.9], if: {optim.name: sgd}}\n"
+            "  optim.name: {choice: [sgd, adam]}\n",
+            "listed before",
+        ),
+        ("params: {}\n", "'params'"),
+        ("params:\n  optim.lr: {uniform: [0.1, 0.2]}\nextras: 1\n", "top-level keys"),
+        ("params:\n  optim.lr: {uniform: [0.1, 0.2]}\nbaselines: [missing.yaml]\n", "missing.yaml"),
+    ],
+)
 def test_bad_spaces_fail_naming_the_problem(tmp_path, demo_base, body, message):
     path = write_space(tmp_path, body)
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,5 @@
 """Ray workers import search/ from the copy the driver ships with the job: it is not installed."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ print(ray.get(where.remote()))
 def test_workers_import_the_trainable_from_the_shipped_package(tmp_path):
     """A driver outside the repo, no PYTHONPATH: the worker's search/ is the shipped copy."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = Path(proc.stdout.strip().splitlines()[-1])
     assert "runtime_resources" in found.parts, f"the worker imported {found}, not the shipped copy"

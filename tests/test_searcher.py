@@ -1,4 +1,5 @@
 """StudySearcher driven the way Tune drives it, on a real Optuna study in SQLite (no Ray run)."""
+
 from __future__ import annotations
 
 import pickle
@@ -30,9 +31,16 @@ def storage(tmp_path):
 
 
 def make(space, storage, **kwargs) -> StudySearcher:
-    return StudySearcher(space, metric=METRIC, mode="max", storage=storage, study_name="s1",
-                         sampler=optuna.samplers.TPESampler(seed=0), max_epochs=MAX_EPOCHS,
-                         **kwargs)
+    return StudySearcher(
+        space,
+        metric=METRIC,
+        mode="max",
+        storage=storage,
+        study_name="s1",
+        sampler=optuna.samplers.TPESampler(seed=0),
+        max_epochs=MAX_EPOCHS,
+        **kwargs,
+    )
 
 
 def result(epoch: int, value: float | None = None) -> dict:
@@ -120,8 +128,9 @@ def test_restore_continues_the_study_without_doubling_or_losing_a_trial(space, s
     assert state["c"].state == TrialState.COMPLETE
     assert state["c"].intermediate_values == {1: 0.4, 2: 0.45, 3: 0.5}
     assert state["d"].state == TrialState.FAIL and state["e"].state == TrialState.RUNNING
-    assert state["c"].params == {k: space.params[space.keys.index(k)].encode(v)
-                                 for k, v in configs["c"].items()}
+    assert state["c"].params == {
+        k: space.params[space.keys.index(k)].encode(v) for k, v in configs["c"].items()
+    }
 
 
 def test_an_errored_trial_that_resume_runs_again_gets_a_second_record(space, storage, tmp_path):
@@ -142,8 +151,11 @@ def test_an_errored_trial_that_resume_runs_again_gets_a_second_record(space, sto
 
     trials = optuna.load_study(study_name="s1", storage=storage).trials
     assert [(t.user_attrs[TRIAL_ATTR], t.state) for t in trials] == [
-        ("x", TrialState.FAIL), ("y", TrialState.FAIL),
-        ("x", TrialState.COMPLETE), ("y", TrialState.COMPLETE)]
+        ("x", TrialState.FAIL),
+        ("y", TrialState.FAIL),
+        ("x", TrialState.COMPLETE),
+        ("y", TrialState.COMPLETE),
+    ]
     again_x, again_y = trials[2:]
     assert again_x.params == trials[0].params and again_x.value == pytest.approx(0.4)
     assert again_x.intermediate_values == pytest.approx({1: 0.1, 2: 0.3, 3: 0.4})

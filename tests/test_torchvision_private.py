@@ -2,6 +2,7 @@
 
 A torchvision upgrade fails here first: re-check each helper, then update TESTED_WITH.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,8 @@ def test_pinned_version() -> None:
     installed = torchvision.__version__.split("+")[0]
     assert installed == tvp.TESTED_WITH, (
         f"torchvision {installed} is installed but cellseg/torchvision_private.py was checked "
-        f"against {tvp.TESTED_WITH}: re-check its helpers, then update TESTED_WITH")
+        f"against {tvp.TESTED_WITH}: re-check its helpers, then update TESTED_WITH"
+    )
 
 
 def test_expand_masks_pads_and_returns_the_scale() -> None:

@@ -1,4 +1,5 @@
 """cellseg.tracking.Tracker on a real MLflow SQLite store: what each method writes and reads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ def test_a_run_records_its_dataset_as_input_and_tag(tracker: Tracker, tmp_path: 
     (tmp_path / "cells" / "train" / "a" / "image.tif").write_bytes(b"x" * 7)
     data = dataset_fingerprint(DataConfig(root=str(tmp_path / "cells")))
     parent = tracker.start_run("e", "parent")
-    run_id = tracker.start_run("e", "child", params={"optim.lr": 0.1}, tags={"k": "v"},
-                               parent_run_id=parent, dataset=data)
+    run_id = tracker.start_run(
+        "e", "child", params={"optim.lr": 0.1}, tags={"k": "v"}, parent_run_id=parent, dataset=data
+    )
     run = MlflowClient(tracker.uri).get_run(run_id)
     assert run.data.params == {"optim.lr": "0.1"}
     assert run.data.tags["k"] == "v" and run.data.tags["mlflow.parentRunId"] == parent
@@ -49,7 +51,12 @@ def test_a_run_records_its_dataset_as_input_and_tag(tracker: Tracker, tmp_path: 
     assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "training")]
     record = tracker.record(run_id)
     assert (record.name, record.status, record.source, record.parent_id, record.fingerprint) == (
-        "child", "RUNNING", "", parent, data.digest)
+        "child",
+        "RUNNING",
+        "",
+        parent,
+        data.digest,
+    )
 
 
 def test_finish_run_names_the_best_after_the_metric(tracker: Tracker, tmp_path: Path) -> None:
@@ -66,8 +73,7 @@ def test_finish_run_names_the_best_after_the_metric(tracker: Tracker, tmp_path: 
     path = tracker.download_checkpoint(run_id, tmp_path / "dl")
     assert path.name == BEST and torch.load(path) == {"w": 1}
     client = MlflowClient(tracker.uri)
-    assert {a.path for a in client.list_artifacts(run_id)} == {"checkpoint", "config.yaml",
-                                                               "pictures"}
+    assert {a.path for a in client.list_artifacts(run_id)} == {"checkpoint", "config.yaml", "pictures"}
 
     no_metric = tracker.start_run("e", "diverged")
     tracker.finish_run(no_metric, tmp_path / "empty", cfg, float("nan"), status="KILLED")
@@ -92,7 +98,8 @@ def test_fail_reopen_and_unknown_runs(tracker: Tracker) -> None:
 
 def test_records_filter_and_order(tracker: Tracker) -> None:
     assert tracker.records("absent") == []
-    ids = [tracker.start_run("e", f"r{i}", tags={"cellseg.source": "train" if i else "search"})
-           for i in range(3)]
+    ids = [
+        tracker.start_run("e", f"r{i}", tags={"cellseg.source": "train" if i else "search"}) for i in range(3)
+    ]
     assert [r.run_id for r in tracker.records("e")] == ids  # oldest first
     assert [r.name for r in tracker.records("e", "tags.`cellseg.source` = 'train'")] == ["r1", "r2"]

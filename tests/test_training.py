@@ -1,5 +1,6 @@
 """fit(): checkpoints and per-epoch reports; exact resume; non-finite losses; learning; the
 pictures drawn from a run directory afterwards."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,23 +16,40 @@ from cellseg.run_pictures import write_run_pictures
 from cellseg.training import FitResult, fit
 
 DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_loss_classifier", "train_loss_mask",
-               "val_loss", "segm_AP50", "segm_AP", "bbox_AP50",
-               *(f"segm_AP50_class{c}" for c in range(1, 5))}
+METRIC_KEYS = {
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_loss_classifier",
+    "train_loss_mask",
+    "val_loss",
+    "segm_AP50",
+    "segm_AP",
+    "bbox_AP50",
+    *(f"segm_AP50_class{c}" for c in range(1, 5)),
+}
 
 
 def tiny_config(root: Path, out: Path, epochs: int, *extra: str) -> Config:
     """The demo preset at 64-128 px, with val_loss: a few seconds per epoch on 8 small images."""
-    return load_config(DEMO, [f"train.epochs={epochs}", "model.min_size=64", "model.max_size=128",
-                              f"data.root={root}", f"train.output_dir={out}",
-                              "train.val_loss=true", *extra])
+    return load_config(
+        DEMO,
+        [
+            f"train.epochs={epochs}",
+            "model.min_size=64",
+            "model.max_size=128",
+            f"data.root={root}",
+            f"train.output_dir={out}",
+            "train.val_loss=true",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 easy images: 7 train (3 steps of 2 per epoch, last one dropped), 1 validation."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", 8, 2, seed=0,
-                                  profile="easy")
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", 8, 2, seed=0, profile="easy")
 
 
 class Crash(Exception):
@@ -74,6 +92,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 # ----------------------------------------------------------------------------- one run
+
 
 def test_fit_writes_checkpoints_and_reports_every_epoch(two_epochs) -> None:
     cfg, result, recorder = two_epochs
@@ -130,6 +149,7 @@ def test_train_loss_falls_and_lr_follows_cosine(two_epochs) -> None:
 
 # ----------------------------------------------------------------------------- resume
 
+
 def test_resume_with_more_epochs_matches_one_run(two_epochs, tiny_root: Path, tmp_path: Path) -> None:
     """1 epoch, then resumed to 2 epochs: the same weights and losses as 2 epochs in one go.
 
@@ -141,8 +161,13 @@ def test_resume_with_more_epochs_matches_one_run(two_epochs, tiny_root: Path, tm
     fit(tiny_config(tiny_root, tmp_path, 1), run_dir=run_dir, progress=False)
     assert load_checkpoint(run_dir / LAST)["epoch"] == 1
     recorder = Recorder()
-    resumed = fit(tiny_config(tiny_root, tmp_path, 2), run_dir=run_dir, resume_from=run_dir,
-                  report=recorder, progress=False)
+    resumed = fit(
+        tiny_config(tiny_root, tmp_path, 2),
+        run_dir=run_dir,
+        resume_from=run_dir,
+        report=recorder,
+        progress=False,
+    )
     assert [int(m["epoch"]) for m, _ in recorder.calls] == [2]  # only the missing epoch ran
     assert len(resumed.history) == 2
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in reference.history]
@@ -170,11 +195,13 @@ def test_resume_after_crash_into_new_directory(two_epochs, tiny_root: Path, tmp_
 
 # ----------------------------------------------------------------------------- failure
 
+
 def test_non_finite_loss_raises_with_loss_names(tiny_root: Path, tmp_path: Path) -> None:
     # SGD at lr 1e6 without warmup or clipping: the first update blows the weights up and the
     # second forward pass gives NaN losses (measured: NaN classifier/box/mask losses at step 2).
-    cfg = tiny_config(tiny_root, tmp_path, 1, "optim.name=sgd", "optim.lr=1e6",
-                      "optim.grad_clip=0", "optim.warmup_epochs=0")
+    cfg = tiny_config(
+        tiny_root, tmp_path, 1, "optim.name=sgd", "optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_epochs=0"
+    )
     recorder = Recorder()
     with pytest.raises(NonFiniteLossError) as info:
         fit(cfg, run_dir=tmp_path / "nan", report=recorder, progress=False)
@@ -189,6 +216,7 @@ def test_non_finite_loss_raises_with_loss_names(tiny_root: Path, tmp_path: Path)
 
 # ----------------------------------------------------------------------------- learning
 
+
 @pytest.mark.slow
 def test_demo_preset_learns_easy_synthetic_cells(tmp_path: Path) -> None:
     """The demo preset (ResNet-18 from scratch, CPU) learns the easy synthetic set in 6 epochs.
@@ -202,8 +230,7 @@ def test_demo_preset_learns_easy_synthetic_cells(tmp_path: Path) -> None:
     (the same seed reproduced every loss and AP exactly). About 2 minutes on 2 idle cores.
     """
     root = make_synthetic_dataset(tmp_path / "data", 30, 2, seed=0, profile="easy")
-    cfg = load_config(DEMO, ["train.epochs=6", f"data.root={root}",
-                             f"train.output_dir={tmp_path}"])
+    cfg = load_config(DEMO, ["train.epochs=6", f"data.root={root}", f"train.output_dir={tmp_path}"])
     result = fit(cfg, run_dir=tmp_path / "learn", progress=False)
     curve = [round(h["segm_AP50"], 3) for h in result.history]
     first, last = result.history[0], result.history[-1]

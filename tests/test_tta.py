@@ -1,5 +1,6 @@
 """Test-time flips and the merge of passes (cellseg.tta) on hand-made detections, an exactly
 flip-equivariant detector and a tiny random Mask R-CNN."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ def detections(boxes, labels, scores, masks=None, size=SIZE) -> Detections:
 
 # ----------------------------------------------------------------------------- merge rule
 
+
 def test_matched_detections_are_averaged():
     first = detections([[10, 10, 30, 30]], [1], [0.9], torch.full((1, M, M), 0.8))
     second = detections([[12, 10, 32, 30]], [1], [0.5], torch.full((1, M, M), 0.4))  # IoU 0.82
@@ -42,7 +44,11 @@ def test_unmatched_detections_count_zero_in_the_passes_that_missed_them():
     merged = merge_detections([first, second, third], iou_threshold=0.5)
     got = sorted(zip(merged.scores.tolist(), merged.labels.tolist(), merged.boxes.tolist()))
     assert [(round(s, 6), label) for s, label, _ in got] == [
-        (0.1, 1), (0.2, 2), (0.3, 3), (0.4, 1)]  # 0.3/3, 0.6/3, 0.9/3, (0.9 + 0.3)/3
+        (0.1, 1),
+        (0.2, 2),
+        (0.3, 3),
+        (0.4, 1),
+    ]  # 0.3/3, 0.6/3, 0.9/3, (0.9 + 0.3)/3
     assert torch.allclose(merged.masks[merged.scores.argmax()], torch.tensor(2 / 3))
     assert torch.allclose(merged.masks[merged.scores.argmin()], torch.tensor(1 / 3))
 
@@ -104,6 +110,7 @@ def test_unflip_maps_boxes_and_masks_and_is_its_own_inverse():
 
 # ----------------------------------------------------------------------------- flip-equivariant detector
 
+
 def component_detector(image: torch.Tensor) -> Detections:
     """Bright blobs of channel 0 as detections: box, mean channel-1 intensity as score, the blob's
     box crop average-pooled to M x M as mask, class 1 or 2 by score, highest score first. Exactly
@@ -116,9 +123,13 @@ def component_detector(image: torch.Tensor) -> Detections:
         scores.append(float(image[1][rows, cols][inside.bool()].mean()))
         masks.append(F.adaptive_avg_pool2d(inside[None], (M, M))[0])
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return detections([boxes[i] for i in order], [1 if scores[i] > 0.5 else 2 for i in order],
-                      [scores[i] for i in order], torch.stack([masks[i] for i in order]),
-                      tuple(image.shape[1:]))
+    return detections(
+        [boxes[i] for i in order],
+        [1 if scores[i] > 0.5 else 2 for i in order],
+        [scores[i] for i in order],
+        torch.stack([masks[i] for i in order]),
+        tuple(image.shape[1:]),
+    )
 
 
 def blob_image() -> torch.Tensor:
@@ -149,13 +160,21 @@ def test_tta_of_a_flip_equivariant_detector_equals_no_tta():
 
 # ----------------------------------------------------------------------------- a real Mask R-CNN
 
+
 @pytest.fixture(scope="module")
 def model() -> MaskRCNN:
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    return MaskRCNN(backbone, num_classes=5, min_size=64, max_size=128, box_score_thresh=0.0,
-                    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                    box_detections_per_img=20).eval()
+    return MaskRCNN(
+        backbone,
+        num_classes=5,
+        min_size=64,
+        max_size=128,
+        box_score_thresh=0.0,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=50,
+        box_detections_per_img=20,
+    ).eval()
 
 
 def decoded(rles: list[dict]) -> np.ndarray:
@@ -178,8 +197,14 @@ def test_ensemble_of_one_model_equals_that_model(model):
 def test_tta_on_a_real_model_stays_in_bounds(model):
     torch.manual_seed(4)
     image = torch.rand(3, 45, 66)
-    merged = predict_merged([model_detector(model)], image, flips=["hflip", "vflip"],
-                            iou_threshold=0.5, max_detections=20, score_threshold=0.01)
+    merged = predict_merged(
+        [model_detector(model)],
+        image,
+        flips=["hflip", "vflip"],
+        iou_threshold=0.5,
+        max_detections=20,
+        score_threshold=0.01,
+    )
     assert 0 < len(merged.scores) <= 20
     assert (merged.scores >= 0.01).all() and (np.diff(merged.scores) <= 0).all()
     assert all(rle["size"] == [45, 66] for rle in merged.rles)

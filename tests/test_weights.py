@@ -1,13 +1,14 @@
 """cellseg.weights: ImageNet files downloaded through torch.hub from a locally served mirror,
 clear errors without a network, and the one weights_only reader."""
+
 from __future__ import annotations
 
 import functools
 import hashlib
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -39,8 +40,7 @@ class Mirror:
             def log_message(self, *args) -> None:
                 mirror.requests.append(self.path)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                          functools.partial(Handler, directory=str(folder)))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
         self.url = f"http://127.0.0.1:{self.server.server_port}/models"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -81,7 +81,8 @@ def test_fetch_downloads_a_served_file_once_and_checks_its_hash(served, tmp_path
 
 
 def test_imagenet_downloads_through_the_mirror_and_refuses_a_wrong_file(
-        served, torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served, torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mirror, folder = served
     monkeypatch.setenv(MIRROR_ENV, mirror.url + "/")
     assert imagenet_url("resnet18") == f"{mirror.url}/{R18_NAME}"
@@ -95,21 +96,28 @@ def test_imagenet_downloads_through_the_mirror_and_refuses_a_wrong_file(
 
 
 def test_without_network_the_error_names_url_path_and_the_ways_out(
-        torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}/models")  # nobody listens
     with pytest.raises(WeightsError) as info:
         resolve_weights("imagenet", "resnet50")
     message = str(info.value)
-    for part in (imagenet_url("resnet50"), str(torch_home / "resnet50-0676ba61.pth"),
-                 "TORCH_HOME", MIRROR_ENV, "'none'"):
+    for part in (
+        imagenet_url("resnet50"),
+        str(torch_home / "resnet50-0676ba61.pth"),
+        "TORCH_HOME",
+        MIRROR_ENV,
+        "'none'",
+    ):
         assert part in message
     monkeypatch.setenv(MIRROR_ENV, f"file://{torch_home.parent / 'nowhere'}")
     with pytest.raises(WeightsError, match="nowhere/resnet50-0676ba61.pth"):
         imagenet_file("resnet50")
 
 
-def test_a_cached_file_is_used_without_any_download(torch_home: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cached_file_is_used_without_any_download(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}/models")  # would fail
     torch_home.mkdir(parents=True)
     torch.save({"w": torch.ones(2)}, torch_home / R18_NAME)

@@ -1,4 +1,5 @@
 """Writing TIFF files for the tests that real data never holds: huge, yet small on disk."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,14 @@ def write_zeros_lzw(path: Path, shape: tuple[int, ...], dtype: type) -> Path:
     row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
     full, last = (imagecodecs.lzw_encode(bytes(row_bytes * n)) for n in (rows, shape[0] % rows or rows))
     strips = [full] * (-(-shape[0] // rows) - 1) + [last]
-    tifffile.imwrite(path, data=iter(strips), shape=shape, dtype=dtype, compression="lzw",
-                     rowsperstrip=rows, photometric="rgb" if len(shape) == 3 else "minisblack",
-                     metadata=None)
+    tifffile.imwrite(
+        path,
+        data=iter(strips),
+        shape=shape,
+        dtype=dtype,
+        compression="lzw",
+        rowsperstrip=rows,
+        photometric="rgb" if len(shape) == 3 else "minisblack",
+        metadata=None,
+    )
     return path

@@ -1,4 +1,5 @@
 """Reading, validating and serving the cell dataset, plus synthetic data in the same layout."""
+
 from cellseg.data.augment import build_augment
 from cellseg.data.dataset import CellDataset, collate, split_items
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint

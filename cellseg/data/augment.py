@@ -7,11 +7,12 @@ Geometric transforms move the label maps with the image (nearest neighbour, ids 
 photometric ones leave them untouched. Inputs are never modified in place (the dataset may cache
 them). Boxes, labels and masks are derived from the label maps afterwards.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -53,8 +54,13 @@ def rot90(
 
 
 def scale_crop(
-    image: np.ndarray, label_maps: np.ndarray, rng: np.random.Generator, *,
-    scale_min: float, scale_max: float, crop_size: int
+    image: np.ndarray,
+    label_maps: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    scale_min: float,
+    scale_max: float,
+    crop_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale by a factor uniform in [scale_min, scale_max], then crop sides above crop_size."""
     f = rng.uniform(scale_min, scale_max)
@@ -157,8 +163,10 @@ class Compose:
 def build_augment(cfg: AugmentConfig) -> Compose | None:
     """The configured pipeline (geometric first, then photometric); None when every p is 0."""
     steps: tuple[tuple[float, Transform], ...] = (
-        (cfg.scale_crop_p, partial(scale_crop, scale_min=cfg.scale_min, scale_max=cfg.scale_max,
-                                   crop_size=cfg.crop_size)),
+        (
+            cfg.scale_crop_p,
+            partial(scale_crop, scale_min=cfg.scale_min, scale_max=cfg.scale_max, crop_size=cfg.crop_size),
+        ),
         (cfg.hflip_p, hflip),
         (cfg.vflip_p, vflip),
         (cfg.rot90_p, rot90),

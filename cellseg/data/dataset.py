@@ -1,7 +1,9 @@
 """The torch Dataset of training samples, the seeded train/validation split and the collate."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,6 +4,7 @@ It hashes the training files' names and sizes (relative to ``train/``, so a move
 fingerprint), the test mapping's bytes and the split settings; nothing is decoded. Two datasets
 with the same fingerprint give the same training split and the same test images to predict.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellseg.config import DataConfig
-from cellseg.errors import DataError
 from cellseg.data.layout import MAPPING_FILE
+from cellseg.errors import DataError
 
 DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
 
@@ -33,9 +34,14 @@ class DataFingerprint:
 
     def profile(self) -> dict[str, object]:
         """What the digest covers, for MLflow's dataset profile and error messages."""
-        return {"train_images": self.train_images, "train_files": self.train_files,
-                "train_bytes": self.train_bytes, "mapping_sha256": self.mapping_sha256,
-                "val_fraction": self.val_fraction, "split_seed": self.split_seed}
+        return {
+            "train_images": self.train_images,
+            "train_files": self.train_files,
+            "train_bytes": self.train_bytes,
+            "mapping_sha256": self.mapping_sha256,
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+        }
 
 
 def dataset_fingerprint(data_cfg: DataConfig) -> DataFingerprint:
@@ -56,7 +62,14 @@ def dataset_fingerprint(data_cfg: DataConfig) -> DataFingerprint:
     mapping_sha = hashlib.sha256(mapping.read_bytes()).hexdigest() if mapping.is_file() else "absent"
     sha.update(f"{MAPPING_FILE}\t{mapping_sha}\n".encode())
     sha.update(f"split\t{data_cfg.val_fraction!r}\t{data_cfg.split_seed}\n".encode())
-    return DataFingerprint(name=root.name, root=str(root), digest=sha.hexdigest()[:DIGEST_CHARS],
-                           train_images=images, train_files=files, train_bytes=size,
-                           mapping_sha256=mapping_sha, val_fraction=data_cfg.val_fraction,
-                           split_seed=data_cfg.split_seed)
+    return DataFingerprint(
+        name=root.name,
+        root=str(root),
+        digest=sha.hexdigest()[:DIGEST_CHARS],
+        train_images=images,
+        train_files=files,
+        train_bytes=size,
+        mapping_sha256=mapping_sha,
+        val_fraction=data_cfg.val_fraction,
+        split_seed=data_cfg.split_seed,
+    )

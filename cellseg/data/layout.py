@@ -8,6 +8,7 @@
 Names starting with "." (``.DS_Store``, ``.ipynb_checkpoints``) are operating-system noise and
 are skipped everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ import numpy as np
 from cellseg.data.tiff_io import image_shape
 from cellseg.errors import DataError
 from cellseg.task import NUM_CLASSES
+
 CLASS_FILES = {f"class{c}.tif": c for c in range(1, NUM_CLASSES + 1)}
 IMAGE_FILE = "image.tif"
 MAPPING_FILE = "test_image_name_to_ids.json"
@@ -67,9 +69,7 @@ def scan_train(root: str | Path) -> list[TrainItem]:
     for folder in (p for p in _visible(train) if p.is_dir()):
         names = {p.name for p in _visible(folder)}
         if IMAGE_FILE not in names:
-            raise DataError(
-                f"{folder}: training folder without {IMAGE_FILE}; add it or remove the folder"
-            )
+            raise DataError(f"{folder}: training folder without {IMAGE_FILE}; add it or remove the folder")
         unknown = sorted(names - {IMAGE_FILE} - CLASS_FILES.keys())
         if unknown:
             warnings.warn(
@@ -143,8 +143,9 @@ def load_test_images(root: str | Path) -> list[TestImage]:
         ids.add(image_id)
         images.append(TestImage(name, image_id, height, width, path))
     for path in (p for p in _visible(folder) if p.is_file() and p.name not in names):
-        warnings.warn(f"{path}: not in {MAPPING_FILE}, ignored (add it to the mapping to predict "
-                      "it)", stacklevel=2)
+        warnings.warn(
+            f"{path}: not in {MAPPING_FILE}, ignored (add it to the mapping to predict it)", stacklevel=2
+        )
     return sorted(images, key=lambda t: t.image_id)
 
 

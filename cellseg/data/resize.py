@@ -6,6 +6,7 @@ time. Shrinking the image and the four label maps first, with the transform's ow
 the transform nothing to do (its scale is then 1) and makes the masks at the small size; the
 shared rule is stated in ``cellseg.input_scale``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from cellseg.input_scale import model_scale, resize_image
 
 
-def downscale_sample(image: np.ndarray, label_maps: np.ndarray, min_size: int,
-                     max_size: int) -> tuple[np.ndarray, np.ndarray]:
+def downscale_sample(
+    image: np.ndarray, label_maps: np.ndarray, min_size: int, max_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (H, W, 3) bilinear and ``label_maps`` (C, H, W) nearest, as the transform would
     resize them, when that scale is below 1; unchanged otherwise."""
     height, width = image.shape[:2]
@@ -26,5 +28,7 @@ def downscale_sample(image: np.ndarray, label_maps: np.ndarray, min_size: int,
     out_h, out_w = resized.shape[-2:]
     rows = np.minimum(np.floor(np.arange(out_h) * (height / out_h)).astype(np.int64), height - 1)
     cols = np.minimum(np.floor(np.arange(out_w) * (width / out_w)).astype(np.int64), width - 1)
-    return (np.ascontiguousarray(resized.numpy().transpose(1, 2, 0)),
-            np.ascontiguousarray(label_maps[:, rows[:, None], cols[None, :]]))
+    return (
+        np.ascontiguousarray(resized.numpy().transpose(1, 2, 0)),
+        np.ascontiguousarray(label_maps[:, rows[:, None], cols[None, :]]),
+    )

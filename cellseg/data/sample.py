@@ -4,15 +4,15 @@ An instance is a (class, id) pair with a nonzero id in that class's map. Keeping
 instead of one binary mask per instance stays small, keeps ids above 255, and lets a pixel
 labelled in two class files belong to both instances.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from cellseg.config import DataConfig
-from cellseg.errors import DataError
 from cellseg.data.layout import (
     CLASS_FILES,
     NUM_CLASSES,
@@ -20,12 +20,14 @@ from cellseg.data.layout import (
     TrainItem,
 )
 from cellseg.data.tiff_io import read_image, read_mask
+from cellseg.errors import DataError
 
 GROUND_TRUTH_FOLDER = "test_ground_truth"
 
 
-def load_label_maps(class_paths: Mapping[int, Path], shape: tuple[int, int], *,
-                    max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
+def load_label_maps(
+    class_paths: Mapping[int, Path], shape: tuple[int, int], *, max_pixels: int = DataConfig.max_pixels
+) -> np.ndarray:
     """int32 (4, H, W): class c's instance ids at index c - 1, zeros where its file is absent."""
     label_maps = np.zeros((NUM_CLASSES, *shape), np.int32)
     for c, path in class_paths.items():
@@ -38,8 +40,9 @@ def instance_counts(label_maps: np.ndarray) -> list[int]:
     return [len(np.unique(ids[ids != 0])) for ids in label_maps]
 
 
-def load_sample(item: TrainItem, *, max_pixels: int = DataConfig.max_pixels,
-                max_instances: int = DataConfig.max_instances) -> tuple[np.ndarray, np.ndarray]:
+def load_sample(
+    item: TrainItem, *, max_pixels: int = DataConfig.max_pixels, max_instances: int = DataConfig.max_instances
+) -> tuple[np.ndarray, np.ndarray]:
     """The float32 (H, W, 3) image and int32 (4, H, W) label maps of one training folder.
 
     DataError when a file holds more than ``max_pixels`` (from its header, before decoding) or the
@@ -70,4 +73,3 @@ def ground_truth_maps(root: str | Path, test_image: TestImage) -> np.ndarray:
         raise DataError(f"{folder}: ground-truth folder of {test_image.file_name} not found")
     class_paths = {c: folder / n for n, c in CLASS_FILES.items() if (folder / n).is_file()}
     return load_label_maps(class_paths, (test_image.height, test_image.width))
-

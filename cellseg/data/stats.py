@@ -3,6 +3,7 @@
 Every image and mask is decoded as training and export decode it, so a broken file is found here,
 before a search, with the same error naming it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,15 +27,22 @@ def _size_summary(shapes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
         return {}
     array = np.asarray(shapes)
     return {
-        axis: {"min": int(array[:, i].min()), "median": float(np.median(array[:, i])),
-               "max": int(array[:, i].max())}
+        axis: {
+            "min": int(array[:, i].min()),
+            "median": float(np.median(array[:, i])),
+            "max": int(array[:, i].max()),
+        }
         for i, axis in enumerate(("height", "width"))
     }
 
 
 def dataset_stats(
-    root: str | Path, detections_per_img: int, *, max_pixels: int = DataConfig.max_pixels,
-    max_instances: int = DataConfig.max_instances, progress: bool = True
+    root: str | Path,
+    detections_per_img: int,
+    *,
+    max_pixels: int = DataConfig.max_pixels,
+    max_instances: int = DataConfig.max_instances,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Scan the training masks (and the test mapping, when present) of a dataset.
 
@@ -48,8 +56,7 @@ def dataset_stats(
     per_image: list[int] = []
     areas: dict[int, list[np.ndarray]] = {c: [] for c in range(1, NUM_CLASSES + 1)}
     images_with: dict[int, int] = dict.fromkeys(areas, 0)
-    for item in tqdm(items, desc="scanning train", unit="image", file=sys.stderr,
-                     disable=not progress):
+    for item in tqdm(items, desc="scanning train", unit="image", file=sys.stderr, disable=not progress):
         image, label_maps = load_sample(item, max_pixels=max_pixels, max_instances=max_instances)
         shapes.append(image.shape[:2])
         count = 0
@@ -74,8 +81,10 @@ def dataset_stats(
             test_shapes.append((test_image.height, test_image.width))
             actual = image_shape(test_image.path, max_pixels=max_pixels)
             if actual != test_shapes[-1]:
-                warnings.append(f"{test_image.path}: size {actual} in its header differs from the "
-                                f"mapping's {test_shapes[-1]} (height, width); not decoded")
+                warnings.append(
+                    f"{test_image.path}: size {actual} in its header differs from the "
+                    f"mapping's {test_shapes[-1]} (height, width); not decoded"
+                )
             else:  # decoded as export decodes it, so a broken file fails here
                 read_image(test_image.path, max_pixels=max_pixels)
 
@@ -86,15 +95,16 @@ def dataset_stats(
         "image_size": _size_summary(shapes),
         "test_image_size": _size_summary(test_shapes),
         "instances_per_class": {
-            f"class{c}": {"instances": int(len(a)), "images": images_with[c]}
-            for c, a in all_areas.items()
+            f"class{c}": {"instances": int(len(a)), "images": images_with[c]} for c, a in all_areas.items()
         },
-        "instances_per_image": {"median": float(np.median(per_image)),
-                                "mean": float(np.mean(per_image)), "max": max(per_image)},
+        "instances_per_image": {
+            "median": float(np.median(per_image)),
+            "mean": float(np.mean(per_image)),
+            "max": max(per_image),
+        },
         "max_instances_per_image": max(per_image),
         "area_percentiles": {
-            f"class{c}": {f"p{p}": (float(np.percentile(a, p)) if len(a) else None)
-                          for p in PERCENTILES}
+            f"class{c}": {f"p{p}": (float(np.percentile(a, p)) if len(a) else None) for p in PERCENTILES}
             for c, a in all_areas.items()
         },
         "warnings": warnings,
@@ -110,11 +120,11 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines = [f"train images: {stats['num_train_images']}   test images: {stats['num_test_images']}"]
     for key, title in (("image_size", "train size"), ("test_image_size", "test size")):
         for axis, s in stats[key].items():
-            lines.append(f"{title} {axis:>6}: min {s['min']}  median {_cell(s['median'])}  "
-                         f"max {s['max']}")
+            lines.append(f"{title} {axis:>6}: min {s['min']}  median {_cell(s['median'])}  max {s['max']}")
     ipi = stats["instances_per_image"]
-    lines.append(f"instances per image: median {_cell(ipi['median'])}  mean {ipi['mean']:.1f}  "
-                 f"max {ipi['max']}")
+    lines.append(
+        f"instances per image: median {_cell(ipi['median'])}  mean {ipi['mean']:.1f}  max {ipi['max']}"
+    )
     header = ["class", "instances", "images"] + [f"area p{p}" for p in PERCENTILES]
     rows = [
         [name, str(counts["instances"]), str(counts["images"])]

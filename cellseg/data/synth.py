@@ -13,6 +13,7 @@ Classes look different: 1 large pale-pink round, 2 small dark-purple nuclei, 3 m
 orange-brown, 4 large brown or blue blobs. Test ground truth goes to
 ``test_ground_truth/<stem>/classN.tif`` (outside the test folder), read by ``ground_truth_maps``.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.data.layout import IMAGE_FILE, MAPPING_FILE, NUM_CLASSES
-from cellseg.errors import DataError
 from cellseg.data.sample import GROUND_TRUTH_FOLDER
 from cellseg.data.tiff_io import write_image, write_mask
+from cellseg.errors import DataError
 
 PROFILES = ("realistic", "easy")
 CLASS_SHARE = np.array([0.15, 0.78, 0.04, 0.03])  # real instance shares of classes 1-4
@@ -76,8 +77,9 @@ class _Cell:
     colour: np.ndarray
 
 
-def _realistic_plans(rng: np.random.Generator, n: int, test: bool, min_side: int, max_side: int,
-                     max_cells: int) -> list[_Plan]:
+def _realistic_plans(
+    rng: np.random.Generator, n: int, test: bool, min_side: int, max_side: int, max_cells: int
+) -> list[_Plan]:
     """Per-image sizes and features; the first few images force every quirk to appear."""
     ranges = [(min_side, 63), (64, 95), (96, 400), (max(401, max_side * 4 // 5), max_side)]
 
@@ -111,8 +113,10 @@ def _realistic_plans(rng: np.random.Generator, n: int, test: bool, min_side: int
 
 
 def _easy_plans(rng: np.random.Generator, n: int) -> list[_Plan]:
-    return [_Plan(int(rng.integers(64, 161)), int(rng.integers(64, 161)), int(rng.integers(2, 13)))
-            for _ in range(n)]
+    return [
+        _Plan(int(rng.integers(64, 161)), int(rng.integers(64, 161)), int(rng.integers(2, 13)))
+        for _ in range(n)
+    ]
 
 
 def _place(rng: np.random.Generator, plan: _Plan, cells: list[_Cell], easy: bool) -> list[_Cell]:
@@ -131,8 +135,9 @@ def _place(rng: np.random.Generator, plan: _Plan, cells: list[_Cell], easy: bool
 def _cluster(rng: np.random.Generator, plan: _Plan, n: int) -> np.ndarray:
     """n jittered points of a 16 px hexagonal grid around a random point: nuclei that touch."""
     step = 16.0
-    ys, xs = np.meshgrid(np.arange(0, plan.height, step * 0.866), np.arange(0, plan.width, step),
-                         indexing="ij")
+    ys, xs = np.meshgrid(
+        np.arange(0, plan.height, step * 0.866), np.arange(0, plan.width, step), indexing="ij"
+    )
     xs = xs + (np.arange(ys.shape[0])[:, None] % 2) * step / 2
     grid = np.stack([ys.ravel(), xs.ravel()], 1)
     centre = grid[rng.integers(len(grid))]
@@ -153,8 +158,14 @@ def _place_apart(rng: np.random.Generator, plan: _Plan, cells: list[_Cell]) -> l
     return placed
 
 
-def _paint(image: np.ndarray, label_maps: np.ndarray, occupied: np.ndarray, cell: _Cell,
-           index: int, claim_occupied: bool = False) -> bool:
+def _paint(
+    image: np.ndarray,
+    label_maps: np.ndarray,
+    occupied: np.ndarray,
+    cell: _Cell,
+    index: int,
+    claim_occupied: bool = False,
+) -> bool:
     """Draw one filled ellipse on its bounding box; False if under half of it is free."""
     h, w = occupied.shape
     r = cell.major + 1
@@ -179,14 +190,20 @@ def _paint(image: np.ndarray, label_maps: np.ndarray, occupied: np.ndarray, cell
     return True
 
 
-def _random_cell(rng: np.random.Generator, styles: tuple[_Style, ...], cls: int,
-                 scale: float = 1.0) -> _Cell:
+def _random_cell(rng: np.random.Generator, styles: tuple[_Style, ...], cls: int, scale: float = 1.0) -> _Cell:
     style = styles[cls - 1]
     major = rng.uniform(*style.radius) * scale
     colour = np.array(style.colours[rng.integers(len(style.colours))], np.float32)
     colour = np.clip(colour + rng.normal(0, 6, 3), 0, 255)
-    return _Cell(cls, 0.0, 0.0, major, major * rng.uniform(*style.ratio), rng.uniform(0, np.pi),
-                 colour.astype(np.float32))
+    return _Cell(
+        cls,
+        0.0,
+        0.0,
+        major,
+        major * rng.uniform(*style.ratio),
+        rng.uniform(0, np.pi),
+        colour.astype(np.float32),
+    )
 
 
 def _background(rng: np.random.Generator, h: int, w: int, easy: bool) -> np.ndarray:
@@ -244,8 +261,14 @@ def _render(rng: np.random.Generator, plan: _Plan, profile: str) -> tuple[np.nda
     return np.concatenate([rgb, alpha], axis=2), lut[label_maps]
 
 
-def _add_overlap(rng: np.random.Generator, image: np.ndarray, label_maps: np.ndarray,
-                 occupied: np.ndarray, drawn: list[_Cell], styles: tuple[_Style, ...]) -> None:
+def _add_overlap(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label_maps: np.ndarray,
+    occupied: np.ndarray,
+    drawn: list[_Cell],
+    styles: tuple[_Style, ...],
+) -> None:
     """Draw a small cell of another class on a drawn cell's rim, labelling shared pixels twice."""
     for _ in range(10):
         host = drawn[rng.integers(len(drawn))]
@@ -312,7 +335,8 @@ def make_synthetic_dataset(
         rgba, label_maps = _render(rng, plan, profile)
         write_image(out / "test_release" / f"{name}.tif", rgba)
         _write_masks(out / GROUND_TRUTH_FOLDER / name, label_maps)
-        mapping.append({"file_name": f"{name}.tif", "id": int(image_id),
-                        "height": plan.height, "width": plan.width})
+        mapping.append(
+            {"file_name": f"{name}.tif", "id": int(image_id), "height": plan.height, "width": plan.width}
+        )
     (out / MAPPING_FILE).write_text(json.dumps(mapping, indent=4))
     return out

@@ -1,4 +1,5 @@
 """Per-instance detection targets (boxes, labels, binary masks) from per-class label maps."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,10 +4,11 @@ Every read takes the size from the file's header first and refuses a file above 
 (``data.max_pixels``) or of an unexpected shape before any pixel is decoded: a few MB of LZW
 zeros can hold a 20000 x 20000 image that decodes to gigabytes.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import tifffile
@@ -53,8 +54,7 @@ def _header_shape(path: Path, tif: tifffile.TiffFile, max_pixels: int) -> tuple[
     return tuple(int(n) for n in page.shape)
 
 
-def _read_array(path: Path, max_pixels: int,
-                check_shape: Callable[[tuple[int, ...]], None]) -> np.ndarray:
+def _read_array(path: Path, max_pixels: int, check_shape: Callable[[tuple[int, ...]], None]) -> np.ndarray:
     """The first page of a TIFF file, decoded only once its header passed the pixel limit and
     ``check_shape``; DataError naming the file otherwise."""
     with _open(path) as tif:
@@ -96,8 +96,7 @@ def read_image(path: str | Path, *, max_pixels: int = DataConfig.max_pixels) -> 
         image = raw.astype(np.float32)
         if not np.isfinite(image).all() or image.min() < 0.0 or image.max() > 1.0:
             raise DataError(
-                f"{path}: float image values must be finite and lie in [0, 1]; "
-                "rescale it or save it as uint8"
+                f"{path}: float image values must be finite and lie in [0, 1]; rescale it or save it as uint8"
             )
     else:
         raise DataError(f"{path}: image type {raw.dtype} unsupported; save it as uint8 or uint16")
@@ -106,8 +105,9 @@ def read_image(path: str | Path, *, max_pixels: int = DataConfig.max_pixels) -> 
     return np.ascontiguousarray(image)
 
 
-def read_mask(path: str | Path, shape: tuple[int, int], *,
-              max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
+def read_mask(
+    path: str | Path, shape: tuple[int, int], *, max_pixels: int = DataConfig.max_pixels
+) -> np.ndarray:
     """An int32 (H, W) instance-id map (0 = background) from a float or integer TIFF mask.
 
     ``shape`` is the (height, width) of the image the mask belongs to.
@@ -147,13 +147,22 @@ def write_image(path: str | Path, rgba: np.ndarray) -> None:
     if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[2] != 4:
         raise ValueError(f"write_image needs (H, W, 4) uint8, got {rgba.shape} {rgba.dtype}")
     rows = max(1, _LZW_STRIP_BYTES // (rgba.shape[1] * 4))
-    tifffile.imwrite(path, rgba, photometric="rgb", compression="lzw", predictor=True,
-                     rowsperstrip=rows, metadata=None, software=False)
+    tifffile.imwrite(
+        path,
+        rgba,
+        photometric="rgb",
+        compression="lzw",
+        predictor=True,
+        rowsperstrip=rows,
+        metadata=None,
+        software=False,
+    )
 
 
 def write_mask(path: str | Path, ids: np.ndarray) -> None:
     """Write an (H, W) instance-id map as an uncompressed float64 TIFF, one row per strip."""
     if ids.ndim != 2:
         raise ValueError(f"write_mask needs an (H, W) array, got shape {ids.shape}")
-    tifffile.imwrite(path, ids.astype(np.float64), photometric="minisblack", rowsperstrip=1,
-                     metadata=None, software=False)
+    tifffile.imwrite(
+        path, ids.astype(np.float64), photometric="minisblack", rowsperstrip=1, metadata=None, software=False
+    )
