@@ -262,20 +262,6 @@ class Tracker:
         self.set_error(run_id, str(error) or type(error).__name__)
         self.end_run(run_id, "KILLED" if killed else "FAILED")
 
-    def find_runs(
-        self,
-        experiment: str,
-        filter_string: str = "",
-        order_by: list[str] | None = None,
-        max_results: int = 1000,
-    ) -> list:
-        experiment_obj = self.client.get_experiment_by_name(experiment)
-        if experiment_obj is None:
-            return []
-        return self.client.search_runs(
-            [experiment_obj.experiment_id], filter_string, order_by=order_by, max_results=max_results
-        )
-
     def record(self, run_id: str) -> RunRecord:
         """The run ``run_id``; TrackingError naming it when the store has no such run."""
         try:

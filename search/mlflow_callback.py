@@ -112,12 +112,12 @@ class MlflowTrialLogger(Callback):
 
     def setup(self, **info: Any) -> None:
         self._drill = drill_for(self.search_name)
-        for run in self.tracker.find_runs(self.experiment, f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
-            trial_id = run.data.tags.get(TRIAL_TAG)
+        for run in self.tracker.records(self.experiment, f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
+            trial_id = run.tags.get(TRIAL_TAG)
             if trial_id:
-                self._runs[trial_id] = run.info.run_id
-                self._logged_epoch[trial_id] = self.tracker.last_step(run.info.run_id, "epoch")
-                if run.info.status in _CLOSED:
+                self._runs[trial_id] = run.run_id
+                self._logged_epoch[trial_id] = self.tracker.last_step(run.run_id, "epoch")
+                if run.status in _CLOSED:
                     self._closed.add(trial_id)
         self.outbox.flush()
 
@@ -242,12 +242,12 @@ class MlflowTrialLogger(Callback):
         if trial_id in self._runs:
             self.tracker.reopen_run(self._runs[trial_id])
             return
-        found = self.tracker.find_runs(
+        found = self.tracker.records(
             self.experiment,
             f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
         )
         if found:  # created just before the store went away, the answer lost
-            self._runs[trial_id] = found[0].info.run_id
+            self._runs[trial_id] = found[0].run_id
             return
         cfg = self.trial_config(config)
         self._runs[trial_id] = self.tracker.start_run(

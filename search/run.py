@@ -259,14 +259,14 @@ def open_parent_run(
     """The search's parent run: created with ``params``, ``tags``, ``texts`` (artifact path ->
     content) and its ``dataset`` for a new search, found again by name and set RUNNING for
     ``resume``."""
-    found = tracker.find_runs(experiment, f"tags.`{SEARCH_TAG}` = '{name}'")
+    found = tracker.records(experiment, f"tags.`{SEARCH_TAG}` = '{name}'")
     if resume:
         if not found:
             raise TrackingError(
                 f"no search named {name!r} in experiment {experiment!r} of {tracker.uri} to resume"
             )
-        tracker.reopen_run(found[0].info.run_id)
-        return found[0].info.run_id
+        tracker.reopen_run(found[0].run_id)
+        return found[0].run_id
     if found:
         raise TrackingError(
             f"a search named {name!r} exists already; pass --resume to continue it or choose another --name"
