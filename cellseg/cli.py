@@ -203,9 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="dataset folder (default: the one stored in the checkpoint; required with --best)"
     )
     p.add_argument(
-        "--output",
-        default="test-results.json",
-        help="the submission; <stem>.provenance.json beside it names the model",
+        "--output", default="test-results.json", help="the submission (and <stem>.provenance.json)"
     )
     p.add_argument("--zip", help="also write a zip holding test-results.json")
     p.add_argument(

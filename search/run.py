@@ -77,13 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA keeps 1/this per rung")
-    p.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        help="fractions share a GPU (default without "
-        "--address: 1 if this machine has GPUs, else 0; needed with --address unless "
-        "the base config's train.device is cpu)",
+    gpus_help = (
+        "fractions share a GPU (default without --address: 1 if this machine has GPUs, else 0; "
+        "needed with --address unless the base config's train.device is cpu)"
     )
+    p.add_argument("--gpus-per-trial", type=float, help=gpus_help)
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
     p.add_argument(
