@@ -65,12 +65,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellseg.bootstrap import SEED
     from cellseg.commands import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, data_root=args.data, progress=not args.no_progress)
+    metrics, interval = evaluate_checkpoint(
+        args.checkpoint, data_root=args.data, progress=not args.no_progress, interval=args.ci
+    )
     width = max(map(len, metrics))
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}")
+    if interval is not None:
+        print(
+            f"segm_AP50 {interval.level:.0%} interval: [{interval.low:.4f}, {interval.high:.4f}] "
+            f"(width {interval.width:.4f}; bootstrap over {interval.images} validation images, "
+            f"{len(interval.samples)} resamples, seed {SEED})"
+        )
     return 0
 
 
@@ -176,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on its validation split")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory")
     p.add_argument("--data", help="dataset folder (default: the one stored in the checkpoint)")
+    p.add_argument(
+        "--ci",
+        action="store_true",
+        help="also a 95%% interval of segm_AP50: a bootstrap over the validation images "
+        "(1000 resamples, seed 0; about a second on top of the prediction)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

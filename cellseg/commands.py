@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.best_run import choose
+from cellseg.bootstrap import Interval, prediction_interval
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, TrainConfig, flatten
 from cellseg.data import (
@@ -20,7 +21,7 @@ from cellseg.data import (
     read_image,
     targets_from_label_maps,
 )
-from cellseg.engine import evaluate
+from cellseg.engine import SplitPredictions, predict_split, split_metrics
 from cellseg.errors import ConfigError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
@@ -78,25 +79,49 @@ def train_and_track(
     return result
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progress: bool) -> dict[str, float]:
-    """The validation metrics of a checkpoint on the split its config defines."""
+def validation_predictions(
+    checkpoint: str | Path,
+    *,
+    data_root: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+    with_loss: bool = False,
+) -> tuple[Config, SplitPredictions]:
+    """A checkpoint's config and its model's predictions on the validation split that config
+    defines (on ``data_root`` if given, on ``device`` if given, else on the config's own)."""
     state = load_checkpoint(checkpoint)
     cfg = checkpoint_config(state)
     if data_root:
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve()))
         )
-    device = resolve_device(cfg.train.device)
-    model, _ = restore_model(state, device)
-    _, val_loader, _ = build_loaders(cfg, device)
-    return evaluate(
-        model,
-        val_loader,
-        device,
-        progress=progress,
-        max_dets=coco_max_dets(cfg.model.detections_per_img),
-        with_loss=True,
+    where = resolve_device(device or cfg.train.device)
+    model, _ = restore_model(state, where)
+    _, val_loader, _ = build_loaders(cfg, where)
+    return cfg, predict_split(model, val_loader, where, progress=progress, with_loss=with_loss)
+
+
+def checkpoint_interval(
+    checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None
+) -> Interval:
+    """The bootstrap interval of segm AP50 of a checkpoint on its validation split."""
+    cfg, split = validation_predictions(checkpoint, data_root=data_root, device=device)
+    return prediction_interval(
+        split.truths, split.predictions, max_dets=coco_max_dets(cfg.model.detections_per_img)
     )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, *, data_root: str | None, progress: bool, interval: bool = False
+) -> tuple[dict[str, float], Interval | None]:
+    """The validation metrics of a checkpoint on the split its config defines, and the bootstrap
+    interval of its segm AP50 when ``interval`` is asked for."""
+    cfg, split = validation_predictions(checkpoint, data_root=data_root, progress=progress, with_loss=True)
+    max_dets = coco_max_dets(cfg.model.detections_per_img)
+    metrics = split_metrics(split, max_dets=max_dets)
+    if not interval:
+        return metrics, None
+    return metrics, prediction_interval(split.truths, split.predictions, max_dets=max_dets)
 
 
 def export_run(

@@ -284,9 +284,12 @@ def test_evaluate_checkpoint_reproduces_training_metric(
     value = printed_metric(out, "segm_AP50")
     assert value == pytest.approx(load_checkpoint(checkpoint)["metrics"]["segm_AP50"], abs=1e-4)
     printed_metric(out, "val_loss")
-    # a run directory works too, and picks best.pt
-    assert main(["evaluate", "--checkpoint", str(checkpoint.parent), "--no-progress"]) == 0
-    assert printed_metric(capsys.readouterr().out, "segm_AP50") == value
+    # a run directory works too, and picks best.pt; --ci adds the bootstrap interval of segm_AP50
+    assert main(["evaluate", "--checkpoint", str(checkpoint.parent), "--no-progress", "--ci"]) == 0
+    out = capsys.readouterr().out
+    assert printed_metric(out, "segm_AP50") == value
+    low, high = map(float, re.search(r"95% interval: \[(\S+), (\S+)\]", out).groups())
+    assert low <= value <= high and "1000 resamples, seed 0" in out
 
 
 def test_evaluate_bad_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
