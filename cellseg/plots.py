@@ -165,3 +165,19 @@ def plot_parallel_coordinates(rows: list[dict], metric: str, path: Path) -> Path
         ax.set_xticks(range(len(params)), params, rotation=30, ha="right", fontsize="small")
     ax.set(title=f"parameters coloured by {metric}", yticks=[], ylim=(-0.05, 1.05))
     return _save(figure, path)
+
+
+def plot_intervals(
+    names: list[str], values: list[float], lows: list[float], highs: list[float], path: Path, metric: str
+) -> Path:
+    """One row per model, best on top: its ``metric`` as a dot with its interval as an error bar."""
+    figure = Figure(figsize=(8, 1.5 + 0.45 * len(names)))
+    ax = figure.subplots()
+    rows = np.arange(len(names))[::-1]
+    low_err = np.subtract(values, lows).clip(min=0)
+    high_err = np.subtract(highs, values).clip(min=0)
+    ax.errorbar(values, rows, xerr=[low_err, high_err], fmt="o", capsize=4, color="tab:blue")
+    ax.set_yticks(rows, names, fontsize="small")
+    ax.set(title=f"{metric} with its bootstrap interval", xlabel=metric, ylim=(-0.6, len(names) - 0.4))
+    ax.grid(axis="x", alpha=0.3)
+    return _save(figure, path)

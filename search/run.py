@@ -40,6 +40,7 @@ from cellseg.weights import resolve_weights
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
+from search.ranking_trust import assess_ranking
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
@@ -119,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="refuse to start when local storage has less free space",
+    )
+    p.add_argument(
+        "--ci-top",
+        type=int,
+        default=5,
+        metavar="N",
+        help="after the search, a 95%% bootstrap interval of segm_AP50 for the N best trials: "
+        "each one's best checkpoint predicts the validation split once more in the driver "
+        "(one validation pass per trial, on a GPU if the driver has one); 0: off",
     )
     p.add_argument(
         "--mlflow-wait",
@@ -423,6 +433,8 @@ def run_search(args: argparse.Namespace) -> int:
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(os.environ.get(DRILL_ENV))
+    if args.ci_top < 0:
+        raise ConfigError(f"--ci-top must be 0 (off) or more, got {args.ci_top}")
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -511,6 +523,18 @@ def run_search(args: argparse.Namespace) -> int:
             results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        trust = assess_ranking(
+            tracker,
+            parent_run_id,
+            results,
+            experiment=args.experiment,
+            metric=metric,
+            max_epochs=max_epochs,
+            ci_top=args.ci_top,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            out_dir=local_dir / "summary",
+        )
         summary = finish_search(
             tracker,
             parent_run_id,
@@ -522,7 +546,7 @@ def run_search(args: argparse.Namespace) -> int:
             optuna_storage=optuna_storage,
             wall_s=time.time() - start,
         )
-    print("\n".join(summary.lines(metric)))
+    print("\n".join([*summary.lines(metric), *trust]))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")

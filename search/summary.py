@@ -49,7 +49,8 @@ class SearchSummary:
         ]
 
 
-def _curve(result: Any, metric: str) -> list[tuple[int, float]]:
+def metric_curve(result: Any, metric: str) -> list[tuple[int, float]]:
+    """The trial's finite values of ``metric`` as (epoch, value), in the order reported."""
     frame = result.metrics_dataframe
     if frame is None or metric not in frame:
         return []
@@ -58,7 +59,7 @@ def _curve(result: Any, metric: str) -> list[tuple[int, float]]:
 
 def _succeeded(result: Any, metric: str) -> bool:
     """A trial that ended without error and reported ``metric`` (the only kind export --best takes)."""
-    return result.error is None and bool(_curve(result, metric))
+    return result.error is None and bool(metric_curve(result, metric))
 
 
 class SearchFailed(RuntimeError):
@@ -71,8 +72,15 @@ def _first_line_of_error(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _best_value(result: Result, metric: str) -> float:
-    return max((v for _, v in _curve(result, metric)), default=float("nan"))
+def best_value(result: Result, metric: str) -> float:
+    return max((v for _, v in metric_curve(result, metric)), default=float("nan"))
+
+
+def ranked_trials(results: Sequence[Result], metric: str) -> list[Result]:
+    """The trials without error that reported ``metric``, best first by their highest value of it
+    (the first of equals first): the order the search chooses by."""
+    succeeded = [r for r in results if _succeeded(r, metric)]
+    return sorted(succeeded, key=lambda r: best_value(r, metric), reverse=True)
 
 
 def check_succeeded(results: Sequence[Result], metric: str) -> None:
@@ -96,14 +104,14 @@ def summarize(results: Sequence[Result], *, metric: str, max_epochs: int, wall_s
     finite ``metric`` of any epoch (the first of equals)."""
     results = list(results)
     check_succeeded(results, metric)
-    best = max((r for r in results if _succeeded(r, metric)), key=lambda r: _best_value(r, metric))
+    best = ranked_trials(results, metric)[0]
     epochs_run = sum(int((r.metrics or {}).get(TRAINING_ITERATION, 0)) for r in results)
     checkpoint = f"{best.checkpoint.path}/{BEST}" if best.checkpoint else "none"
     return SearchSummary(
         trials=len(results),
         errors=sum(r.error is not None for r in results),
         best_trial=Path(best.path).name,
-        best_metric=_best_value(best, metric),
+        best_metric=best_value(best, metric),
         best_config=best.config,
         best_checkpoint=checkpoint,
         epochs_run=epochs_run,
@@ -152,12 +160,14 @@ def log_summary(
         },
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves = {Path(r.path).name: _curve(r, metric) for r in results if r.path}
+    curves = {Path(r.path).name: metric_curve(r, metric) for r in results if r.path}
     tracker.log_artifact(
         parent_run_id, plot_trial_curves(curves, out_dir / "trial_curves.png", metric=metric), "summary"
     )
     rows = [
-        {**r.config, metric: max((v for _, v in _curve(r, metric)), default=0.0)} for r in results if r.config
+        {**r.config, metric: max((v for _, v in metric_curve(r, metric)), default=0.0)}
+        for r in results
+        if r.config
     ]
     if rows:
         tracker.log_artifact(

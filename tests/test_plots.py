@@ -7,6 +7,7 @@ from cellseg.evaluation import ImagePrediction, coco_results, truth_from_masks
 from cellseg.plots import (
     plot_class_distribution,
     plot_history,
+    plot_intervals,
     plot_parallel_coordinates,
     plot_predictions,
     plot_trial_curves,
@@ -74,3 +75,9 @@ def test_plot_parallel_coordinates(tmp_path):
     assert_png(plot_parallel_coordinates(rows, "segm_AP50", tmp_path / "parallel.png"))
     assert_png(plot_parallel_coordinates(rows[:1], "segm_AP50", tmp_path / "single.png"))
     assert_png(plot_parallel_coordinates([], "segm_AP50", tmp_path / "empty.png"))
+
+
+def test_plot_intervals(tmp_path):
+    names, values = ["trial_a", "trial_b"], [0.8, 0.7]
+    assert_png(plot_intervals(names, values, [0.6, 0.7], [0.9, 0.7], tmp_path / "intervals.png", "segm_AP50"))
+    assert_png(plot_intervals(names[:1], values[:1], [0.6], [0.9], tmp_path / "one.png", "segm_AP50"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 
 import optuna
@@ -30,25 +32,27 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
     folder = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
+    printed = io.StringIO()
     try:
-        code = search_main(
-            search_args(
-                easy_root,
-                tiny_search,
-                folder / "storage",
-                uri,
-                "e2e",
-                "s1",
-                "--num-samples",
-                str(NUM_SAMPLES),
-                "--grace-period",
-                "1",
-                "--reduction-factor",
-                "2",
-                "--seed",
-                "7",
+        with contextlib.redirect_stdout(printed):
+            code = search_main(
+                search_args(
+                    easy_root,
+                    tiny_search,
+                    folder / "storage",
+                    uri,
+                    "e2e",
+                    "s1",
+                    "--num-samples",
+                    str(NUM_SAMPLES),
+                    "--grace-period",
+                    "1",
+                    "--reduction-factor",
+                    "2",
+                    "--seed",
+                    "7",
+                )
             )
-        )
         other_code = search_main(
             search_args(
                 synth_root,
@@ -61,6 +65,8 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
                 "1",
                 "--max-epochs",
                 "1",
+                "--ci-top",
+                "0",
             )
         )
     finally:
@@ -77,6 +83,7 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
         "data": easy_root,
         "other_children": other_children,
         "other_data": synth_root,
+        "printed": printed.getvalue(),
     }
 
 
@@ -127,6 +134,50 @@ def test_optuna_sees_asha_stopped_trials_as_pruned_with_their_epochs(search):
             assert trial.state == optuna.trial.TrialState.PRUNED
         else:
             assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_parameter_importances_are_written_to_the_parent_run(search):
+    study = optuna.load_study(
+        study_name="s1", storage=f"sqlite:///{search['folder'] / 'storage' / 's1' / 'optuna.db'}"
+    )
+    expected = optuna.importance.get_param_importances(study)
+    assert expected, "too few completed trials for importances: the test search is too small"
+    parent = search["parent"]
+    logged = {
+        k.removeprefix("importance."): v
+        for k, v in parent.data.metrics.items()
+        if k.startswith("importance.")
+    }
+    assert logged == pytest.approx(expected)
+    text = search["client"].download_artifacts(parent.info.run_id, "summary/param_importances.txt")
+    assert [line.split(":")[0] for line in open(text).read().splitlines()] == list(expected)
+
+
+def test_the_top_trials_get_a_bootstrap_interval_in_their_runs_the_table_and_the_plot(search):
+    client, parent = search["client"], search["parent"]
+    children = sorted(search["children"], key=lambda c: -c.data.metrics["best_segm_AP50"])
+    for child in children:  # 5 trials, --ci-top 5 by default: every trial
+        low, high = child.data.metrics["segm_AP50_ci95_low"], child.data.metrics["segm_AP50_ci95_high"]
+        assert 0.0 <= low <= high <= 1.0
+    assert parent.data.metrics["best_segm_AP50_ci95_low"] == children[0].data.metrics["segm_AP50_ci95_low"]
+    assert "segm_AP50_share_at_least_best" in children[1].data.metrics
+    summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/top_intervals.png", "summary/top_intervals.txt"} <= summary
+    printed = search["printed"]
+    assert "top 5 by segm_AP50, 95% interval of segm_AP50 from 1000 bootstrap resamples" in printed
+    best = children[0]
+    row = f"{best.data.metrics['best_segm_AP50']:>10.4f}  [{best.data.metrics['segm_AP50_ci95_low']:.4f}, "
+    assert row in printed
+    assert not any("segm_AP50_ci95_low" in c.data.metrics for c in search["other_children"])  # --ci-top 0
+
+
+def test_asha_fidelity_counts_the_finished_trials_and_gives_a_number_only_from_five(search):
+    finished = sum(c.info.status == "FINISHED" for c in search["children"])
+    metrics = search["parent"].data.metrics
+    assert metrics["asha_fidelity_trials"] == finished
+    rungs = {k for k in metrics if k.startswith("asha_spearman_epoch_")}
+    assert rungs == ({"asha_spearman_epoch_1", "asha_spearman_epoch_2"} if finished >= 5 else set())
+    assert "ASHA rung at epoch 1: " in search["printed"] and "ASHA rung at epoch 2: " in search["printed"]
 
 
 def test_report_a_baseline_runs_first(search):
