@@ -36,6 +36,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_DIR_TAG = "cellseg.run_dir"
 SOURCE_TAG = "cellseg.source"  # "train", "search" (a trial) or "search-parent"
 SEARCH_TAG = "cellseg.search_name"  # on a search's parent run
+REPEAT_TAG = "cellseg.repeat_of"  # on a re-seeded trial: the run id of the trial it repeats
 DATA_TAG = "cellseg.data_fingerprint"  # the digest of cellseg.data.fingerprint
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind for model training
