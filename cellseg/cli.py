@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellseg.config import DataConfig, ModelConfig, load_config
 from cellseg.data import PROFILES
 from cellseg.errors import USER_ERRORS, ConfigError
+
+if TYPE_CHECKING:
+    from cellseg.training import FitResult
 
 log = logging.getLogger("cellseg")
 
@@ -59,9 +64,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_path=Path(args.config),
         progress=not args.no_progress,
     )
-    print(f"best {cfg.train.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
-    print(f"checkpoint: {result.best_checkpoint}")
+    _print_fit(result, cfg.train.metric)
     return 0
+
+
+def _print_fit(result: FitResult, metric: str) -> None:
+    if math.isfinite(result.best_metric):
+        print(f"best {metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+    else:
+        print(f"no validation (data.val_fraction 0): the final epoch {result.best_epoch} is saved")
+    print(f"checkpoint: {result.best_checkpoint}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -86,6 +86,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progre
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve()))
         )
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(
+            f"{checkpoint}: trained with data.val_fraction 0 (a refit), so it has no validation "
+            "split; score its export instead (cellseg export, then cellseg score)"
+        )
     device = resolve_device(cfg.train.device)
     model, _ = restore_model(state, device)
     _, val_loader, _ = build_loaders(cfg, device)
