@@ -28,7 +28,7 @@ from cellseg.export import export_predictions, write_provenance, write_submissio
 from cellseg.plots import plot_class_distribution
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
-from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, best_metric_key
+from cellseg.tracking import REFIT_SEARCH_TAG, RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, best_metric_key
 from cellseg.training import FitResult, build_loaders, fit, resolve_device
 from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, check_iou_threshold
 
@@ -231,7 +231,7 @@ def export_run(
                 (
                     record.run_id,
                     tracker.download_checkpoint(record.run_id, scratch),
-                    _provenance(record, search=None, source=source),
+                    _provenance(record, search=record.tags.get(REFIT_SEARCH_TAG), source=source),
                 )
             ]
     states = [load_checkpoint(checkpoint) for _, checkpoint, _ in members]

@@ -549,6 +549,11 @@ def run_search(args: argparse.Namespace) -> int:
         f"{args.experiment} --tracking-uri {tracker.uri} --output test-results.json "
         "--zip submission.zip"
     )
+    print(
+        f"retrain the best configuration on every training image (optional): cellseg refit --best "
+        f"--data {base_cfg.data.root} --experiment {args.experiment} --tracking-uri {tracker.uri}, "
+        "then export with --best --refit"
+    )
     return 0
 
 

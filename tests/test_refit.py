@@ -189,7 +189,9 @@ def test_refit_then_export_best_refit(store: dict, tmp_path: Path, capsys: pytes
     assert f"run {ids['slow']} (slow) has no finished refit" in capsys.readouterr().err
     by_id = ["export", "--run-id", ids["best"], "--refit", *export[3:]]
     assert main(by_id) == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "test-results.provenance.json").read_text())["run_id"] == refit.info.run_id
+    provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
+    assert provenance["run_id"] == refit.info.run_id and provenance["search"] == "s1"
+    assert provenance["refit_of"]["run_id"] == ids["best"]
 
 
 def test_refit_errors(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
