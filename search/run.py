@@ -659,7 +659,12 @@ def run_search(args: argparse.Namespace) -> int:
                 base_split_seed=base_cfg.data.split_seed,
                 vary_split=args.reseed_split,
             )
-            if repeats:
+            if not repeats:
+                print(
+                    f"nothing to re-seed: the best {args.reseed_top} trials that ran every epoch have their "
+                    f"{args.reseeds} repeats already (or no trial ran every epoch)"
+                )
+            else:
                 phase = next_phase(name, RESEED, phases)
                 record_phase(tracker, parent_run_id, phases, phase)
                 print(
