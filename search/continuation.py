@@ -64,15 +64,19 @@ def search_to_continue(tracker: Tracker, experiment: str, name: str) -> RunRecor
     return found[0]
 
 
+def check_continue_flags(args: argparse.Namespace) -> None:
+    """ConfigError for ``--continue`` with ``--resume``, ``--name`` or ``--warm-start``, which have
+    no meaning there."""
+    for dest, flag in EXCLUSIVE.items():
+        if getattr(args, dest):
+            raise ConfigError(f"--continue adds trials to an existing search: drop {flag}")
+
+
 def continued_args(
     args: argparse.Namespace, parser: argparse.ArgumentParser, parent: RunRecord
 ) -> argparse.Namespace:
     """``args`` with the earlier search's name and ``SETTINGS`` (its parent run's params, parsed
-    by ``parser``); ConfigError with ``--resume``, ``--name`` or ``--warm-start``, which have no
-    meaning here."""
-    for dest, flag in EXCLUSIVE.items():
-        if getattr(args, dest):
-            raise ConfigError(f"--continue adds trials to an existing search: drop {flag}")
+    by ``parser``)."""
     recorded = argparse.Namespace(**{d: parent.params.get(d) for d in SETTINGS})
     parsed = parser.parse_args(settings_argv(recorded))
     return argparse.Namespace(

@@ -39,6 +39,7 @@ from cellseg.weights import resolve_weights
 from search.continuation import (
     CONTINUE,
     RESEED,
+    check_continue_flags,
     continued_args,
     next_phase,
     phase_kind,
@@ -497,6 +498,7 @@ def continued(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` for ``--continue NAME``: the earlier search's name and settings; else unchanged."""
     if not args.continue_search:
         return args
+    check_continue_flags(args)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     parent = search_to_continue(tracker, args.experiment, args.continue_search)

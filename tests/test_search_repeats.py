@@ -136,7 +136,9 @@ def test_warm_start_carries_the_trials_that_fit_the_new_space(searches):
     assert parent.data.tags["cellseg.warm_start"] == f"s1 ({len(fits)} trials)"
 
 
-def test_continue_refuses_an_unknown_or_running_search(tmp_path, mlflow_uri):
+def test_continue_refuses_an_unknown_or_running_search_and_flags_it_has_no_use_for(
+    tmp_path, mlflow_uri, capsys
+):
     tracker = Tracker(mlflow_uri)
     with pytest.raises(TrackingError, match="no search named 'nope' in experiment 'rep'"):
         search_to_continue(tracker, "rep", "nope")
@@ -155,6 +157,9 @@ def test_continue_refuses_an_unknown_or_running_search(tmp_path, mlflow_uri):
         ["--continue", "nope", "--num-samples", "1", "--tracking-uri", mlflow_uri, "--experiment", "rep"]
     )
     assert code == 2
+    with_name = ["--continue", "busy", "--name", "other", "--tracking-uri", mlflow_uri, "--experiment", "rep"]
+    assert search_main(with_name) == 2
+    assert "--continue adds trials to an existing search: drop --name" in capsys.readouterr().err
 
 
 def test_warm_start_from_a_search_without_a_study_file_is_a_config_error(
