@@ -2,7 +2,8 @@
 
 - **Exportable runs**: trials of a search and single ``cellseg train`` runs that ended FINISHED or
   KILLED (a trial stopped early by ASHA keeps its best checkpoint) and logged their best metric.
-  Parent runs, FAILED and RUNNING runs never are.
+  Parent runs, FAILED and RUNNING runs never are, nor trials whose checkpoint the search dropped
+  (the tag ``cellseg.checkpoint_dropped``: not among its ``--keep-top`` best).
 - **Groups**: the trials of one search form a group, named by the search; a training run is a
   group of its own, named by the run. A group matches ``--data`` when one of its exportable runs
   recorded the fingerprint that ``--data`` has under that run's split settings.
@@ -23,7 +24,7 @@ from pathlib import Path
 from cellseg.config import DataConfig, TrainConfig
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.errors import TrackingError
-from cellseg.tracking import SEARCH_TAG, RunRecord, best_metric_key
+from cellseg.tracking import CHECKPOINT_DROPPED_TAG, SEARCH_TAG, RunRecord, best_metric_key
 
 EXPORTABLE_SOURCES = ("train", "search")  # a single training run, a search's trial
 EXPORTABLE_STATUSES = ("FINISHED", "KILLED")
@@ -76,6 +77,8 @@ class Choice:
 def candidate(record: RunRecord) -> Candidate | None:
     """The record as a candidate, or None when it cannot be exported."""
     if record.source not in EXPORTABLE_SOURCES or record.status not in EXPORTABLE_STATUSES:
+        return None
+    if CHECKPOINT_DROPPED_TAG in record.tags:
         return None
     metric = record.params.get("train.metric", TrainConfig.metric)
     value = record.metrics.get(best_metric_key(metric))

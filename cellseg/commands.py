@@ -270,7 +270,7 @@ def best_checkpoints(
         f"--ensemble {count} needs {count} runs with checkpoints, but {choice.group.kind} "
         f"{choice.group.name!r} has {len(found)} (of {len(choice.ranked)} exportable runs on this "
         f"data; skipped: {', '.join(skipped) or 'none'}); ask for fewer, or pass --search NAME "
-        "for a search with more trials"
+        "for a search with more trials (a search keeps the checkpoints of its --keep-top best)"
     )
 
 

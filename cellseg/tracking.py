@@ -28,6 +28,7 @@ switch_off_telemetry()  # before mlflow is imported: it decides at import whethe
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_DB = "mlflow.db"
@@ -41,6 +42,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind for model training
 DATASET_CONTEXT = "mlflow.data.context"  # the input tag MLflow shows as a dataset's use
 CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_DROPPED_TAG = "cellseg.checkpoint_dropped"  # why the run's checkpoint was deleted
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names the error
@@ -255,6 +257,12 @@ class Tracker:
             self.log_artifact(run_id, run_dir / BEST, CHECKPOINT_ARTIFACT)
         if (run_dir / PICTURES).is_dir():
             self.log_artifact(run_id, run_dir / PICTURES, PICTURES)
+
+    def drop_checkpoint(self, run_id: str, reason: str) -> None:
+        """Delete the run's ``checkpoint/`` artifacts and tag ``reason`` (export passes it over)."""
+        artifact_uri = self.client.get_run(run_id).info.artifact_uri
+        get_artifact_repository(artifact_uri, tracking_uri=self.uri).delete_artifacts(CHECKPOINT_ARTIFACT)
+        self.set_tags(run_id, {CHECKPOINT_DROPPED_TAG: reason})
 
     def fail_run(self, run_id: str, error: BaseException | str) -> None:
         """Close a run as FAILED (KILLED for an interrupt) with the error as a tag."""

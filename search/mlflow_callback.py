@@ -11,10 +11,15 @@ for trials Tune stopped without telling its callbacks (``--time-budget``). Every
 through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
 retried, and the search goes on.
 
-Once a trial has ended, its latest checkpoint in storage keeps ``best.pt`` and the pictures but
-drops ``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per
-trial. Tune keeps the trial's previous checkpoint too (two, see search/run.py) until the end of
-the search, when Tune's final state is saved and the callback removes it.
+Once a trial has ended, its ``best.pt`` and pictures are uploaded to its run and its latest
+checkpoint in storage drops ``best.pt`` and ``last.pt`` (optimizer state, only needed to continue
+a trial): each kept checkpoint is stored once, in MLflow. A FAILED trial keeps both in storage,
+since ``--resume`` restarts it from there. With ``keep_top`` K, only the K best ended trials (by
+``cellseg.best_run``'s rule, the one ``export --best`` ranks by) keep ``checkpoint/best.pt`` in
+MLflow: a trial pushed out of the top K loses it, its run keeps metrics, params and config and gets
+the tag ``cellseg.checkpoint_dropped``. Tune keeps the trial's previous checkpoint too (two, see
+search/run.py) until the end of the search, when Tune's final state is saved and the callback
+removes it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from cellseg.best_run import Candidate, candidate
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.data import dataset_fingerprint
@@ -67,8 +73,10 @@ class MlflowTrialLogger(Callback):
         outbox_path: Path | None = None,
         drain_timeout_s: float = 600.0,
         search_name: str = "",
+        keep_top: int = 0,
     ) -> None:
         self.search_name = search_name
+        self.keep_top = keep_top  # 0: every ended trial keeps its checkpoint
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -84,6 +92,7 @@ class MlflowTrialLogger(Callback):
         self._closed: set[str] = set()  # trials whose run is closed, or queued to be
         self._reconciled = False
         self._drill: DriverDrill | None = None
+        self._kept: dict[str, Candidate] = {}  # run id -> ended trial that keeps its checkpoint
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -95,6 +104,7 @@ class MlflowTrialLogger(Callback):
             _closed=set(),
             _reconciled=False,
             _drill=None,
+            _kept={},
         )
         return state
 
@@ -119,6 +129,9 @@ class MlflowTrialLogger(Callback):
                 self._logged_epoch[trial_id] = self.tracker.last_step(run.run_id, "epoch")
                 if run.status in _CLOSED:
                     self._closed.add(trial_id)
+                kept = candidate(run)
+                if kept is not None:
+                    self._kept[run.run_id] = kept
         self.outbox.flush()
 
     def _drill_point(self, point: str) -> None:
@@ -300,11 +313,30 @@ class MlflowTrialLogger(Callback):
             self.tracker.log_outcome(run_id, Path(directory), self.trial_config(config), best)
         self._drill_point("upload")
         self.tracker.end_run(run_id, status)
-        if status != "FAILED":  # a failed trial may still be restarted from its last state
+        if status == "FAILED":  # a failed trial may still be restarted from its last state
+            return
+        for name in (LAST, BEST):  # best.pt is in MLflow now
             try:
-                filesystem.delete_file(f"{path}/{LAST}")
+                if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+                    filesystem.delete_file(f"{path}/{name}")
             except OSError as exc:
-                log.warning("could not remove %s/%s: %s", path, LAST, exc)
+                log.warning("could not remove %s/%s: %s", path, name, exc)
+        self._keep_top(run_id)
+
+    def _keep_top(self, run_id: str) -> None:
+        """Count the just closed run among the ended trials; drop the MLflow checkpoints of
+        those that fall out of the top ``keep_top``."""
+        if not self.keep_top:
+            return
+        found = candidate(self.tracker.record(run_id))
+        if found is not None:
+            self._kept[run_id] = found
+        ranked = sorted(self._kept.values(), key=lambda c: c.rank_key)
+        for out in ranked[self.keep_top :]:
+            self.tracker.drop_checkpoint(
+                out.record.run_id, f"not among the {self.keep_top} best trials by {out.metric}"
+            )
+            del self._kept[out.record.run_id]
 
 
 def _error_text(trial: Trial) -> str:

@@ -31,15 +31,17 @@ from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from cellseg.checkpoint import BEST
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import CHECKPOINT_ARTIFACT, PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
 from cellseg.weights import resolve_weights
 from search.driver_drill import DRILL_ENV, parse_drill
+from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
-from search.mlflow_callback import MlflowTrialLogger
+from search.mlflow_callback import TRIAL_TAG, MlflowTrialLogger
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
@@ -51,6 +53,7 @@ log = logging.getLogger("cellseg.search")
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
+DEFAULT_KEEP_TOP = 5  # checkpoints kept: enough for export --ensemble and a second choice
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
@@ -119,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="refuse to start when local storage has less free space",
+    )
+    p.add_argument(
+        "--keep-top",
+        type=int,
+        default=DEFAULT_KEEP_TOP,
+        help="keep the best checkpoint of only the K best ended trials by train.metric (the rest "
+        "keep metrics, params and config in MLflow; 0 keeps every checkpoint). Disk: about K "
+        "best.pt files in MLflow at the end; while running, also two checkpoints per running "
+        "trial and one older checkpoint per ended trial in --storage (docs/search.md)",
     )
     p.add_argument(
         "--mlflow-wait",
@@ -401,20 +413,32 @@ def finish_search(
     parent_run_id: str,
     results: ResultGrid,
     *,
+    experiment: str,
     name: str,
     metric: str,
     max_epochs: int,
     local_dir: Path,
     optuna_storage: str,
-    wall_s: float,
-) -> SearchSummary:
-    """The summary of an ended search, logged to the parent run, which is then FINISHED;
-    SearchFailed (naming the first error) when no trial succeeded."""
+    started: float,
+    slots: int,
+) -> tuple[SearchSummary, Efficiency]:
+    """The summary and efficiency of an ended search (``started``: the driver's start, seconds
+    since the epoch), logged to the parent run, which is then FINISHED; SearchFailed (naming the
+    first error) when no trial succeeded."""
+    wall_s = time.time() - started
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
+    best_run = tracker.records(
+        experiment,
+        f"tags.`{TRIAL_TAG}` = '{summary.best_trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
+    )
+    if best_run:  # the trial's best.pt lies in MLflow, no longer in Tune's storage
+        summary.best_checkpoint = f"runs:/{best_run[0].run_id}/{CHECKPOINT_ARTIFACT}/{BEST}"
+    spent = efficiency(list(results), wall_s=wall_s, slots=slots, since=started)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
+    tracker.log_metrics(parent_run_id, spent.metrics(), step=0)
     tracker.end_run(parent_run_id, "FINISHED")
-    return summary
+    return summary, spent
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -423,6 +447,8 @@ def run_search(args: argparse.Namespace) -> int:
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(os.environ.get(DRILL_ENV))
+    if args.keep_top < 0:
+        raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -470,9 +496,10 @@ def run_search(args: argparse.Namespace) -> int:
 
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
         optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
+        per_trial = {"CPU": args.cpus_per_trial, "GPU": trial_gpus(args.gpus_per_trial)}
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base_dict, fault_drill=args.fault_drill),
-            {"cpu": args.cpus_per_trial, "gpu": trial_gpus(args.gpus_per_trial)},
+            {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"]},
         )
         if args.resume:
             tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable, resume_errored=True)
@@ -502,6 +529,7 @@ def run_search(args: argparse.Namespace) -> int:
                     outbox_path=local_dir / OUTBOX,
                     drain_timeout_s=args.mlflow_wait,
                     search_name=name,
+                    keep_top=args.keep_top,
                 ),
             )
         with (
@@ -509,20 +537,23 @@ def run_search(args: argparse.Namespace) -> int:
             tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)),
         ):
             results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
+        slots = trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, args.num_samples)
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
-        summary = finish_search(
+        summary, spent = finish_search(
             tracker,
             parent_run_id,
             results,
+            experiment=args.experiment,
             name=name,
             metric=metric,
             max_epochs=max_epochs,
             local_dir=local_dir,
             optuna_storage=optuna_storage,
-            wall_s=time.time() - start,
+            started=start,
+            slots=slots,
         )
-    print("\n".join(summary.lines(metric)))
+    print("\n".join([*summary.lines(metric), spent.line()]))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")

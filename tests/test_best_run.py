@@ -231,3 +231,26 @@ def test_an_ensemble_takes_the_k_best_runs_with_checkpoints(store: Store, real: 
     assert [p["metric_value"] for _, _, p in found] == [0.8, 0.7, 0.5]
     with pytest.raises(TrackingError, match=r"--ensemble 5 needs 5 runs.*search 's' has 4 \(of 5"):
         best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "b", 5)
+
+
+def test_a_run_whose_checkpoint_the_search_dropped_is_passed_over_quietly(
+    store: Store, real: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tracker.drop_checkpoint (a search's --keep-top) deletes the artifact and tags the run:
+    export --best takes the next run without a warning, and an ensemble counts only kept runs."""
+    parent = store.run("s", source="search-parent", data=real, search="s")
+    dropped = store.run("dropped", source="search", data=real, value=0.9, parent=parent)
+    kept = store.run("kept", source="search", data=real, value=0.8, parent=parent)
+    store.tracker.drop_checkpoint(dropped, "not among the 1 best trials by segm_AP50")
+    assert not store.client.list_artifacts(dropped, "checkpoint")
+    record = store.tracker.record(dropped)
+    assert record.tags["cellseg.checkpoint_dropped"] == "not among the 1 best trials by segm_AP50"
+    assert record.metrics["best_segm_AP50"] == 0.9 and record.params["train.metric"] == "segm_AP50"
+    with caplog.at_level(logging.WARNING):
+        [(run_id, checkpoint, provenance)] = best_checkpoints(
+            store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch"
+        )
+    assert run_id == kept and checkpoint.read_text() == "weights of kept"
+    assert provenance["skipped_runs"] == [] and not caplog.records
+    with pytest.raises(TrackingError, match=r"--ensemble 2 needs 2 runs.*has 1 \(of 1.*--keep-top"):
+        best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "b", 2)

@@ -189,3 +189,16 @@ def test_missing_weights_fail_the_search_before_ray_starts(
     err = capsys.readouterr().err
     assert "search: error: model.weights: downloading" in err and "resnet18-f37072fd.pth" in err
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
+def test_a_negative_keep_top_fails_before_ray_starts(tmp_path, tiny_search, easy_root, capsys):
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "k1", "--keep-top", "-1")
+    assert search_main(args) == 2
+    assert (
+        "search: error: --keep-top must be 0 (keep every checkpoint) or more, got -1"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
