@@ -11,20 +11,22 @@ for trials Tune stopped without telling its callbacks (``--time-budget``). Every
 through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
 retried, and the search goes on.
 
-Once a trial has ended, its ``best.pt`` and pictures are uploaded to its run and its latest
-checkpoint in storage drops ``best.pt`` and ``last.pt`` (optimizer state, only needed to continue
-a trial): each kept checkpoint is stored once, in MLflow. A FAILED trial keeps both in storage,
-since ``--resume`` restarts it from there. With ``keep_top`` K, only the K best ended trials (by
-``cellseg.best_run``'s rule, the one ``export --best`` ranks by) keep ``checkpoint/best.pt`` in
-MLflow: a trial pushed out of the top K loses it, its run keeps metrics, params and config and gets
-the tag ``cellseg.checkpoint_dropped``. Tune keeps the trial's previous checkpoint too (two, see
-search/run.py) until the end of the search, when Tune's final state is saved and the callback
-removes it.
+Once a trial has ended, its ``best.pt`` and pictures are uploaded to its run; with ``keep_top`` K,
+only the K best ended trials (by ``cellseg.best_run``'s rule, the one ``export --best`` ranks by)
+keep ``checkpoint/best.pt`` in MLflow: a trial pushed out of the top K loses it, its run keeps
+metrics, params and config and gets the tag ``cellseg.checkpoint_dropped``. Tune's storage then
+holds only what a restore may still need: as soon as Tune's saved state (which ``--resume``
+restores from) records the trial as ended, the callback removes the trial's older checkpoint (Tune
+keeps two, see search/run.py) and ``best.pt`` and ``last.pt`` (optimizer state) from the latest,
+so each kept checkpoint lies once, in MLflow. A FAILED trial keeps its files, since ``--resume``
+restarts it from them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +50,23 @@ TRIAL_TAG = "ray.trial_id"
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
 _CLOSED = ("FINISHED", "KILLED", "FAILED")
+SAVED_STATE = "experiment_state-"  # Tune's saved state: <storage>/<name>/experiment_state-<session>.json
+CLEANUP_CHECK_S = 5.0  # how often the driver looks whether Tune saved its state again
 LOST = (
     "the driver stopped before Tune saved this trial; the resumed search runs its parameters "
     "again as a new trial"
 )
+
+
+@dataclass
+class _Cleanup:
+    """An ended trial whose files in storage go once Tune's saved state records its end. Tune writes
+    that state to storage one save at a time; the second save finished after the trial's end began
+    after it, so it holds the end."""
+
+    checkpoint: str  # URI of the trial's latest checkpoint
+    saved_ns: int | None  # when Tune's saved state was last seen written
+    saves: int = 0  # saves seen since the trial's end
 
 
 class MlflowTrialLogger(Callback):
@@ -93,6 +108,8 @@ class MlflowTrialLogger(Callback):
         self._reconciled = False
         self._drill: DriverDrill | None = None
         self._kept: dict[str, Candidate] = {}  # run id -> ended trial that keeps its checkpoint
+        self._cleanups: dict[str, _Cleanup] = {}  # trial id -> files to remove from storage
+        self._next_check = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -105,6 +122,8 @@ class MlflowTrialLogger(Callback):
             _reconciled=False,
             _drill=None,
             _kept={},
+            _cleanups={},
+            _next_check=0.0,
         )
         return state
 
@@ -164,6 +183,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._closed.discard(trial.trial_id)
+        self._cleanups.pop(trial.trial_id, None)  # running again: its files are in use
         self.outbox.put("start", trial_id=trial.trial_id, name=str(trial), config=trial.config)
 
     def on_trial_result(
@@ -200,13 +220,24 @@ class MlflowTrialLogger(Callback):
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self.outbox.pending:
             self.outbox.flush()
+        if self._cleanups and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + CLEANUP_CHECK_S
+            self._clean_saved_ends()
+
+    def _clean_saved_ends(self) -> None:
+        """Remove the files of the ended trials whose end Tune's saved state holds."""
+        saved_ns = _saved_state_ns(next(iter(self._cleanups.values())).checkpoint)
+        for trial_id, cleanup in list(self._cleanups.items()):
+            if saved_ns is not None and saved_ns != cleanup.saved_ns:
+                cleanup.saved_ns, cleanup.saves = saved_ns, cleanup.saves + 1
+            if cleanup.saves >= 2:
+                _remove_checkpoint_files(cleanup.checkpoint)
+                del self._cleanups[trial_id]
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.reconcile(trials)
-        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
-            if trial.status in _ENDED and trial.checkpoint is not None:
-                _remove_older_checkpoints(trial.checkpoint)
-        if not self.outbox.drain(self.drain_timeout_s):
+        drained = self.outbox.drain(self.drain_timeout_s)
+        if not drained:
             log.error(
                 "MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes are kept in %s",
                 self.tracking_uri,
@@ -214,6 +245,12 @@ class MlflowTrialLogger(Callback):
                 len(self.outbox.pending),
                 self.outbox_path,
             )
+        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
+            if trial.status in _ENDED and trial.checkpoint is not None:
+                _remove_older_checkpoints(trial.checkpoint)
+        for cleanup in self._cleanups.values():  # closed in MLflow, so best.pt is there
+            _remove_checkpoint_files(cleanup.checkpoint)
+        self._cleanups.clear()
 
     def _end(self, trial: Trial) -> None:
         """Close the trial's run as Tune ended it: FAILED with its error, FINISHED when it ran
@@ -313,14 +350,8 @@ class MlflowTrialLogger(Callback):
             self.tracker.log_outcome(run_id, Path(directory), self.trial_config(config), best)
         self._drill_point("upload")
         self.tracker.end_run(run_id, status)
-        if status == "FAILED":  # a failed trial may still be restarted from its last state
-            return
-        for name in (LAST, BEST):  # best.pt is in MLflow now
-            try:
-                if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
-                    filesystem.delete_file(f"{path}/{name}")
-            except OSError as exc:
-                log.warning("could not remove %s/%s: %s", path, name, exc)
+        if status != "FAILED":  # a failed trial may still be restarted from its last state
+            self._cleanups[trial_id] = _Cleanup(checkpoint, _saved_state_ns(checkpoint))
         self._keep_top(run_id)
 
     def _keep_top(self, run_id: str) -> None:
@@ -345,6 +376,34 @@ def _error_text(trial: Trial) -> str:
     if error_file and Path(error_file).is_file():
         return error_tail(Path(error_file).read_text())
     return "trial failed (no error file)"
+
+
+def _saved_state_ns(checkpoint: str) -> int | None:
+    """When Tune last wrote its saved state for the search of ``checkpoint`` (a checkpoint URI,
+    ``<experiment>/<trial>/<checkpoint>``); None when it cannot be read."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    experiment = path.rstrip("/").rpartition("/")[0].rpartition("/")[0]
+    try:
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment))
+    except OSError as exc:
+        log.warning("could not read Tune's saved state in %s: %s", experiment, exc)
+        return None
+    return max(
+        (i.mtime_ns for i in infos if i.base_name.startswith(SAVED_STATE) and i.mtime_ns), default=None
+    )
+
+
+def _remove_checkpoint_files(checkpoint: str) -> None:
+    """Remove an ended trial's older checkpoints and ``last.pt`` and ``best.pt`` from its latest
+    (pictures stay)."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    for name in (LAST, BEST):
+        try:
+            if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+                filesystem.delete_file(f"{path}/{name}")
+        except OSError as exc:
+            log.warning("could not remove %s/%s: %s", path, name, exc)
+    _remove_older_checkpoints(Checkpoint(path, filesystem))
 
 
 def _remove_older_checkpoints(latest: Checkpoint) -> None:

@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_KEEP_TOP,
         help="keep the best checkpoint of only the K best ended trials by train.metric (the rest "
         "keep metrics, params and config in MLflow; 0 keeps every checkpoint). Disk: about K "
-        "best.pt files in MLflow at the end; while running, also two checkpoints per running "
-        "trial and one older checkpoint per ended trial in --storage (docs/search.md)",
+        "best.pt files, once, in MLflow; while running, also two checkpoints (best.pt, last.pt) "
+        "per running trial in --storage (docs/search.md)",
     )
     p.add_argument(
         "--mlflow-wait",
