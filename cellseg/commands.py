@@ -6,10 +6,11 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cellseg.best_run import choose
+from cellseg.best_run import Choice, choose, has_checkpoint, search_name
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, TrainConfig, flatten
 from cellseg.data import (
@@ -25,8 +26,9 @@ from cellseg.errors import ConfigError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.plots import plot_class_distribution
+from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
-from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, best_metric_key
+from cellseg.tracking import REFIT_SEARCH_TAG, RUN_DIR_TAG, SOURCE_TAG, RunRecord, Tracker, best_metric_key
 from cellseg.training import FitResult, build_loaders, fit, resolve_device
 from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, check_iou_threshold
 
@@ -42,10 +44,13 @@ def train_and_track(
     experiment: str,
     tracking_uri: str | None,
     resume_from: str | None,
-    config_path: Path,
+    config_path: Path | None,
     progress: bool,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] = {},
 ) -> FitResult:
-    """``fit`` with an MLflow run: params, per-epoch metrics, best checkpoint and pictures."""
+    """``fit`` with an MLflow run (nested under ``parent_run_id`` when given, ``tags`` added to
+    cellseg's): params, per-epoch metrics, best checkpoint and pictures."""
     tracker = Tracker(tracking_uri)
     tracker.check()
     run_dir = Path(resume_from or Path(cfg.train.output_dir) / name).resolve()
@@ -58,7 +63,13 @@ def train_and_track(
             experiment,
             name,
             params=flatten(cfg),
-            tags={RUN_DIR_TAG: str(run_dir), SOURCE_TAG: "train", "cellseg.config_file": str(config_path)},
+            tags={
+                RUN_DIR_TAG: str(run_dir),
+                SOURCE_TAG: "train",
+                **({"cellseg.config_file": str(config_path)} if config_path else {}),
+                **tags,
+            },
+            parent_run_id=parent_run_id,
             dataset=dataset_fingerprint(cfg.data),
         )
     try:
@@ -78,6 +89,67 @@ def train_and_track(
     return result
 
 
+def refit_and_track(
+    *,
+    run_id: str | None,
+    best: bool,
+    search: str | None,
+    config_path: Path | None,
+    data_root: str | None,
+    overrides: list[str],
+    epochs: int | None,
+    name: str | None,
+    experiment: str,
+    tracking_uri: str | None,
+    scratch: Path,
+    progress: bool,
+) -> tuple[RefitPlan, FitResult]:
+    """Train run ``run_id``'s configuration (or ``best``'s choice, or a config file) on every
+    training image, for the epochs ``cellseg.refit`` says; logged as a refit run (tag
+    ``cellseg.refit``: the source run) nested under the source's search."""
+    if config_path is not None:
+        if not data_root:
+            raise ConfigError("refit --config needs --data DIR, the dataset whose every image it trains on")
+        plan = plan_from_config(config_path, data_root, overrides, epochs)
+    else:
+        tracker = Tracker(tracking_uri)
+        tracker.check()
+        if best:
+            choice = chosen_best(tracker, experiment, search, data_root, "refit --best")
+            source, found_search = choice.ranked[0].record, choice.search
+        else:
+            source = tracker.record(run_id)
+            found_search = search_name(tracker.record(source.parent_id)) if source.parent_id else None
+        plan = plan_from_run(
+            tracker,
+            source,
+            found_search,
+            data_root=data_root,
+            overrides=overrides,
+            epochs=epochs,
+            scratch=scratch,
+        )
+    what = f"run {plan.source.run_id} ({plan.source.name})" if plan.source else str(config_path)
+    if plan.search:
+        what += f" of search {plan.search!r}"
+    print(
+        f"refit of {what}: {plan.config.train.epochs} epochs ({plan.rule}) on every image of {plan.config.data.root}"
+    )
+    stem = plan.source.name if plan.source else Path(config_path or "config").stem
+    result = train_and_track(
+        plan.config,
+        name=name or f"refit-{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        resume_from=None,
+        config_path=config_path,
+        progress=progress,
+        parent_run_id=plan.source.parent_id if plan.source else None,
+        tags={SOURCE_TAG: "refit", **plan.tags()},
+    )
+    return plan, result
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progress: bool) -> dict[str, float]:
     """The validation metrics of a checkpoint on the split its config defines."""
     state = load_checkpoint(checkpoint)
@@ -85,6 +157,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progre
     if data_root:
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve()))
+        )
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(
+            f"{checkpoint}: trained with data.val_fraction 0 (a refit), so it has no validation "
+            "split; score its export instead (cellseg export, then cellseg score)"
         )
     device = resolve_device(cfg.train.device)
     model, _ = restore_model(state, device)
@@ -116,14 +193,20 @@ def export_run(
     ensemble: int = 1,
     flips: tuple[str, ...] = (),
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    refit: bool = False,
 ) -> dict[str, Any]:
     """Predict every test image with one or more checkpoints (files, an MLflow run, or the best
     ``ensemble`` runs), on the image and its ``flips`` views, merged as ``cellseg.tta`` says.
 
     Writes the submission, a class-distribution picture and ``<output stem>.provenance.json``
     naming the model that made it (run, search, metric, data fingerprint; every member of an
-    ensemble; the flips and the merge IoU).
+    ensemble; the flips and the merge IoU). With ``refit`` the chosen run's refit (``cellseg
+    refit``) is exported instead, its source recorded as ``refit_of``.
     """
+    if refit and checkpoints:
+        raise ConfigError(
+            "--refit exports the refit of the run --best or --run-id chooses; drop it with --checkpoint"
+        )
     if ensemble < 1:
         raise ConfigError(f"--ensemble {ensemble}: give the number of best runs to merge, 1 or more")
     if ensemble > 1 and not best:
@@ -139,13 +222,16 @@ def export_run(
         tracker = Tracker(tracking_uri)
         tracker.check()
         if best:
-            members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble)
+            members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble, refit)
         else:
+            record, source = tracker.record(run_id), None
+            if refit:
+                record, source = refit_of(tracker, experiment, record), record
             members = [
                 (
-                    run_id,
-                    tracker.download_checkpoint(run_id, scratch),
-                    _provenance(tracker.record(run_id), search=None),
+                    record.run_id,
+                    tracker.download_checkpoint(record.run_id, scratch),
+                    _provenance(record, search=record.tags.get(REFIT_SEARCH_TAG), source=source),
                 )
             ]
     states = [load_checkpoint(checkpoint) for _, checkpoint, _ in members]
@@ -202,6 +288,7 @@ def export_run(
             k: provenance[k]
             for k in ("run_id", "run_name", "search", "metric", "metric_value", "fingerprint")
         },
+        **({"refit_of": provenance["refit_of"]["run_id"]} if refit else {}),
         "results": output,
         "zip": zip_path,
         "picture": picture,
@@ -214,7 +301,8 @@ def export_run(
     }
 
 
-def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
+def _provenance(record: RunRecord, *, search: str | None, source: RunRecord | None = None) -> dict[str, Any]:
+    """What the export records about run ``record``; for a refit, ``source`` as ``refit_of``."""
     metric = record.params.get("train.metric", TrainConfig.metric)
     return {
         "run_id": record.run_id,
@@ -223,7 +311,25 @@ def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
         "metric": metric,
         "metric_value": record.metrics.get(best_metric_key(metric)),
         "fingerprint": record.fingerprint,
+        **({"refit_of": _provenance(source, search=search)} if source else {}),
     }
+
+
+def chosen_best(
+    tracker: Tracker, experiment: str, search: str | None, data_root: str | None, command: str
+) -> Choice:
+    """``cellseg.best_run``'s choice for ``data_root`` in ``experiment``; ``command`` names the
+    command in the error when ``data_root`` is missing."""
+    if not data_root:
+        raise ConfigError(
+            f"{command} needs --data DIR: the best run is chosen among the runs trained on that dataset"
+        )
+    return choose(
+        tracker.records(experiment),
+        data_root,
+        search=search,
+        where=f"experiment {experiment!r} of {tracker.uri}",
+    )
 
 
 def best_checkpoints(
@@ -233,30 +339,32 @@ def best_checkpoints(
     data_root: str | None,
     scratch: Path,
     count: int = 1,
+    refit: bool = False,
 ) -> list[tuple[str, Path, dict[str, Any]]]:
     """The ``count`` best runs for ``data_root`` (cellseg.best_run's rule) whose checkpoints
-    download, best first: (run id, checkpoint, provenance) each."""
-    if not data_root:
-        raise ConfigError(
-            "export --best needs --data DIR: the best run is chosen among the runs "
-            "trained on that dataset, whose test images are then predicted"
-        )
-    choice = choose(
-        tracker.records(experiment),
-        data_root,
-        search=search,
-        where=f"experiment {experiment!r} of {tracker.uri}",
-    )
+    download, best first: (run id, checkpoint, provenance) each. With ``refit``, the refits of
+    the ``count`` best runs (the runs ``refit --best`` takes), each source named as ``refit_of``."""
+    choice = chosen_best(tracker, experiment, search, data_root, "export --best")
+    if refit:
+        return _refits(tracker, experiment, choice, scratch, count)
     skipped, found = [], []
     for candidate in choice.ranked:
         record = candidate.record
+        if not has_checkpoint(record):  # dropped by its search's --keep-top: not a fault
+            continue
         try:
             checkpoint = tracker.download_checkpoint(record.run_id, scratch / record.run_id)
         except TrackingError as exc:
             log.warning("skipping run %s (%s): %s", record.run_id, record.name, exc)
             skipped.append(record.run_id)
             continue
-        found.append((record.run_id, checkpoint, _provenance(record, search=choice.search)))
+        found.append(
+            (
+                record.run_id,
+                checkpoint,
+                {**_provenance(record, search=choice.search), **candidate.choice_note()},
+            )
+        )
         if len(found) == count:
             found[0][2]["skipped_runs"] = skipped
             return found
@@ -272,6 +380,27 @@ def best_checkpoints(
         f"data; skipped: {', '.join(skipped) or 'none'}); ask for fewer, or pass --search NAME "
         "for a search with more trials (a search keeps the checkpoints of its --keep-top best)"
     )
+
+
+def _refits(
+    tracker: Tracker, experiment: str, choice: Choice, scratch: Path, count: int
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    if len(choice.ranked) < count:
+        raise TrackingError(
+            f"--ensemble {count} --refit needs {count} runs, but {choice.group.kind} "
+            f"{choice.group.name!r} has {len(choice.ranked)} exportable runs on this data"
+        )
+    found = []
+    for candidate in choice.ranked[:count]:
+        refit = refit_of(tracker, experiment, candidate.record)
+        found.append(
+            (
+                refit.run_id,
+                tracker.download_checkpoint(refit.run_id, scratch / refit.run_id),
+                _provenance(refit, search=choice.search, source=candidate.record),
+            )
+        )
+    return found
 
 
 def score_export(results: Path, data_root: Path) -> dict[str, float]:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,11 @@ from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from cellseg.best_run import Candidate, candidate
+from cellseg.best_run import Candidate, candidate, has_checkpoint, with_repeats
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.data import dataset_fingerprint
-from cellseg.tracking import PARENT_TAG, SOURCE_TAG, Tracker, error_tail
+from cellseg.tracking import CHECKPOINT_DROPPED_TAG, PARENT_TAG, SOURCE_TAG, Tracker, error_tail
 from search.driver_drill import DriverDrill, drill_for
 from search.mlflow_outbox import Outbox
 from search.trainable import NODE_KEY, reached_max_epochs
@@ -89,9 +90,11 @@ class MlflowTrialLogger(Callback):
         drain_timeout_s: float = 600.0,
         search_name: str = "",
         keep_top: int = 0,
+        trial_tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
     ) -> None:
         self.search_name = search_name
         self.keep_top = keep_top  # 0: every ended trial keeps its checkpoint
+        self.trial_tags = trial_tags  # extra tags of a trial's run, from its config
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -107,7 +110,7 @@ class MlflowTrialLogger(Callback):
         self._closed: set[str] = set()  # trials whose run is closed, or queued to be
         self._reconciled = False
         self._drill: DriverDrill | None = None
-        self._kept: dict[str, Candidate] = {}  # run id -> ended trial that keeps its checkpoint
+        self._ended: dict[str, Candidate] = {}  # run id -> exportable ended trial of this search
         self._cleanups: dict[str, _Cleanup] = {}  # trial id -> files to remove from storage
         self._next_check = 0.0
 
@@ -121,7 +124,7 @@ class MlflowTrialLogger(Callback):
             _closed=set(),
             _reconciled=False,
             _drill=None,
-            _kept={},
+            _ended={},
             _cleanups={},
             _next_check=0.0,
         )
@@ -148,9 +151,9 @@ class MlflowTrialLogger(Callback):
                 self._logged_epoch[trial_id] = self.tracker.last_step(run.run_id, "epoch")
                 if run.status in _CLOSED:
                     self._closed.add(trial_id)
-                kept = candidate(run)
-                if kept is not None:
-                    self._kept[run.run_id] = kept
+                ended = candidate(run)
+                if ended is not None:
+                    self._ended[run.run_id] = ended
         self.outbox.flush()
 
     def _drill_point(self, point: str) -> None:
@@ -309,6 +312,7 @@ class MlflowTrialLogger(Callback):
                 TRIAL_TAG: trial_id,
                 SOURCE_TAG: "search",
                 "cellseg.searched_keys": ",".join(sorted(config)),
+                **(self.trial_tags(config) if self.trial_tags else {}),
             },
             dataset=dataset_fingerprint(cfg.data),
         )
@@ -355,19 +359,26 @@ class MlflowTrialLogger(Callback):
         self._keep_top(run_id)
 
     def _keep_top(self, run_id: str) -> None:
-        """Count the just closed run among the ended trials; drop the MLflow checkpoints of
-        those that fall out of the top ``keep_top``."""
+        """Count the just closed run among the ended trials, ranked as ``export --best`` ranks
+        them (a re-seeded configuration by its mean); drop the MLflow checkpoints of those after
+        the first ``keep_top`` that still have one. A dropped run still counts in its
+        configuration's mean."""
         if not self.keep_top:
             return
         found = candidate(self.tracker.record(run_id))
-        if found is not None:
-            self._kept[run_id] = found
-        ranked = sorted(self._kept.values(), key=lambda c: c.rank_key)
-        for out in ranked[self.keep_top :]:
-            self.tracker.drop_checkpoint(
-                out.record.run_id, f"not among the {self.keep_top} best trials by {out.metric}"
+        if found is None:
+            return
+        self._ended[run_id] = found
+        ranked = sorted(with_repeats(list(self._ended.values())), key=lambda c: c.rank_key)
+        with_checkpoint = [c for c in ranked if has_checkpoint(c.record)]
+        for out in with_checkpoint[self.keep_top :]:
+            reason = f"not among the {self.keep_top} best trials by {out.metric}"
+            self.tracker.drop_checkpoint(out.record.run_id, reason)
+            record = self._ended[out.record.run_id].record
+            self._ended[record.run_id] = replace(
+                self._ended[record.run_id],
+                record=replace(record, tags={**record.tags, CHECKPOINT_DROPPED_TAG: reason}),
             )
-            del self._kept[out.record.run_id]
 
 
 def _error_text(trial: Trial) -> str:
