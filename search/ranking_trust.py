@@ -27,15 +27,11 @@ def assess_ranking(
 ) -> list[str]:
     """Bootstrap intervals of the ``ci_top`` best trials and the fidelity of ASHA's rungs, logged
     to the trials' and the parent's MLflow runs; returns the lines to print."""
-    intervals = top_intervals(results, metric=metric, top=ci_top)
-    log_intervals(
-        tracker,
-        experiment=experiment,
-        parent_run_id=parent_run_id,
-        intervals=intervals,
-        metric=metric,
-        out_dir=out_dir,
+    intervals, missing = top_intervals(
+        tracker, results, experiment=experiment, parent_run_id=parent_run_id, metric=metric, top=ci_top
     )
+    table = interval_lines(intervals, metric, missing)
+    log_intervals(tracker, parent_run_id, intervals, lines=table, out_dir=out_dir)
     fidelity = rung_fidelity(
         results,
         metric=metric,
@@ -45,6 +41,6 @@ def assess_ranking(
     )
     log_fidelity(tracker, parent_run_id, fidelity)
     return [
-        *interval_lines(intervals, metric),
+        *table,
         *fidelity_lines(fidelity, reduction_factor=reduction_factor, max_epochs=max_epochs),
     ]

@@ -1,16 +1,19 @@
 """How far the search's order can be trusted: bootstrap intervals of the top trials' AP50.
 
-After the trials end, the driver restores the best checkpoint (``best.pt``, the model ``export
---best`` ships) of each of the top trials and predicts its validation split once, on CUDA when the
-driver has a GPU, else on CPU: one validation pass per trial, as long as one epoch's validation
-of that trial. The bootstrap over images (cellseg.bootstrap) then adds about a second. Every trial
-is resampled with the same seed, so on the same validation images the resamples are paired: the
-share of them in which a trial scores at least as high as the best says how firm the order is.
+After the trials end, the driver downloads the best checkpoint (``checkpoint/best.pt`` of the
+trial's MLflow run, the model ``export --best`` ships) of each of the top trials and predicts its
+validation split once, on CUDA when the driver has a GPU, else on CPU: one validation pass per
+trial, as long as one epoch's validation of that trial. The bootstrap over images
+(cellseg.bootstrap) then adds about a second. A trial whose checkpoint ``--keep-top`` dropped gets
+no interval. Every trial is resampled with the same seed, so on the same validation images the
+resamples are paired: the share of them in which a trial scores at least as high as the best says
+how firm the order is.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,8 @@ import numpy as np
 from ray.tune import Result
 
 from cellseg.bootstrap import SEED, Interval
-from cellseg.checkpoint import BEST
 from cellseg.commands import checkpoint_interval
+from cellseg.errors import TrackingError
 from cellseg.evaluation import UNDEFINED
 from cellseg.plots import plot_intervals
 from cellseg.tracking import PARENT_TAG, Tracker, best_metric_key
@@ -38,7 +41,7 @@ class TrialInterval:
     """A top trial: the value the search ranked it by and the interval of its segm AP50."""
 
     name: str  # the trial's folder
-    trial_id: str
+    run_id: str  # its MLflow run
     value: float
     interval: Interval
 
@@ -66,28 +69,46 @@ class TrialInterval:
         return {**self.bounds(), **({f"{CI_METRIC}_share_at_least_best": share} if share is not None else {})}
 
 
-def top_intervals(results: Sequence[Result], *, metric: str, top: int) -> list[TrialInterval]:
-    """The intervals of the ``top`` best trials (the search's order), best first."""
+def top_intervals(
+    tracker: Tracker, results: Sequence[Result], *, experiment: str, parent_run_id: str, metric: str, top: int
+) -> tuple[list[TrialInterval], list[str]]:
+    """The intervals of the ``top`` best trials (the search's order), best first, and the names of
+    those among them whose run keeps no checkpoint."""
+    runs = {
+        r.tags.get(TRIAL_TAG): r.run_id
+        for r in tracker.records(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    }
     ranked = ranked_trials(results, metric)[:top]
-    found = []
-    for i, result in enumerate(ranked, 1):
-        name = Path(result.path).name
-        if result.checkpoint is None:
-            log.warning("%s kept no checkpoint: no interval", name)
-            continue
-        log.info("interval %d of %d: predicting the validation images with %s", i, len(ranked), name)
-        with result.checkpoint.as_directory() as directory:
-            interval = checkpoint_interval(Path(directory) / BEST, device="auto")
-        trial_id = str((result.metrics or {}).get("trial_id", ""))
-        found.append(TrialInterval(name, trial_id, best_value(result, metric), interval))
-    return found
+    found, missing = [], []
+    with tempfile.TemporaryDirectory(prefix="cellseg-intervals-") as scratch:
+        for i, result in enumerate(ranked, 1):
+            name = Path(result.path).name
+            run_id = runs.get(str((result.metrics or {}).get("trial_id", "")))
+            try:
+                if run_id is None:
+                    raise TrackingError("no MLflow run")
+                checkpoint = tracker.download_checkpoint(run_id, Path(scratch) / name)
+            except TrackingError as exc:
+                log.warning("%s: no interval (%s)", name, exc)
+                missing.append(name)
+                continue
+            log.info("interval %d of %d: predicting the validation images with %s", i, len(ranked), name)
+            interval = checkpoint_interval(checkpoint, device="auto")
+            checkpoint.unlink()
+            found.append(TrialInterval(name, run_id, best_value(result, metric), interval))
+    return found, missing
 
 
-def interval_lines(intervals: Sequence[TrialInterval], metric: str) -> list[str]:
-    """The end-of-search table of the top trials with their intervals, and a note when the
-    runner-up is within noise of the best."""
+def interval_lines(intervals: Sequence[TrialInterval], metric: str, missing: Sequence[str] = ()) -> list[str]:
+    """The end-of-search table of the top trials with their intervals, a note when the runner-up
+    is within noise of the best, and one naming the top trials without a checkpoint."""
+    gone = (
+        [f"no interval for {', '.join(missing)}: no checkpoint kept (--keep-top keeps fewer than --ci-top)"]
+        if missing
+        else []
+    )
     if not intervals:
-        return []
+        return gone
     best, first = intervals[0], intervals[0].interval
     level = f"{first.level:.0%}"
     extra = metric != CI_METRIC  # the ranking value differs from what the bootstrap measures
@@ -113,40 +134,26 @@ def interval_lines(intervals: Sequence[TrialInterval], metric: str) -> list[str]
             "resamples: on these validation images the order of the top trials is within noise; "
             "train them again with other seeds or validate on more images before trusting it"
         )
-    return lines
+    return lines + gone
 
 
 def log_intervals(
     tracker: Tracker,
-    *,
-    experiment: str,
     parent_run_id: str,
     intervals: Sequence[TrialInterval],
-    metric: str,
+    *,
+    lines: Sequence[str],
     out_dir: Path,
 ) -> None:
-    """Each top trial's interval to its child run, and the table, the best trial's interval and a
-    plot of all of them (error bars) to the parent run."""
+    """Each top trial's interval to its run, and the table (``lines``), the best trial's interval
+    and a plot of all of them (error bars) to the parent run."""
     if not intervals:
         return
-    runs = {
-        r.tags.get(TRIAL_TAG): r.run_id
-        for r in tracker.records(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    }
     best = intervals[0]
     for trial in intervals:
-        if trial.trial_id in runs:
-            tracker.log_metrics(runs[trial.trial_id], trial.metrics(best), step=0)
-        else:
-            log.warning("no MLflow run of %s: its interval is only printed", trial.name)
-    tracker.log_metrics(
-        parent_run_id,
-        {best_metric_key(k): v for k, v in best.bounds().items()},
-        step=0,
-    )
-    tracker.log_text(
-        parent_run_id, "\n".join(interval_lines(intervals, metric)) + "\n", "summary/top_intervals.txt"
-    )
+        tracker.log_metrics(trial.run_id, trial.metrics(best), step=0)
+    tracker.log_metrics(parent_run_id, {best_metric_key(k): v for k, v in best.bounds().items()}, step=0)
+    tracker.log_text(parent_run_id, "\n".join(lines) + "\n", "summary/top_intervals.txt")
     plot = plot_intervals(
         [t.name for t in intervals],
         [t.interval.value for t in intervals],

@@ -23,12 +23,13 @@ pytestmark = pytest.mark.slow
 
 NUM_SAMPLES = 5
 MAX_EPOCHS = 3
+KEEP_TOP = 2
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, easy_root, synth_root, tiny_search):
-    """One finished search: 5 trials, ASHA with reduction factor 2, on 2 CPUs; then, in the same
-    store, a one-trial, one-epoch search "other" on other data (the realistic synthetic layout)."""
+    """One finished search: 5 trials, ASHA with reduction factor 2, the checkpoints of the best 2
+    kept, on 2 CPUs; then, in the same store, a one-trial, one-epoch search "other" on other data (the realistic synthetic layout)."""
     folder = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
@@ -51,6 +52,8 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
                     "2",
                     "--seed",
                     "7",
+                    "--keep-top",
+                    str(KEEP_TOP),
                 )
             )
         other_code = search_main(
@@ -104,9 +107,31 @@ def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
         assert child.data.tags["cellseg.data_fingerprint"] == fingerprint
         assert [d.dataset.digest for d in child.inputs.dataset_inputs] == [fingerprint]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"checkpoint", "config.yaml"} <= artifacts
+        assert "config.yaml" in artifacts
+        assert ("checkpoint" in artifacts) != ("cellseg.checkpoint_dropped" in child.data.tags)
         expected = "FINISHED" if len(epochs) == MAX_EPOCHS else "KILLED"
         assert child.info.status == expected
+
+
+def test_only_the_best_trials_keep_their_checkpoint_stored_once_in_mlflow(search):
+    children, folder = search["children"], search["folder"]
+    kept = [c for c in children if "cellseg.checkpoint_dropped" not in c.data.tags]
+    dropped = [c for c in children if c not in kept]
+    assert len(kept) == KEEP_TOP and len(dropped) == NUM_SAMPLES - KEEP_TOP
+    assert min(c.data.metrics["best_segm_AP50"] for c in kept) >= max(
+        c.data.metrics["best_segm_AP50"] for c in dropped
+    )
+    for child in dropped:
+        assert child.data.tags["cellseg.checkpoint_dropped"] == "not among the 2 best trials by segm_AP50"
+        assert "optim.lr" in child.data.params and "best_segm_AP50" in child.data.metrics
+    on_disk = {p.parts[-4] for p in (folder / "mlartifacts").rglob("checkpoint/best.pt")}
+    assert on_disk & {c.info.run_id for c in children} == {c.info.run_id for c in kept}
+    assert not list((folder / "storage" / "s1").rglob("*.pt")), "Tune's storage kept a second copy"
+    parent = search["parent"]
+    assert 0 < parent.data.metrics["useful_share"] <= 1 and parent.data.metrics["trial_slots"] == 2
+    top = max(c.data.metrics["best_segm_AP50"] for c in kept)
+    best = {c.info.run_id for c in kept if c.data.metrics["best_segm_AP50"] == top}
+    assert parent.data.tags["best_checkpoint"] in {f"runs:/{run_id}/checkpoint/best.pt" for run_id in best}
 
 
 def test_asha_stopped_some_trials_and_the_summary_counts_the_saved_epochs(search):
@@ -154,20 +179,25 @@ def test_parameter_importances_are_written_to_the_parent_run(search):
 
 
 def test_the_top_trials_get_a_bootstrap_interval_in_their_runs_the_table_and_the_plot(search):
+    """--ci-top 5 (the default) covers all 5 trials, but --keep-top 2 left only 2 checkpoints."""
     client, parent = search["client"], search["parent"]
     children = sorted(search["children"], key=lambda c: -c.data.metrics["best_segm_AP50"])
-    for child in children:  # 5 trials, --ci-top 5 by default: every trial
+    kept = [c for c in children if "cellseg.checkpoint_dropped" not in c.data.tags]
+    for child in children:
+        assert ("segm_AP50_ci95_low" in child.data.metrics) == (child in kept)
+    for child in kept:
         low, high = child.data.metrics["segm_AP50_ci95_low"], child.data.metrics["segm_AP50_ci95_high"]
         assert 0.0 <= low <= high <= 1.0
-    assert parent.data.metrics["best_segm_AP50_ci95_low"] == children[0].data.metrics["segm_AP50_ci95_low"]
-    assert "segm_AP50_share_at_least_best" in children[1].data.metrics
+    assert parent.data.metrics["best_segm_AP50_ci95_low"] == kept[0].data.metrics["segm_AP50_ci95_low"]
+    assert "segm_AP50_share_at_least_best" in kept[1].data.metrics
     summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/top_intervals.png", "summary/top_intervals.txt"} <= summary
     printed = search["printed"]
-    assert "top 5 by segm_AP50, 95% interval of segm_AP50 from 1000 bootstrap resamples" in printed
-    best = children[0]
+    assert f"top {KEEP_TOP} by segm_AP50, 95% interval of segm_AP50 from 1000 bootstrap resamples" in printed
+    best = kept[0]
     row = f"{best.data.metrics['best_segm_AP50']:>10.4f}  [{best.data.metrics['segm_AP50_ci95_low']:.4f}, "
     assert row in printed
+    assert "no checkpoint kept (--keep-top keeps fewer than --ci-top)" in printed
     assert not any("segm_AP50_ci95_low" in c.data.metrics for c in search["other_children"])  # --ci-top 0
 
 
