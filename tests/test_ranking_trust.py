@@ -107,3 +107,6 @@ def test_the_table_shows_each_interval_and_how_often_a_runner_up_ties_the_best()
         "segm_AP50_share_at_least_best": 0.5,
     }
     assert not any(line.startswith("note") for line in interval_lines([best, far], METRIC))
+    assert interval_lines([best], METRIC, ["trial_x"])[-1] == (
+        "no interval for trial_x: no checkpoint kept (--keep-top keeps fewer than --ci-top)"
+    )
