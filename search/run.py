@@ -531,6 +531,20 @@ def continued(args: argparse.Namespace) -> argparse.Namespace:
     return continued_args(args, build_parser(), parent)
 
 
+def unsaved_note(name: str, phase: str, path: str) -> str:
+    """What becomes of the search's Tune experiment ``phase`` (at ``path``), which its driver
+    recorded but did not run long enough for Tune to save its state."""
+    stopped = f"{path} has no saved Tune state (its driver stopped before Tune saved it); skipped"
+    if phase_kind(name, phase) == CONTINUE:
+        return (
+            f"{stopped}: the trials that --continue was adding are not run. Once this search has "
+            f"finished, add them again with: python search/run.py --continue {name} --num-samples N"
+        )
+    if phase_kind(name, phase) == RESEED:
+        return f"{stopped}: with --reseed-top, the repeats it was to train are planned again"
+    return stopped
+
+
 def resume_command_for(args: argparse.Namespace, name: str) -> str:
     """The command that resumes this invocation after a crash."""
     if args.continue_search:  # the settings came from the parent run, not the command line
@@ -609,7 +623,7 @@ def run_search(args: argparse.Namespace) -> int:
     resume_command = resume_command_for(args, name)
     print(f"resume after a crash with: {resume_command}")
 
-    def trial_logger(trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
+    def trial_logger(phase: str, trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
         return MlflowTrialLogger(
             tracking_uri=tracker.uri,
             experiment=args.experiment,
@@ -620,6 +634,7 @@ def run_search(args: argparse.Namespace) -> int:
             outbox_path=local_dir / OUTBOX,
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
+            phase=phase,
             keep_top=args.keep_top,
             trial_tags=trial_tags,
         )
@@ -650,7 +665,7 @@ def run_search(args: argparse.Namespace) -> int:
             reduction_factor=args.reduction_factor,
             time_budget_s=args.time_budget,
             max_failures=args.max_failures,
-            callback=trial_logger(),
+            callback=trial_logger(phase),
             **more,
         )
 
@@ -667,13 +682,13 @@ def run_search(args: argparse.Namespace) -> int:
         for phase in experiments if args.resume or args.continue_search else []:
             path = f"{storage_path.rstrip('/')}/{phase}"
             if not tune.Tuner.can_restore(path):
-                log.warning(
-                    "%s has no saved Tune state (its driver stopped before it started); skipped", path
-                )
+                print(unsaved_note(name, phase, path))
                 continue
             restored = tune.Tuner.restore(path, trainable, resume_errored=True)
-            ended = fit(restored) if args.resume else list(restored.get_results())
-            if phase_kind(phase) != RESEED:
+            # only the last can be unfinished: each later one started after the one before ended
+            unfinished = args.resume and phase == experiments[-1]
+            ended = fit(restored) if unfinished else list(restored.get_results())
+            if phase_kind(name, phase) != RESEED:
                 results += ended
         if args.continue_search:
             phase = next_phase(name, CONTINUE, phases)
@@ -706,7 +721,9 @@ def run_search(args: argparse.Namespace) -> int:
                 print(
                     f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
                 )
-                config = run_config(phase, storage_path, trial_logger(RepeatTags(repeats)), args.max_failures)
+                config = run_config(
+                    phase, storage_path, trial_logger(phase, RepeatTags(repeats)), args.max_failures
+                )
                 fit(
                     repeat_tuner(
                         trainable,
