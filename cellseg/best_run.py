@@ -84,6 +84,11 @@ def candidate(record: RunRecord) -> Candidate | None:
     return Candidate(record, metric, value)
 
 
+def search_name(parent: RunRecord) -> str:
+    """The name of the search whose parent run is ``parent``."""
+    return parent.tags.get(SEARCH_TAG) or parent.name
+
+
 def groups(records: list[RunRecord]) -> list[Group]:
     """The groups with at least one exportable run, the most recent first."""
     by_id = {r.run_id: r for r in records}
@@ -95,7 +100,7 @@ def groups(records: list[RunRecord]) -> list[Group]:
             continue
         if record.source == "search":
             parent = by_id.get(record.parent_id or "")
-            name = (parent.tags.get(SEARCH_TAG) or parent.name) if parent else str(record.parent_id)
+            name = search_name(parent) if parent else str(record.parent_id)
             key = ("search", name)
             start = parent.start_time if parent else record.start_time
         else:

@@ -1,4 +1,4 @@
-"""``cellseg`` command line: inspect, synth, train, evaluate, tune-inference, export, score."""
+"""``cellseg`` command line: inspect, synth, train, refit, evaluate, tune-inference, export, score."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellseg.config import DataConfig, ModelConfig, load_config
 from cellseg.data import PROFILES
 from cellseg.errors import USER_ERRORS, ConfigError
+
+if TYPE_CHECKING:
+    from cellseg.training import FitResult
 
 log = logging.getLogger("cellseg")
 
@@ -60,8 +65,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_path=Path(args.config),
         progress=not args.no_progress,
     )
-    print(f"best {cfg.train.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+    _print_fit(result, cfg.train.metric)
+    return 0
+
+
+def _print_fit(result: FitResult, metric: str) -> None:
+    if math.isfinite(result.best_metric):
+        print(f"best {metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+    else:
+        print(f"no validation (data.val_fraction 0): the final epoch {result.best_epoch} is saved")
     print(f"checkpoint: {result.best_checkpoint}")
+
+
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from cellseg.commands import refit_and_track
+
+    if args.search and not args.best:
+        raise ConfigError("--search chooses among the runs of --best; add --best")
+    with tempfile.TemporaryDirectory() as scratch:
+        plan, result = refit_and_track(
+            run_id=args.run_id,
+            best=args.best,
+            search=args.search,
+            config_path=Path(args.config) if args.config else None,
+            data_root=args.data,
+            overrides=list(args.set),
+            epochs=args.epochs,
+            name=args.name,
+            experiment=args.experiment,
+            tracking_uri=args.tracking_uri,
+            scratch=Path(scratch),
+            progress=not args.no_progress,
+        )
+    _print_fit(result, plan.config.train.metric)
     return 0
 
 
@@ -79,17 +115,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from cellseg.commands import export_run
     from cellseg.tta import DEFAULT_TTA
 
-    if args.search and not args.best:
-        raise ConfigError("--search chooses among the runs of --best; add --best")
     with tempfile.TemporaryDirectory() as scratch:
         summary = export_run(
             checkpoints=args.checkpoint or [],
-            run_id=args.run_id,
             best=args.best,
-            search=args.search,
-            experiment=args.experiment,
             tracking_uri=args.tracking_uri,
-            data_root=args.data,
+            **_run_choice(args),
             output=Path(args.output),
             zip_path=Path(args.zip) if args.zip else None,
             score_threshold=args.score_threshold,
@@ -98,8 +129,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
             ensemble=args.ensemble,
             flips=DEFAULT_TTA if args.tta == [] else tuple(args.tta or ()),
             iou_threshold=args.merge_iou,
+            refit=args.refit,
             use_tuned=not args.no_tuned_settings,
         )
+    return _print_summary(summary)
+
+
+def _run_choice(args: argparse.Namespace) -> dict[str, str | None]:
+    """The flags that choose an MLflow run (--run-id, or --best's --search, --data, --experiment)."""
+    if args.search and not args.best:
+        raise ConfigError("--search chooses among the runs of --best; add --best")
+    return {
+        "run_id": args.run_id,
+        "search": args.search,
+        "data_root": args.data,
+        "experiment": args.experiment,
+    }
+
+
+def _print_summary(summary: dict) -> int:
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
@@ -123,8 +171,7 @@ def _cmd_tune_inference(args: argparse.Namespace) -> int:
     from cellseg.tracking import Tracker
 
     tuning = _search_module("tune_inference")
-    if args.search and not args.best:
-        raise ConfigError("--search chooses among the runs of --best; add --best")
+    choice = _run_choice(args)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     given = {  # the others keep search/tune_inference.py's defaults
@@ -142,19 +189,14 @@ def _cmd_tune_inference(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         summary = tuning.tune_inference(
             tracker,
-            experiment=args.experiment,
-            run_id=args.run_id,
-            search=args.search,
-            data_root=args.data,
             scratch=Path(scratch),
             sampler=args.sampler,
             seed=args.seed,
             progress=not args.no_progress,
+            **choice,
             **given,
         )
-    for key, value in summary.items():
-        print(f"{key}: {value}")
-    return 0
+    return _print_summary(summary)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -211,21 +253,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration, logged to MLflow")
     p.add_argument("--config", required=True, help="YAML config, e.g. trials/demo.yaml")
     p.add_argument("--data", help="dataset folder (overrides data.root)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)",
-    )
-    p.add_argument("--name", help="run name (default: config name and time)")
-    p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
+    _add_run_options(p, "config name and time")
     p.add_argument("--resume", help="run directory of an interrupted run to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "refit",
+        help="train a run's configuration on every training image (no validation), for the "
+        "epochs at which that run validated best (docs/second-stage.md)",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="a training run or search trial by its MLflow run id")
+    source.add_argument(
+        "--config", help="a YAML config, trained for its train.epochs (or --epochs) on --data"
+    )
+    _add_best_source(p, source)
+    p.add_argument(
+        "--data",
+        help="dataset folder, every training image of which is trained on (default with "
+        "--run-id: the run's own data.root)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive,
+        help="train this many epochs instead of ceil(best epoch x its training images / all images)",
+    )
+    _add_run_options(p, "refit-<source run name>-<time>")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_refit)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on its validation split")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or a run directory")
@@ -300,16 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint file or run directory; repeat it to merge several models (an ensemble)",
     )
     source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
-    source.add_argument(
-        "--best",
-        action="store_true",
-        help="the best trial of the most recent search (or training run) of "
-        "--experiment trained on --data (required with --best)",
-    )
-    p.add_argument(
-        "--search",
-        help="with --best: choose within this search (or training run) instead of the most recent one",
-    )
+    _add_best_source(p, source)
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment for --best")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument(
@@ -323,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-threshold",
         type=float,
         help="drop detections below this score (default 0: AP50 rewards keeping nearly all)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="export the refit (cellseg refit) of the run --best or --run-id chooses",
     )
     p.add_argument(
         "--ensemble",
@@ -358,6 +410,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a synthetic dataset folder with test_ground_truth/")
     p.set_defaults(func=_cmd_score)
     return parser
+
+
+def _add_best_source(p: argparse.ArgumentParser, source: argparse._MutuallyExclusiveGroup) -> None:
+    """--best, one of the ``source`` choices, and --search, which narrows it."""
+    source.add_argument(
+        "--best",
+        action="store_true",
+        help="the best trial of the most recent search (or training run) of "
+        "--experiment trained on --data (required with --best)",
+    )
+    p.add_argument(
+        "--search",
+        help="with --best: choose within this search (or training run) instead of the most recent one",
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser, default_name: str) -> None:
+    """--set, --name, --experiment and --tracking-uri of a command that trains a tracked run."""
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--name", help=f"run name (default: {default_name})")
+    p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _count(text: str) -> int:

@@ -6,10 +6,11 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cellseg.best_run import choose
+from cellseg.best_run import Choice, choose, search_name
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, TrainConfig, flatten
 from cellseg.data import (
@@ -26,9 +27,11 @@ from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_mas
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.inference_settings import SETTINGS_FILE, InferenceSettings, read_settings
 from cellseg.plots import plot_class_distribution
+from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
 from cellseg.tracking import (
     CHECKPOINT_ARTIFACT,
+    REFIT_SEARCH_TAG,
     RUN_DIR_TAG,
     SOURCE_TAG,
     RunRecord,
@@ -50,10 +53,13 @@ def train_and_track(
     experiment: str,
     tracking_uri: str | None,
     resume_from: str | None,
-    config_path: Path,
+    config_path: Path | None,
     progress: bool,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] = {},
 ) -> FitResult:
-    """``fit`` with an MLflow run: params, per-epoch metrics, best checkpoint and pictures."""
+    """``fit`` with an MLflow run (nested under ``parent_run_id`` when given, ``tags`` added to
+    cellseg's): params, per-epoch metrics, best checkpoint and pictures."""
     tracker = Tracker(tracking_uri)
     tracker.check()
     run_dir = Path(resume_from or Path(cfg.train.output_dir) / name).resolve()
@@ -66,7 +72,13 @@ def train_and_track(
             experiment,
             name,
             params=flatten(cfg),
-            tags={RUN_DIR_TAG: str(run_dir), SOURCE_TAG: "train", "cellseg.config_file": str(config_path)},
+            tags={
+                RUN_DIR_TAG: str(run_dir),
+                SOURCE_TAG: "train",
+                **({"cellseg.config_file": str(config_path)} if config_path else {}),
+                **tags,
+            },
+            parent_run_id=parent_run_id,
             dataset=dataset_fingerprint(cfg.data),
         )
     try:
@@ -86,10 +98,76 @@ def train_and_track(
     return result
 
 
+def refit_and_track(
+    *,
+    run_id: str | None,
+    best: bool,
+    search: str | None,
+    config_path: Path | None,
+    data_root: str | None,
+    overrides: list[str],
+    epochs: int | None,
+    name: str | None,
+    experiment: str,
+    tracking_uri: str | None,
+    scratch: Path,
+    progress: bool,
+) -> tuple[RefitPlan, FitResult]:
+    """Train run ``run_id``'s configuration (or ``best``'s choice, or a config file) on every
+    training image, for the epochs ``cellseg.refit`` says; logged as a refit run (tag
+    ``cellseg.refit``: the source run) nested under the source's search."""
+    if config_path is not None:
+        if not data_root:
+            raise ConfigError("refit --config needs --data DIR, the dataset whose every image it trains on")
+        plan = plan_from_config(config_path, data_root, overrides, epochs)
+    else:
+        tracker = Tracker(tracking_uri)
+        tracker.check()
+        if best:
+            choice = chosen_best(tracker, experiment, search, data_root, "refit --best")
+            source, found_search = choice.ranked[0].record, choice.search
+        else:
+            source = tracker.record(run_id)
+            found_search = search_name(tracker.record(source.parent_id)) if source.parent_id else None
+        plan = plan_from_run(
+            tracker,
+            source,
+            found_search,
+            data_root=data_root,
+            overrides=overrides,
+            epochs=epochs,
+            scratch=scratch,
+        )
+    what = f"run {plan.source.run_id} ({plan.source.name})" if plan.source else str(config_path)
+    if plan.search:
+        what += f" of search {plan.search!r}"
+    print(
+        f"refit of {what}: {plan.config.train.epochs} epochs ({plan.rule}) on every image of {plan.config.data.root}"
+    )
+    stem = plan.source.name if plan.source else Path(config_path or "config").stem
+    result = train_and_track(
+        plan.config,
+        name=name or f"refit-{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        resume_from=None,
+        config_path=config_path,
+        progress=progress,
+        parent_run_id=plan.source.parent_id if plan.source else None,
+        tags={SOURCE_TAG: "refit", **plan.tags()},
+    )
+    return plan, result
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progress: bool) -> dict[str, float]:
     """The validation metrics of a checkpoint on the split its config defines."""
     state = load_checkpoint(checkpoint)
     cfg = config_on_data(checkpoint_config(state), data_root)
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(
+            f"{checkpoint}: trained with data.val_fraction 0 (a refit), so it has no validation "
+            "split; score its export instead (cellseg export, then cellseg score)"
+        )
     device = resolve_device(cfg.train.device)
     model, _ = restore_model(state, device)
     _, val_loader, _ = build_loaders(cfg, device)
@@ -118,13 +196,20 @@ def chosen_run(
     experiment: str,
     data_root: str | None,
     scratch: Path,
+    refit: bool = False,
 ) -> tuple[str, Path, dict[str, Any]]:
-    """Run ``run_id``, else the best run for ``data_root`` (``--best``): (run id, downloaded
-    checkpoint, provenance)."""
-    if run_id:
-        checkpoint = tracker.download_checkpoint(run_id, scratch / run_id)
-        return run_id, checkpoint, _provenance(tracker.record(run_id), search=None)
-    return best_checkpoints(tracker, experiment, search, data_root, scratch)[0]
+    """Run ``run_id``, else the best run for ``data_root`` (``--best``), or with ``refit`` that
+    run's refit: (run id, downloaded checkpoint, provenance)."""
+    if not run_id:
+        return best_checkpoints(tracker, experiment, search, data_root, scratch, 1, refit)[0]
+    record, source = tracker.record(run_id), None
+    if refit:
+        record, source = refit_of(tracker, experiment, record), record
+    return (
+        record.run_id,
+        tracker.download_checkpoint(record.run_id, scratch / record.run_id),
+        _provenance(record, search=record.tags.get(REFIT_SEARCH_TAG), source=source),
+    )
 
 
 def tuned_settings(tracker: Tracker, run_id: str, scratch: Path) -> tuple[InferenceSettings, Path] | None:
@@ -150,6 +235,7 @@ def export_run(
     ensemble: int = 1,
     flips: tuple[str, ...] = (),
     iou_threshold: float | None = None,
+    refit: bool = False,
     use_tuned: bool = True,
 ) -> dict[str, Any]:
     """Predict every test image with one or more checkpoints (files, an MLflow run, or the best
@@ -160,8 +246,14 @@ def export_run(
     hold their own flips, merge IoU and score threshold, so giving those as well is an error.
     Writes the submission, a class-distribution picture and ``<output stem>.provenance.json``
     naming the model that made it (run, search, metric, data fingerprint; every member of an
-    ensemble; the flips and the merge IoU; the inference settings).
+    ensemble; the flips and the merge IoU; the inference settings). With ``refit`` the chosen
+    run's refit (``cellseg refit``) is exported instead, its source recorded as ``refit_of``,
+    with the settings tuned for that source.
     """
+    if refit and checkpoints:
+        raise ConfigError(
+            "--refit exports the refit of the run --best or --run-id chooses; drop it with --checkpoint"
+        )
     if ensemble < 1:
         raise ConfigError(f"--ensemble {ensemble}: give the number of best runs to merge, 1 or more")
     if ensemble > 1 and not best:
@@ -177,7 +269,7 @@ def export_run(
         tracker = Tracker(tracking_uri)
         tracker.check()
         if ensemble > 1:
-            members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble)
+            members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble, refit)
         else:
             members = [
                 chosen_run(
@@ -187,9 +279,11 @@ def export_run(
                     experiment=experiment,
                     data_root=data_root,
                     scratch=scratch,
+                    refit=refit,
                 )
             ]
-            tuned = tuned_settings(tracker, members[0][0], scratch) if use_tuned else None
+            tuned_run = members[0][2].get("refit_of", {}).get("run_id") or members[0][0]
+            tuned = tuned_settings(tracker, tuned_run, scratch) if use_tuned else None
     if tuned and (flips or iou_threshold is not None or score_threshold is not None):
         raise ConfigError(
             f"run {members[0][0]} has tuned inference settings ({tuned[0].describe()}), which set "
@@ -241,7 +335,7 @@ def export_run(
         ensemble=[m[2] for m in members] if len(members) > 1 else None,
         tta_flips=list(flips),
         merge_iou_threshold=merge_iou if len(members) > 1 or flips else None,
-        inference_settings=({**tuned[0].params(), "file": str(tuned[1])} if tuned else None),
+        inference_settings=({**tuned[0].params(), "tuned_run": tuned_run} if tuned else None),
     )
     write_provenance(provenance_path, provenance)
     if tracker is not None:
@@ -252,6 +346,7 @@ def export_run(
             k: provenance[k]
             for k in ("run_id", "run_name", "search", "metric", "metric_value", "fingerprint")
         },
+        **({"refit_of": provenance["refit_of"]["run_id"]} if refit else {}),
         "results": output,
         "zip": zip_path,
         "picture": picture,
@@ -260,7 +355,7 @@ def export_run(
         "models": len(models),
         "tta_flips": ",".join(flips) or None,
         "inference_settings": (
-            f"tuned ({tuned[0].describe()}; {SETTINGS_FILE} of run {run_id})"
+            f"tuned ({tuned[0].describe()}; {tuned[1].name} of run {tuned_run})"
             if tuned
             else _untuned(tracker is not None and len(members) == 1, use_tuned)
         ),
@@ -278,7 +373,8 @@ def _untuned(one_run: bool, use_tuned: bool) -> str:
     return "the model's own (the run has none tuned; see cellseg tune-inference)"
 
 
-def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
+def _provenance(record: RunRecord, *, search: str | None, source: RunRecord | None = None) -> dict[str, Any]:
+    """What the export records about run ``record``; for a refit, ``source`` as ``refit_of``."""
     metric = record.params.get("train.metric", TrainConfig.metric)
     return {
         "run_id": record.run_id,
@@ -287,7 +383,25 @@ def _provenance(record: RunRecord, *, search: str | None) -> dict[str, Any]:
         "metric": metric,
         "metric_value": record.metrics.get(best_metric_key(metric)),
         "fingerprint": record.fingerprint,
+        **({"refit_of": _provenance(source, search=search)} if source else {}),
     }
+
+
+def chosen_best(
+    tracker: Tracker, experiment: str, search: str | None, data_root: str | None, command: str
+) -> Choice:
+    """``cellseg.best_run``'s choice for ``data_root`` in ``experiment``; ``command`` names the
+    command in the error when ``data_root`` is missing."""
+    if not data_root:
+        raise ConfigError(
+            f"{command} needs --data DIR: the best run is chosen among the runs trained on that dataset"
+        )
+    return choose(
+        tracker.records(experiment),
+        data_root,
+        search=search,
+        where=f"experiment {experiment!r} of {tracker.uri}",
+    )
 
 
 def best_checkpoints(
@@ -297,20 +411,14 @@ def best_checkpoints(
     data_root: str | None,
     scratch: Path,
     count: int = 1,
+    refit: bool = False,
 ) -> list[tuple[str, Path, dict[str, Any]]]:
     """The ``count`` best runs for ``data_root`` (cellseg.best_run's rule) whose checkpoints
-    download, best first: (run id, checkpoint, provenance) each."""
-    if not data_root:
-        raise ConfigError(
-            "export --best needs --data DIR: the best run is chosen among the runs "
-            "trained on that dataset, whose test images are then predicted"
-        )
-    choice = choose(
-        tracker.records(experiment),
-        data_root,
-        search=search,
-        where=f"experiment {experiment!r} of {tracker.uri}",
-    )
+    download, best first: (run id, checkpoint, provenance) each. With ``refit``, the refits of
+    the ``count`` best runs (the runs ``refit --best`` takes), each source named as ``refit_of``."""
+    choice = chosen_best(tracker, experiment, search, data_root, "export --best")
+    if refit:
+        return _refits(tracker, experiment, choice, scratch, count)
     skipped, found = [], []
     for candidate in choice.ranked:
         record = candidate.record
@@ -336,6 +444,27 @@ def best_checkpoints(
         f"data; skipped: {', '.join(skipped) or 'none'}); ask for fewer, or pass --search NAME "
         "for a search with more trials"
     )
+
+
+def _refits(
+    tracker: Tracker, experiment: str, choice: Choice, scratch: Path, count: int
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    if len(choice.ranked) < count:
+        raise TrackingError(
+            f"--ensemble {count} --refit needs {count} runs, but {choice.group.kind} "
+            f"{choice.group.name!r} has {len(choice.ranked)} exportable runs on this data"
+        )
+    found = []
+    for candidate in choice.ranked[:count]:
+        refit = refit_of(tracker, experiment, candidate.record)
+        found.append(
+            (
+                refit.run_id,
+                tracker.download_checkpoint(refit.run_id, scratch / refit.run_id),
+                _provenance(refit, search=choice.search, source=candidate.record),
+            )
+        )
+    return found
 
 
 def score_export(results: Path, data_root: Path) -> dict[str, float]:

@@ -23,7 +23,7 @@ from cellseg.task import METRICS
 @dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # dataset folder (the DATA.md layout); set with --data, absolute inside Tune
-    val_fraction: float = 0.15  # report A's split; the fixed split is the basis of every comparison
+    val_fraction: float = 0.15  # report A's split, fixed for every comparison; 0: no validation (refit)
     split_seed: int = 0  # fixed so every trial of a search is scored on the same images
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU demos and tests single-process
     cache_decoded: bool = True  # decode each tif once: LZW decoding dominates a CPU epoch
@@ -254,7 +254,10 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Value checks the types cannot express; each message names the key."""
     d, m, a, o, t = cfg.data, cfg.model, cfg.augment, cfg.optim, cfg.train
-    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
+    _check(
+        0.0 <= d.val_fraction < 1.0,
+        "data.val_fraction must lie in [0, 1) (0: train on every image without validation)",
+    )
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
     _check(
         d.max_pixels > 0 and d.max_instances > 0, "data.max_pixels and data.max_instances must be positive"

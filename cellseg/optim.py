@@ -57,13 +57,14 @@ class LRSchedule:
         self.iteration += 1
         self._apply()
 
-    def step_epoch(self, metric: float) -> None:
-        """Advance one epoch; ``metric`` (higher is better) drives the plateau scheduler."""
+    def step_epoch(self, metric: float | None) -> None:
+        """Advance one epoch; ``metric`` (higher is better) drives the plateau scheduler, which
+        holds its learning rate when there is none (a run without validation)."""
         self.epoch += 1
         name = self.cfg.scheduler
         if name in ("cosine", "step"):
             self.factor = self._closed_form_factor()
-        elif name == "plateau":
+        elif name == "plateau" and metric is not None:
             if metric > self.best:
                 self.best, self.bad_epochs = metric, 0
             else:

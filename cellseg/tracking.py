@@ -37,6 +37,8 @@ RUN_DIR_TAG = "cellseg.run_dir"
 SOURCE_TAG = "cellseg.source"  # "train", "search" (a trial) or "search-parent"
 SEARCH_TAG = "cellseg.search_name"  # on a search's parent run
 DATA_TAG = "cellseg.data_fingerprint"  # the digest of cellseg.data.fingerprint
+REFIT_TAG = "cellseg.refit"  # on a refit run: the id of the run whose configuration it retrained
+REFIT_SEARCH_TAG = "cellseg.refit_search"  # on a refit run: its source's search, if any
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind for model training
 DATASET_CONTEXT = "mlflow.data.context"  # the input tag MLflow shows as a dataset's use
@@ -224,7 +226,19 @@ class Tracker:
 
     def last_step(self, run_id: str, key: str) -> int:
         """The highest step at which metric ``key`` was logged; 0 when never."""
-        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+        return max((step for step, _ in self.metric_history(run_id, key)), default=0)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """Every (step, value) logged for metric ``key``, by step (the epoch for cellseg's runs)."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+    def dataset_profile(self, run_id: str) -> dict[str, Any] | None:
+        """The profile of the run's training data (``DataFingerprint.profile``); None if unrecorded."""
+        for dataset_input in self.client.get_run(run_id).inputs.dataset_inputs:
+            contexts = {tag.value for tag in dataset_input.tags if tag.key == DATASET_CONTEXT}
+            if "training" in contexts and dataset_input.dataset.profile:
+                return json.loads(dataset_input.dataset.profile)
+        return None
 
     def set_error(self, run_id: str, error: str) -> None:
         """The tag ``error``: the end of ``error`` (a traceback names its error last)."""
@@ -291,14 +305,17 @@ class Tracker:
 
     def download_checkpoint(self, run_id: str, dst: str | Path) -> Path:
         """The run's ``checkpoint/best.pt``, downloaded into ``dst``; TrackingError if it has none."""
-        artifact = f"{CHECKPOINT_ARTIFACT}/{BEST}"
+        return self.download_artifact(run_id, f"{CHECKPOINT_ARTIFACT}/{BEST}", dst)
+
+    def download_artifact(self, run_id: str, artifact: str, dst: str | Path) -> Path:
+        """The run's file ``artifact``, downloaded into ``dst``; TrackingError if it has none."""
         found = self.download_if_present(run_id, artifact, dst)
         if found is None:
             raise TrackingError(f"run {run_id} has no {artifact} artifact in {self.uri}")
         return found
 
     def download_if_present(self, run_id: str, artifact: str, dst: str | Path) -> Path | None:
-        """The run's artifact file ``artifact`` downloaded into ``dst``; None when it has none."""
+        """The run's file ``artifact`` downloaded into ``dst``; None when it has none."""
         try:
             listed = {a.path for a in self.client.list_artifacts(run_id, artifact.rpartition("/")[0] or None)}
             return self.download(run_id, artifact, dst) if artifact in listed else None

@@ -140,6 +140,9 @@ def fit(
 ) -> FitResult:
     """Train ``cfg`` for ``cfg.train.epochs``, validating and checkpointing every epoch.
 
+    With ``data.val_fraction`` 0 (a refit on every image) nothing is validated: ``best.pt`` is the
+    final epoch's model and the best metric stays ``-inf``.
+
     ``resume_from`` is a run directory (or its last.pt) written by an earlier call: training
     continues after its last epoch with the same model, optimizer, schedule and history.
     The model's pictures are not drawn here (``cellseg.run_pictures``, from the run directory).
@@ -168,6 +171,7 @@ def fit(
                     shutil.copy2(last_path.parent / name, run_dir / name)
         log.info("resumed from %s at epoch %d", last_path, start)
     metric_name = cfg.train.metric
+    validated = cfg.data.val_fraction > 0
     for epoch in range(start, cfg.train.epochs + 1):
         t.start_epoch(epoch)
         losses = train_one_epoch(
@@ -183,7 +187,11 @@ def fit(
             progress=progress,
         )
         metrics = {"epoch": float(epoch), "lr": schedule.lr, **{f"train_{k}": v for k, v in losses.items()}}
-        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+        if not validated:
+            if epoch == cfg.train.epochs:
+                best_epoch = epoch
+                save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
+        elif epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             metrics.update(
                 evaluate(
                     model,
@@ -198,7 +206,7 @@ def fit(
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
                 save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
-        schedule.step_epoch(metrics.get(metric_name, best_metric))
+        schedule.step_epoch(metrics.get(metric_name, best_metric) if validated else None)
         history.append(metrics)
         save_checkpoint(
             run_dir / LAST,

@@ -4,15 +4,18 @@
 torch hub cache, ``$TORCH_HOME/hub/checkpoints``), ``none``, or a local file. On a cluster without
 internet access, set ``CELLSEG_WEIGHTS_MIRROR`` to an internal ``https://``, ``http://`` or
 ``file://`` folder holding torchvision's files under their own names; the file's SHA-256 is
-checked against the prefix in its name either way.
+checked against the prefix in its name either way. A download that receives nothing for
+``CELLSEG_WEIGHTS_TIMEOUT`` seconds (default 60) fails instead of hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +29,7 @@ from cellseg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "CELLSEG_WEIGHTS_MIRROR"
+TIMEOUT_ENV = "CELLSEG_WEIGHTS_TIMEOUT"
 IMAGENET: dict[str, torchvision.models.WeightsEnum] = {
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
     "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
@@ -71,20 +75,47 @@ def imagenet_url(backbone: str) -> str:
     return f"{mirror.rstrip('/')}/{Path(urlparse(url).path).name}" if mirror else url
 
 
+def download_timeout() -> float:
+    """Seconds a download may wait for the server's next bytes (``$CELLSEG_WEIGHTS_TIMEOUT``)."""
+    raw = os.environ.get(TIMEOUT_ENV, "60").strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise WeightsError(f"{TIMEOUT_ENV}={raw!r}: give the download timeout as seconds > 0")
+    return seconds
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """New sockets time out after ``seconds`` (``torch.hub`` opens its URL without a timeout)."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
 def fetch(url: str, path: Path) -> Path:
     """Download ``url`` to ``path`` unless it is there, through ``torch.hub``: written to a
     temporary file and renamed when complete (concurrent fetches on one node are safe), its
-    SHA-256 checked against the prefix in the file name."""
+    SHA-256 checked against the prefix in the file name; a server that stalls for
+    ``download_timeout()`` seconds fails the download."""
     if path.is_file():
         return path
     match = HASH_IN_NAME.search(path.name)
+    timeout = download_timeout()
     log.info("downloading %s to %s", url, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
+        with socket_timeout(timeout):
+            torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
     except (OSError, RuntimeError) as exc:  # URLError, HTTPError, disk errors; a hash mismatch
         raise WeightsError(
-            f"model.weights: downloading {url} to {path} failed ({exc}). Without internet "
+            f"model.weights: downloading {url} to {path} failed ({exc}; {TIMEOUT_ENV}="
+            f"{timeout:g} s). Without internet "
             f"access, copy that file to {path} (or point TORCH_HOME at a folder holding "
             f"hub/checkpoints/{path.name}), set {MIRROR_ENV} to an internal mirror, or set "
             "model.weights to a local file or 'none'"

@@ -202,6 +202,18 @@ def load_base(base_path: Path, root: Path, max_epochs: int | None) -> Config:
     return load_config(base_path, overrides)
 
 
+def check_validated(base: Config, space: SearchSpace, base_path: Path) -> None:
+    """A search ranks trials by their validation metric: refuse ``data.val_fraction`` 0 (no
+    validation split) in the base config or among the space's values."""
+    searched = [p for p in space.params if p.key == "data.val_fraction" and p.contains(0.0)]
+    if base.data.val_fraction == 0 or searched:
+        where = f"{space.source}: data.val_fraction" if searched else f"{base_path}: data.val_fraction"
+        raise ConfigError(
+            f"{where} may be 0, but a search ranks trials by their validation {base.train.metric}; "
+            "give it a value in (0, 1) (0, training on every image, is for cellseg refit after the search)"
+        )
+
+
 def stage_weights(base: Config, space: SearchSpace) -> list[Path]:
     """Every weights file a trial may load, resolved once before any trial starts: ImageNet files
     are downloaded into this node's torch hub cache now (trials on this node find them there; other
@@ -439,6 +451,7 @@ def run_search(args: argparse.Namespace) -> int:
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
     space = load_space(space_path, base_cfg)
+    check_validated(base_cfg, space, base_path)
     check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
     max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
     for path in stage_weights(base_cfg, space):
@@ -559,6 +572,11 @@ def run_search(args: argparse.Namespace) -> int:
         f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
         f"{args.experiment} --tracking-uri {tracker.uri} --output test-results.json "
         "--zip submission.zip"
+    )
+    print(
+        f"retrain the best configuration on every training image (optional): cellseg refit --best "
+        f"--data {base_cfg.data.root} --experiment {args.experiment} --tracking-uri {tracker.uri}, "
+        "then export with --best --refit"
     )
     return 0
 

@@ -221,7 +221,7 @@ def test_literal_fields_reject_and_list_allowed(key: str, value: str, allowed: l
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        ({"data.val_fraction": 0.0}, "data.val_fraction"),
+        ({"data.val_fraction": -0.1}, "data.val_fraction"),
         ({"data.val_fraction": 1.0}, "data.val_fraction"),
         ({"data.max_pixels": 0}, "data.max_pixels"),
         ({"data.max_instances": -1}, "data.max_instances"),
@@ -254,7 +254,11 @@ def test_validate_called_directly_on_replaced_config() -> None:
 
 def test_impossible_value_in_file_fails(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="val_fraction"):
-        load_config(write_yaml(tmp_path, "data:\n  val_fraction: 0\n"))
+        load_config(write_yaml(tmp_path, "data:\n  val_fraction: 1\n"))
+
+
+def test_val_fraction_zero_is_a_run_without_validation(tmp_path: Path) -> None:
+    assert load_config(write_yaml(tmp_path, "data:\n  val_fraction: 0\n")).data.val_fraction == 0.0
 
 
 def test_custom_anchors_with_sizes_are_valid() -> None:

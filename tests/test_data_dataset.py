@@ -19,6 +19,7 @@ from cellseg.data import (
     load_sample,
     scan_train,
     split_items,
+    split_sizes,
     targets_from_label_maps,
 )
 
@@ -210,5 +211,7 @@ def test_split_keeps_both_parts(n: int, fraction: float) -> None:
 
 def test_split_edge_cases() -> None:
     assert split_items(_items(1), 0.5, seed=0) == (_items(1), [])
+    assert split_items(_items(4)[::-1], 0.0, seed=0) == (_items(4), [])  # every item trains
+    assert split_sizes(209, 0.15) == (178, 31) and split_sizes(209, 0.0) == (209, 0)
     with pytest.raises(ValueError, match="val_fraction"):
         split_items(_items(4), 1.0, seed=0)

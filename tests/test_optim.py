@@ -215,3 +215,12 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(scheduler: str) -> 
     _, straight = make(cfg, epochs=2, iters=4)
     reference = run_epochs(straight, 2, 4)
     assert run_epochs(longer, 1, 4) == reference[4:]
+
+
+def test_plateau_holds_its_rate_without_validation() -> None:
+    """A run without validation (data.val_fraction 0) has no metric: plateau never decays."""
+    cfg = OptimConfig(lr=0.1, scheduler="plateau", plateau_patience=1, plateau_factor=0.5, warmup_epochs=0.0)
+    _, schedule = make(cfg, epochs=10, iters=1)
+    for _ in range(6):
+        schedule.step_epoch(None)
+    assert schedule.lr == pytest.approx(0.1)

@@ -19,6 +19,7 @@ from search.run import (
     STRICT_METRIC_ENV,
     check_fault_drill,
     check_gpu_request,
+    check_validated,
     data_root,
     load_base,
     metric_every_epoch,
@@ -188,4 +189,25 @@ def test_missing_weights_fail_the_search_before_ray_starts(
     assert search_main(args) == 2
     err = capsys.readouterr().err
     assert "search: error: model.weights: downloading" in err and "resnet18-f37072fd.pth" in err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
+def test_a_search_refuses_a_split_without_validation(tmp_path, tiny_search, easy_root, capsys):
+    """data.val_fraction 0 is for refits: a search needs the validation metric to rank trials."""
+    import ray
+
+    base = load_base(tiny_search["base"], easy_root, None)
+    check_validated(base, load_space(tiny_search["space"], base), tiny_search["base"])
+    searched = tmp_path / "space.yaml"
+    searched.write_text("params:\n  data.val_fraction: {uniform: [0.0, 0.3]}\n")
+    with pytest.raises(ConfigError, match=f"{searched}: data.val_fraction may be 0"):
+        check_validated(base, load_space(searched, base), tiny_search["base"])
+    no_val = tmp_path / "base.yaml"
+    no_val.write_text(tiny_search["base"].read_text() + "data:\n  val_fraction: 0\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "v0")
+    args[args.index("--base") + 1] = str(no_val)
+    assert search_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"search: error: {no_val}: data.val_fraction may be 0" in err and "cellseg refit" in err
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()

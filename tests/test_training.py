@@ -3,6 +3,7 @@ pictures drawn from a run directory afterwards."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from cellseg.config import Config, load_config
 from cellseg.data import make_synthetic_dataset
 from cellseg.engine import NonFiniteLossError
 from cellseg.run_pictures import write_run_pictures
-from cellseg.training import FitResult, fit
+from cellseg.training import FitResult, build_datasets, fit
 
 DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
 METRIC_KEYS = {
@@ -145,6 +146,32 @@ def test_train_loss_falls_and_lr_follows_cosine(two_epochs) -> None:
     # lr is logged after the epoch's iterations, before the epoch step: full lr, then half
     assert first["lr"] == pytest.approx(cfg.optim.lr)
     assert second["lr"] == pytest.approx(cfg.optim.lr * 0.5)
+
+
+def test_without_validation_the_final_epoch_is_the_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
+    """data.val_fraction 0 (a refit): every image trains, nothing is validated, and best.pt is the
+    final epoch's model, written only then."""
+    cfg = tiny_config(tiny_root, tmp_path, 2, "data.val_fraction=0", "optim.scheduler=plateau")
+    best_written = []
+    recorder = Recorder()
+
+    def report(metrics: dict[str, float], run_dir: Path) -> None:
+        best_written.append((run_dir / BEST).is_file())
+        recorder(metrics, run_dir)
+
+    result = fit(cfg, run_dir=tmp_path / "all", report=report, progress=False)
+    assert best_written == [False, True]
+    for metrics, _ in recorder.calls:
+        assert "train_loss" in metrics and "segm_AP50" not in metrics and "val_loss" not in metrics
+        assert all(k in ("epoch", "lr") or k.startswith("train_") for k in metrics), metrics
+    assert result.best_epoch == 2 and result.best_metric == -math.inf
+    best, last = load_checkpoint(result.best_checkpoint), load_checkpoint(result.run_dir / LAST)
+    assert best["epoch"] == 2 and best["metrics"] == result.history[-1]
+    assert_same_weights(best["model"], last["model"])
+    assert [h["lr"] for h in result.history] == pytest.approx([cfg.optim.lr] * 2)  # plateau holds
+    train, val = build_datasets(cfg)
+    assert (len(train), len(val)) == (8, 0)
+    assert [p.name for p in write_run_pictures(result.run_dir)] == ["history.png"]  # no val images
 
 
 # ----------------------------------------------------------------------------- resume

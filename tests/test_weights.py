@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +18,7 @@ import torchvision
 
 from cellseg.weights import (
     MIRROR_ENV,
+    TIMEOUT_ENV,
     WeightsError,
     fetch,
     imagenet_file,
@@ -113,6 +116,23 @@ def test_without_network_the_error_names_url_path_and_the_ways_out(
     monkeypatch.setenv(MIRROR_ENV, f"file://{torch_home.parent / 'nowhere'}")
     with pytest.raises(WeightsError, match="nowhere/resnet50-0676ba61.pth"):
         imagenet_file("resnet50")
+
+
+def test_a_stalled_server_fails_the_download_after_the_timeout(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{silent.getsockname()[1]}/models")
+        monkeypatch.setenv(TIMEOUT_ENV, "1")
+        start = time.monotonic()
+        with pytest.raises(WeightsError, match=f"{TIMEOUT_ENV}=1 s"):
+            imagenet_file("resnet18")
+        assert time.monotonic() - start < 30
+    assert socket.getdefaulttimeout() is None  # the timeout does not outlive the download
+    assert not torch_home.exists() or list(torch_home.iterdir()) == []
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(WeightsError, match=f"{TIMEOUT_ENV}='soon'"):
+        imagenet_file("resnet18")
 
 
 def test_a_cached_file_is_used_without_any_download(

@@ -1,7 +1,7 @@
 """Reading, validating and serving the cell dataset, plus synthetic data in the same layout."""
 
 from cellseg.data.augment import build_augment
-from cellseg.data.dataset import CellDataset, collate, split_items
+from cellseg.data.dataset import CellDataset, collate, split_items, split_sizes
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.data.layout import (
     TestImage,
@@ -43,6 +43,7 @@ __all__ = [
     "read_mask",
     "scan_train",
     "split_items",
+    "split_sizes",
     "targets_from_label_maps",
     "write_image",
     "write_mask",

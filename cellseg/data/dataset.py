@@ -83,20 +83,28 @@ class CellDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
 
 
+def split_sizes(count: int, val_fraction: float) -> tuple[int, int]:
+    """How many of ``count`` items ``split_items`` puts in (train, validation).
+
+    The validation part holds ``round(count * val_fraction)`` items, at least one and leaving at
+    least one for training when there are two or more; a single item, or ``val_fraction`` 0, puts
+    every item in training.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if count < 2 or val_fraction == 0:
+        return count, 0
+    n_val = min(max(round(count * val_fraction), 1), count - 1)
+    return count - n_val, n_val
+
+
 def split_items(
     items: Sequence[TrainItem], val_fraction: float, seed: int
 ) -> tuple[list[TrainItem], list[TrainItem]]:
-    """A seeded (train, validation) split of items sorted by id, so disk order does not matter.
-
-    The validation part holds ``round(len * val_fraction)`` items, at least one and leaving at
-    least one for training when there are two or more; a single item goes to training.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    """A seeded (train, validation) split of items sorted by id (so disk order does not matter),
+    of the sizes ``split_sizes`` gives."""
     ordered = sorted(items, key=lambda item: item.item_id)
-    if len(ordered) < 2:
-        return ordered, []
-    n_val = min(max(round(len(ordered) * val_fraction), 1), len(ordered) - 1)
+    _, n_val = split_sizes(len(ordered), val_fraction)
     chosen = set(np.random.default_rng(seed).permutation(len(ordered))[:n_val].tolist())
     train = [item for i, item in enumerate(ordered) if i not in chosen]
     val = [item for i, item in enumerate(ordered) if i in chosen]
