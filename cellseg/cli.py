@@ -319,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="test scales, multiples of the trained model.min_size/max_size; must include 1 "
         "(each costs one validation pass per view; default 1 1.25 1.5)",
     )
-    p.add_argument("--no-tta", action="store_true", help="do not try flipped views (a third of the passes)")
+    p.add_argument(
+        "--no-tta", action="store_true", help="do not try flipped views (predicts a third of the passes)"
+    )
     p.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="Optuna's TPE, or a grid")
     p.add_argument(
         "--trials",

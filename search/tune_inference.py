@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,13 @@ SOURCE = "tune-inference"
 
 
 def settings_study(
-    objective_space: SettingsSpace, score: Any, *, sampler: str, trials: int, seed: int, progress: bool
+    objective_space: SettingsSpace,
+    score: Callable[[InferenceSettings], float],
+    *,
+    sampler: str,
+    trials: int,
+    seed: int,
+    progress: bool,
 ) -> optuna.Study:
     """An Optuna study maximising ``score(settings)`` over the space: ``trials`` TPE trials, or
     ``trials`` points of the grid (all of it when smaller), in a seeded random order."""
@@ -106,7 +112,12 @@ def tune_inference(
     cache_settings = CacheSettings(
         nms_iou=cache_nms_iou, detections=cache_detections or 2 * cfg.model.detections_per_img
     )
-    space = SettingsSpace(cache=cache_settings, scales=tuple(scales), flips=tuple(flips))
+    space = SettingsSpace(
+        cache=cache_settings,
+        scales=tuple(scales),
+        flips=tuple(flips),
+        detections_min=min(SettingsSpace.detections_min, cache_settings.detections),
+    )
     baseline = InferenceSettings(
         score_threshold=cfg.model.box_score_thresh,
         nms_iou=min(cfg.model.box_nms_thresh, cache_settings.nms_iou),
