@@ -11,19 +11,26 @@
 - **Which run**: the highest best metric within the group; equal values go to the run that
   started first, then to the smaller run id, so one store always gives the same answer. The
   caller skips a run whose checkpoint artifact is missing and takes the next.
+- **Re-seeded configurations** (``search/run.py --reseed-top``): a trial and its exportable repeats
+  (runs tagged ``cellseg.repeat_of`` with its run id) form one configuration, scored by the mean
+  best metric of its runs. In a group with such configurations they rank first, by that mean
+  (equal means: the configuration whose first run started first, then the smaller run id); the
+  runs of one configuration follow each other, by their own best metric as above, so the run
+  exported is the best seed of the best configuration. Trials never re-seeded rank after them.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cellseg.config import DataConfig, TrainConfig
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.errors import TrackingError
-from cellseg.tracking import SEARCH_TAG, RunRecord, best_metric_key
+from cellseg.tracking import REPEAT_TAG, SEARCH_TAG, RunRecord, best_metric_key
 
 EXPORTABLE_SOURCES = ("train", "search")  # a single training run, a search's trial
 EXPORTABLE_STATUSES = ("FINISHED", "KILLED")
@@ -36,10 +43,42 @@ class Candidate:
     record: RunRecord
     metric: str  # the run's train.metric
     value: float  # its best_<metric>
+    seeds: tuple[float, ...] = ()  # with repeats: the best metric of each run of its configuration
+    configuration_start: float = 0.0  # with repeats: the start time of the trial they repeat
 
     @property
-    def rank_key(self) -> tuple[float, float, str]:
-        return -self.value, self.record.start_time, self.record.run_id
+    def configuration(self) -> str:
+        """The run id of the trial this run repeats, else its own."""
+        return self.record.tags.get(REPEAT_TAG) or self.record.run_id
+
+    @property
+    def mean(self) -> float:
+        """The mean best metric of its configuration's runs (its own value without repeats)."""
+        return statistics.fmean(self.seeds) if self.seeds else self.value
+
+    @property
+    def rank_key(self) -> tuple[bool, float, float, str, float, float, str]:
+        start = self.configuration_start if self.seeds else self.record.start_time
+        return (
+            not self.seeds,
+            -self.mean,
+            start,
+            self.configuration,
+            -self.value,
+            self.record.start_time,
+            self.record.run_id,
+        )
+
+    def choice_note(self) -> dict[str, object]:
+        """How this run was chosen, for provenance: by its configuration's mean over seeds."""
+        if not self.seeds:
+            return {}
+        return {
+            "chosen_by": f"mean best {self.metric} over the {len(self.seeds)} seeds of its configuration",
+            "configuration_run_id": self.configuration,
+            "configuration_mean": self.mean,
+            "configuration_values": list(self.seeds),
+        }
 
 
 @dataclass(frozen=True)
@@ -109,11 +148,32 @@ def groups(records: list[RunRecord]) -> list[Group]:
         started[key] = min(started.get(key, start), start)
     found_groups = [
         Group(
-            kind, name, started[(kind, name)], tuple(sorted(members[(kind, name)], key=lambda c: c.rank_key))
+            kind,
+            name,
+            started[(kind, name)],
+            tuple(sorted(with_repeats(members[(kind, name)]), key=lambda c: c.rank_key)),
         )
         for kind, name in members
     ]
     return sorted(found_groups, key=lambda g: g.started, reverse=True)
+
+
+def with_repeats(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates of one group, those of a re-seeded configuration given all its values."""
+    by_configuration: dict[str, list[Candidate]] = {}
+    for found in sorted(candidates, key=lambda c: c.record.start_time):
+        by_configuration.setdefault(found.configuration, []).append(found)
+    starts = {c.record.run_id: c.record.start_time for c in candidates}
+    return [
+        replace(
+            c,
+            seeds=tuple(m.value for m in by_configuration[c.configuration]),
+            configuration_start=starts.get(c.configuration, c.record.start_time),
+        )
+        if len(by_configuration[c.configuration]) > 1
+        else c
+        for c in candidates
+    ]
 
 
 def choose(

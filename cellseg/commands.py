@@ -428,7 +428,13 @@ def best_checkpoints(
             log.warning("skipping run %s (%s): %s", record.run_id, record.name, exc)
             skipped.append(record.run_id)
             continue
-        found.append((record.run_id, checkpoint, _provenance(record, search=choice.search)))
+        found.append(
+            (
+                record.run_id,
+                checkpoint,
+                {**_provenance(record, search=choice.search), **candidate.choice_note()},
+            )
+        )
         if len(found) == count:
             found[0][2]["skipped_runs"] = skipped
             return found

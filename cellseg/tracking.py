@@ -36,6 +36,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_DIR_TAG = "cellseg.run_dir"
 SOURCE_TAG = "cellseg.source"  # "train", "search" (a trial) or "search-parent"
 SEARCH_TAG = "cellseg.search_name"  # on a search's parent run
+REPEAT_TAG = "cellseg.repeat_of"  # on a re-seeded trial: the run id of the trial it repeats
 DATA_TAG = "cellseg.data_fingerprint"  # the digest of cellseg.data.fingerprint
 REFIT_TAG = "cellseg.refit"  # on a refit run: the id of the run whose configuration it retrained
 REFIT_SEARCH_TAG = "cellseg.refit_search"  # on a refit run: its source's search, if any

@@ -20,6 +20,7 @@ the search, when Tune's final state is saved and the callback removes it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,10 @@ class MlflowTrialLogger(Callback):
         outbox_path: Path | None = None,
         drain_timeout_s: float = 600.0,
         search_name: str = "",
+        trial_tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
     ) -> None:
         self.search_name = search_name
+        self.trial_tags = trial_tags  # extra tags of a trial's run, from its config
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -259,6 +262,7 @@ class MlflowTrialLogger(Callback):
                 TRIAL_TAG: trial_id,
                 SOURCE_TAG: "search",
                 "cellseg.searched_keys": ",".join(sorted(config)),
+                **(self.trial_tags(config) if self.trial_tags else {}),
             },
             dataset=dataset_fingerprint(cfg.data),
         )

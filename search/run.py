@@ -28,7 +28,6 @@ import optuna
 import ray
 import yaml
 from ray import tune
-from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
@@ -36,23 +35,39 @@ from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
 from cellseg.weights import resolve_weights
+from search.continuation import (
+    CONTINUE,
+    RESEED,
+    check_continue_flags,
+    continued_args,
+    next_phase,
+    phase_kind,
+    record_phase,
+    recorded_phases,
+    search_to_continue,
+    settings_argv,
+)
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger
+from search.reseed import RepeatTags, check_reseed_flags, plan_repeats, repeat_tuner, seeded_choice
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchFailed, SearchSummary, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
+from search.warm_start import warm_start
 
 log = logging.getLogger("cellseg.search")
 
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
+STUDY_FILE = "optuna.db"
+WARM_START_TAG = "cellseg.warm_start"  # on the parent run: the searches it learned from
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
@@ -131,6 +146,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the search, tune the best trial's inference settings on cached validation "
         f"predictions (cellseg tune-inference --best with its defaults; TRIALS settings, default "
         f"{DEFAULT_TRIALS}); export --best then uses them",
+    )
+    p.add_argument(
+        "--reseed-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the search, train the K best configurations that ran every epoch again with "
+        "--reseeds other training seeds, and choose the winner (the run export --best takes) by "
+        "mean AP50 over seeds; costs K x S extra full trainings (default 0: off)",
+    )
+    p.add_argument(
+        "--reseeds",
+        type=int,
+        default=2,
+        metavar="S",
+        help="other seeds per re-seeded configuration (default 2)",
+    )
+    p.add_argument(
+        "--reseed-split",
+        action="store_true",
+        help="re-seeded trainings also move the validation split (data.split_seed) with the seed",
+    )
+    p.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add the finished and pruned trials of the earlier search NAME (same --storage) "
+        "that fit this space to the new search's Optuna study, so TPE starts informed; repeatable",
+    )
+    p.add_argument(
+        "--continue",
+        dest="continue_search",
+        metavar="NAME",
+        help="add --num-samples trials to the finished search NAME: same Optuna study and parent "
+        "run; its data, base, space, storage and other settings are reused",
     )
     p.add_argument(
         "--mlflow-wait",
@@ -318,17 +369,24 @@ def new_tuner(
     time_budget_s: float | None,
     max_failures: int,
     callback: MlflowTrialLogger,
+    study_name: str | None = None,
+    prior_trials: Sequence[optuna.trial.FrozenTrial] = (),
+    continue_study: bool = False,
 ) -> tune.Tuner:
-    """A Tuner for a new search: Optuna's TPE (the space's baselines first) and ASHA."""
+    """A Tuner for a new search: Optuna's TPE (the space's baselines first, after the warm start's
+    ``prior_trials``) and ASHA; with ``continue_study``, more trials of the existing study
+    ``study_name`` (default: ``name``), baselines not repeated."""
     searcher = StudySearcher(
         space,
         metric=metric,
         mode="max",
         storage=optuna_storage,
-        study_name=name,
+        study_name=study_name or name,
         sampler=optuna.samplers.TPESampler(seed=seed),
         max_epochs=max_epochs,
-        points_to_evaluate=space.baseline_points(),
+        points_to_evaluate=() if continue_study else space.baseline_points(),
+        prior_trials=prior_trials,
+        continue_study=continue_study,
     )
     search_alg = ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
     return tune.Tuner(
@@ -348,15 +406,22 @@ def new_tuner(
             trial_dirname_creator=trial_dirname,
             reuse_actors=False,
         ),  # reused workers grew to 9 GB each over a 40-trial demo
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            callbacks=[callback],
-            # two: Tune deletes the older checkpoint before its saved state names the newer,
-            # so a driver that dies in between is resumed from the older one
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-        ),
+        run_config=run_config(name, storage_path, callback, max_failures),
+    )
+
+
+def run_config(
+    name: str, storage_path: str, callback: MlflowTrialLogger, max_failures: int
+) -> tune.RunConfig:
+    """Where a Tune experiment of the search keeps its trials, and its MLflow callback."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        callbacks=[callback],
+        # two: Tune deletes the older checkpoint before its saved state names the newer,
+        # so a driver that dies in between is resumed from the older one
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
     )
 
 
@@ -423,7 +488,7 @@ def check_outbox_empty(local_dir: Path, tracker: Tracker, name: str) -> None:
 def finish_search(
     tracker: Tracker,
     parent_run_id: str,
-    results: ResultGrid,
+    results: Sequence[tune.Result],
     *,
     name: str,
     metric: str,
@@ -441,9 +506,42 @@ def finish_search(
     return summary
 
 
+def continued(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` for ``--continue NAME``: the earlier search's name and settings; else unchanged."""
+    if not args.continue_search:
+        return args
+    check_continue_flags(args)
+    tracker = Tracker(args.tracking_uri)
+    tracker.check()
+    parent = search_to_continue(tracker, args.experiment, args.continue_search)
+    return continued_args(args, build_parser(), parent)
+
+
+def resume_command_for(args: argparse.Namespace, name: str) -> str:
+    """The command that resumes this invocation after a crash."""
+    if args.continue_search:  # the settings came from the parent run, not the command line
+        rest = [
+            *settings_argv(args),
+            "--experiment",
+            args.experiment,
+            *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
+            *(
+                ["--reseed-top", str(args.reseed_top), "--reseeds", str(args.reseeds)]
+                if args.reseed_top
+                else []
+            ),
+            *(["--reseed-split"] if args.reseed_split else []),
+        ]
+    else:
+        rest = [a for a in sys.argv[1:] if a != "--resume"]
+    return f"python search/run.py --resume --name {name} {' '.join(rest)}"
+
+
 def run_search(args: argparse.Namespace) -> int:
-    """Validate everything, then run (or resume) the search and print its summary."""
+    """Validate everything, then run (resume, or continue) the search and print its summary."""
     start = time.time()
+    check_reseed_flags(args.reseed_top, args.reseeds)
+    args = continued(args)
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(os.environ.get(DRILL_ENV))
@@ -454,6 +552,9 @@ def run_search(args: argparse.Namespace) -> int:
     check_validated(base_cfg, space, base_path)
     check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
     max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
+    warm = warm_start({n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}, space)
+    for line in warm.notes():
+        print(line)
     for path in stage_weights(base_cfg, space):
         log.info("weights staged: %s", path)
     tracker = Tracker(args.tracking_uri)
@@ -473,13 +574,14 @@ def run_search(args: argparse.Namespace) -> int:
         tracker,
         experiment=args.experiment,
         name=name,
-        resume=args.resume,
+        resume=args.resume or bool(args.continue_search),
         params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
         tags={
             SOURCE_TAG: "search-parent",
             "git_commit": _git_commit(),
             "ray.cluster_resources": str(ray.cluster_resources()),
             "command": " ".join(sys.argv),
+            **({WARM_START_TAG: warm.tag()} if warm.carried else {}),
         },
         texts={
             f"search/{space_path.name}": space_path.read_text(),
@@ -488,54 +590,116 @@ def run_search(args: argparse.Namespace) -> int:
         dataset=dataset_fingerprint(base_cfg.data),
     )
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    resume_command = (
-        f"python search/run.py --resume --name {name} {' '.join(a for a in sys.argv[1:] if a != '--resume')}"
-    )
+    resume_command = resume_command_for(args, name)
     print(f"resume after a crash with: {resume_command}")
 
-    with parent_closed_on_error(tracker, parent_run_id, resume_command):
-        optuna_storage = f"sqlite:///{local_dir / 'optuna.db'}"
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=base_dict, fault_drill=args.fault_drill),
-            {"cpu": args.cpus_per_trial, "gpu": trial_gpus(args.gpus_per_trial)},
+    def trial_logger(trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
+        return MlflowTrialLogger(
+            tracking_uri=tracker.uri,
+            experiment=args.experiment,
+            parent_run_id=parent_run_id,
+            base=base_dict,
+            max_epochs=max_epochs,
+            metric=metric,
+            outbox_path=local_dir / OUTBOX,
+            drain_timeout_s=args.mlflow_wait,
+            search_name=name,
+            trial_tags=trial_tags,
         )
-        if args.resume:
-            tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}", trainable, resume_errored=True)
-        else:
-            tuner = new_tuner(
-                trainable,
-                name=name,
-                storage_path=storage_path,
-                space=space,
-                metric=metric,
-                max_epochs=max_epochs,
-                num_samples=args.num_samples,
-                seed=args.seed,
-                optuna_storage=optuna_storage,
-                max_concurrent=args.max_concurrent,
-                grace_period=args.grace_period,
-                reduction_factor=args.reduction_factor,
-                time_budget_s=args.time_budget,
-                max_failures=args.max_failures,
-                callback=MlflowTrialLogger(
-                    tracking_uri=tracker.uri,
-                    experiment=args.experiment,
-                    parent_run_id=parent_run_id,
-                    base=base_dict,
-                    max_epochs=max_epochs,
-                    metric=metric,
-                    outbox_path=local_dir / OUTBOX,
-                    drain_timeout_s=args.mlflow_wait,
-                    search_name=name,
-                ),
-            )
+
+    def fit(tuner: tune.Tuner) -> list[tune.Result]:
         with (
             scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),
             tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)),
         ):
-            results = tuner.fit()  # PENDING_TRIALS_ENV is read when fit starts
+            return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+
+    def search_tuner(phase: str, **more: Any) -> tune.Tuner:
+        return new_tuner(
+            trainable,
+            name=phase,
+            storage_path=storage_path,
+            space=space,
+            metric=metric,
+            max_epochs=max_epochs,
+            num_samples=args.num_samples,
+            optuna_storage=optuna_storage,
+            max_concurrent=args.max_concurrent,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            time_budget_s=args.time_budget,
+            max_failures=args.max_failures,
+            callback=trial_logger(),
+            **more,
+        )
+
+    with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        optuna_storage = f"sqlite:///{local_dir / STUDY_FILE}"
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, base=base_dict, fault_drill=args.fault_drill),
+            {"cpu": args.cpus_per_trial, "gpu": trial_gpus(args.gpus_per_trial)},
+        )
+        phases = recorded_phases(tracker.record(parent_run_id))
+        experiments = [name, *phases]  # the search's Tune experiments so far
+        results: list[tune.Result] = []
+        for phase in experiments if args.resume or args.continue_search else []:
+            path = f"{storage_path.rstrip('/')}/{phase}"
+            if not tune.Tuner.can_restore(path):
+                log.warning(
+                    "%s has no saved Tune state (its driver stopped before it started); skipped", path
+                )
+                continue
+            restored = tune.Tuner.restore(path, trainable, resume_errored=True)
+            ended = fit(restored) if args.resume else list(restored.get_results())
+            if phase_kind(phase) != RESEED:
+                results += ended
+        if args.continue_search:
+            phase = next_phase(name, CONTINUE, phases)
+            record_phase(tracker, parent_run_id, phases, phase)
+            print(f"continuing search {name} with {args.num_samples} more trials ({phase})")
+            results += fit(
+                search_tuner(phase, study_name=name, continue_study=True, seed=args.seed + len(phases))
+            )
+        elif not args.resume:
+            results += fit(search_tuner(name, seed=args.seed, prior_trials=warm.trials))
+        if args.reseed_top:
+            check_outbox_empty(local_dir, tracker, name)
+            repeats = plan_repeats(
+                tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"),
+                {r.metrics["trial_id"]: r.config for r in results if r.config and r.metrics},
+                top=args.reseed_top,
+                reseeds=args.reseeds,
+                base_seed=base_cfg.train.seed,
+                base_split_seed=base_cfg.data.split_seed,
+                vary_split=args.reseed_split,
+            )
+            if not repeats:
+                print(
+                    f"nothing to re-seed: the best {args.reseed_top} trials that ran every epoch have their "
+                    f"{args.reseeds} repeats already (or no trial ran every epoch)"
+                )
+            else:
+                phase = next_phase(name, RESEED, phases)
+                record_phase(tracker, parent_run_id, phases, phase)
+                print(
+                    f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
+                )
+                config = run_config(phase, storage_path, trial_logger(RepeatTags(repeats)), args.max_failures)
+                fit(
+                    repeat_tuner(
+                        trainable,
+                        repeats,
+                        metric=metric,
+                        max_concurrent=args.max_concurrent,
+                        run_config=config,
+                    )
+                )
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        choice = seeded_choice(tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
+        if choice is not None:
+            tracker.set_tags(parent_run_id, choice.tags())
+            tracker.log_text(parent_run_id, "\n".join(choice.lines()) + "\n", "summary/reseed_choice.txt")
         summary = finish_search(
             tracker,
             parent_run_id,
@@ -548,6 +712,8 @@ def run_search(args: argparse.Namespace) -> int:
             wall_s=time.time() - start,
         )
     print("\n".join(summary.lines(metric)))
+    if choice is not None:
+        print("\n".join(choice.lines()))
     if args.tune_inference:
         with tempfile.TemporaryDirectory() as scratch:
             tuned = tune_inference(

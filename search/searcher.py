@@ -52,7 +52,11 @@ class StudySearcher(Searcher):
         sampler: optuna.samplers.BaseSampler,
         max_epochs: int,
         points_to_evaluate: Sequence[dict[str, Any]] = (),
+        prior_trials: Sequence[optuna.trial.FrozenTrial] = (),
+        continue_study: bool = False,
     ) -> None:
+        """A new study, with ``prior_trials`` (a warm start) added before the first ask; with
+        ``continue_study`` the existing study of that name instead (a continued search)."""
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.max_epochs = max_epochs
@@ -63,12 +67,14 @@ class StudySearcher(Searcher):
                 sampler=sampler,
                 pruner=optuna.pruners.NopPruner(),  # ASHA decides; the study records
                 direction="maximize" if mode == "max" else "minimize",
+                load_if_exists=continue_study,
             )
         except optuna.exceptions.DuplicatedStudyError:
             raise ConfigError(
                 f"{storage}: an Optuna study named {study_name!r} exists already; "
                 "choose another search name, or pass --resume to continue it"
             ) from None
+        self.study.add_trials(prior_trials)
         for point in points_to_evaluate:
             self.study.enqueue_trial(point)
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its running Optuna trial

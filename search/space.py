@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 from cellseg.config import Config, apply_overrides, flatten, load_config
@@ -43,11 +44,25 @@ class Param:
         """Optuna's categorical choices must be scalars: lists travel as JSON strings."""
         return json.dumps(value) if isinstance(value, (list, tuple)) else value
 
+    def decode(self, value: Any) -> Any:
+        """The config value of an Optuna-encoded choice (``encode``'s inverse)."""
+        if self.kind == "choice" and isinstance(value, str) and value.startswith("["):
+            return json.loads(value)
+        return value
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution ``sample`` draws from."""
+        if self.kind == "choice":
+            return optuna.distributions.CategoricalDistribution([self.encode(v) for v in self.values])
+        low, high = self.values
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(int(low), int(high))
+        return optuna.distributions.FloatDistribution(low, high, log=self.kind == "loguniform")
+
     def sample(self, trial: Any) -> Any:
         """Draw this parameter from an Optuna trial (or Ray's capturing stand-in)."""
         if self.kind == "choice":
-            choice = trial.suggest_categorical(self.key, [self.encode(v) for v in self.values])
-            return json.loads(choice) if isinstance(choice, str) and choice.startswith("[") else choice
+            return self.decode(trial.suggest_categorical(self.key, [self.encode(v) for v in self.values]))
         low, high = self.values
         if self.kind == "int":
             return trial.suggest_int(self.key, int(low), int(high))

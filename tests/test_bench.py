@@ -16,7 +16,8 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
 
 
 @pytest.mark.parametrize(
-    "script", ["train_throughput", "eval_share", "export_memory", "data_loading", "tune_overhead"]
+    "script",
+    ["train_throughput", "eval_share", "export_memory", "data_loading", "tune_overhead", "reseed_choice"],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:
     proc = subprocess.run(

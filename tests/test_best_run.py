@@ -55,9 +55,10 @@ class Store:
         start: int | None = None,
         checkpoint: bool = True,
         record_data: bool = True,
+        tags: dict[str, str] | None = None,
     ) -> str:
         start = T0 + 1000 * next(_clock) if start is None else start
-        tags = {"cellseg.source": source}
+        tags = {"cellseg.source": source, **(tags or {})}
         params = {"train.metric": metric, **{f"data.{k}": v for k, v in (split or {}).items()}}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -231,3 +232,39 @@ def test_an_ensemble_takes_the_k_best_runs_with_checkpoints(store: Store, real: 
     assert [p["metric_value"] for _, _, p in found] == [0.8, 0.7, 0.5]
     with pytest.raises(TrackingError, match=r"--ensemble 5 needs 5 runs.*search 's' has 4 \(of 5"):
         best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "b", 5)
+
+
+def test_re_seeded_configurations_rank_by_their_mean_and_export_their_best_seed(
+    store: Store, real: Path, tmp_path: Path
+) -> None:
+    parent = store.run("s", source="search-parent", data=real, search="s")
+
+    def trial(name: str, value: float, repeats: str | None = None, **kwargs) -> str:
+        tags = {"cellseg.repeat_of": repeats} if repeats else None
+        return store.run(name, source="search", data=real, value=value, parent=parent, tags=tags, **kwargs)
+
+    lucky = trial("lucky", 0.95)  # the best single run, never re-seeded
+    noisy = trial("noisy", 0.90)  # re-seeded: mean 0.80
+    noisy_again = [trial("noisy-1", 0.70, noisy), trial("noisy-2", 0.80, noisy)]
+    steady = trial("steady", 0.84)  # re-seeded: mean 0.85, its second seed the best of them
+    steady_again = [trial("steady-1", 0.86, steady), trial("steady-2", 0.85, steady)]
+    trial("steady-3", 0.99, steady, status="FAILED")  # a failed repeat counts for nothing
+
+    ranked = store.choose(real).ranked
+    assert [c.record.run_id for c in ranked] == [
+        steady_again[0],
+        steady_again[1],
+        steady,
+        noisy,
+        noisy_again[1],
+        noisy_again[0],
+        lucky,
+    ]
+    assert ranked[0].mean == pytest.approx(0.85) and sorted(ranked[0].seeds) == [0.84, 0.85, 0.86]
+    assert ranked[-1].seeds == () and ranked[-1].mean == 0.95
+
+    [(run_id, _, provenance)] = best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "x")
+    assert run_id == steady_again[0] and provenance["metric_value"] == 0.86
+    assert provenance["configuration_run_id"] == steady
+    assert provenance["configuration_mean"] == pytest.approx(0.85)
+    assert provenance["chosen_by"] == "mean best segm_AP50 over the 3 seeds of its configuration"

@@ -1,0 +1,106 @@
+"""Which trials --reseed-top repeats with which seeds, and which earlier trials --warm-start
+carries into a new space (plain records and a real Optuna study, no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cellseg.config import load_config
+from cellseg.errors import ConfigError
+from cellseg.tracking import PARENT_TAG, REPEAT_TAG, SOURCE_TAG, RunRecord
+from search.mlflow_callback import TRIAL_TAG
+from search.reseed import SEED_TAG, RepeatTags, check_reseed_flags, plan_repeats
+from search.space import load_space
+from search.warm_start import FROM_ATTR, warm_start
+
+TRIALS = Path(__file__).resolve().parents[1] / "trials"
+
+
+def record(run_id: str, value: float, status: str = "FINISHED", **tags: str) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        name=run_id,
+        status=status,
+        start_time=float(len(run_id)),
+        tags={SOURCE_TAG: "search", PARENT_TAG: "p", TRIAL_TAG: f"t-{run_id}", **tags},
+        params={"train.metric": "segm_AP50"},
+        metrics={"best_segm_AP50": value},
+    )
+
+
+def test_the_best_finished_trials_get_the_repeats_they_lack_with_unused_seeds():
+    records = [
+        record("a", 0.9, status="KILLED"),  # stopped by ASHA: never repeated
+        record("b", 0.8),
+        record("c", 0.7),
+        record("d", 0.6),
+        record("b1", 0.75, **{REPEAT_TAG: "b", SEED_TAG: "1"}),  # b was repeated once with seed 1
+        record("b5", 0.1, status="FAILED", **{REPEAT_TAG: "b", SEED_TAG: "5"}),
+    ]
+    configs = {f"t-{r}": {"optim.lr": i} for i, r in enumerate("abcd")}
+    configs["t-c"]["train.seed"] = 10
+    repeats = plan_repeats(
+        records, configs, top=2, reseeds=2, base_seed=0, base_split_seed=7, vary_split=True
+    )
+    assert [(r.run_id, r.seed, r.split_seed) for r in repeats] == [("b", 2, 9), ("c", 11, 8), ("c", 12, 9)]
+    assert repeats[0].config == {"optim.lr": 1, "train.seed": 2, "data.split_seed": 9}
+    assert RepeatTags(repeats)(dict(repeats[1].config)) == {
+        REPEAT_TAG: "c",
+        "cellseg.repeat_of_trial": "t-c",
+        SEED_TAG: "11",
+        "cellseg.split_seed": "8",
+    }
+    assert RepeatTags(repeats)({"optim.lr": 1}) == {}
+    same_split = plan_repeats(
+        records, configs, top=1, reseeds=1, base_seed=0, base_split_seed=7, vary_split=False
+    )
+    assert same_split == []  # b has its one finished repeat
+    with pytest.raises(ConfigError, match="--reseeds 0"):
+        check_reseed_flags(2, 0)
+
+
+def test_warm_start_keeps_trials_inside_the_new_space_and_says_why_others_went(tmp_path: Path):
+    base = load_config(TRIALS / "demo.yaml")
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "params:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  optim.name: {choice: [sgd, adamw]}\n"
+    )
+    space = load_space(space_file, base)
+    db = tmp_path / "old.db"
+    old = optuna.create_study(study_name="old", storage=f"sqlite:///{db}", direction="maximize")
+    wide = optuna.distributions.FloatDistribution(1e-6, 1.0, log=True)
+    names = optuna.distributions.CategoricalDistribution(["adamw", "adam"])
+    for lr, name, state, value in [
+        (1e-3, "adamw", "COMPLETE", 0.5),  # fits
+        (1e-5, "adamw", "COMPLETE", 0.6),  # lr outside
+        (2e-3, "adam", "PRUNED", None),  # name outside
+        (3e-3, "adamw", "PRUNED", None),  # fits, with its epochs
+        (4e-3, "adamw", "FAIL", None),  # never carried
+    ]:
+        old.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState[state],
+                value=value,
+                params={"optim.lr": lr, "optim.name": name},
+                distributions={"optim.lr": wide, "optim.name": names},
+                intermediate_values={1: 0.2} if state == "PRUNED" else None,
+            )
+        )
+    found = warm_start({"old": db}, space)
+    assert [t.user_attrs[FROM_ATTR] for t in found.trials] == ["old#0", "old#3"]
+    assert found.trials[1].intermediate_values == {1: 0.2}
+    assert found.tag() == "old (2 trials)"
+    assert found.notes() == [
+        "warm start from old: 2 trials carried, 2 dropped",
+        "  dropped 1: optim.lr outside the new space's loguniform [0.0001, 0.01]",
+        "  dropped 1: optim.name outside the new space's choice ['sgd', 'adamw']",
+    ]
+    new = optuna.create_study(direction="maximize")
+    new.add_trials(found.trials)
+    trial = new.ask()  # TPE asks with the carried trials' distributions: they are compatible
+    assert 1e-4 <= space(trial)["optim.lr"] <= 1e-2
+    with pytest.raises(ConfigError, match="holds no study named 'other'"):
+        warm_start({"other": db}, space)
