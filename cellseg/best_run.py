@@ -10,7 +10,10 @@
   names, which must match too.
 - **Which run**: the highest best metric within the group; equal values go to the run that
   started first, then to the smaller run id, so one store always gives the same answer. The
-  caller skips a run whose checkpoint artifact is missing and takes the next.
+  caller skips a run whose checkpoint artifact is missing and takes the next; a run whose
+  checkpoint its search dropped (the tag ``cellseg.checkpoint_dropped``: not among its
+  ``--keep-top`` best, :func:`has_checkpoint`) is passed over without a warning, but still counts
+  in its configuration's mean.
 - **Re-seeded configurations** (``search/run.py --reseed-top``): a trial and its exportable repeats
   (runs tagged ``cellseg.repeat_of`` with its run id) form one configuration, scored by the mean
   best metric of its runs. In a group with such configurations they rank first, by that mean
@@ -30,7 +33,7 @@ from pathlib import Path
 from cellseg.config import DataConfig, TrainConfig
 from cellseg.data.fingerprint import DataFingerprint, dataset_fingerprint
 from cellseg.errors import TrackingError
-from cellseg.tracking import REPEAT_TAG, SEARCH_TAG, RunRecord, best_metric_key
+from cellseg.tracking import CHECKPOINT_DROPPED_TAG, REPEAT_TAG, SEARCH_TAG, RunRecord, best_metric_key
 
 EXPORTABLE_SOURCES = ("train", "search")  # a single training run, a search's trial
 EXPORTABLE_STATUSES = ("FINISHED", "KILLED")
@@ -121,6 +124,11 @@ def candidate(record: RunRecord) -> Candidate | None:
     if value is None or not math.isfinite(value):
         return None
     return Candidate(record, metric, value)
+
+
+def has_checkpoint(record: RunRecord) -> bool:
+    """False when the run's search dropped its checkpoint (``--keep-top``)."""
+    return CHECKPOINT_DROPPED_TAG not in record.tags
 
 
 def search_name(parent: RunRecord) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cellseg.best_run import Choice, choose, search_name
+from cellseg.best_run import Choice, choose, has_checkpoint, search_name
 from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
 from cellseg.config import Config, TrainConfig, flatten
 from cellseg.data import (
@@ -422,6 +422,8 @@ def best_checkpoints(
     skipped, found = [], []
     for candidate in choice.ranked:
         record = candidate.record
+        if not has_checkpoint(record):  # dropped by its search's --keep-top: not a fault
+            continue
         try:
             checkpoint = tracker.download_checkpoint(record.run_id, scratch / record.run_id)
         except TrackingError as exc:
@@ -448,7 +450,7 @@ def best_checkpoints(
         f"--ensemble {count} needs {count} runs with checkpoints, but {choice.group.kind} "
         f"{choice.group.name!r} has {len(found)} (of {len(choice.ranked)} exportable runs on this "
         f"data; skipped: {', '.join(skipped) or 'none'}); ask for fewer, or pass --search NAME "
-        "for a search with more trials"
+        "for a search with more trials (a search keeps the checkpoints of its --keep-top best)"
     )
 
 

@@ -28,6 +28,7 @@ switch_off_telemetry()  # before mlflow is imported: it decides at import whethe
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_DB = "mlflow.db"
@@ -44,6 +45,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow 3.17's kind for model training
 DATASET_CONTEXT = "mlflow.data.context"  # the input tag MLflow shows as a dataset's use
 CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_DROPPED_TAG = "cellseg.checkpoint_dropped"  # why the run's checkpoint was deleted
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names the error
@@ -164,17 +166,17 @@ class Tracker:
         experiment: str,
         name: str,
         *,
-        params: Mapping[str, Any] = {},
-        tags: Mapping[str, str] = {},
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
         dataset: DataFingerprint | None = None,
     ) -> str:
         """Create a run (nested under ``parent_run_id`` when given), log its params and data."""
-        run_tags = dict(tags)
+        run_tags = dict(tags or {})
         if parent_run_id:
             run_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
-        self.log_params(run.info.run_id, params)
+        self.log_params(run.info.run_id, params or {})
         if dataset is not None:
             self.log_dataset(run.info.run_id, dataset)
         return run.info.run_id
@@ -271,6 +273,12 @@ class Tracker:
         if (run_dir / PICTURES).is_dir():
             self.log_artifact(run_id, run_dir / PICTURES, PICTURES)
 
+    def drop_checkpoint(self, run_id: str, reason: str) -> None:
+        """Delete the run's ``checkpoint/`` artifacts and tag ``reason`` (export passes it over)."""
+        artifact_uri = self.client.get_run(run_id).info.artifact_uri
+        get_artifact_repository(artifact_uri, tracking_uri=self.uri).delete_artifacts(CHECKPOINT_ARTIFACT)
+        self.set_tags(run_id, {CHECKPOINT_DROPPED_TAG: reason})
+
     def fail_run(self, run_id: str, error: BaseException | str) -> None:
         """Close a run as FAILED (KILLED for an interrupt) with the error as a tag."""
         killed = isinstance(error, KeyboardInterrupt)
@@ -303,6 +311,15 @@ class Tracker:
             token = page.token
             if not token:
                 return records
+
+    def tagged(self, experiment: str, tag: str, value: str) -> list[RunRecord]:
+        """The runs of ``experiment`` whose tag ``tag`` is ``value``, oldest first."""
+        return self.records(experiment, f"tags.`{tag}` = '{value}'")
+
+    def experiment_name(self, run_id: str) -> str:
+        """The name of the experiment that holds run ``run_id``."""
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        return self.client.get_experiment(experiment_id).name
 
     def download_checkpoint(self, run_id: str, dst: str | Path) -> Path:
         """The run's ``checkpoint/best.pt``, downloaded into ``dst``; TrackingError if it has none."""

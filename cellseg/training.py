@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, float], Path], None]
 """Called after every epoch with the metrics and the run directory holding last.pt and best.pt."""
+
+TRAIN_SECONDS = "epoch_train_s"  # wall time of the epoch's training pass
+VAL_SECONDS = "epoch_val_s"  # wall time of its validation (0 when the epoch skipped it)
 
 
 @dataclass
@@ -174,6 +178,7 @@ def fit(
     validated = cfg.data.val_fraction > 0
     for epoch in range(start, cfg.train.epochs + 1):
         t.start_epoch(epoch)
+        started = time.perf_counter()
         losses = train_one_epoch(
             model,
             optimizer,
@@ -186,7 +191,9 @@ def fit(
             grad_clip=cfg.optim.grad_clip,
             progress=progress,
         )
+        trained = time.perf_counter()
         metrics = {"epoch": float(epoch), "lr": schedule.lr, **{f"train_{k}": v for k, v in losses.items()}}
+        metrics.update({TRAIN_SECONDS: trained - started, VAL_SECONDS: 0.0})
         if not validated:
             if epoch == cfg.train.epochs:
                 best_epoch = epoch
@@ -203,6 +210,7 @@ def fit(
                     with_loss=cfg.train.val_loss,
                 )
             )
+            metrics[VAL_SECONDS] = time.perf_counter() - trained
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
                 save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))

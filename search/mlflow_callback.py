@@ -11,16 +11,23 @@ for trials Tune stopped without telling its callbacks (``--time-budget``). Every
 through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
 retried, and the search goes on.
 
-Once a trial has ended, its latest checkpoint in storage keeps ``best.pt`` and the pictures but
-drops ``last.pt`` (optimizer state, only needed to continue a trial): several times less disk per
-trial. Tune keeps the trial's previous checkpoint too (two, see search/run.py) until the end of
-the search, when Tune's final state is saved and the callback removes it.
+Once a trial has ended, its ``best.pt`` and pictures are uploaded to its run; with ``keep_top`` K,
+only the K best ended trials (by ``cellseg.best_run``'s rule, the one ``export --best`` ranks by)
+keep ``checkpoint/best.pt`` in MLflow: a trial pushed out of the top K loses it, its run keeps
+metrics, params and config and gets the tag ``cellseg.checkpoint_dropped``. Tune's storage then
+holds only what a restore may still need: as soon as Tune's saved state (which ``--resume``
+restores from) records the trial as ended, the callback removes the trial's older checkpoint (Tune
+keeps two, see search/run.py) and ``best.pt`` and ``last.pt`` (optimizer state) from the latest,
+so each kept checkpoint lies once, in MLflow. A FAILED trial keeps its files, since ``--resume``
+restarts it from them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +36,11 @@ from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from cellseg.best_run import Candidate, candidate, has_checkpoint, with_repeats
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.data import dataset_fingerprint
-from cellseg.tracking import PARENT_TAG, SOURCE_TAG, Tracker, error_tail
+from cellseg.tracking import CHECKPOINT_DROPPED_TAG, PARENT_TAG, SOURCE_TAG, Tracker, error_tail
 from search.driver_drill import DriverDrill, drill_for
 from search.mlflow_outbox import Outbox
 from search.trainable import NODE_KEY, reached_max_epochs
@@ -43,10 +51,23 @@ TRIAL_TAG = "ray.trial_id"
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
 _CLOSED = ("FINISHED", "KILLED", "FAILED")
+SAVED_STATE = "experiment_state-"  # Tune's saved state: <storage>/<name>/experiment_state-<session>.json
+CLEANUP_CHECK_S = 5.0  # how often the driver looks whether Tune saved its state again
 LOST = (
     "the driver stopped before Tune saved this trial; the resumed search runs its parameters "
     "again as a new trial"
 )
+
+
+@dataclass
+class _Cleanup:
+    """An ended trial whose files in storage go once Tune's saved state records its end. Tune writes
+    that state to storage one save at a time; the second save finished after the trial's end began
+    after it, so it holds the end."""
+
+    checkpoint: str  # URI of the trial's latest checkpoint
+    saved_ns: int | None  # when Tune's saved state was last seen written
+    saves: int = 0  # saves seen since the trial's end
 
 
 class MlflowTrialLogger(Callback):
@@ -68,9 +89,11 @@ class MlflowTrialLogger(Callback):
         outbox_path: Path | None = None,
         drain_timeout_s: float = 600.0,
         search_name: str = "",
+        keep_top: int = 0,
         trial_tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
     ) -> None:
         self.search_name = search_name
+        self.keep_top = keep_top  # 0: every ended trial keeps its checkpoint
         self.trial_tags = trial_tags  # extra tags of a trial's run, from its config
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -87,6 +110,9 @@ class MlflowTrialLogger(Callback):
         self._closed: set[str] = set()  # trials whose run is closed, or queued to be
         self._reconciled = False
         self._drill: DriverDrill | None = None
+        self._ended: dict[str, Candidate] = {}  # run id -> exportable ended trial of this search
+        self._cleanups: dict[str, _Cleanup] = {}  # trial id -> files to remove from storage
+        self._next_check = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -98,6 +124,9 @@ class MlflowTrialLogger(Callback):
             _closed=set(),
             _reconciled=False,
             _drill=None,
+            _ended={},
+            _cleanups={},
+            _next_check=0.0,
         )
         return state
 
@@ -122,6 +151,9 @@ class MlflowTrialLogger(Callback):
                 self._logged_epoch[trial_id] = self.tracker.last_step(run.run_id, "epoch")
                 if run.status in _CLOSED:
                     self._closed.add(trial_id)
+                ended = candidate(run)
+                if ended is not None:
+                    self._ended[run.run_id] = ended
         self.outbox.flush()
 
     def _drill_point(self, point: str) -> None:
@@ -154,6 +186,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._closed.discard(trial.trial_id)
+        self._cleanups.pop(trial.trial_id, None)  # running again: its files are in use
         self.outbox.put("start", trial_id=trial.trial_id, name=str(trial), config=trial.config)
 
     def on_trial_result(
@@ -190,13 +223,24 @@ class MlflowTrialLogger(Callback):
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self.outbox.pending:
             self.outbox.flush()
+        if self._cleanups and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + CLEANUP_CHECK_S
+            self._clean_saved_ends()
+
+    def _clean_saved_ends(self) -> None:
+        """Remove the files of the ended trials whose end Tune's saved state holds."""
+        saved_ns = _saved_state_ns(next(iter(self._cleanups.values())).checkpoint)
+        for trial_id, cleanup in list(self._cleanups.items()):
+            if saved_ns is not None and saved_ns != cleanup.saved_ns:
+                cleanup.saved_ns, cleanup.saves = saved_ns, cleanup.saves + 1
+            if cleanup.saves >= 2:
+                _remove_checkpoint_files(cleanup.checkpoint)
+                del self._cleanups[trial_id]
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.reconcile(trials)
-        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
-            if trial.status in _ENDED and trial.checkpoint is not None:
-                _remove_older_checkpoints(trial.checkpoint)
-        if not self.outbox.drain(self.drain_timeout_s):
+        drained = self.outbox.drain(self.drain_timeout_s)
+        if not drained:
             log.error(
                 "MLflow at %s stayed unavailable for %.0f s after the last trial; %d writes are kept in %s",
                 self.tracking_uri,
@@ -204,6 +248,12 @@ class MlflowTrialLogger(Callback):
                 len(self.outbox.pending),
                 self.outbox_path,
             )
+        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
+            if trial.status in _ENDED and trial.checkpoint is not None:
+                _remove_older_checkpoints(trial.checkpoint)
+        for cleanup in self._cleanups.values():  # closed in MLflow, so best.pt is there
+            _remove_checkpoint_files(cleanup.checkpoint)
+        self._cleanups.clear()
 
     def _end(self, trial: Trial) -> None:
         """Close the trial's run as Tune ended it: FAILED with its error, FINISHED when it ran
@@ -305,10 +355,30 @@ class MlflowTrialLogger(Callback):
         self._drill_point("upload")
         self.tracker.end_run(run_id, status)
         if status != "FAILED":  # a failed trial may still be restarted from its last state
-            try:
-                filesystem.delete_file(f"{path}/{LAST}")
-            except OSError as exc:
-                log.warning("could not remove %s/%s: %s", path, LAST, exc)
+            self._cleanups[trial_id] = _Cleanup(checkpoint, _saved_state_ns(checkpoint))
+        self._keep_top(run_id)
+
+    def _keep_top(self, run_id: str) -> None:
+        """Count the just closed run among the ended trials, ranked as ``export --best`` ranks
+        them (a re-seeded configuration by its mean); drop the MLflow checkpoints of those after
+        the first ``keep_top`` that still have one. A dropped run still counts in its
+        configuration's mean."""
+        if not self.keep_top:
+            return
+        found = candidate(self.tracker.record(run_id))
+        if found is None:
+            return
+        self._ended[run_id] = found
+        ranked = sorted(with_repeats(list(self._ended.values())), key=lambda c: c.rank_key)
+        with_checkpoint = [c for c in ranked if has_checkpoint(c.record)]
+        for out in with_checkpoint[self.keep_top :]:
+            reason = f"not among the {self.keep_top} best trials by {out.metric}"
+            self.tracker.drop_checkpoint(out.record.run_id, reason)
+            record = self._ended[out.record.run_id].record
+            self._ended[record.run_id] = replace(
+                self._ended[record.run_id],
+                record=replace(record, tags={**record.tags, CHECKPOINT_DROPPED_TAG: reason}),
+            )
 
 
 def _error_text(trial: Trial) -> str:
@@ -317,6 +387,34 @@ def _error_text(trial: Trial) -> str:
     if error_file and Path(error_file).is_file():
         return error_tail(Path(error_file).read_text())
     return "trial failed (no error file)"
+
+
+def _saved_state_ns(checkpoint: str) -> int | None:
+    """When Tune last wrote its saved state for the search of ``checkpoint`` (a checkpoint URI,
+    ``<experiment>/<trial>/<checkpoint>``); None when it cannot be read."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    experiment = path.rstrip("/").rpartition("/")[0].rpartition("/")[0]
+    try:
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment))
+    except OSError as exc:
+        log.warning("could not read Tune's saved state in %s: %s", experiment, exc)
+        return None
+    return max(
+        (i.mtime_ns for i in infos if i.base_name.startswith(SAVED_STATE) and i.mtime_ns), default=None
+    )
+
+
+def _remove_checkpoint_files(checkpoint: str) -> None:
+    """Remove an ended trial's older checkpoints and ``last.pt`` and ``best.pt`` from its latest
+    (pictures stay)."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    for name in (LAST, BEST):
+        try:
+            if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+                filesystem.delete_file(f"{path}/{name}")
+        except OSError as exc:
+            log.warning("could not remove %s/%s: %s", path, name, exc)
+    _remove_older_checkpoints(Checkpoint(path, filesystem))
 
 
 def _remove_older_checkpoints(latest: Checkpoint) -> None:

@@ -31,11 +31,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from cellseg.checkpoint import BEST
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import CHECKPOINT_ARTIFACT, PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
 from cellseg.weights import resolve_weights
 from search.continuation import (
     CONTINUE,
@@ -50,8 +51,9 @@ from search.continuation import (
     settings_argv,
 )
 from search.driver_drill import DRILL_ENV, parse_drill
+from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
-from search.mlflow_callback import MlflowTrialLogger
+from search.mlflow_callback import TRIAL_TAG, MlflowTrialLogger
 from search.reseed import RepeatTags, check_reseed_flags, plan_repeats, repeat_tuner, seeded_choice
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
@@ -66,6 +68,7 @@ log = logging.getLogger("cellseg.search")
 DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
+DEFAULT_KEEP_TOP = 5  # checkpoints kept: enough for export --ensemble and a second choice
 STUDY_FILE = "optuna.db"
 WARM_START_TAG = "cellseg.warm_start"  # on the parent run: the searches it learned from
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
@@ -146,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the search, tune the best trial's inference settings on cached validation "
         f"predictions (cellseg tune-inference --best with its defaults; TRIALS settings, default "
         f"{DEFAULT_TRIALS}); export --best then uses them",
+    )
+    p.add_argument(
+        "--keep-top",
+        type=int,
+        default=DEFAULT_KEEP_TOP,
+        help="keep the best checkpoint of only the K best ended trials, in export --best's order "
+        "(the rest keep metrics, params and config in MLflow; 0 keeps every checkpoint). Disk: "
+        "about K best.pt files, once, in MLflow; while running, also two checkpoints (best.pt, "
+        "last.pt) per running trial in --storage (docs/search.md)",
     )
     p.add_argument(
         "--reseed-top",
@@ -495,15 +507,29 @@ def finish_search(
     max_epochs: int,
     local_dir: Path,
     optuna_storage: str,
-    wall_s: float,
-) -> SearchSummary:
-    """The summary of an ended search, logged to the parent run, which is then FINISHED;
-    SearchFailed (naming the first error) when no trial succeeded."""
+    experiment: str,
+    started: float,
+    trained: Sequence[tune.Result],
+    slots: int,
+) -> tuple[SearchSummary, Efficiency]:
+    """The summary and efficiency of an ended search, logged to the parent run, which is then
+    FINISHED; SearchFailed (naming the first error) when no trial succeeded. ``started``: the
+    driver's start (seconds since the epoch); ``trained``: every trial this driver ran, repeats
+    included."""
+    wall_s = time.time() - started
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
+    best_run = tracker.records(
+        experiment,
+        f"tags.`{TRIAL_TAG}` = '{summary.best_trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
+    )
+    if best_run:  # the trial's best.pt lies in MLflow, no longer in Tune's storage
+        summary.best_checkpoint = f"runs:/{best_run[0].run_id}/{CHECKPOINT_ARTIFACT}/{BEST}"
+    spent = efficiency(trained, wall_s=wall_s, slots=slots, since=started)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
+    tracker.log_metrics(parent_run_id, spent.metrics(), step=0)
     tracker.end_run(parent_run_id, "FINISHED")
-    return summary
+    return summary, spent
 
 
 def continued(args: argparse.Namespace) -> argparse.Namespace:
@@ -545,6 +571,8 @@ def run_search(args: argparse.Namespace) -> int:
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(os.environ.get(DRILL_ENV))
+    if args.keep_top < 0:
+        raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
@@ -604,15 +632,20 @@ def run_search(args: argparse.Namespace) -> int:
             outbox_path=local_dir / OUTBOX,
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
+            keep_top=args.keep_top,
             trial_tags=trial_tags,
         )
+
+    trained: list[tune.Result] = []  # every trial of every phase this driver ran
 
     def fit(tuner: tune.Tuner) -> list[tune.Result]:
         with (
             scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),
             tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)),
         ):
-            return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+            ended = list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+        trained.extend(ended)
+        return ended
 
     def search_tuner(phase: str, **more: Any) -> tune.Tuner:
         return new_tuner(
@@ -635,9 +668,10 @@ def run_search(args: argparse.Namespace) -> int:
 
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
         optuna_storage = f"sqlite:///{local_dir / STUDY_FILE}"
+        per_trial = {"CPU": args.cpus_per_trial, "GPU": trial_gpus(args.gpus_per_trial)}
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base_dict, fault_drill=args.fault_drill),
-            {"cpu": args.cpus_per_trial, "gpu": trial_gpus(args.gpus_per_trial)},
+            {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"]},
         )
         phases = recorded_phases(tracker.record(parent_run_id))
         experiments = [name, *phases]  # the search's Tune experiments so far
@@ -700,7 +734,7 @@ def run_search(args: argparse.Namespace) -> int:
         if choice is not None:
             tracker.set_tags(parent_run_id, choice.tags())
             tracker.log_text(parent_run_id, "\n".join(choice.lines()) + "\n", "summary/reseed_choice.txt")
-        summary = finish_search(
+        summary, spent = finish_search(
             tracker,
             parent_run_id,
             results,
@@ -709,9 +743,12 @@ def run_search(args: argparse.Namespace) -> int:
             max_epochs=max_epochs,
             local_dir=local_dir,
             optuna_storage=optuna_storage,
-            wall_s=time.time() - start,
+            experiment=args.experiment,
+            started=start,
+            trained=trained,
+            slots=trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, args.num_samples),
         )
-    print("\n".join(summary.lines(metric)))
+    print("\n".join([*summary.lines(metric), spent.line()]))
     if choice is not None:
         print("\n".join(choice.lines()))
     if args.tune_inference:

@@ -25,6 +25,7 @@ class SearchSummary:
     trials: int
     errors: int
     best_trial: str
+    best_trial_id: str
     best_metric: float
     best_config: dict[str, Any]
     best_checkpoint: str
@@ -103,6 +104,7 @@ def summarize(results: Sequence[Result], *, metric: str, max_epochs: int, wall_s
         trials=len(results),
         errors=sum(r.error is not None for r in results),
         best_trial=Path(best.path).name,
+        best_trial_id=str((best.metrics or {}).get("trial_id", "")),
         best_metric=_best_value(best, metric),
         best_config=best.config,
         best_checkpoint=checkpoint,

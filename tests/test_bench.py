@@ -17,7 +17,15 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
 
 @pytest.mark.parametrize(
     "script",
-    ["train_throughput", "eval_share", "export_memory", "data_loading", "tune_overhead", "reseed_choice"],
+    [
+        "train_throughput",
+        "eval_share",
+        "export_memory",
+        "data_loading",
+        "tune_overhead",
+        "reseed_choice",
+        "search_efficiency",
+    ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:
     proc = subprocess.run(

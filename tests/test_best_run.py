@@ -268,3 +268,31 @@ def test_re_seeded_configurations_rank_by_their_mean_and_export_their_best_seed(
     assert provenance["configuration_run_id"] == steady
     assert provenance["configuration_mean"] == pytest.approx(0.85)
     assert provenance["chosen_by"] == "mean best segm_AP50 over the 3 seeds of its configuration"
+
+
+def test_a_run_whose_checkpoint_the_search_dropped_is_passed_over_quietly(
+    store: Store, real: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tracker.drop_checkpoint (a search's --keep-top) deletes the artifact and tags the run:
+    export --best takes the next run without a warning, the dropped run still counts in its
+    configuration's mean, and an ensemble counts only runs with checkpoints."""
+    parent = store.run("s", source="search-parent", data=real, search="s")
+    steady = store.run("steady", source="search", data=real, value=0.8, parent=parent)
+    dropped = store.run(
+        "steady-1", source="search", data=real, value=0.9, parent=parent, tags={"cellseg.repeat_of": steady}
+    )
+    store.run("lucky", source="search", data=real, value=0.95, parent=parent)  # never re-seeded
+    store.tracker.drop_checkpoint(dropped, "not among the 1 best trials by segm_AP50")
+    assert not store.client.list_artifacts(dropped, "checkpoint")
+    record = store.tracker.record(dropped)
+    assert record.tags["cellseg.checkpoint_dropped"] == "not among the 1 best trials by segm_AP50"
+    assert record.metrics["best_segm_AP50"] == 0.9 and record.params["train.metric"] == "segm_AP50"
+    with caplog.at_level(logging.WARNING):
+        [(run_id, checkpoint, provenance)] = best_checkpoints(
+            store.tracker, EXPERIMENT, None, str(real), tmp_path / "scratch"
+        )
+    assert run_id == steady and checkpoint.read_text() == "weights of steady"
+    assert provenance["configuration_mean"] == pytest.approx(0.85)  # the dropped seed counts
+    assert provenance["skipped_runs"] == [] and not caplog.records
+    with pytest.raises(TrackingError, match=r"--ensemble 3 needs 3 runs.*has 2 \(of 3.*--keep-top"):
+        best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "b", 3)

@@ -53,7 +53,8 @@ def test_trials_run_on_both_nodes_and_checkpoint_to_shared_storage(
     _, _, children = search_runs(uri, "cluster", "c1")
     assert len(children) == 2
     assert {c.data.tags["ray.node_id"] for c in children} == nodes
-    assert len(list(storage.glob("c1/trial_*/checkpoint_*/best.pt"))) == 2
+    assert len(list(storage.glob("c1/trial_*/checkpoint_*"))) == 2  # in the shared storage
+    assert not list(storage.glob("c1/trial_*/checkpoint_*/*.pt")), "best.pt lies in MLflow, once"
 
 
 @ray.remote(num_cpus=1)

@@ -21,13 +21,15 @@ pytestmark = pytest.mark.slow
 
 NUM_SAMPLES = 5
 MAX_EPOCHS = 3
+KEEP_TOP = 2
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, easy_root, synth_root, tiny_search):
-    """One finished search: 5 trials, ASHA with reduction factor 2, on 2 CPUs; then, in the same
-    store, a one-trial, one-epoch search "other" on other data (the realistic synthetic layout),
-    followed by its inference-settings search (--tune-inference, 3 settings)."""
+    """One finished search: 5 trials, ASHA with reduction factor 2, the checkpoints of the best 2
+    kept, on 2 CPUs; then, in the same store, a one-trial, one-epoch search "other" on other data
+    (the realistic synthetic layout), followed by its inference-settings search (--tune-inference,
+    3 settings)."""
     folder = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
@@ -48,6 +50,8 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
                 "2",
                 "--seed",
                 "7",
+                "--keep-top",
+                str(KEEP_TOP),
             )
         )
         other_code = search_main(
@@ -100,9 +104,31 @@ def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
         assert child.data.tags["cellseg.data_fingerprint"] == fingerprint
         assert [d.dataset.digest for d in child.inputs.dataset_inputs] == [fingerprint]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"checkpoint", "config.yaml"} <= artifacts
+        assert "config.yaml" in artifacts
+        assert ("checkpoint" in artifacts) != ("cellseg.checkpoint_dropped" in child.data.tags)
         expected = "FINISHED" if len(epochs) == MAX_EPOCHS else "KILLED"
         assert child.info.status == expected
+
+
+def test_only_the_best_trials_keep_their_checkpoint_stored_once_in_mlflow(search):
+    children, folder = search["children"], search["folder"]
+    kept = [c for c in children if "cellseg.checkpoint_dropped" not in c.data.tags]
+    dropped = [c for c in children if c not in kept]
+    assert len(kept) == KEEP_TOP and len(dropped) == NUM_SAMPLES - KEEP_TOP
+    assert min(c.data.metrics["best_segm_AP50"] for c in kept) >= max(
+        c.data.metrics["best_segm_AP50"] for c in dropped
+    )
+    for child in dropped:
+        assert child.data.tags["cellseg.checkpoint_dropped"] == "not among the 2 best trials by segm_AP50"
+        assert "optim.lr" in child.data.params and "best_segm_AP50" in child.data.metrics
+    on_disk = {p.parts[-4] for p in (folder / "mlartifacts").rglob("checkpoint/best.pt")}
+    assert on_disk & {c.info.run_id for c in children} == {c.info.run_id for c in kept}
+    assert not list((folder / "storage" / "s1").rglob("*.pt")), "Tune's storage kept a second copy"
+    parent = search["parent"]
+    assert 0 < parent.data.metrics["useful_share"] <= 1 and parent.data.metrics["trial_slots"] == 2
+    top = max(c.data.metrics["best_segm_AP50"] for c in kept)
+    best = {c.info.run_id for c in kept if c.data.metrics["best_segm_AP50"] == top}
+    assert parent.data.tags["best_checkpoint"] in {f"runs:/{run_id}/checkpoint/best.pt" for run_id in best}
 
 
 def test_asha_stopped_some_trials_and_the_summary_counts_the_saved_epochs(search):

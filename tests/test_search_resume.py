@@ -80,8 +80,6 @@ def test_a_stopped_driver_resumes_without_losing_or_duplicating_trials(
         assert epochs_of(client, child) == list(range(1, EPOCHS + 1)), child.info.run_name
         assert "best_segm_AP50" in child.data.metrics
         assert any(a.path == "checkpoint" for a in client.list_artifacts(child.info.run_id))
-    for trial_id in trial_ids:
-        assert list(storage.glob(f"r1/trial_{trial_id}/checkpoint_*/best.pt"))
     study = optuna.load_study(study_name="r1", storage=f"sqlite:///{storage / 'r1' / 'optuna.db'}")
     told = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
     assert sorted(t.user_attrs[TRIAL_ATTR] for t in told) == sorted(trial_ids), (

@@ -194,7 +194,6 @@ def test_missing_weights_fail_the_search_before_ray_starts(
 
 def test_a_search_refuses_a_split_without_validation(tmp_path, tiny_search, easy_root, capsys):
     """data.val_fraction 0 is for refits: a search needs the validation metric to rank trials."""
-    import ray
 
     base = load_base(tiny_search["base"], easy_root, None)
     check_validated(base, load_space(tiny_search["space"], base), tiny_search["base"])
@@ -210,4 +209,16 @@ def test_a_search_refuses_a_split_without_validation(tmp_path, tiny_search, easy
     assert search_main(args) == 2
     err = capsys.readouterr().err
     assert f"search: error: {no_val}: data.val_fraction may be 0" in err and "cellseg refit" in err
+
+
+def test_a_negative_keep_top_fails_before_ray_starts(tmp_path, tiny_search, easy_root, capsys):
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "k1", "--keep-top", "-1")
+    assert search_main(args) == 2
+    assert (
+        "search: error: --keep-top must be 0 (keep every checkpoint) or more, got -1"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()

@@ -14,7 +14,7 @@ from cellseg.config import Config, load_config
 from cellseg.data import make_synthetic_dataset
 from cellseg.engine import NonFiniteLossError
 from cellseg.run_pictures import write_run_pictures
-from cellseg.training import FitResult, build_datasets, fit
+from cellseg.training import TRAIN_SECONDS, VAL_SECONDS, FitResult, build_datasets, fit
 
 DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
 METRIC_KEYS = {
@@ -108,6 +108,7 @@ def test_fit_writes_checkpoints_and_reports_every_epoch(two_epochs) -> None:
         for key in ("segm_AP50", "segm_AP", "bbox_AP50"):
             assert 0.0 <= metrics[key] <= 1.0 or metrics[key] == -1.0
         assert metrics["train_loss"] > 0 and metrics["val_loss"] > 0
+        assert metrics[TRAIN_SECONDS] > 0 and metrics[VAL_SECONDS] > 0  # the search's useful share
     # the report comes after the checkpoint of its epoch (Tune uploads the directory then)
     assert recorder.saved_epochs == [1, 2]
 
