@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -65,6 +66,7 @@ from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchFailed, SearchSummary, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
+from search.tune_inference import DEFAULT_TRIALS, tune_inference
 from search.warm_start import warm_start
 
 log = logging.getLogger("cellseg.search")
@@ -143,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="refuse to start when local storage has less free space",
+    )
+    p.add_argument(
+        "--tune-inference",
+        type=int,
+        nargs="?",
+        const=DEFAULT_TRIALS,
+        metavar="TRIALS",
+        help="after the search, tune the best trial's inference settings on cached validation "
+        f"predictions (cellseg tune-inference --best with its defaults; TRIALS settings, default "
+        f"{DEFAULT_TRIALS}); export --best then uses them",
     )
     p.add_argument(
         "--keep-top",
@@ -541,6 +553,20 @@ def continued(args: argparse.Namespace, argv: Sequence[str]) -> tuple[argparse.N
     return continued_args(args, build_parser(), parent, given_flags(build_parser(), argv)), parent
 
 
+def unsaved_note(name: str, phase: str, path: str) -> str:
+    """What becomes of the search's Tune experiment ``phase`` (at ``path``), which its driver
+    recorded but did not run long enough for Tune to save its state."""
+    stopped = f"{path} has no saved Tune state (its driver stopped before Tune saved it); skipped"
+    if phase_kind(name, phase) == CONTINUE:
+        return (
+            f"{stopped}: the trials that --continue was adding are not run. Once this search has "
+            f"finished, add them again with: python search/run.py --continue {name} --num-samples N"
+        )
+    if phase_kind(name, phase) == RESEED:
+        return f"{stopped}: with --reseed-top, the repeats it was to train are planned again"
+    return stopped
+
+
 def resume_command_for(args: argparse.Namespace, name: str, argv: Sequence[str]) -> str:
     """The command that resumes this invocation (the command line ``argv``) after a crash: every
     flag given, and for ``--continue`` the settings taken from the earlier search instead."""
@@ -614,7 +640,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     resume_command = resume_command_for(args, name, argv)
     print(f"resume after a crash with: {resume_command}")
 
-    def trial_logger(trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
+    def trial_logger(phase: str, trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
         return MlflowTrialLogger(
             tracking_uri=tracker.uri,
             experiment=args.experiment,
@@ -625,6 +651,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
             outbox_path=local_dir / OUTBOX,
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
+            phase=phase,
             keep_top=args.keep_top,
             trial_tags=trial_tags,
         )
@@ -655,7 +682,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
             reduction_factor=args.reduction_factor,
             time_budget_s=args.time_budget,
             max_failures=args.max_failures,
-            callback=trial_logger(),
+            callback=trial_logger(phase),
             **more,
         )
 
@@ -672,13 +699,13 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for phase in experiments if args.resume or args.continue_search else []:
             path = f"{storage_path.rstrip('/')}/{phase}"
             if not tune.Tuner.can_restore(path):
-                log.warning(
-                    "%s has no saved Tune state (its driver stopped before it started); skipped", path
-                )
+                print(unsaved_note(name, phase, path))
                 continue
             restored = tune.Tuner.restore(path, trainable, resume_errored=True)
-            ended = fit(restored) if args.resume else list(restored.get_results())
-            if phase_kind(phase) != RESEED:
+            # only the last can be unfinished: each later one started after the one before ended
+            unfinished = args.resume and phase == experiments[-1]
+            ended = fit(restored) if unfinished else list(restored.get_results())
+            if phase_kind(name, phase) != RESEED:
                 results += ended
         if args.continue_search:
             phase = next_phase(name, CONTINUE, phases)
@@ -711,7 +738,9 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 print(
                     f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
                 )
-                config = run_config(phase, storage_path, trial_logger(RepeatTags(repeats)), args.max_failures)
+                config = run_config(
+                    phase, storage_path, trial_logger(phase, RepeatTags(repeats)), args.max_failures
+                )
                 fit(
                     repeat_tuner(
                         trainable,
@@ -744,6 +773,18 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print("\n".join([*summary.lines(metric), spent.line()]))
     if choice is not None:
         print("\n".join(choice.lines()))
+    if args.tune_inference:
+        with tempfile.TemporaryDirectory() as scratch:
+            tuned = tune_inference(
+                tracker,
+                experiment=args.experiment,
+                run_id=None,
+                search=name,
+                data_root=str(base_cfg.data.root),
+                scratch=Path(scratch),
+                trials=args.tune_inference,
+            )
+        print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")

@@ -14,7 +14,7 @@ from cellseg.config import ConfigError, config_to_dict
 from cellseg.data import DataError, dataset_fingerprint
 from cellseg.tracking import SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
-from search.continuation import PARENT_SOURCE, check_unchanged
+from search.continuation import CONTINUE, PARENT_SOURCE, RESEED, check_unchanged, next_phase, phase_kind
 from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
     CLUSTER_PENDING_TRIALS,
@@ -38,6 +38,7 @@ from search.run import (
     stage_weights,
     storage_paths,
     tune_environment,
+    unsaved_note,
 )
 from search.run import main as search_main
 from search.space import load_space
@@ -348,3 +349,19 @@ def test_a_later_experiment_of_the_search_keeps_two_checkpoints_per_trial(tmp_pa
     config = run_config("s1--reseed-1", str(tmp_path), logger, max_failures=2)
     assert (config.name, config.storage_path, config.callbacks) == ("s1--reseed-1", str(tmp_path), [logger])
     assert config.checkpoint_config.num_to_keep == 2 and config.failure_config.max_failures == 2
+
+
+def test_a_search_named_like_a_later_step_is_still_its_first_experiment():
+    name = "x--reseed-1"
+    assert phase_kind(name, name) == ""
+    assert phase_kind(name, f"{name}--continue-2") == CONTINUE
+    assert next_phase(name, RESEED, []) == f"{name}--reseed-1"
+    assert next_phase(name, RESEED, [f"{name}--reseed-1", f"{name}--continue-1"]) == f"{name}--reseed-2"
+
+
+def test_a_continue_step_stopped_before_tune_saved_it_says_to_run_continue_again():
+    note = unsaved_note("s", "s--continue-1", "/runs/s--continue-1")
+    assert "/runs/s--continue-1 has no saved Tune state" in note
+    assert "python search/run.py --continue s --num-samples N" in note
+    assert "planned again" in unsaved_note("s", "s--reseed-1", "/runs/s--reseed-1")
+    assert "add them again" not in unsaved_note("s--continue-1", "s--continue-1", "/runs/s--continue-1")
