@@ -597,7 +597,8 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     check_validated(base_cfg, space, base_path)
     check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
     max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
-    warm = warm_start({n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}, space)
+    studies = {n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}
+    warm = warm_start(studies, space, metric, max_epochs)
     for line in warm.notes():
         print(line)
     for path in stage_weights(base_cfg, space):
