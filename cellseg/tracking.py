@@ -174,17 +174,17 @@ class Tracker:
         experiment: str,
         name: str,
         *,
-        params: Mapping[str, Any] = {},
-        tags: Mapping[str, str] = {},
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
         dataset: DataFingerprint | None = None,
     ) -> str:
         """Create a run (nested under ``parent_run_id`` when given), log its params and data."""
-        run_tags = dict(tags)
+        run_tags = dict(tags or {})
         if parent_run_id:
             run_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
-        self.log_params(run.info.run_id, params)
+        self.log_params(run.info.run_id, params or {})
         if dataset is not None:
             self.log_dataset(run.info.run_id, dataset)
         return run.info.run_id
@@ -320,19 +320,33 @@ class Tracker:
             if not token:
                 return records
 
+    def tagged(self, experiment: str, tag: str, value: str) -> list[RunRecord]:
+        """The runs of ``experiment`` whose tag ``tag`` is ``value``, oldest first."""
+        return self.records(experiment, f"tags.`{tag}` = '{value}'")
+
+    def experiment_name(self, run_id: str) -> str:
+        """The name of the experiment that holds run ``run_id``."""
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        return self.client.get_experiment(experiment_id).name
+
     def download_checkpoint(self, run_id: str, dst: str | Path) -> Path:
         """The run's ``checkpoint/best.pt``, downloaded into ``dst``; TrackingError if it has none."""
         return self.download_artifact(run_id, f"{CHECKPOINT_ARTIFACT}/{BEST}", dst)
 
     def download_artifact(self, run_id: str, artifact: str, dst: str | Path) -> Path:
         """The run's file ``artifact``, downloaded into ``dst``; TrackingError if it has none."""
+        found = self.download_if_present(run_id, artifact, dst)
+        if found is None:
+            raise TrackingError(f"run {run_id} has no {artifact} artifact in {self.uri}")
+        return found
+
+    def download_if_present(self, run_id: str, artifact: str, dst: str | Path) -> Path | None:
+        """The run's file ``artifact`` downloaded into ``dst``; None when it has none."""
         try:
             listed = {a.path for a in self.client.list_artifacts(run_id, artifact.rpartition("/")[0] or None)}
-            if artifact in listed:
-                return self.download(run_id, artifact, dst)
+            return self.download(run_id, artifact, dst) if artifact in listed else None
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"run {run_id}: cannot download its {artifact}: {exc}") from exc
-        raise TrackingError(f"run {run_id} has no {artifact} artifact in {self.uri}")
 
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -59,6 +60,7 @@ from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
+from search.tune_inference import DEFAULT_TRIALS, tune_inference
 from search.warm_start import warm_start
 
 log = logging.getLogger("cellseg.search")
@@ -137,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="refuse to start when local storage has less free space",
+    )
+    p.add_argument(
+        "--tune-inference",
+        type=int,
+        nargs="?",
+        const=DEFAULT_TRIALS,
+        metavar="TRIALS",
+        help="after the search, tune the best trial's inference settings on cached validation "
+        f"predictions (cellseg tune-inference --best with its defaults; TRIALS settings, default "
+        f"{DEFAULT_TRIALS}); export --best then uses them",
     )
     p.add_argument(
         "--keep-top",
@@ -749,6 +761,18 @@ def run_search(args: argparse.Namespace) -> int:
     print("\n".join([*summary.lines(metric), spent.line()]))
     if choice is not None:
         print("\n".join(choice.lines()))
+    if args.tune_inference:
+        with tempfile.TemporaryDirectory() as scratch:
+            tuned = tune_inference(
+                tracker,
+                experiment=args.experiment,
+                run_id=None,
+                search=name,
+                data_root=str(base_cfg.data.root),
+                scratch=Path(scratch),
+                trials=args.tune_inference,
+            )
+        print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")

@@ -128,3 +128,8 @@ def test_records_filter_and_order(tracker: Tracker) -> None:
     ]
     assert [r.run_id for r in tracker.records("e")] == ids  # oldest first
     assert [r.name for r in tracker.records("e", "tags.`cellseg.source` = 'train'")] == ["r1", "r2"]
+    assert [r.name for r in tracker.tagged("e", "cellseg.source", "train")] == ["r1", "r2"]
+    assert tracker.tagged("absent", "cellseg.source", "train") == []
+    tracker.start_run("other", "r3")
+    assert tracker.experiment_name(ids[0]) == "e"
+    assert tracker.experiment_name(tracker.records("other")[0].run_id) == "other"
