@@ -7,7 +7,8 @@ FINISHED again with a summary over all the search's trials). The settings that d
 parameters, not from the command line. The new trials run as a Tune experiment of their own,
 ``NAME--continue-<k>`` beside ``NAME``, with a fresh ASHA (it compares the new trials with each
 other). Every experiment after the first is listed in the parent run's tag ``cellseg.phases``, so
-that ``--resume`` restores them all.
+that ``--resume`` restores them all (and runs only the last again: each began after the one
+before it had ended).
 """
 
 from __future__ import annotations
@@ -101,12 +102,15 @@ def recorded_phases(parent: RunRecord) -> list[str]:
 
 def next_phase(name: str, kind: str, phases: Sequence[str]) -> str:
     """The name of the search's next ``kind`` experiment: ``NAME--<kind>-<k>``."""
-    return f"{name}--{kind}-{1 + sum(phase_kind(p) == kind for p in phases)}"
+    return f"{name}--{kind}-{1 + sum(phase_kind(name, p) == kind for p in phases)}"
 
 
-def phase_kind(phase: str) -> str:
-    """``continue`` or ``reseed``, from a phase's name."""
-    return phase.rpartition("--")[2].rpartition("-")[0]
+def phase_kind(name: str, phase: str) -> str:
+    """``continue`` or ``reseed``, from the name of a Tune experiment of the search ``name``;
+    ``""`` for its first (``name`` itself, which may look like a later one's)."""
+    if phase == name:
+        return ""
+    return phase.removeprefix(f"{name}--").rpartition("-")[0]
 
 
 def record_phase(tracker: Tracker, parent_run_id: str, phases: list[str], phase: str) -> None:

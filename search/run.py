@@ -547,6 +547,20 @@ def continued(args: argparse.Namespace) -> argparse.Namespace:
     return continued_args(args, build_parser(), parent)
 
 
+def unsaved_note(name: str, phase: str, path: str) -> str:
+    """What becomes of the search's Tune experiment ``phase`` (at ``path``), which its driver
+    recorded but did not run long enough for Tune to save its state."""
+    stopped = f"{path} has no saved Tune state (its driver stopped before Tune saved it); skipped"
+    if phase_kind(name, phase) == CONTINUE:
+        return (
+            f"{stopped}: the trials that --continue was adding are not run. Once this search has "
+            f"finished, add them again with: python search/run.py --continue {name} --num-samples N"
+        )
+    if phase_kind(name, phase) == RESEED:
+        return f"{stopped}: with --reseed-top, the repeats it was to train are planned again"
+    return stopped
+
+
 def resume_command_for(args: argparse.Namespace, name: str) -> str:
     """The command that resumes this invocation after a crash."""
     if args.continue_search:  # the settings came from the parent run, not the command line
@@ -626,7 +640,7 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"resume after a crash with: {resume_command}")
 
     def trial_logger(
-        trial_tags: RepeatTags | None = None, keep_top: int = args.keep_top
+        phase: str, trial_tags: RepeatTags | None = None, keep_top: int = args.keep_top
     ) -> MlflowTrialLogger:
         return MlflowTrialLogger(
             tracking_uri=tracker.uri,
@@ -638,6 +652,7 @@ def run_search(args: argparse.Namespace) -> int:
             outbox_path=local_dir / OUTBOX,
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
+            phase=phase,
             keep_top=keep_top,
             trial_tags=trial_tags,
         )
@@ -668,7 +683,7 @@ def run_search(args: argparse.Namespace) -> int:
             reduction_factor=args.reduction_factor,
             time_budget_s=args.time_budget,
             max_failures=args.max_failures,
-            callback=trial_logger(),
+            callback=trial_logger(phase),
             **more,
         )
 
@@ -685,13 +700,13 @@ def run_search(args: argparse.Namespace) -> int:
         for phase in experiments if args.resume or args.continue_search else []:
             path = f"{storage_path.rstrip('/')}/{phase}"
             if not tune.Tuner.can_restore(path):
-                log.warning(
-                    "%s has no saved Tune state (its driver stopped before it started); skipped", path
-                )
+                print(unsaved_note(name, phase, path))
                 continue
             restored = tune.Tuner.restore(path, trainable, resume_errored=True)
-            ended = fit(restored) if args.resume else list(restored.get_results())
-            if phase_kind(phase) != RESEED:
+            # only the last can be unfinished: each later one started after the one before ended
+            unfinished = args.resume and phase == experiments[-1]
+            ended = fit(restored) if unfinished else list(restored.get_results())
+            if phase_kind(name, phase) != RESEED:
                 results += ended
         if args.continue_search:
             phase = next_phase(name, CONTINUE, phases)
@@ -725,7 +740,7 @@ def run_search(args: argparse.Namespace) -> int:
                     f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
                 )
                 # keep_top 0: a configuration's mean is known once all its seeds ended (below)
-                logger = trial_logger(RepeatTags(repeats), keep_top=0)
+                logger = trial_logger(phase, RepeatTags(repeats), keep_top=0)
                 config = run_config(phase, storage_path, logger, args.max_failures)
                 fit(
                     repeat_tuner(

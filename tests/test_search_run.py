@@ -12,6 +12,7 @@ from cellseg.config import ConfigError
 from cellseg.data import DataError
 from cellseg.tracking import Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
+from search.continuation import CONTINUE, RESEED, next_phase, phase_kind
 from search.run import (
     CLUSTER_PENDING_TRIALS,
     SEARCH_TAG,
@@ -30,6 +31,7 @@ from search.run import (
     stage_weights,
     storage_paths,
     tune_environment,
+    unsaved_note,
 )
 from search.run import main as search_main
 from search.space import load_space
@@ -222,3 +224,19 @@ def test_a_negative_keep_top_fails_before_ray_starts(tmp_path, tiny_search, easy
         in capsys.readouterr().err
     )
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
+def test_a_search_named_like_a_later_step_is_still_its_first_experiment():
+    name = "x--reseed-1"
+    assert phase_kind(name, name) == ""
+    assert phase_kind(name, f"{name}--continue-2") == CONTINUE
+    assert next_phase(name, RESEED, []) == f"{name}--reseed-1"
+    assert next_phase(name, RESEED, [f"{name}--reseed-1", f"{name}--continue-1"]) == f"{name}--reseed-2"
+
+
+def test_a_continue_step_stopped_before_tune_saved_it_says_to_run_continue_again():
+    note = unsaved_note("s", "s--continue-1", "/runs/s--continue-1")
+    assert "/runs/s--continue-1 has no saved Tune state" in note
+    assert "python search/run.py --continue s --num-samples N" in note
+    assert "planned again" in unsaved_note("s", "s--reseed-1", "/runs/s--reseed-1")
+    assert "add them again" not in unsaved_note("s--continue-1", "s--continue-1", "/runs/s--continue-1")
