@@ -31,34 +31,40 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cellseg.checkpoint import BEST
+from cellseg.best_run import Candidate, candidate, export_order, first_kept
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import CHECKPOINT_ARTIFACT, PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
 from cellseg.weights import resolve_weights
 from search.continuation import (
     CONTINUE,
+    INHERITED,
+    PARENT_SOURCE,
     RESEED,
+    SETTINGS,
     check_continue_flags,
+    check_unchanged,
     continued_args,
+    given_flags,
     next_phase,
     phase_kind,
     record_phase,
     recorded_phases,
     search_to_continue,
     settings_argv,
+    without_continue,
 )
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
-from search.mlflow_callback import TRIAL_TAG, MlflowTrialLogger
+from search.mlflow_callback import MlflowTrialLogger, drop_beyond_top
 from search.reseed import RepeatTags, check_reseed_flags, plan_repeats, repeat_tuner, seeded_choice
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.summary import SearchFailed, SearchSummary, log_summary, summarize
+from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
 from search.warm_start import warm_start
@@ -155,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_KEEP_TOP,
         help="keep the best checkpoint of only the K best ended trials, in export --best's order "
-        "(the rest keep metrics, params and config in MLflow; 0 keeps every checkpoint). Disk: "
+        "(the rest keep metrics, params and config in MLflow; 0 keeps every checkpoint; "
+        "re-seeded runs are ranked once the re-seeding has ended, by their configuration's mean). Disk: "
         "about K best.pt files, once, in MLflow; while running, also two checkpoints (best.pt, "
         "last.pt) per running trial in --storage (docs/search.md)",
     )
@@ -166,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="after the search, train the K best configurations that ran every epoch again with "
         "--reseeds other training seeds, and choose the winner (the run export --best takes) by "
-        "mean AP50 over seeds; costs K x S extra full trainings (default 0: off)",
+        "the mean of the base config's train.metric over seeds; costs K x S extra full trainings "
+        "(default 0: off)",
     )
     p.add_argument(
         "--reseeds",
@@ -193,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="continue_search",
         metavar="NAME",
         help="add --num-samples trials to the finished search NAME: same Optuna study and parent "
-        "run; its data, base, space, storage and other settings are reused",
+        "run; its data, base, space, storage, epochs, ASHA, resources, seed and --keep-top are "
+        "reused (given again, they must be the same; the space and base files and the dataset "
+        "must not have changed), and its --reseed-top, --reseeds and --reseed-split unless given",
     )
     p.add_argument(
         "--mlflow-wait",
@@ -518,12 +528,9 @@ def finish_search(
     included."""
     wall_s = time.time() - started
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
-    best_run = tracker.records(
-        experiment,
-        f"tags.`{TRIAL_TAG}` = '{summary.best_trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
-    )
-    if best_run:  # the trial's best.pt lies in MLflow, no longer in Tune's storage
-        summary.best_checkpoint = f"runs:/{best_run[0].run_id}/{CHECKPOINT_ARTIFACT}/{BEST}"
+    ended = ended_trials(tracker, experiment, parent_run_id)
+    if ended:  # the run export --best takes; its best.pt lies in MLflow, no longer in Tune's storage
+        summary = as_exported(summary, first_kept(export_order(ended)))
     spent = efficiency(trained, wall_s=wall_s, slots=slots, since=started)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
@@ -532,15 +539,22 @@ def finish_search(
     return summary, spent
 
 
-def continued(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` for ``--continue NAME``: the earlier search's name and settings; else unchanged."""
+def ended_trials(tracker: Tracker, experiment: str, parent_run_id: str) -> list[Candidate]:
+    """The exportable ended trials of the search ``parent_run_id``, repeats included."""
+    children = tracker.records(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    return [c for c in map(candidate, children) if c is not None]
+
+
+def continued(args: argparse.Namespace, argv: Sequence[str]) -> tuple[argparse.Namespace, RunRecord | None]:
+    """``args`` for ``--continue NAME`` (the command line ``argv``): the earlier search's name and
+    settings, and its parent run; else ``args`` unchanged and None."""
     if not args.continue_search:
-        return args
+        return args, None
     check_continue_flags(args)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     parent = search_to_continue(tracker, args.experiment, args.continue_search)
-    return continued_args(args, build_parser(), parent)
+    return continued_args(args, build_parser(), parent, given_flags(build_parser(), argv)), parent
 
 
 def unsaved_note(name: str, phase: str, path: str) -> str:
@@ -557,50 +571,50 @@ def unsaved_note(name: str, phase: str, path: str) -> str:
     return stopped
 
 
-def resume_command_for(args: argparse.Namespace, name: str) -> str:
-    """The command that resumes this invocation after a crash."""
-    if args.continue_search:  # the settings came from the parent run, not the command line
-        rest = [
-            *settings_argv(args),
-            "--experiment",
-            args.experiment,
-            *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
-            *(
-                ["--reseed-top", str(args.reseed_top), "--reseeds", str(args.reseeds)]
-                if args.reseed_top
-                else []
-            ),
-            *(["--reseed-split"] if args.reseed_split else []),
-        ]
-    else:
-        rest = [a for a in sys.argv[1:] if a != "--resume"]
+def resume_command_for(args: argparse.Namespace, name: str, argv: Sequence[str]) -> str:
+    """The command that resumes this invocation (the command line ``argv``) after a crash: every
+    flag given, and for ``--continue`` the settings taken from the earlier search instead."""
+    rest = [a for a in argv if a != "--resume"]
+    if args.continue_search:
+        given = given_flags(build_parser(), argv)
+        recorded = [d for d in (*SETTINGS, *INHERITED) if d not in given]
+        rest = [*settings_argv(args, recorded), *without_continue(rest)]
     return f"python search/run.py --resume --name {name} {' '.join(rest)}"
 
 
-def run_search(args: argparse.Namespace) -> int:
-    """Validate everything, then run (resume, or continue) the search and print its summary."""
+def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Validate everything, then run (resume, or continue) the search of the command line ``argv``
+    (parsed: ``args``) and print its summary."""
     start = time.time()
+    args, earlier = continued(args, argv)
     check_reseed_flags(args.reseed_top, args.reseeds)
-    args = continued(args)
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(os.environ.get(DRILL_ENV))
     if args.keep_top < 0:
         raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
-    base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
+    root = data_root(args.data)
+    base_cfg = load_base(base_path, root, args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
     space = load_space(space_path, base_cfg)
     check_validated(base_cfg, space, base_path)
     check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
     max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
-    warm = warm_start({n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}, space)
+    studies = {n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}
+    warm = warm_start(studies, space, metric, max_epochs)
     for line in warm.notes():
         print(line)
     for path in stage_weights(base_cfg, space):
         log.info("weights staged: %s", path)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
+    base_dict = config_to_dict(base_cfg)
+    files = {f"search/{space_path.name}": space_path, f"search/base-{base_path.name}": base_path}
+    texts = dict(zip(files, [space_path.read_text(), yaml.safe_dump(base_dict, sort_keys=False)]))
+    dataset = dataset_fingerprint(base_cfg.data)
+    if earlier is not None:
+        check_unchanged(tracker, earlier, texts, files, dataset.digest, root)
     storage_path, local_dir = storage_paths(args.storage, name)
     check_storage(storage_path, args.min_free_gb)
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -611,7 +625,6 @@ def run_search(args: argparse.Namespace) -> int:
         ignore_reinit_error=True,
         runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry},
     )  # workers get it too
-    base_dict = config_to_dict(base_cfg)
     parent_run_id = open_parent_run(
         tracker,
         experiment=args.experiment,
@@ -619,23 +632,22 @@ def run_search(args: argparse.Namespace) -> int:
         resume=args.resume or bool(args.continue_search),
         params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
         tags={
-            SOURCE_TAG: "search-parent",
+            SOURCE_TAG: PARENT_SOURCE,
             "git_commit": _git_commit(),
             "ray.cluster_resources": str(ray.cluster_resources()),
             "command": " ".join(sys.argv),
             **({WARM_START_TAG: warm.tag()} if warm.carried else {}),
         },
-        texts={
-            f"search/{space_path.name}": space_path.read_text(),
-            f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False),
-        },
-        dataset=dataset_fingerprint(base_cfg.data),
+        texts=texts,
+        dataset=dataset,
     )
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    resume_command = resume_command_for(args, name)
+    resume_command = resume_command_for(args, name, argv)
     print(f"resume after a crash with: {resume_command}")
 
-    def trial_logger(phase: str, trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
+    def trial_logger(
+        phase: str, trial_tags: RepeatTags | None = None, keep_top: int = args.keep_top
+    ) -> MlflowTrialLogger:
         return MlflowTrialLogger(
             tracking_uri=tracker.uri,
             experiment=args.experiment,
@@ -647,7 +659,7 @@ def run_search(args: argparse.Namespace) -> int:
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
             phase=phase,
-            keep_top=args.keep_top,
+            keep_top=keep_top,
             trial_tags=trial_tags,
         )
 
@@ -733,9 +745,9 @@ def run_search(args: argparse.Namespace) -> int:
                 print(
                     f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
                 )
-                config = run_config(
-                    phase, storage_path, trial_logger(phase, RepeatTags(repeats)), args.max_failures
-                )
+                # keep_top 0: a configuration's mean is known once all its seeds ended (below)
+                logger = trial_logger(phase, RepeatTags(repeats), keep_top=0)
+                config = run_config(phase, storage_path, logger, args.max_failures)
                 fit(
                     repeat_tuner(
                         trainable,
@@ -747,6 +759,8 @@ def run_search(args: argparse.Namespace) -> int:
                 )
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        if args.keep_top:  # once every phase ended, re-seeded configurations by their final mean
+            drop_beyond_top(tracker, ended_trials(tracker, args.experiment, parent_run_id), args.keep_top)
         choice = seeded_choice(tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
         if choice is not None:
             tracker.set_tags(parent_run_id, choice.tags())
@@ -806,9 +820,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return run_search(args)
+        return run_search(args, argv)
     except (ConfigError, DataError, TrackingError, StorageError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2
