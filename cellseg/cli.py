@@ -1,8 +1,9 @@
-"""``cellseg`` command line: inspect, synth, train, refit, evaluate, export, score."""
+"""``cellseg`` command line: inspect, synth, train, refit, evaluate, tune-inference, export, score."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -114,17 +115,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from cellseg.commands import export_run
     from cellseg.tta import DEFAULT_TTA
 
-    if args.search and not args.best:
-        raise ConfigError("--search chooses among the runs of --best; add --best")
     with tempfile.TemporaryDirectory() as scratch:
         summary = export_run(
             checkpoints=args.checkpoint or [],
-            run_id=args.run_id,
             best=args.best,
-            search=args.search,
-            experiment=args.experiment,
             tracking_uri=args.tracking_uri,
-            data_root=args.data,
+            **_run_choice(args),
             output=Path(args.output),
             zip_path=Path(args.zip) if args.zip else None,
             score_threshold=args.score_threshold,
@@ -132,12 +128,75 @@ def _cmd_export(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             ensemble=args.ensemble,
             flips=DEFAULT_TTA if args.tta == [] else tuple(args.tta or ()),
+            iou_threshold=args.merge_iou,
             refit=args.refit,
-            **({} if args.merge_iou is None else {"iou_threshold": args.merge_iou}),
+            use_tuned=not args.no_tuned_settings,
         )
+    return _print_summary(summary)
+
+
+def _run_choice(args: argparse.Namespace) -> dict[str, str | None]:
+    """The flags that choose an MLflow run (--run-id, or --best's --search, --data, --experiment)."""
+    if args.search and not args.best:
+        raise ConfigError("--search chooses among the runs of --best; add --best")
+    return {
+        "run_id": args.run_id,
+        "search": args.search,
+        "data_root": args.data,
+        "experiment": args.experiment,
+    }
+
+
+def _print_summary(summary: dict) -> int:
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
+
+
+def _search_module(name: str):
+    """``search.<name>`` of the checkout this cellseg runs from. search/ holds the Optuna and Ray
+    parts and is not installed (docs/design.md), so its folder goes on the path."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "search" / "__init__.py").is_file():
+        raise ConfigError(
+            f"this command needs the search/ folder of a cellseg checkout beside {root / 'cellseg'}; "
+            "install cellseg from its repository with pip install -e ."
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"search.{name}")
+
+
+def _cmd_tune_inference(args: argparse.Namespace) -> int:
+    from cellseg.tracking import Tracker
+
+    tuning = _search_module("tune_inference")
+    choice = _run_choice(args)
+    tracker = Tracker(args.tracking_uri)
+    tracker.check()
+    given = {  # the others keep search/tune_inference.py's defaults
+        key: value
+        for key, value in (
+            ("scales", args.scales and tuple(args.scales)),
+            ("flips", () if args.no_tta else None),
+            ("trials", args.trials),
+            ("cache_detections", args.cache_detections),
+            ("cache_nms_iou", args.cache_nms_iou),
+            ("max_cache_mb", args.max_cache_mb),
+        )
+        if value is not None
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = tuning.tune_inference(
+            tracker,
+            scratch=Path(scratch),
+            sampler=args.sampler,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **choice,
+            **given,
+        )
+    return _print_summary(summary)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -236,6 +295,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser(
+        "tune-inference",
+        help="search inference settings (score threshold, NMS, detections, mask threshold, test "
+        "scale, flips) on cached validation predictions; export --best then uses them",
+        description="Predict the chosen run's validation split once per test scale and view "
+        "(the image, and hflip and vflip unless --no-tta) into a bounded in-memory cache, then "
+        "search score threshold, NMS IoU (class-wise or not), detections per image, mask "
+        "threshold, scale and TTA on/off with Optuna on the cache, without running the model "
+        "again (docs/second-stage.md). Logs an MLflow run nested under the search and saves "
+        "inference.json beside the run's checkpoint.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run-id", help="tune this MLflow run's model")
+    target.add_argument(
+        "--best", action="store_true", help="the run export --best would choose on --data (required)"
+    )
+    p.add_argument("--search", help="with --best: choose within this search instead of the most recent one")
+    p.add_argument(
+        "--data", help="dataset folder (default: the one stored in the checkpoint; required with --best)"
+    )
+    p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="test scales, multiples of the trained model.min_size/max_size; must include 1 "
+        "(each costs one validation pass per view; default 1 1.25 1.5)",
+    )
+    p.add_argument(
+        "--no-tta", action="store_true", help="do not try flipped views (predicts a third of the passes)"
+    )
+    p.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="Optuna's TPE, or a grid")
+    p.add_argument(
+        "--trials",
+        type=int,
+        help="settings scored (default 50; a grid search takes this many of its points)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler")
+    p.add_argument(
+        "--cache-detections",
+        type=int,
+        help="detections kept per image and pass in the cache, the most a setting can keep "
+        "(default twice model.detections_per_img)",
+    )
+    p.add_argument(
+        "--cache-nms-iou",
+        type=float,
+        help="the cache's own class-wise NMS IoU, the loosest a setting can use (default 0.7; 1: none; exact "
+        "post-hoc NMS at every IoU, but near-duplicates fill the cache)",
+    )
+    p.add_argument(
+        "--max-cache-mb",
+        type=float,
+        help="refuse to start when the cache could exceed this many MiB (default 2048; passes x "
+        "images x detections x 1.6 kB)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_tune_inference)
+
     p = sub.add_parser("export", help="predict the test images and write test-results.json")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -257,8 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score-threshold",
         type=float,
-        default=0.0,
-        help="drop detections below this score (AP50 rewards keeping nearly all)",
+        help="drop detections below this score (default 0: AP50 rewards keeping nearly all)",
     )
     p.add_argument(
         "--refit",
@@ -284,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="box IoU at which detections of two passes (flips or models) are the same "
         "instance (default: docs/second-stage.md)",
+    )
+    p.add_argument(
+        "--no-tuned-settings",
+        action="store_true",
+        help="predict with the model's own settings even when cellseg tune-inference saved tuned "
+        "ones beside the run's checkpoint (--best and --run-id use them by default)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_export)

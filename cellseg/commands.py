@@ -25,10 +25,12 @@ from cellseg.engine import evaluate
 from cellseg.errors import ConfigError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
+from cellseg.inference_settings import SETTINGS_FILE, InferenceSettings, read_settings
 from cellseg.plots import plot_class_distribution
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
 from cellseg.tracking import (
+    CHECKPOINT_ARTIFACT,
     DEFAULT_EXPERIMENT,
     REFIT_SEARCH_TAG,
     RUN_DIR_TAG,
@@ -172,11 +174,7 @@ def refit_and_track(
 def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progress: bool) -> dict[str, float]:
     """The validation metrics of a checkpoint on the split its config defines."""
     state = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(state)
-    if data_root:
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve()))
-        )
+    cfg = config_on_data(checkpoint_config(state), data_root)
     if cfg.data.val_fraction == 0:
         raise ConfigError(
             f"{checkpoint}: trained with data.val_fraction 0 (a refit), so it has no validation "
@@ -195,6 +193,43 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | None, progre
     )
 
 
+def config_on_data(cfg: Config, data_root: str | Path | None) -> Config:
+    """``cfg`` reading its data from ``data_root`` when given (the same split settings)."""
+    if not data_root:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(data_root).resolve())))
+
+
+def chosen_run(
+    tracker: Tracker,
+    *,
+    run_id: str | None,
+    search: str | None,
+    experiment: str,
+    data_root: str | None,
+    scratch: Path,
+    refit: bool = False,
+) -> tuple[str, Path, dict[str, Any]]:
+    """Run ``run_id``, else the best run for ``data_root`` (``--best``), or with ``refit`` that
+    run's refit: (run id, downloaded checkpoint, provenance)."""
+    if not run_id:
+        return best_checkpoints(tracker, experiment, search, data_root, scratch, 1, refit)[0]
+    record, source = tracker.record(run_id), None
+    if refit:
+        record, source = refit_of(tracker, record, data_root), record
+    return (
+        record.run_id,
+        tracker.download_checkpoint(record.run_id, scratch / record.run_id),
+        _provenance(record, search=record.tags.get(REFIT_SEARCH_TAG), source=source),
+    )
+
+
+def tuned_settings(tracker: Tracker, run_id: str, scratch: Path) -> tuple[InferenceSettings, Path] | None:
+    """The settings ``cellseg tune-inference`` saved beside the run's checkpoint, if any."""
+    found = tracker.download_if_present(run_id, f"{CHECKPOINT_ARTIFACT}/{SETTINGS_FILE}", scratch / run_id)
+    return None if found is None else (read_settings(found), found)
+
+
 def export_run(
     *,
     checkpoints: list[str],
@@ -206,21 +241,26 @@ def export_run(
     data_root: str | None,
     output: Path,
     zip_path: Path | None,
-    score_threshold: float,
+    score_threshold: float | None,
     scratch: Path,
     progress: bool,
     ensemble: int = 1,
     flips: tuple[str, ...] = (),
-    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    iou_threshold: float | None = None,
     refit: bool = False,
+    use_tuned: bool = True,
 ) -> dict[str, Any]:
     """Predict every test image with one or more checkpoints (files, an MLflow run, or the best
     ``ensemble`` runs), on the image and its ``flips`` views, merged as ``cellseg.tta`` says.
 
+    One run from MLflow (``run_id`` or ``best``) predicts with the settings ``cellseg
+    tune-inference`` saved beside its checkpoint, unless ``use_tuned`` is False; those settings
+    hold their own flips, merge IoU and score threshold, so giving those as well is an error.
     Writes the submission, a class-distribution picture and ``<output stem>.provenance.json``
     naming the model that made it (run, search, metric, data fingerprint; every member of an
-    ensemble; the flips and the merge IoU). With ``refit`` the chosen run's refit (``cellseg
-    refit``) is exported instead, its source recorded as ``refit_of``.
+    ensemble; the flips and the merge IoU; the inference settings). With ``refit`` the chosen
+    run's refit (``cellseg refit``) is exported instead, its source recorded as ``refit_of``,
+    with the settings tuned for that source.
     """
     if refit and checkpoints:
         raise ConfigError(
@@ -233,26 +273,35 @@ def export_run(
             "--ensemble K merges the K best runs of --best; add --best, or pass --checkpoint once per model"
         )
     flips = check_flips(flips)
-    check_iou_threshold(iou_threshold)
-    tracker, members = None, []
+    merge_iou = check_iou_threshold(DEFAULT_IOU_THRESHOLD if iou_threshold is None else iou_threshold)
+    tracker, members, tuned = None, [], None
     if checkpoints:
         members = [(None, Path(c), {}) for c in checkpoints]
     else:
         tracker = Tracker(tracking_uri)
         tracker.check()
-        if best:
+        if ensemble > 1:
             members = best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble, refit)
         else:
-            record, source = tracker.record(run_id), None
-            if refit:
-                record, source = refit_of(tracker, record, data_root), record
             members = [
-                (
-                    record.run_id,
-                    tracker.download_checkpoint(record.run_id, scratch),
-                    _provenance(record, search=record.tags.get(REFIT_SEARCH_TAG), source=source),
+                chosen_run(
+                    tracker,
+                    run_id=None if best else run_id,
+                    search=search,
+                    experiment=experiment,
+                    data_root=data_root,
+                    scratch=scratch,
+                    refit=refit,
                 )
             ]
+            tuned_run = members[0][2].get("refit_of", {}).get("run_id") or members[0][0]
+            tuned = tuned_settings(tracker, tuned_run, scratch) if use_tuned else None
+    if tuned and (flips or iou_threshold is not None or score_threshold is not None):
+        raise ConfigError(
+            f"run {members[0][0]} has tuned inference settings ({tuned[0].describe()}), which set "
+            "the flips, merge IoU and score threshold; drop --tta / --merge-iou / --score-threshold, "
+            "or pass --no-tuned-settings to set them by hand"
+        )
     states = [load_checkpoint(checkpoint) for _, checkpoint, _ in members]
     device = resolve_device(checkpoint_config(states[0]).train.device)
     models, configs = zip(*(restore_model(state, device) for state in states))
@@ -280,9 +329,10 @@ def export_run(
         test_images,
         functools.partial(read_image, max_pixels=max_pixels),
         device=device,
-        score_threshold=score_threshold,
+        score_threshold=score_threshold or 0.0,
         flips=flips,
-        iou_threshold=iou_threshold,
+        iou_threshold=merge_iou,
+        settings=tuned[0] if tuned else None,
         progress=progress,
     )
     write_submission(results, test_images, output, zip_path=zip_path)
@@ -296,7 +346,8 @@ def export_run(
         written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ensemble=[m[2] for m in members] if len(members) > 1 else None,
         tta_flips=list(flips),
-        merge_iou_threshold=iou_threshold if len(members) > 1 or flips else None,
+        merge_iou_threshold=merge_iou if len(members) > 1 or flips else None,
+        inference_settings=({**tuned[0].params(), "tuned_run": tuned_run} if tuned else None),
     )
     write_provenance(provenance_path, provenance)
     if tracker is not None:
@@ -315,9 +366,23 @@ def export_run(
         "checkpoint": checkpoint,
         "models": len(models),
         "tta_flips": ",".join(flips) or None,
+        "inference_settings": (
+            f"tuned ({tuned[0].describe()}; {tuned[1].name} of run {tuned_run})"
+            if tuned
+            else _untuned(tracker is not None and len(members) == 1, use_tuned)
+        ),
         "images": len(test_images),
         "detections": len(results),
     }
+
+
+def _untuned(one_run: bool, use_tuned: bool) -> str:
+    """Why an export predicts with the model's own settings (and the export flags)."""
+    if not one_run:
+        return "the model's own (tuned settings apply to one run from MLflow: --best or --run-id)"
+    if not use_tuned:
+        return "the model's own (--no-tuned-settings)"
+    return "the model's own (the run has none tuned; see cellseg tune-inference)"
 
 
 def _provenance(record: RunRecord, *, search: str | None, source: RunRecord | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,10 +138,15 @@ def load_results(ground_truth: COCO, results: list[dict]) -> COCO:
 
 
 def evaluate_results(
-    truths: list[ImageTruth], results: list[dict], *, num_classes: int = NUM_CLASSES, max_dets: int = 1000
+    truths: list[ImageTruth],
+    results: list[dict],
+    *,
+    num_classes: int = NUM_CLASSES,
+    max_dets: int = 1000,
+    iou_types: Sequence[str] = IOU_TYPES,
 ) -> dict[str, float]:
     """Segm and bbox AP, AP50, AP75 and AR (all areas, ``max_dets`` per image) and per-class segm AP50:
-    the keys of ``cellseg.task.metric_names(num_classes)``.
+    the keys of ``cellseg.task.metric_names(num_classes)`` (only those of ``iou_types`` if given).
 
     AP values are averaged from COCOeval's precision array rather than taken from ``summarize``,
     whose overall AP is hard-wired to 100 detections per image.
@@ -148,7 +154,7 @@ def evaluate_results(
     ground_truth = ground_truth_coco(truths, num_classes=num_classes)
     detections = load_results(ground_truth, results)
     metrics: dict[str, float] = {}
-    for iou_type in IOU_TYPES:
+    for iou_type in iou_types:
         evaluator = COCOeval(ground_truth, detections, iouType=iou_type)
         evaluator.params.maxDets = [1, 10, max_dets]
         with contextlib.redirect_stdout(io.StringIO()):
@@ -188,10 +194,11 @@ def coco_metrics(
     *,
     num_classes: int = NUM_CLASSES,
     max_dets: int = 1000,
+    iou_types: Sequence[str] = IOU_TYPES,
 ) -> dict[str, float]:
     """COCO metrics of predictions keyed by image id (see ``evaluate_results`` for the keys)."""
     results = [entry for image_id, p in predictions.items() for entry in coco_results(image_id, p)]
-    return evaluate_results(truths, results, num_classes=num_classes, max_dets=max_dets)
+    return evaluate_results(truths, results, num_classes=num_classes, max_dets=max_dets, iou_types=iou_types)
 
 
 def score_results_file(

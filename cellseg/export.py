@@ -16,6 +16,7 @@ from tqdm import tqdm
 from cellseg.atomic_file import write_atomic
 from cellseg.data.layout import check_test_image
 from cellseg.evaluation import ImageTruth, coco_results, ground_truth_coco, load_results
+from cellseg.inference_settings import InferenceSettings, predict_with_settings
 from cellseg.predict import predict_images
 from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, model_detector, predict_merged
 
@@ -41,17 +42,22 @@ def export_predictions(
     score_threshold: float,
     flips: Sequence[str] = (),
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    settings: InferenceSettings | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """COCO results for every test image, predicted one image at a time on ``device``.
 
     One model without ``flips`` predicts as ``cellseg.predict`` does; several models (an
     ensemble) or flips (test-time augmentation) are merged by ``cellseg.tta``'s rule, matching at
-    box IoU ``iou_threshold`` and keeping as many detections as the most generous model.
+    box IoU ``iou_threshold`` and keeping as many detections as the most generous model. Tuned
+    ``settings`` (one model; they hold their own flips, merge IoU and score threshold) replace
+    all that with ``cellseg.inference_settings.predict_with_settings``.
     ``read_image`` returns a float32 (H, W, 3) array in [0, 1]; its size must match the mapping's.
     """
     if not models:
         raise ValueError("export_predictions needs at least one model")
+    if settings is not None and (len(models) > 1 or flips):
+        raise ValueError("tuned inference settings apply to one model and hold their own flips")
     flips = check_flips(flips)
     for model in models:
         model.eval().to(device)
@@ -62,7 +68,9 @@ def export_predictions(
         array = read_image(test_image.path)
         check_test_image(test_image, array)
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
-        if len(models) == 1 and not flips:
+        if settings is not None:
+            prediction = predict_with_settings(models[0], tensor.to(device), settings)
+        elif len(models) == 1 and not flips:
             [prediction] = predict_images(models[0], [tensor], score_threshold=score_threshold)
         else:
             prediction = predict_merged(

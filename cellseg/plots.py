@@ -165,3 +165,19 @@ def plot_parallel_coordinates(rows: list[dict], metric: str, path: Path) -> Path
         ax.set_xticks(range(len(params)), params, rotation=30, ha="right", fontsize="small")
     ax.set(title=f"parameters coloured by {metric}", yticks=[], ylim=(-0.05, 1.05))
     return _save(figure, path)
+
+
+def plot_inference_search(values: list[float], before: float, path: Path, metric: str = "segm_AP50") -> Path:
+    """The inference search: each trial's validation ``metric``, the best so far, and the
+    model's own settings (``before``) as a dashed line."""
+    figure = Figure(figsize=(8, 4.5))
+    ax = figure.subplots()
+    trials = np.arange(len(values))
+    ax.scatter(trials, values, s=12, color="gray", label="trial")
+    if values:
+        ax.plot(trials, np.maximum.accumulate(values), color="tab:blue", label="best so far")
+    ax.axhline(before, color="tab:red", linestyle="--", label=f"model's own settings ({before:.4f})")
+    ax.set(title=f"inference settings: validation {metric}", xlabel="trial", ylabel=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize="small")
+    return _save(figure, path)

@@ -327,13 +327,18 @@ class Tracker:
 
     def download_artifact(self, run_id: str, artifact: str, dst: str | Path) -> Path:
         """The run's file ``artifact``, downloaded into ``dst``; TrackingError if it has none."""
+        found = self.download_if_present(run_id, artifact, dst)
+        if found is None:
+            raise TrackingError(f"run {run_id} has no {artifact} artifact in {self.uri}")
+        return found
+
+    def download_if_present(self, run_id: str, artifact: str, dst: str | Path) -> Path | None:
+        """The run's file ``artifact`` downloaded into ``dst``; None when it has none."""
         try:
             listed = {a.path for a in self.client.list_artifacts(run_id, artifact.rpartition("/")[0] or None)}
-            if artifact in listed:
-                return self.download(run_id, artifact, dst)
+            return self.download(run_id, artifact, dst) if artifact in listed else None
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"run {run_id}: cannot download its {artifact}: {exc}") from exc
-        raise TrackingError(f"run {run_id} has no {artifact} artifact in {self.uri}")
 
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,10 @@ epochs already logged (a trial restored from an older checkpoint repeats them). 
 between Tune's record of a trial's end and the MLflow writes that follow it, so on the first step
 of a restored search, every trial that Tune has ended and whose run is still open is closed from
 Tune's state (last epoch, best metric, checkpoint, status); at the end of the search, the same
-for trials Tune stopped without telling its callbacks (``--time-budget``). Every write goes
+for trials Tune stopped without telling its callbacks (``--time-budget``). A search may be several
+Tune experiments (``--reseed-top``, ``--continue``), each with its own callback: every run is
+tagged with its experiment (``cellseg.phase``), and a callback closes only runs of its own, never
+the open runs of another experiment. Every write goes
 through an outbox (search/mlflow_outbox.py): while the store is unavailable writes are queued and
 retried, and the search goes on.
 
@@ -48,6 +51,7 @@ from search.trainable import NODE_KEY, reached_max_epochs
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "ray.trial_id"
+PHASE_TAG = "cellseg.phase"  # the Tune experiment the trial ran in (untagged: the search's first)
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
 _CLOSED = ("FINISHED", "KILLED", "FAILED")
@@ -89,10 +93,12 @@ class MlflowTrialLogger(Callback):
         outbox_path: Path | None = None,
         drain_timeout_s: float = 600.0,
         search_name: str = "",
+        phase: str | None = None,
         keep_top: int = 0,
         trial_tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
     ) -> None:
         self.search_name = search_name
+        self.phase = phase or search_name  # this callback's Tune experiment
         self.keep_top = keep_top  # 0: every ended trial keeps its checkpoint
         self.trial_tags = trial_tags  # extra tags of a trial's run, from its config
         self.tracking_uri = tracking_uri
@@ -108,6 +114,7 @@ class MlflowTrialLogger(Callback):
         self._runs: dict[str, str] = {}
         self._logged_epoch: dict[str, int] = {}
         self._closed: set[str] = set()  # trials whose run is closed, or queued to be
+        self._elsewhere: set[str] = set()  # trials of the search's other Tune experiments
         self._reconciled = False
         self._drill: DriverDrill | None = None
         self._ended: dict[str, Candidate] = {}  # run id -> exportable ended trial of this search
@@ -122,6 +129,7 @@ class MlflowTrialLogger(Callback):
             _runs={},
             _logged_epoch={},
             _closed=set(),
+            _elsewhere=set(),
             _reconciled=False,
             _drill=None,
             _ended={},
@@ -151,6 +159,8 @@ class MlflowTrialLogger(Callback):
                 self._logged_epoch[trial_id] = self.tracker.last_step(run.run_id, "epoch")
                 if run.status in _CLOSED:
                     self._closed.add(trial_id)
+                if run.tags.get(PHASE_TAG, self.search_name) != self.phase:
+                    self._elsewhere.add(trial_id)
                 ended = candidate(run)
                 if ended is not None:
                     self._ended[run.run_id] = ended
@@ -162,9 +172,10 @@ class MlflowTrialLogger(Callback):
 
     def reconcile(self, trials: list[Trial]) -> None:
         """Close the run of every trial that Tune has ended but MLflow has not, from Tune's state;
-        KILLED, the run of a trial Tune does not know (started after Tune's last saved state)."""
+        KILLED, the run of a trial of this experiment that Tune does not know (started after
+        Tune's last saved state)."""
         known = {trial.trial_id for trial in trials}
-        for trial_id in set(self._runs) - known - self._closed:
+        for trial_id in set(self._runs) - known - self._closed - self._elsewhere:
             self._closed.add(trial_id)
             self.outbox.put(
                 "close", trial_id=trial_id, name="", config={}, status="KILLED", error=LOST, checkpoint=None
@@ -310,6 +321,7 @@ class MlflowTrialLogger(Callback):
             parent_run_id=self.parent_run_id,
             tags={
                 TRIAL_TAG: trial_id,
+                PHASE_TAG: self.phase,
                 SOURCE_TAG: "search",
                 "cellseg.searched_keys": ",".join(sorted(config)),
                 **(self.trial_tags(config) if self.trial_tags else {}),

@@ -12,7 +12,6 @@ metric of its runs, and ``cellseg export --best`` exports the best seed of the b
 
 from __future__ import annotations
 
-import itertools
 import json
 import pickle
 import statistics
@@ -75,10 +74,12 @@ def plan_repeats(
     base_split_seed: int,
     vary_split: bool,
 ) -> list[Repeat]:
-    """``reseeds`` repeats for each of the ``top`` best trials (the search's child ``records``)
-    that ran every epoch, ranked by their own best metric as ``export --best`` ranks runs; a
-    trial repeated before gets only the repeats it lacks, with seeds it has not used.
-    ``configs`` maps Tune trial ids to their sampled values (trials without one are passed over).
+    """``reseeds`` repeats for each of the ``top`` best configurations (the search's child
+    ``records`` that ran every epoch, ranked by their own best metric as ``export --best`` ranks
+    runs; a trial whose sampled values equal a better one's is passed over); a trial repeated
+    before gets only the repeats it lacks, with seeds it has not used. Every planned repeat has
+    its own values, so :class:`RepeatTags` tells them apart. ``configs`` maps Tune trial ids to
+    their sampled values (trials without one are passed over).
     """
     originals = [
         found
@@ -88,20 +89,28 @@ def plan_repeats(
         and REPEAT_TAG not in found.record.tags
         and found.record.tags.get(TRIAL_TAG) in configs
     ]
+    by_config: dict[str, Candidate] = {}  # the best trial of each configuration, best first
+    for original in sorted(originals, key=lambda c: c.rank_key):
+        by_config.setdefault(_config_key(configs[original.record.tags[TRIAL_TAG]]), original)
     planned: list[Repeat] = []
-    for original in sorted(originals, key=lambda c: c.rank_key)[:top]:
+    for original in list(by_config.values())[:top]:
         trial_id = original.record.tags[TRIAL_TAG]
         config = configs[trial_id]
         earlier = [r for r in records if r.tags.get(REPEAT_TAG) == original.record.run_id]
         used = {int(r.tags[SEED_TAG]) for r in earlier if SEED_TAG in r.tags}
-        finished = sum(r.status == "FINISHED" for r in earlier)
+        lacking = max(reseeds - sum(r.status == "FINISHED" for r in earlier), 0)
         seed = int(config.get(SEED_KEY, base_seed))
         split_seed = int(config.get(SPLIT_SEED_KEY, base_split_seed))
-        offsets = (i for i in itertools.count(1) if seed + i not in used)
-        for offset in itertools.islice(offsets, max(reseeds - finished, 0)):
+        planned_keys = {_config_key(r.config) for r in planned}
+        offset = 0
+        while lacking:
+            offset += 1
             split = split_seed + offset if vary_split else split_seed
             values = {**config, SEED_KEY: seed + offset, **({SPLIT_SEED_KEY: split} if vary_split else {})}
+            if seed + offset in used or _config_key(values) in planned_keys:
+                continue  # a seed this trial used, or another trial's repeat (a searched seed)
             planned.append(Repeat(trial_id, original.record.run_id, values, seed + offset, split))
+            lacking -= 1
     return planned
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,19 +36,25 @@ from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import CHECKPOINT_ARTIFACT, PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import CHECKPOINT_ARTIFACT, PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
 from cellseg.weights import resolve_weights
 from search.continuation import (
     CONTINUE,
+    INHERITED,
+    PARENT_SOURCE,
     RESEED,
+    SETTINGS,
     check_continue_flags,
+    check_unchanged,
     continued_args,
+    given_flags,
     next_phase,
     phase_kind,
     record_phase,
     recorded_phases,
     search_to_continue,
     settings_argv,
+    without_continue,
 )
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.efficiency import Efficiency, efficiency, trial_slots
@@ -59,6 +66,7 @@ from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchFailed, SearchSummary, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
+from search.tune_inference import DEFAULT_TRIALS, tune_inference
 from search.warm_start import warm_start
 
 log = logging.getLogger("cellseg.search")
@@ -139,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse to start when local storage has less free space",
     )
     p.add_argument(
+        "--tune-inference",
+        type=int,
+        nargs="?",
+        const=DEFAULT_TRIALS,
+        metavar="TRIALS",
+        help="after the search, tune the best trial's inference settings on cached validation "
+        f"predictions (cellseg tune-inference --best with its defaults; TRIALS settings, default "
+        f"{DEFAULT_TRIALS}); export --best then uses them",
+    )
+    p.add_argument(
         "--keep-top",
         type=int,
         default=DEFAULT_KEEP_TOP,
@@ -154,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="after the search, train the K best configurations that ran every epoch again with "
         "--reseeds other training seeds, and choose the winner (the run export --best takes) by "
-        "mean AP50 over seeds; costs K x S extra full trainings (default 0: off)",
+        "the mean of the base config's train.metric over seeds; costs K x S extra full trainings "
+        "(default 0: off)",
     )
     p.add_argument(
         "--reseeds",
@@ -181,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="continue_search",
         metavar="NAME",
         help="add --num-samples trials to the finished search NAME: same Optuna study and parent "
-        "run; its data, base, space, storage and other settings are reused",
+        "run; its data, base, space, storage, epochs, ASHA, resources, seed and --keep-top are "
+        "reused (given again, they must be the same; the space and base files and the dataset "
+        "must not have changed), and its --reseed-top, --reseeds and --reseed-split unless given",
     )
     p.add_argument(
         "--mlflow-wait",
@@ -520,49 +541,57 @@ def finish_search(
     return summary, spent
 
 
-def continued(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` for ``--continue NAME``: the earlier search's name and settings; else unchanged."""
+def continued(args: argparse.Namespace, argv: Sequence[str]) -> tuple[argparse.Namespace, RunRecord | None]:
+    """``args`` for ``--continue NAME`` (the command line ``argv``): the earlier search's name and
+    settings, and its parent run; else ``args`` unchanged and None."""
     if not args.continue_search:
-        return args
+        return args, None
     check_continue_flags(args)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
     parent = search_to_continue(tracker, args.experiment, args.continue_search)
-    return continued_args(args, build_parser(), parent)
+    return continued_args(args, build_parser(), parent, given_flags(build_parser(), argv)), parent
 
 
-def resume_command_for(args: argparse.Namespace, name: str) -> str:
-    """The command that resumes this invocation after a crash."""
-    if args.continue_search:  # the settings came from the parent run, not the command line
-        rest = [
-            *settings_argv(args),
-            "--experiment",
-            args.experiment,
-            *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
-            *(
-                ["--reseed-top", str(args.reseed_top), "--reseeds", str(args.reseeds)]
-                if args.reseed_top
-                else []
-            ),
-            *(["--reseed-split"] if args.reseed_split else []),
-        ]
-    else:
-        rest = [a for a in sys.argv[1:] if a != "--resume"]
+def unsaved_note(name: str, phase: str, path: str) -> str:
+    """What becomes of the search's Tune experiment ``phase`` (at ``path``), which its driver
+    recorded but did not run long enough for Tune to save its state."""
+    stopped = f"{path} has no saved Tune state (its driver stopped before Tune saved it); skipped"
+    if phase_kind(name, phase) == CONTINUE:
+        return (
+            f"{stopped}: the trials that --continue was adding are not run. Once this search has "
+            f"finished, add them again with: python search/run.py --continue {name} --num-samples N"
+        )
+    if phase_kind(name, phase) == RESEED:
+        return f"{stopped}: with --reseed-top, the repeats it was to train are planned again"
+    return stopped
+
+
+def resume_command_for(args: argparse.Namespace, name: str, argv: Sequence[str]) -> str:
+    """The command that resumes this invocation (the command line ``argv``) after a crash: every
+    flag given, and for ``--continue`` the settings taken from the earlier search instead."""
+    rest = [a for a in argv if a != "--resume"]
+    if args.continue_search:
+        given = given_flags(build_parser(), argv)
+        recorded = [d for d in (*SETTINGS, *INHERITED) if d not in given]
+        rest = [*settings_argv(args, recorded), *without_continue(rest)]
     return f"python search/run.py --resume --name {name} {' '.join(rest)}"
 
 
-def run_search(args: argparse.Namespace) -> int:
-    """Validate everything, then run (resume, or continue) the search and print its summary."""
+def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Validate everything, then run (resume, or continue) the search of the command line ``argv``
+    (parsed: ``args``) and print its summary."""
     start = time.time()
+    args, earlier = continued(args, argv)
     check_reseed_flags(args.reseed_top, args.reseeds)
-    args = continued(args)
     name = search_name(args.name, args.resume)
     check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(os.environ.get(DRILL_ENV))
     if args.keep_top < 0:
         raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
-    base_cfg = load_base(base_path, data_root(args.data), args.max_epochs)
+    root = data_root(args.data)
+    base_cfg = load_base(base_path, root, args.max_epochs)
     max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
     space = load_space(space_path, base_cfg)
     check_validated(base_cfg, space, base_path)
@@ -575,6 +604,12 @@ def run_search(args: argparse.Namespace) -> int:
         log.info("weights staged: %s", path)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
+    base_dict = config_to_dict(base_cfg)
+    files = {f"search/{space_path.name}": space_path, f"search/base-{base_path.name}": base_path}
+    texts = dict(zip(files, [space_path.read_text(), yaml.safe_dump(base_dict, sort_keys=False)]))
+    dataset = dataset_fingerprint(base_cfg.data)
+    if earlier is not None:
+        check_unchanged(tracker, earlier, texts, files, dataset.digest, root)
     storage_path, local_dir = storage_paths(args.storage, name)
     check_storage(storage_path, args.min_free_gb)
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -585,7 +620,6 @@ def run_search(args: argparse.Namespace) -> int:
         ignore_reinit_error=True,
         runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry},
     )  # workers get it too
-    base_dict = config_to_dict(base_cfg)
     parent_run_id = open_parent_run(
         tracker,
         experiment=args.experiment,
@@ -593,23 +627,20 @@ def run_search(args: argparse.Namespace) -> int:
         resume=args.resume or bool(args.continue_search),
         params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
         tags={
-            SOURCE_TAG: "search-parent",
+            SOURCE_TAG: PARENT_SOURCE,
             "git_commit": _git_commit(),
             "ray.cluster_resources": str(ray.cluster_resources()),
             "command": " ".join(sys.argv),
             **({WARM_START_TAG: warm.tag()} if warm.carried else {}),
         },
-        texts={
-            f"search/{space_path.name}": space_path.read_text(),
-            f"search/base-{base_path.name}": yaml.safe_dump(base_dict, sort_keys=False),
-        },
-        dataset=dataset_fingerprint(base_cfg.data),
+        texts=texts,
+        dataset=dataset,
     )
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
-    resume_command = resume_command_for(args, name)
+    resume_command = resume_command_for(args, name, argv)
     print(f"resume after a crash with: {resume_command}")
 
-    def trial_logger(trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
+    def trial_logger(phase: str, trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
         return MlflowTrialLogger(
             tracking_uri=tracker.uri,
             experiment=args.experiment,
@@ -620,6 +651,7 @@ def run_search(args: argparse.Namespace) -> int:
             outbox_path=local_dir / OUTBOX,
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
+            phase=phase,
             keep_top=args.keep_top,
             trial_tags=trial_tags,
         )
@@ -650,7 +682,7 @@ def run_search(args: argparse.Namespace) -> int:
             reduction_factor=args.reduction_factor,
             time_budget_s=args.time_budget,
             max_failures=args.max_failures,
-            callback=trial_logger(),
+            callback=trial_logger(phase),
             **more,
         )
 
@@ -667,13 +699,13 @@ def run_search(args: argparse.Namespace) -> int:
         for phase in experiments if args.resume or args.continue_search else []:
             path = f"{storage_path.rstrip('/')}/{phase}"
             if not tune.Tuner.can_restore(path):
-                log.warning(
-                    "%s has no saved Tune state (its driver stopped before it started); skipped", path
-                )
+                print(unsaved_note(name, phase, path))
                 continue
             restored = tune.Tuner.restore(path, trainable, resume_errored=True)
-            ended = fit(restored) if args.resume else list(restored.get_results())
-            if phase_kind(phase) != RESEED:
+            # only the last can be unfinished: each later one started after the one before ended
+            unfinished = args.resume and phase == experiments[-1]
+            ended = fit(restored) if unfinished else list(restored.get_results())
+            if phase_kind(name, phase) != RESEED:
                 results += ended
         if args.continue_search:
             phase = next_phase(name, CONTINUE, phases)
@@ -706,7 +738,9 @@ def run_search(args: argparse.Namespace) -> int:
                 print(
                     f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
                 )
-                config = run_config(phase, storage_path, trial_logger(RepeatTags(repeats)), args.max_failures)
+                config = run_config(
+                    phase, storage_path, trial_logger(phase, RepeatTags(repeats)), args.max_failures
+                )
                 fit(
                     repeat_tuner(
                         trainable,
@@ -739,6 +773,18 @@ def run_search(args: argparse.Namespace) -> int:
     print("\n".join([*summary.lines(metric), spent.line()]))
     if choice is not None:
         print("\n".join(choice.lines()))
+    if args.tune_inference:
+        with tempfile.TemporaryDirectory() as scratch:
+            tuned = tune_inference(
+                tracker,
+                experiment=args.experiment,
+                run_id=None,
+                search=name,
+                data_root=str(base_cfg.data.root),
+                scratch=Path(scratch),
+                trials=args.tune_inference,
+            )
+        print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
@@ -765,9 +811,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return run_search(args)
+        return run_search(args, argv)
     except (ConfigError, DataError, TrackingError, StorageError) as exc:
         print(f"search: error: {exc}", file=sys.stderr)
         return 2

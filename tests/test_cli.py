@@ -20,9 +20,9 @@ from mlflow.tracking import MlflowClient
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from cellseg.checkpoint import load_checkpoint
+from cellseg.checkpoint import checkpoint_config, load_checkpoint
 from cellseg.cli import main
-from cellseg.config import DataConfig
+from cellseg.config import DataConfig, flatten
 from cellseg.data import (
     dataset_fingerprint,
     dataset_stats,
@@ -33,6 +33,7 @@ from cellseg.data import (
     scan_train,
     targets_from_label_maps,
 )
+from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, Tracker
 from tiffutil import HUGE, write_zeros_lzw
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
@@ -697,6 +698,93 @@ def test_export_tta_and_ensembles(workspace: dict, tmp_path: Path, capsys: pytes
     )
     assert "must lie in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+
+
+# ----------------------------------------------------------------------------- tune-inference
+
+
+def test_tune_inference_then_export_uses_the_tuned_settings(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """tune-inference --best on a run of its own experiment (r1's checkpoint, so the shared runs
+    stay as they are): a child run with settings, AP50 before and after and a plot; inference.json
+    beside the checkpoint; export --best predicts with it unless --no-tuned-settings."""
+    tracker = Tracker(workspace["uri"])
+    state = load_checkpoint(checkpoint_of(workspace, "r1"))
+    cfg = checkpoint_config(state)
+    run_dir = tmp_path / "t1"
+    run_dir.mkdir()
+    shutil.copy(checkpoint_of(workspace, "r1"), run_dir / "best.pt")
+    run_id = tracker.start_run(
+        "tune",
+        "t1",
+        params=flatten(cfg),
+        tags={SOURCE_TAG: "train", RUN_DIR_TAG: str(run_dir)},
+        dataset=dataset_fingerprint(cfg.data),
+    )
+    tracker.finish_run(run_id, run_dir, cfg, 0.5)
+    data = str(workspace["data"])
+    mlflow = ["--experiment", "tune", "--tracking-uri", workspace["uri"], "--no-progress"]
+    code = main(
+        ["tune-inference", "--best", "--data", data, "--scales", "1", "1.25", "--trials", "6", *mlflow]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"run_id: {run_id}" in captured.out and "trials: 6" in captured.out
+    tune_run = workspace["client"].get_run(
+        re.search(r"^tune_inference_run: (\w+)$", captured.out, re.M).group(1)
+    )
+    assert tune_run.data.tags["mlflow.parentRunId"] == run_id
+    assert tune_run.data.tags[SOURCE_TAG] == "tune-inference" and tune_run.info.status == "FINISHED"
+    assert {"settings.score_threshold", "settings.nms_iou", "settings.detections", "settings.scale"} <= set(
+        tune_run.data.params
+    )
+    metrics = tune_run.data.metrics
+    assert metrics["val_segm_AP50_after"] >= metrics["val_segm_AP50_before"] >= 0
+    assert metrics["val_segm_AP50_trained"] == 0.5
+    artifacts = {a.path for a in workspace["client"].list_artifacts(tune_run.info.run_id)}
+    assert {"inference.json", "inference-search.png"} <= artifacts
+    assert "checkpoint/inference.json" in {
+        a.path for a in workspace["client"].list_artifacts(run_id, "checkpoint")
+    }
+    saved = json.loads((run_dir / "inference.json").read_text())
+    assert (
+        saved["tuned_run"] == run_id
+        and saved["settings"]["cache_detections"] == 2 * cfg.model.detections_per_img
+    )
+
+    output = tmp_path / "tuned.json"
+    export = ["export", "--best", "--data", data, "--output", str(output), *mlflow]
+    assert main(export) == 0
+    assert "inference_settings: tuned (scale=" in capsys.readouterr().out
+    provenance = json.loads((tmp_path / "tuned.provenance.json").read_text())
+    assert provenance["inference_settings"]["detections"] == saved["settings"]["detections"]
+    assert main([*export, "--no-tuned-settings"]) == 0
+    assert "inference_settings: the model's own (--no-tuned-settings)" in capsys.readouterr().out
+    assert main([*export, "--tta"]) == 2
+    assert "--no-tuned-settings" in capsys.readouterr().err
+
+    assert (
+        main(
+            [
+                "tune-inference",
+                "--run-id",
+                run_id,
+                "--sampler",
+                "grid",
+                "--trials",
+                "3",
+                "--no-tta",
+                "--scales",
+                "1",
+                *mlflow,
+            ]
+        )
+        == 0
+    )
+    assert "trials: 3" in capsys.readouterr().out
+    assert main(["tune-inference", "--best", *mlflow]) == 2
+    assert "needs --data" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- real data

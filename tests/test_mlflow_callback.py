@@ -12,7 +12,7 @@ from ray.tune.experiment import Trial
 
 from cellseg.config import config_to_dict, load_config
 from cellseg.tracking import Tracker
-from search.mlflow_callback import LOST, TRIAL_TAG, MlflowTrialLogger
+from search.mlflow_callback import LOST, PHASE_TAG, TRIAL_TAG, MlflowTrialLogger
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 MAX_EPOCHS = 3
@@ -26,11 +26,13 @@ def store(tmp_path, easy_root):
     return tracker, parent, config_to_dict(base)
 
 
-def logger(tracker: Tracker, parent: str, base: dict) -> MlflowTrialLogger:
+def logger(tracker: Tracker, parent: str, base: dict, phase: str | None = None) -> MlflowTrialLogger:
     callback = MlflowTrialLogger(
         tracking_uri=tracker.uri,
         experiment="e",
         parent_run_id=parent,
+        search_name="s1",
+        phase=phase,
         max_epochs=MAX_EPOCHS,
         base=base,
         metric="segm_AP50",
@@ -124,3 +126,31 @@ def test_trials_tune_stopped_without_telling_the_callback_are_closed_at_the_end(
     t.set_status(Trial.TERMINATED)  # --time-budget ran out: Tune stops it, no on_trial_complete
     callback.on_experiment_end([t])
     assert child(tracker, "t_00001").info.status == "KILLED"
+
+
+def test_a_callback_leaves_the_open_runs_of_the_searchs_other_experiments_alone(store):
+    tracker, parent, base = store
+    search = logger(tracker, parent, base, phase="s1")
+    done = trial("t_00001")
+    search.on_trial_start(0, [done], done)
+    report(search, done, MAX_EPOCHS)
+    search.on_trial_complete(0, [done], done)
+    search.on_experiment_end([done])
+    repeats = logger(tracker, parent, base, phase="s1--reseed-1")
+    repeat = trial("r_00001")
+    repeats.on_trial_start(0, [repeat], repeat)
+    report(repeats, repeat, 1)
+    # the driver dies in the re-seed step; on --resume the first experiment's callback is set up
+    # again (before the fix every experiment was fit again) and must not close the repeat's run
+    again = pickle.loads(pickle.dumps(search))
+    again.setup()
+    again.on_step_begin(0, [done])
+    again.on_experiment_end([])
+    run = child(tracker, "r_00001")
+    assert run.info.status == "RUNNING" and run.data.tags[PHASE_TAG] == "s1--reseed-1"
+    assert child(tracker, "t_00001").info.status == "FINISHED"
+    resumed = pickle.loads(pickle.dumps(repeats))  # the re-seed step's own callback does close it
+    resumed.setup()
+    resumed.on_experiment_end([])
+    run = child(tracker, "r_00001")
+    assert run.info.status == "KILLED" and run.data.tags["error"] == LOST

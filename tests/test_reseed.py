@@ -104,3 +104,19 @@ def test_warm_start_keeps_trials_inside_the_new_space_and_says_why_others_went(t
     assert 1e-4 <= space(trial)["optim.lr"] <= 1e-2
     with pytest.raises(ConfigError, match="holds no study named 'other'"):
         warm_start({"other": db}, space)
+
+
+def test_trials_with_the_same_values_are_one_configuration_and_no_two_repeats_are_alike():
+    records = [record("a", 0.9), record("b", 0.8), record("c", 0.7)]
+    configs = {"t-a": {"optim.lr": 1}, "t-b": {"optim.lr": 1}, "t-c": {"optim.lr": 2}}  # b is a again
+    repeats = plan_repeats(
+        records, configs, top=2, reseeds=1, base_seed=0, base_split_seed=0, vary_split=False
+    )
+    assert [(r.run_id, r.seed) for r in repeats] == [("a", 1), ("c", 1)]
+    seeded = {"t-a": {"optim.lr": 1, "train.seed": 0}, "t-b": {"optim.lr": 1, "train.seed": 1}}
+    repeats = plan_repeats(
+        records, seeded, top=2, reseeds=2, base_seed=0, base_split_seed=0, vary_split=False
+    )
+    assert [(r.run_id, r.seed) for r in repeats] == [("a", 1), ("a", 2), ("b", 3), ("b", 4)]
+    tags = RepeatTags(repeats)
+    assert [tags(dict(r.config))[SEED_TAG] for r in repeats] == ["1", "2", "3", "4"]

@@ -27,7 +27,9 @@ KEEP_TOP = 2
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, easy_root, synth_root, tiny_search):
     """One finished search: 5 trials, ASHA with reduction factor 2, the checkpoints of the best 2
-    kept, on 2 CPUs; then, in the same store, a one-trial, one-epoch search "other" on other data (the realistic synthetic layout)."""
+    kept, on 2 CPUs; then, in the same store, a one-trial, one-epoch search "other" on other data
+    (the realistic synthetic layout), followed by its inference-settings search (--tune-inference,
+    3 settings)."""
     folder = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False)
@@ -64,6 +66,8 @@ def search(tmp_path_factory, easy_root, synth_root, tiny_search):
                 "1",
                 "--max-epochs",
                 "1",
+                "--tune-inference",
+                "3",
             )
         )
     finally:
@@ -200,9 +204,20 @@ def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
     assert "export/test-results.json" in exported
 
 
+def test_the_inference_search_after_a_search_is_a_child_of_its_parent(search):
+    """--tune-inference: a run nested under the search's parent, naming the best trial, whose
+    checkpoint/ artifacts then hold inference.json."""
+    [tuning] = [c for c in search["other_children"] if c.data.tags["cellseg.source"] == "tune-inference"]
+    [trial] = [c for c in search["other_children"] if c is not tuning]
+    assert tuning.data.tags["cellseg.tuned_run"] == trial.info.run_id and tuning.info.status == "FINISHED"
+    assert tuning.data.params["trials"] == "3" and "val_segm_AP50_after" in tuning.data.metrics
+    checkpoint = {a.path for a in search["client"].list_artifacts(trial.info.run_id, "checkpoint")}
+    assert "checkpoint/inference.json" in checkpoint
+
+
 def test_export_best_follows_the_data_across_searches_in_one_store(search, tmp_path, capsys):
     """The newer search "other" trained on other data: --data picks the search trained on it, and
-    --search names one only when it matches --data."""
+    --search names one only when it matches --data; its best trial's tuned settings are used."""
     common = ["--experiment", "e2e", "--tracking-uri", search["uri"], "--no-progress"]
     for data, children, name in (
         (search["data"], search["children"], "s1"),
@@ -213,6 +228,8 @@ def test_export_best_follows_the_data_across_searches_in_one_store(search, tmp_p
         provenance = json.loads(output.with_name("test-results.provenance.json").read_text())
         assert provenance["search"] == name
         assert provenance["run_id"] in {c.info.run_id for c in children}
+        tuned = provenance["inference_settings"]
+        assert (tuned and tuned["tuned_run"]) == (provenance["run_id"] if name == "other" else None)
     capsys.readouterr()
     output = tmp_path / "refused.json"
     assert (

@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from cellseg.config import ConfigError
-from cellseg.data import DataError
-from cellseg.tracking import Tracker, TrackingError
+from cellseg.config import ConfigError, config_to_dict
+from cellseg.data import DataError, dataset_fingerprint
+from cellseg.tracking import SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
+from search.continuation import CONTINUE, PARENT_SOURCE, RESEED, check_unchanged, next_phase, phase_kind
+from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
     CLUSTER_PENDING_TRIALS,
     SEARCH_TAG,
     SIGINT_ENV,
     STRICT_METRIC_ENV,
+    build_parser,
     check_fault_drill,
     check_gpu_request,
     check_validated,
+    continued,
     data_root,
     load_base,
     metric_every_epoch,
     open_parent_run,
     pending_trials,
+    resume_command_for,
+    run_config,
     scoped_environ,
     search_name,
     stage_weights,
     storage_paths,
     tune_environment,
+    unsaved_note,
 )
 from search.run import main as search_main
 from search.space import load_space
@@ -222,3 +231,137 @@ def test_a_negative_keep_top_fails_before_ray_starts(tmp_path, tiny_search, easy
         in capsys.readouterr().err
     )
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
+def _finished_search(uri: str, data: Path, files: dict[str, Path], storage: Path, *extra: str) -> str:
+    """The parent run of a finished search s1 in experiment e, recorded as run.py records one
+    (its flags as params, but no --keep-top as before that flag existed; its space and base
+    artifacts; its dataset); its run id."""
+    args = build_parser().parse_args(search_args(data, files, storage, uri, "e", "s1", *extra))
+    base = load_base(files["base"], data, args.max_epochs)
+    tracker = Tracker(uri)
+    run_id = open_parent_run(
+        tracker,
+        experiment="e",
+        name="s1",
+        resume=False,
+        params={k: v for k, v in vars(args).items() if v is not None and k != "keep_top"},
+        tags={SOURCE_TAG: PARENT_SOURCE},
+        texts={
+            f"search/{files['space'].name}": files["space"].read_text(),
+            f"search/base-{files['base'].name}": yaml.safe_dump(config_to_dict(base), sort_keys=False),
+        },
+        dataset=dataset_fingerprint(base.data),
+    )
+    tracker.end_run(run_id)
+    return run_id
+
+
+def _continue(uri: str, *extra: str) -> list[str]:
+    return ["--continue", "s1", "--num-samples", "1", "--tracking-uri", uri, "--experiment", "e", *extra]
+
+
+def test_continue_takes_the_recorded_settings_and_refuses_other_ones(
+    tmp_path, mlflow_uri, easy_root, tiny_search
+):
+    reseeds = ("--seed", "3", "--reseed-top", "1", "--reseeds", "1", "--reseed-split")
+    run_id = _finished_search(mlflow_uri, easy_root, tiny_search, tmp_path / "storage", *reseeds)
+    argv = _continue(mlflow_uri)
+    args, parent = continued(build_parser().parse_args(argv), argv)
+    assert parent.run_id == run_id and args.name == "s1" and args.data == str(easy_root)
+    assert (args.seed, args.space, args.storage) == (3, str(tiny_search["space"]), str(tmp_path / "storage"))
+    assert args.keep_top == 0  # the search kept every checkpoint: so do its new trials
+    assert (args.reseed_top, args.reseeds, args.reseed_split) == (1, 1, True)
+    argv = _continue(mlflow_uri, "--reseeds", "3", "--seed", "3", "--data", str(easy_root))
+    args, _ = continued(build_parser().parse_args(argv), argv)
+    assert (args.reseed_top, args.reseeds, args.seed) == (1, 3, 3)  # re-seeding flags may change
+    for flag, value, recorded in [
+        ("--seed", "4", "3"),
+        ("--keep-top", "5", "0"),
+        ("--data", tmp_path, easy_root),
+    ]:
+        argv = _continue(mlflow_uri, flag, str(value))
+        with pytest.raises(
+            ConfigError, match=f"{flag} {value} differs from the search's recorded {flag} {recorded}"
+        ):
+            continued(build_parser().parse_args(argv), argv)
+
+
+def test_the_resume_line_keeps_every_flag_given(tmp_path, mlflow_uri, easy_root, tiny_search):
+    argv = search_args(easy_root, tiny_search, tmp_path / "storage", mlflow_uri, "e", "s1", "--keep-top", "2")
+    argv += ["--address", "auto", "--time-budget", "60", "--max-pending-trials", "3", "--fault-drill"]
+    line = resume_command_for(build_parser().parse_args(argv), "s1", argv)
+    assert line == "python search/run.py --resume --name s1 " + " ".join(argv)
+
+    _finished_search(
+        mlflow_uri, easy_root, tiny_search, tmp_path / "storage", "--seed", "3", "--reseed-top", "1"
+    )
+    argv = _continue(
+        mlflow_uri, "--address", "auto", "--mlflow-wait", "5", "--min-free-gb", "1", "--reseeds", "3"
+    )
+    args, _ = continued(build_parser().parse_args(argv), argv)
+    line = resume_command_for(args, "s1", argv)
+    assert "--continue" not in line and line.startswith("python search/run.py --resume --name s1 ")
+    again = build_parser().parse_args(line.split()[2:])
+    assert again.resume and again.name == "s1" and again.continue_search is None
+    assert (again.address, again.mlflow_wait, again.min_free_gb, again.num_samples) == ("auto", 5, 1, 1)
+    assert (again.data, again.seed, again.keep_top) == (str(easy_root), 3, 0)
+    assert (again.reseed_top, again.reseeds, again.reseed_split) == (1, 3, False)
+    assert (again.tracking_uri, again.experiment) == (mlflow_uri, "e")
+
+
+def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_search(
+    tmp_path, mlflow_uri, easy_root, tiny_search, capsys
+):
+    import ray
+
+    folder = Path(shutil.copytree(tiny_search["space"].parent, tmp_path / "tiny"))
+    files = {key: folder / path.name for key, path in tiny_search.items()}
+    run_id = _finished_search(mlflow_uri, easy_root, files, tmp_path / "storage")
+    client = MlflowClient(mlflow_uri)
+    space, base = files["space"].read_text(), files["base"].read_text()
+    files["space"].write_text(space.replace("1.0e-5", "2.0e-5"))
+    assert search_main(_continue(mlflow_uri)) == 2
+    err = capsys.readouterr().err
+    assert f"search: error: --continue s1: {files['space']} changed since the search started" in err
+    assert f"the artifact search/space.yaml of run {run_id}" in err and "--warm-start s1" in err
+    files["space"].write_text(space)
+    files["base"].write_text(base.replace("epochs: 3", "epochs: 2"))
+    assert search_main(_continue(mlflow_uri)) == 2
+    assert f"--continue s1: {files['base']} changed" in capsys.readouterr().err
+    assert client.get_run(run_id).info.status == "FINISHED" and not ray.is_initialized()
+    files["base"].write_text(base)
+    parent = Tracker(mlflow_uri).record(run_id)
+    texts = {
+        a.path: client.download_artifacts(run_id, a.path, str(tmp_path / "dl"))
+        for a in client.list_artifacts(run_id, "search")
+    }
+    texts = {k: Path(v).read_text() for k, v in texts.items()}
+    check_unchanged(Tracker(mlflow_uri), parent, texts, {}, parent.fingerprint, easy_root)
+    with pytest.raises(ConfigError, match=f"the dataset {easy_root} changed since the search started"):
+        check_unchanged(Tracker(mlflow_uri), parent, texts, {}, "0" * 16, easy_root)
+
+
+def test_a_later_experiment_of_the_search_keeps_two_checkpoints_per_trial(tmp_path, mlflow_uri):
+    logger = MlflowTrialLogger(
+        tracking_uri=mlflow_uri, experiment="e", parent_run_id="p", base={}, max_epochs=1, metric="segm_AP50"
+    )
+    config = run_config("s1--reseed-1", str(tmp_path), logger, max_failures=2)
+    assert (config.name, config.storage_path, config.callbacks) == ("s1--reseed-1", str(tmp_path), [logger])
+    assert config.checkpoint_config.num_to_keep == 2 and config.failure_config.max_failures == 2
+
+
+def test_a_search_named_like_a_later_step_is_still_its_first_experiment():
+    name = "x--reseed-1"
+    assert phase_kind(name, name) == ""
+    assert phase_kind(name, f"{name}--continue-2") == CONTINUE
+    assert next_phase(name, RESEED, []) == f"{name}--reseed-1"
+    assert next_phase(name, RESEED, [f"{name}--reseed-1", f"{name}--continue-1"]) == f"{name}--reseed-2"
+
+
+def test_a_continue_step_stopped_before_tune_saved_it_says_to_run_continue_again():
+    note = unsaved_note("s", "s--continue-1", "/runs/s--continue-1")
+    assert "/runs/s--continue-1 has no saved Tune state" in note
+    assert "python search/run.py --continue s --num-samples N" in note
+    assert "planned again" in unsaved_note("s", "s--reseed-1", "/runs/s--reseed-1")
+    assert "add them again" not in unsaved_note("s--continue-1", "s--continue-1", "/runs/s--continue-1")
