@@ -13,7 +13,8 @@
   caller skips a run whose checkpoint artifact is missing and takes the next; a run whose
   checkpoint its search dropped (the tag ``cellseg.checkpoint_dropped``: not among its
   ``--keep-top`` best, :func:`has_checkpoint`) is passed over without a warning, but still counts
-  in its configuration's mean.
+  in its configuration's mean. ``export --best``, ``refit --best`` and the search's summary all
+  take :attr:`Choice.chosen`, the first ranked run that kept its checkpoint.
 - **Re-seeded configurations** (``search/run.py --reseed-top``): a trial and its exportable repeats
   (runs tagged ``cellseg.repeat_of`` with its run id) form one configuration, scored by the mean
   best metric of its runs. In a group with such configurations they rank first, by that mean
@@ -28,7 +29,7 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -116,6 +117,17 @@ class Choice:
     def search(self) -> str | None:
         return self.group.name if self.group.kind == "search" else None
 
+    @property
+    def kept(self) -> tuple[Candidate, ...]:
+        """The ranked runs whose checkpoint their search kept, best first."""
+        return tuple(c for c in self.ranked if has_checkpoint(c.record))
+
+    @property
+    def chosen(self) -> Candidate:
+        """The run ``export --best`` and ``refit --best`` take: the first ranked run that kept its
+        checkpoint (the first ranked when none did)."""
+        return first_kept(self.ranked)
+
 
 def candidate(record: RunRecord) -> Candidate | None:
     """The record as a candidate, or None when it cannot be exported."""
@@ -131,6 +143,12 @@ def candidate(record: RunRecord) -> Candidate | None:
 def has_checkpoint(record: RunRecord) -> bool:
     """False when the run's search dropped its checkpoint (``--keep-top``)."""
     return CHECKPOINT_DROPPED_TAG not in record.tags
+
+
+def first_kept(runs: Sequence[Candidate]) -> Candidate:
+    """The first of ``runs`` (not empty, in ``export --best``'s order) that kept its checkpoint;
+    the first when none did."""
+    return next((c for c in runs if has_checkpoint(c.record)), runs[0])
 
 
 def search_name(parent: RunRecord) -> str:
@@ -161,7 +179,7 @@ def groups(records: list[RunRecord]) -> list[Group]:
             kind,
             name,
             started[(kind, name)],
-            tuple(sorted(with_repeats(members[(kind, name)]), key=lambda c: c.rank_key)),
+            tuple(export_order(members[(kind, name)])),
         )
         for kind, name in members
     ]
@@ -200,6 +218,11 @@ def fingerprints_of(data_root: str | Path) -> Callable[[RunRecord], DataFingerpr
         float(record.params.get("data.val_fraction", DataConfig.val_fraction)),
         int(record.params.get("data.split_seed", DataConfig.split_seed)),
     )
+
+
+def export_order(candidates: list[Candidate]) -> list[Candidate]:
+    """One group's candidates in ``export --best``'s order, re-seeded configurations first."""
+    return sorted(with_repeats(candidates), key=lambda c: c.rank_key)
 
 
 def choose(

@@ -129,7 +129,7 @@ def refit_and_track(
         if best:
             experiment = experiment or DEFAULT_EXPERIMENT
             choice = chosen_best(tracker, experiment, search, data_root, "refit --best")
-            source, found_search = choice.ranked[0].record, choice.search
+            source, found_search = choice.chosen.record, choice.search
         else:
             source = tracker.record(run_id)
             home = tracker.experiment_name(source.run_id)
@@ -469,13 +469,13 @@ def best_checkpoints(
 def _refits(
     tracker: Tracker, choice: Choice, scratch: Path, count: int
 ) -> list[tuple[str, Path, dict[str, Any]]]:
-    if len(choice.ranked) < count:
+    if len(choice.kept) < count:
         raise TrackingError(
             f"--ensemble {count} --refit needs {count} runs, but {choice.group.kind} "
-            f"{choice.group.name!r} has {len(choice.ranked)} exportable runs on this data"
+            f"{choice.group.name!r} has {len(choice.kept)} exportable runs with checkpoints on this data"
         )
     found = []
-    for candidate in choice.ranked[:count]:
+    for candidate in choice.kept[:count]:
         refit = refit_of(tracker, candidate.record, choice.data.root)
         found.append(
             (

@@ -121,6 +121,14 @@ def _record(run: Run) -> RunRecord:
     )
 
 
+def _delete_artifacts(artifact_uri: str, path: str, tracking_uri: str) -> None:
+    """Delete ``path`` (a file or folder) under a run's ``artifact_uri``. MlflowClient (3.17) has
+    no call that deletes a run's artifacts; the artifact repository's ``delete_artifacts`` is the
+    call ``mlflow gc`` frees a deleted run's artifacts with (docs/design.md, "what stays, and
+    why"; ``tests/test_tracking.py`` fails if an upgrade breaks it)."""
+    get_artifact_repository(artifact_uri, tracking_uri=tracking_uri).delete_artifacts(path)
+
+
 class Tracker:
     """A thin, explicit wrapper over MlflowClient for cellseg's runs."""
 
@@ -274,9 +282,9 @@ class Tracker:
             self.log_artifact(run_id, run_dir / PICTURES, PICTURES)
 
     def drop_checkpoint(self, run_id: str, reason: str) -> None:
-        """Delete the run's ``checkpoint/`` artifacts and tag ``reason`` (export passes it over)."""
-        artifact_uri = self.client.get_run(run_id).info.artifact_uri
-        get_artifact_repository(artifact_uri, tracking_uri=self.uri).delete_artifacts(CHECKPOINT_ARTIFACT)
+        """Delete the run's ``checkpoint/`` artifacts and tag ``reason`` (export passes it over);
+        again, once deleted, only tags."""
+        _delete_artifacts(self.client.get_run(run_id).info.artifact_uri, CHECKPOINT_ARTIFACT, self.uri)
         self.set_tags(run_id, {CHECKPOINT_DROPPED_TAG: reason})
 
     def fail_run(self, run_id: str, error: BaseException | str) -> None:

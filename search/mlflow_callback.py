@@ -17,7 +17,9 @@ retried, and the search goes on.
 Once a trial has ended, its ``best.pt`` and pictures are uploaded to its run; with ``keep_top`` K,
 only the K best ended trials (by ``cellseg.best_run``'s rule, the one ``export --best`` ranks by)
 keep ``checkpoint/best.pt`` in MLflow: a trial pushed out of the top K loses it, its run keeps
-metrics, params and config and gets the tag ``cellseg.checkpoint_dropped``. Tune's storage then
+metrics, params and config and gets the tag ``cellseg.checkpoint_dropped``. The re-seed step's
+callback drops nothing (a configuration's mean is known only once all its seeds ended): the driver
+applies :func:`drop_beyond_top` once after it. Tune's storage then
 holds only what a restore may still need: as soon as Tune's saved state (which ``--resume``
 restores from) records the trial as ended, the callback removes the trial's older checkpoint (Tune
 keeps two, see search/run.py) and ``best.pt`` and ``last.pt`` (optimizer state) from the latest,
@@ -39,7 +41,7 @@ from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from cellseg.best_run import Candidate, candidate, has_checkpoint, with_repeats
+from cellseg.best_run import Candidate, candidate, export_order, has_checkpoint
 from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.data import dataset_fingerprint
@@ -51,6 +53,7 @@ from search.trainable import NODE_KEY, reached_max_epochs
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "ray.trial_id"
+SEARCHED_KEYS_TAG = "cellseg.searched_keys"  # the keys a trial's config sampled, comma-separated
 PHASE_TAG = "cellseg.phase"  # the Tune experiment the trial ran in (untagged: the search's first)
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
@@ -323,7 +326,7 @@ class MlflowTrialLogger(Callback):
                 TRIAL_TAG: trial_id,
                 PHASE_TAG: self.phase,
                 SOURCE_TAG: "search",
-                "cellseg.searched_keys": ",".join(sorted(config)),
+                SEARCHED_KEYS_TAG: ",".join(sorted(config)),
                 **(self.trial_tags(config) if self.trial_tags else {}),
             },
             dataset=dataset_fingerprint(cfg.data),
@@ -371,26 +374,42 @@ class MlflowTrialLogger(Callback):
         self._keep_top(run_id)
 
     def _keep_top(self, run_id: str) -> None:
-        """Count the just closed run among the ended trials, ranked as ``export --best`` ranks
-        them (a re-seeded configuration by its mean); drop the MLflow checkpoints of those after
-        the first ``keep_top`` that still have one. A dropped run still counts in its
-        configuration's mean."""
+        """Count the just closed run among the search's ended trials and drop the checkpoints
+        beyond the ``keep_top`` best (:func:`drop_beyond_top`)."""
         if not self.keep_top:
             return
         found = candidate(self.tracker.record(run_id))
         if found is None:
             return
         self._ended[run_id] = found
-        ranked = sorted(with_repeats(list(self._ended.values())), key=lambda c: c.rank_key)
-        with_checkpoint = [c for c in ranked if has_checkpoint(c.record)]
-        for out in with_checkpoint[self.keep_top :]:
-            reason = f"not among the {self.keep_top} best trials by {out.metric}"
-            self.tracker.drop_checkpoint(out.record.run_id, reason)
-            record = self._ended[out.record.run_id].record
-            self._ended[record.run_id] = replace(
-                self._ended[record.run_id],
-                record=replace(record, tags={**record.tags, CHECKPOINT_DROPPED_TAG: reason}),
-            )
+        for out in drop_beyond_top(self.tracker, list(self._ended.values()), self.keep_top):
+            self._ended[out.record.run_id] = replace(self._ended[out.record.run_id], record=out.record)
+
+
+def drop_beyond_top(tracker: Tracker, ended: list[Candidate], keep: int) -> list[Candidate]:
+    """Rank a search's ``ended`` trials as ``export --best`` ranks them (a re-seeded configuration
+    by its mean over seeds) and drop the MLflow checkpoints of those after the first ``keep`` that
+    still have one; the dropped runs, their records tagged. A dropped run still counts in its
+    configuration's mean."""
+    ranked = export_order(ended)
+    beyond = [c for c in ranked if has_checkpoint(c.record)][keep:]
+    if not beyond:
+        return []
+    metric = ranked[0].metric
+    if any(c.seeds for c in ranked):
+        reason = (
+            f"not among the {keep} best trials in export --best's order: re-seeded configurations "
+            f"first, by mean best {metric} over seeds, then each run by its best {metric}"
+        )
+    else:
+        reason = f"not among the {keep} best trials by {metric}"
+    dropped = []
+    for out in beyond:
+        tracker.drop_checkpoint(out.record.run_id, reason)
+        dropped.append(
+            replace(out, record=replace(out.record, tags={**out.record.tags, CHECKPOINT_DROPPED_TAG: reason}))
+        )
+    return dropped
 
 
 def _error_text(trial: Trial) -> str:

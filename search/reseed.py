@@ -22,7 +22,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from cellseg.best_run import Candidate, candidate, with_repeats
+from cellseg.best_run import Candidate, candidate, export_order, first_kept
 from cellseg.errors import ConfigError
 from cellseg.tracking import REPEAT_TAG, RunRecord
 from search.mlflow_callback import TRIAL_TAG
@@ -183,7 +183,9 @@ class SeededChoice:
 
     @property
     def chosen(self) -> Candidate:
-        return self.configurations[0][0]
+        """The run ``export --best`` and ``refit --best`` take: the first run, in this order,
+        that kept its checkpoint (``--keep-top``)."""
+        return first_kept([run for runs in self.configurations for run in runs])
 
     def lines(self) -> list[str]:
         rows = []
@@ -196,12 +198,16 @@ class SeededChoice:
                 f"  {original.record.name}: mean {head.mean:.4f}{spread} over {len(head.seeds)} seeds ({values})"
             )
         chosen = self.chosen
+        which = (
+            "the best seed of the best configuration"
+            if chosen is self.configurations[0][0]
+            else "the first run of this order that kept its checkpoint (--keep-top)"
+        )
         return [
             f"re-seeded configurations, by mean best {self.metric} over seeds:",
             *rows,
             f"chosen by mean over seeds: run {chosen.record.name} ({chosen.record.run_id}, "
-            f"{self.metric} {chosen.value:.4f}), the best seed of the best configuration; "
-            "export --best takes it",
+            f"{self.metric} {chosen.value:.4f}), {which}; export --best and refit --best take it",
         ]
 
     def tags(self) -> dict[str, str]:
@@ -215,9 +221,7 @@ class SeededChoice:
 def seeded_choice(children: Sequence[RunRecord]) -> SeededChoice | None:
     """The search's re-seeded configurations ranked as ``export --best`` ranks them; None when
     no configuration has repeats."""
-    ranked = sorted(
-        with_repeats([c for c in map(candidate, children) if c is not None]), key=lambda c: c.rank_key
-    )
+    ranked = export_order([c for c in map(candidate, children) if c is not None])
     seeded = [c for c in ranked if c.seeds]
     if not seeded:
         return None

@@ -31,12 +31,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from cellseg.checkpoint import BEST
+from cellseg.best_run import Candidate, candidate, export_order, first_kept
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import CHECKPOINT_ARTIFACT, PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
+from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
 from cellseg.weights import resolve_weights
 from search.continuation import (
     CONTINUE,
@@ -59,12 +59,12 @@ from search.continuation import (
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
-from search.mlflow_callback import TRIAL_TAG, MlflowTrialLogger
+from search.mlflow_callback import MlflowTrialLogger, drop_beyond_top
 from search.reseed import RepeatTags, check_reseed_flags, plan_repeats, repeat_tuner, seeded_choice
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.summary import SearchFailed, SearchSummary, log_summary, summarize
+from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
 from search.warm_start import warm_start
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_KEEP_TOP,
         help="keep the best checkpoint of only the K best ended trials, in export --best's order "
-        "(the rest keep metrics, params and config in MLflow; 0 keeps every checkpoint). Disk: "
+        "(the rest keep metrics, params and config in MLflow; 0 keeps every checkpoint; "
+        "re-seeded runs are ranked once the re-seeding has ended, by their configuration's mean). Disk: "
         "about K best.pt files, once, in MLflow; while running, also two checkpoints (best.pt, "
         "last.pt) per running trial in --storage (docs/search.md)",
     )
@@ -527,18 +528,21 @@ def finish_search(
     included."""
     wall_s = time.time() - started
     summary = summarize(results, metric=metric, max_epochs=max_epochs, wall_s=wall_s)
-    best_run = tracker.records(
-        experiment,
-        f"tags.`{TRIAL_TAG}` = '{summary.best_trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
-    )
-    if best_run:  # the trial's best.pt lies in MLflow, no longer in Tune's storage
-        summary.best_checkpoint = f"runs:/{best_run[0].run_id}/{CHECKPOINT_ARTIFACT}/{BEST}"
+    ended = ended_trials(tracker, experiment, parent_run_id)
+    if ended:  # the run export --best takes; its best.pt lies in MLflow, no longer in Tune's storage
+        summary = as_exported(summary, first_kept(export_order(ended)))
     spent = efficiency(trained, wall_s=wall_s, slots=slots, since=started)
     study = optuna.load_study(study_name=name, storage=optuna_storage)
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
     tracker.log_metrics(parent_run_id, spent.metrics(), step=0)
     tracker.end_run(parent_run_id, "FINISHED")
     return summary, spent
+
+
+def ended_trials(tracker: Tracker, experiment: str, parent_run_id: str) -> list[Candidate]:
+    """The exportable ended trials of the search ``parent_run_id``, repeats included."""
+    children = tracker.records(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    return [c for c in map(candidate, children) if c is not None]
 
 
 def continued(args: argparse.Namespace, argv: Sequence[str]) -> tuple[argparse.Namespace, RunRecord | None]:
@@ -597,7 +601,8 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     check_validated(base_cfg, space, base_path)
     check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
     max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
-    warm = warm_start({n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}, space)
+    studies = {n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}
+    warm = warm_start(studies, space, metric, max_epochs)
     for line in warm.notes():
         print(line)
     for path in stage_weights(base_cfg, space):
@@ -640,7 +645,9 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     resume_command = resume_command_for(args, name, argv)
     print(f"resume after a crash with: {resume_command}")
 
-    def trial_logger(phase: str, trial_tags: RepeatTags | None = None) -> MlflowTrialLogger:
+    def trial_logger(
+        phase: str, trial_tags: RepeatTags | None = None, keep_top: int = args.keep_top
+    ) -> MlflowTrialLogger:
         return MlflowTrialLogger(
             tracking_uri=tracker.uri,
             experiment=args.experiment,
@@ -652,7 +659,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
             drain_timeout_s=args.mlflow_wait,
             search_name=name,
             phase=phase,
-            keep_top=args.keep_top,
+            keep_top=keep_top,
             trial_tags=trial_tags,
         )
 
@@ -738,9 +745,9 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 print(
                     f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
                 )
-                config = run_config(
-                    phase, storage_path, trial_logger(phase, RepeatTags(repeats)), args.max_failures
-                )
+                # keep_top 0: a configuration's mean is known once all its seeds ended (below)
+                logger = trial_logger(phase, RepeatTags(repeats), keep_top=0)
+                config = run_config(phase, storage_path, logger, args.max_failures)
                 fit(
                     repeat_tuner(
                         trainable,
@@ -752,6 +759,8 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 )
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
+        if args.keep_top:  # once every phase ended, re-seeded configurations by their final mean
+            drop_beyond_top(tracker, ended_trials(tracker, args.experiment, parent_run_id), args.keep_top)
         choice = seeded_choice(tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
         if choice is not None:
             tracker.set_tags(parent_run_id, choice.tags())

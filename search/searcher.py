@@ -36,6 +36,8 @@ from search.trainable import reached_max_epochs
 log = logging.getLogger(__name__)
 
 TRIAL_ATTR = "ray.trial_id"  # Optuna user attribute naming the Tune trial (as MLflow's tag does)
+# the study's user attributes: what its values are (the metric, after at most this many epochs)
+METRIC_ATTR, EPOCHS_ATTR = "metric", "max_epochs"
 
 
 class StudySearcher(Searcher):
@@ -74,6 +76,9 @@ class StudySearcher(Searcher):
                 f"{storage}: an Optuna study named {study_name!r} exists already; "
                 "choose another search name, or pass --resume to continue it"
             ) from None
+        if not continue_study:
+            self.study.set_user_attr(METRIC_ATTR, metric)
+            self.study.set_user_attr(EPOCHS_ATTR, max_epochs)
         self.study.add_trials(prior_trials)
         for point in points_to_evaluate:
             self.study.enqueue_trial(point)

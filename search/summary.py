@@ -1,11 +1,12 @@
-"""The end of a search: best trial, epochs ASHA saved, and the parent run's plots."""
+"""The end of a search: its best run (the one export --best takes), epochs ASHA saved, and the
+parent run's plots."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import optuna
 from ray.tune import Result, ResultGrid
 from ray.tune.result import TRAINING_ITERATION
 
+from cellseg.best_run import Candidate
 from cellseg.checkpoint import BEST
 from cellseg.plots import plot_parallel_coordinates, plot_trial_curves
-from cellseg.tracking import Tracker, best_metric_key
+from cellseg.tracking import CHECKPOINT_ARTIFACT, Tracker, best_metric_key
+from search.mlflow_callback import SEARCHED_KEYS_TAG, TRIAL_TAG
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class SearchSummary:
     epochs_run: int
     epochs_full: int
     wall_s: float
+    chosen_by: str = ""  # set when the best run is chosen by mean over seeds
 
     @property
     def epochs_saved(self) -> int:
@@ -41,7 +45,8 @@ class SearchSummary:
         saved = self.epochs_saved / self.epochs_full if self.epochs_full else 0.0
         return [
             f"trials: {self.trials} ({self.errors} failed)",
-            f"best trial: {self.best_trial}  {metric} {self.best_metric:.4f}",
+            f"{'chosen run' if self.chosen_by else 'best trial'}: {self.best_trial}  {metric} "
+            f"{self.best_metric:.4f}{f' ({self.chosen_by})' if self.chosen_by else ''}",
             f"best config: {self.best_config}",
             f"best checkpoint: {self.best_checkpoint}",
             f"wall time: {self.wall_s / 60:.1f} min",
@@ -111,6 +116,23 @@ def summarize(results: Sequence[Result], *, metric: str, max_epochs: int, wall_s
         epochs_run=epochs_run,
         epochs_full=len(results) * max_epochs,
         wall_s=wall_s,
+    )
+
+
+def as_exported(summary: SearchSummary, chosen: Candidate) -> SearchSummary:
+    """``summary`` with its best trial, metric, config (the searched values) and checkpoint taken
+    from ``chosen``, the run ``export --best`` takes (``cellseg.best_run.Choice.chosen``); with
+    re-seeded configurations, that run is chosen by its configuration's mean over seeds."""
+    record = chosen.record
+    searched = record.tags.get(SEARCHED_KEYS_TAG, "").split(",")
+    return replace(
+        summary,
+        best_trial=record.name,
+        best_trial_id=record.tags.get(TRIAL_TAG, ""),
+        best_metric=chosen.value,
+        best_config={key: record.params[key] for key in searched if key in record.params},
+        best_checkpoint=f"runs:/{record.run_id}/{CHECKPOINT_ARTIFACT}/{BEST}",
+        chosen_by=f"by mean best {chosen.metric} over seeds; export --best takes it" if chosen.seeds else "",
     )
 
 

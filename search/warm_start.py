@@ -5,7 +5,8 @@ same ``--storage``) and adds its COMPLETE and PRUNED trials, with their values a
 values, to the new study before the first trial is asked for, so TPE starts from what that
 search learned. A trial is carried over when every parameter it sampled is a dimension of the new
 space and its value lies inside that dimension's range or choices; the others are dropped, and
-the reasons are printed.
+the reasons are printed. An earlier search that ranked its trials by another metric, or trained
+them for another number of epochs, is refused: its values do not compare.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from cellseg.errors import ConfigError
+from search.searcher import EPOCHS_ATTR, METRIC_ATTR
 from search.space import SearchSpace
 
 CARRIED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -32,6 +34,7 @@ class WarmStart:
     trials: list[FrozenTrial] = field(default_factory=list)
     carried: dict[str, int] = field(default_factory=dict)  # search -> trials carried over
     dropped: dict[str, Counter[str]] = field(default_factory=dict)  # search -> reason -> trials
+    unchecked: list[str] = field(default_factory=list)  # searches that recorded no metric or epochs
 
     def notes(self) -> list[str]:
         lines = []
@@ -39,6 +42,8 @@ class WarmStart:
             dropped = self.dropped.get(name, Counter())
             lines.append(f"warm start from {name}: {count} trials carried, {sum(dropped.values())} dropped")
             lines.extend(f"  dropped {n}: {reason}" for reason, n in sorted(dropped.items()))
+            if name in self.unchecked:
+                lines.append(f"  {name} recorded no metric or max epochs (an older search): assumed the same")
         return lines
 
     def tag(self) -> str:
@@ -68,9 +73,10 @@ def fitted(trial: FrozenTrial, space: SearchSpace, name: str) -> tuple[FrozenTri
     )
 
 
-def warm_start(studies: Mapping[str, Path], space: SearchSpace) -> WarmStart:
+def warm_start(studies: Mapping[str, Path], space: SearchSpace, metric: str, max_epochs: int) -> WarmStart:
     """The trials of the searches ``studies`` names (search name -> its study file) that fit
-    ``space``; ConfigError naming the file when a study is missing."""
+    ``space``; ConfigError naming the file when a study is missing, or when it ranked trials by
+    another metric than ``metric`` or trained them for other than ``max_epochs`` epochs."""
     found = WarmStart()
     for name, path in studies.items():
         if not path.is_file():
@@ -82,6 +88,16 @@ def warm_start(studies: Mapping[str, Path], space: SearchSpace) -> WarmStart:
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
         except KeyError:
             raise ConfigError(f"--warm-start {name}: {path} holds no study named {name!r}") from None
+        attrs = study.user_attrs
+        if METRIC_ATTR not in attrs:
+            found.unchecked.append(name)
+        elif (attrs[METRIC_ATTR], attrs[EPOCHS_ATTR]) != (metric, max_epochs):
+            raise ConfigError(
+                f"--warm-start {name}: that search ranked its trials by {attrs[METRIC_ATTR]} after at "
+                f"most {attrs[EPOCHS_ATTR]} epochs, this one by {metric} after {max_epochs}, so its "
+                f"values do not compare; drop --warm-start {name}, or search with its train.metric "
+                f"and --max-epochs {attrs[EPOCHS_ATTR]}"
+            )
         found.carried[name] = 0
         for trial in study.get_trials(deepcopy=False, states=CARRIED_STATES):
             carried, reason = fitted(trial, space, name)

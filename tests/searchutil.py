@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,12 @@ def search_args(
 
 
 def start_driver(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """run.py in its own process group (so that a test can kill it and its Ray) logging to ``log``."""
+    """run.py in its own process group (so that a test can kill it and its Ray) logging to ``log``,
+    with Ctrl-C (SIGINT) raising KeyboardInterrupt as in a terminal."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # A shell that starts the tests in the background ignores SIGINT, and an ignored signal
+        # stays ignored across exec (a handler does not): the driver would not see the drill's Ctrl-C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, str(RUN_PY), *args],

@@ -1,5 +1,6 @@
-"""Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoints), on a real
-MLflow SQLite store filled with runs shaped as ``cellseg train`` and searches write them."""
+"""Which run ``export --best`` ships (cellseg.best_run and commands.best_checkpoints), and which
+checkpoints a search's --keep-top keeps, on a real MLflow SQLite store filled with runs shaped as
+``cellseg train`` and searches write them."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from cellseg.best_run import choose, groups
+from cellseg.best_run import candidate, choose, export_order, first_kept, groups, has_checkpoint
 from cellseg.commands import best_checkpoints
 from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint
 from cellseg.tracking import Tracker, TrackingError
+from search.mlflow_callback import drop_beyond_top
+from search.reseed import seeded_choice
+from search.summary import SearchSummary, as_exported
 
 EXPERIMENT = "cellseg"
 T0 = 1_780_000_000_000  # ms; every run gets an explicit, increasing start time
@@ -296,3 +300,58 @@ def test_a_run_whose_checkpoint_the_search_dropped_is_passed_over_quietly(
     assert provenance["skipped_runs"] == [] and not caplog.records
     with pytest.raises(TrackingError, match=r"--ensemble 3 needs 3 runs.*has 2 \(of 3.*--keep-top"):
         best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "b", 3)
+
+
+def test_keep_top_with_re_seeding_keeps_the_run_that_export_refit_and_the_summary_name(
+    store: Store, real: Path, tmp_path: Path
+) -> None:
+    """--keep-top 1 with --reseed-top: the search drops checkpoints as its trials end, the re-seed
+    step drops none, then the driver drops once by the final means. The best seed of the best
+    configuration lost its checkpoint during the search, so the next run of that configuration is
+    the one the re-seeded choice, export --best, refit --best and the summary all name."""
+    parent = store.run("s", source="search-parent", data=real, search="s")
+
+    def trial(name: str, value: float, repeats: str | None = None) -> str:
+        tags = {
+            "cellseg.searched_keys": "train.metric",
+            **({"cellseg.repeat_of": repeats} if repeats else {}),
+        }
+        return store.run(name, source="search", data=real, value=value, parent=parent, tags=tags)
+
+    def ended() -> list:
+        return [c for c in map(candidate, store.tracker.records(EXPERIMENT)) if c is not None]
+
+    for name, value in (("lucky", 0.90), ("steady", 0.80), ("poor", 0.50)):  # the search's trials
+        trial(name, value)
+        drop_beyond_top(store.tracker, ended(), 1)  # as the search's callback does at each end
+    ids = {r.name: r.run_id for r in store.tracker.records(EXPERIMENT)}
+    dropped = {r.name for r in store.tracker.records(EXPERIMENT) if not has_checkpoint(r)}
+    assert dropped == {"steady", "poor"}
+    for name, value, of in (("lucky-1", 0.60, "lucky"), ("steady-1", 0.78, "steady")):
+        ids[name] = trial(name, value, ids[of])  # the re-seed step: keep_top 0, nothing dropped
+    for name, value, of in (("lucky-2", 0.60, "lucky"), ("steady-2", 0.77, "steady")):
+        ids[name] = trial(name, value, ids[of])
+    drop_beyond_top(store.tracker, ended(), 1)  # once, after the re-seed step
+    records = store.tracker.records(EXPERIMENT)
+    assert {r.name for r in records if has_checkpoint(r) and r.parent_id} == {"steady-1"}
+    reason = store.tracker.record(ids["lucky"]).tags["cellseg.checkpoint_dropped"]
+    assert reason.startswith("not among the 1 best trials in export --best's order: re-seeded configurations")
+    assert "mean best segm_AP50 over seeds" in reason
+
+    choice = seeded_choice([r for r in records if r.parent_id == parent])
+    assert choice is not None and choice.configurations[0][0].record.name == "steady"  # best seed, dropped
+    assert choice.chosen.record.run_id == ids["steady-1"]
+    assert choice.tags()["choice.run_id"] == ids["steady-1"] and ids["steady-1"] in choice.lines()[-1]
+    assert store.choose(real).chosen.record.run_id == ids["steady-1"]  # what refit --best retrains
+    [(run_id, _, _)] = best_checkpoints(store.tracker, EXPERIMENT, None, str(real), tmp_path / "x")
+    assert run_id == ids["steady-1"]
+    summary = as_exported(
+        SearchSummary(3, 0, "trial_lucky", "t1", 0.9, {}, "runs:/x/checkpoint/best.pt", 3, 3, 1.0),
+        first_kept(export_order(ended())),
+    )
+    assert summary.best_checkpoint == f"runs:/{ids['steady-1']}/checkpoint/best.pt"
+    assert (summary.best_trial, summary.best_metric) == ("steady-1", 0.78)
+    assert summary.best_config == {"train.metric": "segm_AP50"}
+    assert summary.lines("segm_AP50")[1] == (
+        "chosen run: steady-1  segm_AP50 0.7800 (by mean best segm_AP50 over seeds; export --best takes it)"
+    )

@@ -15,6 +15,7 @@ from cellseg.cli import main
 from cellseg.config import Config, DataConfig, flatten, load_config
 from cellseg.data import dataset_fingerprint, make_synthetic_dataset
 from cellseg.errors import TrackingError
+from cellseg.inference_settings import SETTINGS_FILE, InferenceSettings, write_settings
 from cellseg.refit import best_epoch, plan_from_config, plan_from_run, refit_epochs, refit_of
 from cellseg.tracking import PARENT_TAG, REFIT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker, best_metric_key
 
@@ -203,6 +204,17 @@ def test_refit_then_export_best_refit(store: dict, tmp_path: Path, capsys: pytes
     provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
     assert provenance["run_id"] == refit.info.run_id and provenance["search"] == "s1"
     assert provenance["refit_of"]["run_id"] == ids["best"]
+    assert provenance["inference_settings"] is None  # none tuned for the source yet
+    assert any(r["score"] <= 0.25 for r in json.loads(output.read_text()))
+
+    # settings tuned on the source's validation predictions (the refit has none) apply to its refit
+    tuned = write_settings(tmp_path / SETTINGS_FILE, InferenceSettings(score_threshold=0.25), {})
+    client.log_artifact(ids["best"], str(tuned), "checkpoint")
+    assert main(export) == 0, capsys.readouterr().err
+    provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
+    assert provenance["run_id"] == refit.info.run_id
+    assert provenance["inference_settings"]["score_threshold"] == 0.25
+    assert all(r["score"] > 0.25 for r in json.loads(output.read_text()))
 
 
 def test_refit_errors(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -13,6 +13,7 @@ from cellseg.errors import ConfigError
 from cellseg.tracking import PARENT_TAG, REPEAT_TAG, SOURCE_TAG, RunRecord
 from search.mlflow_callback import TRIAL_TAG
 from search.reseed import SEED_TAG, RepeatTags, check_reseed_flags, plan_repeats
+from search.searcher import StudySearcher
 from search.space import load_space
 from search.warm_start import FROM_ATTR, warm_start
 
@@ -89,7 +90,7 @@ def test_warm_start_keeps_trials_inside_the_new_space_and_says_why_others_went(t
                 intermediate_values={1: 0.2} if state == "PRUNED" else None,
             )
         )
-    found = warm_start({"old": db}, space)
+    found = warm_start({"old": db}, space, "segm_AP50", 3)
     assert [t.user_attrs[FROM_ATTR] for t in found.trials] == ["old#0", "old#3"]
     assert found.trials[1].intermediate_values == {1: 0.2}
     assert found.tag() == "old (2 trials)"
@@ -97,13 +98,38 @@ def test_warm_start_keeps_trials_inside_the_new_space_and_says_why_others_went(t
         "warm start from old: 2 trials carried, 2 dropped",
         "  dropped 1: optim.lr outside the new space's loguniform [0.0001, 0.01]",
         "  dropped 1: optim.name outside the new space's choice ['sgd', 'adamw']",
+        "  old recorded no metric or max epochs (an older search): assumed the same",
     ]
     new = optuna.create_study(direction="maximize")
     new.add_trials(found.trials)
     trial = new.ask()  # TPE asks with the carried trials' distributions: they are compatible
     assert 1e-4 <= space(trial)["optim.lr"] <= 1e-2
     with pytest.raises(ConfigError, match="holds no study named 'other'"):
-        warm_start({"other": db}, space)
+        warm_start({"other": db}, space, "segm_AP50", 3)
+
+
+def test_a_warm_start_from_a_search_of_another_metric_or_epochs_is_refused(tmp_path, tiny_search, easy_root):
+    base = load_config(tiny_search["base"], [f"data.root={easy_root}"])
+    space = load_space(tiny_search["space"], base)
+    db = tmp_path / "optuna.db"
+    StudySearcher(
+        space,
+        metric="segm_AP50",
+        mode="max",
+        storage=f"sqlite:///{db}",
+        study_name="s1",
+        sampler=optuna.samplers.TPESampler(seed=0),
+        max_epochs=3,
+    )
+    assert warm_start({"s1": db}, space, "segm_AP50", 3).notes() == [
+        "warm start from s1: 0 trials carried, 0 dropped"
+    ]
+    for metric, epochs in [("segm_AP", 3), ("segm_AP50", 5)]:
+        with pytest.raises(
+            ConfigError,
+            match=f"--warm-start s1: that search ranked its trials by segm_AP50 after at most 3 epochs, this one by {metric} after {epochs}",
+        ):
+            warm_start({"s1": db}, space, metric, epochs)
 
 
 def test_trials_with_the_same_values_are_one_configuration_and_no_two_repeats_are_alike():

@@ -82,6 +82,31 @@ def test_finish_run_names_the_best_after_the_metric(tracker: Tracker, tmp_path: 
         tracker.download_checkpoint(no_metric, tmp_path / "dl2")
 
 
+def test_drop_checkpoint_deletes_only_the_checkpoint_files(tracker: Tracker, tmp_path: Path) -> None:
+    """Tracker.drop_checkpoint reaches past MlflowClient to the artifact repository's
+    delete_artifacts (docs/design.md, "what stays, and why"): this fails if an MLflow upgrade
+    moves, renames or empties it. Pictures and config stay; dropping again only tags."""
+    run_dir = tmp_path / "run"
+    (run_dir / PICTURES).mkdir(parents=True)
+    torch.save({"w": 1}, run_dir / BEST)
+    (run_dir / PICTURES / "history.png").write_bytes(b"png")
+    run_id = tracker.start_run("e", "r")
+    tracker.finish_run(run_id, run_dir, Config(), 0.5)
+    [stored] = (tmp_path / "mlartifacts").rglob(f"{run_id}/artifacts/checkpoint/{BEST}")
+    tracker.drop_checkpoint(run_id, "not among the 1 best trials by segm_AP50")
+    client = MlflowClient(tracker.uri)
+    assert client.list_artifacts(run_id, "checkpoint") == [] and not stored.parent.exists()
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "pictures"}
+    assert (
+        tracker.record(run_id).tags["cellseg.checkpoint_dropped"]
+        == "not among the 1 best trials by segm_AP50"
+    )
+    with pytest.raises(TrackingError, match="has no checkpoint/best.pt"):
+        tracker.download_checkpoint(run_id, tmp_path / "dl")
+    tracker.drop_checkpoint(run_id, "again")
+    assert tracker.record(run_id).tags["cellseg.checkpoint_dropped"] == "again"
+
+
 def test_fail_reopen_and_unknown_runs(tracker: Tracker) -> None:
     failed, killed = tracker.start_run("e", "failed"), tracker.start_run("e", "killed")
     tracker.fail_run(failed, ValueError("x" * 5000))
