@@ -25,10 +25,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -203,6 +204,22 @@ def with_repeats(candidates: list[Candidate]) -> list[Candidate]:
     ]
 
 
+def fingerprints_of(data_root: str | Path) -> Callable[[RunRecord], DataFingerprint]:
+    """The fingerprint ``data_root`` has under a run's split settings (its ``data.val_fraction``
+    and ``data.split_seed``), which the run recorded if it trained on that data; one scan a split."""
+
+    @functools.cache
+    def under_split(val_fraction: float, split_seed: int) -> DataFingerprint:
+        return dataset_fingerprint(
+            DataConfig(root=str(data_root), val_fraction=val_fraction, split_seed=split_seed)
+        )
+
+    return lambda record: under_split(
+        float(record.params.get("data.val_fraction", DataConfig.val_fraction)),
+        int(record.params.get("data.split_seed", DataConfig.split_seed)),
+    )
+
+
 def export_order(candidates: list[Candidate]) -> list[Candidate]:
     """One group's candidates in ``export --best``'s order, re-seeded configurations first."""
     return sorted(with_repeats(candidates), key=lambda c: c.rank_key)
@@ -219,19 +236,7 @@ def choose(
 
     TrackingError, listing every group with its data and date, when none matches.
     """
-    fingerprints: dict[tuple[float, int], DataFingerprint] = {}
-
-    def data_for(record: RunRecord) -> DataFingerprint:
-        split = (
-            float(record.params.get("data.val_fraction", DataConfig.val_fraction)),
-            int(record.params.get("data.split_seed", DataConfig.split_seed)),
-        )
-        if split not in fingerprints:
-            fingerprints[split] = dataset_fingerprint(
-                DataConfig(root=str(data_root), val_fraction=split[0], split_seed=split[1])
-            )
-        return fingerprints[split]
-
+    data_for = fingerprints_of(data_root)
     all_groups = groups(records)
     named = [g for g in all_groups if search is None or g.name == search]
     for group in named:

@@ -10,7 +10,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
     p.add_argument("out_dir")
-    p.add_argument("--train", type=_count, default=40, help="training images")
-    p.add_argument("--test", type=_count, default=10, help="test images")
+    p.add_argument("--train", type=_at_least(0), default=40, help="training images")
+    p.add_argument("--test", type=_at_least(0), default=10, help="test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--config", help="a YAML config, trained for its train.epochs (or --epochs) on --data"
     )
-    _add_best_source(p, source)
+    _add_best_source(p, source.add_argument)
     p.add_argument(
         "--data",
         help="dataset folder, every training image of which is trained on (default with "
@@ -285,10 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--epochs",
-        type=_positive,
+        type=_at_least(1),
         help="train this many epochs instead of ceil(best epoch x its training images / all images)",
     )
-    _add_run_options(p, "refit-<source run name>-<time>")
+    _add_run_options(
+        p,
+        "refit-<source run name>-<time>",
+        experiment=None,
+        experiment_help="MLflow experiment (default: the --run-id run's own, the only one allowed "
+        "there; else cellseg)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_refit)
 
@@ -373,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint file or run directory; repeat it to merge several models (an ensemble)",
     )
     source.add_argument("--run-id", help="an MLflow run id whose checkpoint to use")
-    _add_best_source(p, source)
+    _add_best_source(p, source.add_argument)
     p.add_argument("--experiment", default="cellseg", help="MLflow experiment for --best")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument(
@@ -429,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_best_source(p: argparse.ArgumentParser, source: argparse._MutuallyExclusiveGroup) -> None:
-    """--best, one of the ``source`` choices, and --search, which narrows it."""
-    source.add_argument(
+def _add_best_source(p: argparse.ArgumentParser, add_source: Callable[..., argparse.Action]) -> None:
+    """--best, added by ``add_source`` (the ``add_argument`` of the source choices), and --search,
+    which narrows it."""
+    add_source(
         "--best",
         action="store_true",
         help="the best trial of the most recent search (or training run) of "
@@ -443,7 +450,13 @@ def _add_best_source(p: argparse.ArgumentParser, source: argparse._MutuallyExclu
     )
 
 
-def _add_run_options(p: argparse.ArgumentParser, default_name: str) -> None:
+def _add_run_options(
+    p: argparse.ArgumentParser,
+    default_name: str,
+    *,
+    experiment: str | None = "cellseg",
+    experiment_help: str = "MLflow experiment",
+) -> None:
     """--set, --name, --experiment and --tracking-uri of a command that trains a tracked run."""
     p.add_argument(
         "--set",
@@ -453,24 +466,21 @@ def _add_run_options(p: argparse.ArgumentParser, default_name: str) -> None:
         help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)",
     )
     p.add_argument("--name", help=f"run name (default: {default_name})")
-    p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
+    p.add_argument("--experiment", default=experiment, help=experiment_help)
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
 
+    def whole_number(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return int(text)
 
-def _count(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return int(text)
+    return whole_number
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
 from cellseg.tracking import (
     CHECKPOINT_ARTIFACT,
+    DEFAULT_EXPERIMENT,
     REFIT_SEARCH_TAG,
     RUN_DIR_TAG,
     SOURCE_TAG,
@@ -57,14 +58,14 @@ def train_and_track(
     config_path: Path | None,
     progress: bool,
     parent_run_id: str | None = None,
-    tags: Mapping[str, str] = {},
+    tags: Mapping[str, str] | None = None,
 ) -> FitResult:
     """``fit`` with an MLflow run (nested under ``parent_run_id`` when given, ``tags`` added to
     cellseg's): params, per-epoch metrics, best checkpoint and pictures."""
     tracker = Tracker(tracking_uri)
     tracker.check()
     run_dir = Path(resume_from or Path(cfg.train.output_dir) / name).resolve()
-    previous = tracker.records(experiment, f"tags.`{RUN_DIR_TAG}` = '{run_dir}'") if resume_from else []
+    previous = tracker.tagged(experiment, RUN_DIR_TAG, str(run_dir)) if resume_from else []
     if previous:
         run_id = previous[0].run_id
         tracker.reopen_run(run_id)
@@ -77,7 +78,7 @@ def train_and_track(
                 RUN_DIR_TAG: str(run_dir),
                 SOURCE_TAG: "train",
                 **({"cellseg.config_file": str(config_path)} if config_path else {}),
-                **tags,
+                **(tags or {}),
             },
             parent_run_id=parent_run_id,
             dataset=dataset_fingerprint(cfg.data),
@@ -109,26 +110,37 @@ def refit_and_track(
     overrides: list[str],
     epochs: int | None,
     name: str | None,
-    experiment: str,
+    experiment: str | None,
     tracking_uri: str | None,
     scratch: Path,
     progress: bool,
 ) -> tuple[RefitPlan, FitResult]:
     """Train run ``run_id``'s configuration (or ``best``'s choice, or a config file) on every
     training image, for the epochs ``cellseg.refit`` says; logged as a refit run (tag
-    ``cellseg.refit``: the source run) nested under the source's search."""
+    ``cellseg.refit``: the source run) nested under the source's search, in the source's
+    experiment (``experiment``, default ``cellseg``, for ``best`` and a config file)."""
     if config_path is not None:
         if not data_root:
             raise ConfigError("refit --config needs --data DIR, the dataset whose every image it trains on")
         plan = plan_from_config(config_path, data_root, overrides, epochs)
+        experiment = experiment or DEFAULT_EXPERIMENT
     else:
         tracker = Tracker(tracking_uri)
         tracker.check()
         if best:
+            experiment = experiment or DEFAULT_EXPERIMENT
             choice = chosen_best(tracker, experiment, search, data_root, "refit --best")
             source, found_search = choice.chosen.record, choice.search
         else:
             source = tracker.record(run_id)
+            home = tracker.experiment_name(source.run_id)
+            if experiment not in (None, home):
+                raise ConfigError(
+                    f"--experiment {experiment}: run {source.run_id} ({source.name}) is in experiment "
+                    f"{home!r}, where its refit is logged (beside it, under its search); drop "
+                    f"--experiment or pass --experiment {home}"
+                )
+            experiment = home
             found_search = search_name(tracker.record(source.parent_id)) if source.parent_id else None
         plan = plan_from_run(
             tracker,
@@ -229,7 +241,7 @@ def chosen_run(
         return best_checkpoints(tracker, experiment, search, data_root, scratch, 1, refit)[0]
     record, source = tracker.record(run_id), None
     if refit:
-        record, source = refit_of(tracker, experiment, record), record
+        record, source = refit_of(tracker, record, data_root), record
     return (
         record.run_id,
         tracker.download_checkpoint(record.run_id, scratch / record.run_id),
@@ -443,7 +455,7 @@ def best_checkpoints(
     the ``count`` best runs (the runs ``refit --best`` takes), each source named as ``refit_of``."""
     choice = chosen_best(tracker, experiment, search, data_root, "export --best")
     if refit:
-        return _refits(tracker, experiment, choice, scratch, count)
+        return _refits(tracker, choice, scratch, count)
     skipped, found = [], []
     for candidate in choice.ranked:
         record = candidate.record
@@ -480,7 +492,7 @@ def best_checkpoints(
 
 
 def _refits(
-    tracker: Tracker, experiment: str, choice: Choice, scratch: Path, count: int
+    tracker: Tracker, choice: Choice, scratch: Path, count: int
 ) -> list[tuple[str, Path, dict[str, Any]]]:
     if len(choice.kept) < count:
         raise TrackingError(
@@ -489,7 +501,7 @@ def _refits(
         )
     found = []
     for candidate in choice.kept[:count]:
-        refit = refit_of(tracker, experiment, candidate.record)
+        refit = refit_of(tracker, candidate.record, choice.data.root)
         found.append(
             (
                 refit.run_id,

@@ -12,15 +12,19 @@ recorded dataset profile, so data that grew since the search is counted as it wa
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellseg.best_run import EXPORTABLE_SOURCES
+from cellseg.best_run import EXPORTABLE_SOURCES, fingerprints_of
 from cellseg.config import Config, apply_overrides, load_config
 from cellseg.data import scan_train, split_sizes
 from cellseg.errors import TrackingError
 from cellseg.tracking import CONFIG_ARTIFACT, REFIT_SEARCH_TAG, REFIT_TAG, RunRecord, Tracker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,17 +122,41 @@ def plan_from_run(
     return RefitPlan(cfg, source, search, rule)
 
 
-def refit_of(tracker: Tracker, experiment: str, source: RunRecord) -> RunRecord:
-    """The most recent finished refit of ``source``; TrackingError naming the command that makes one."""
-    found = [
-        r
-        for r in tracker.records(experiment, f"tags.`{REFIT_TAG}` = '{source.run_id}'")
-        if r.status == "FINISHED"
-    ]
+def refit_of(tracker: Tracker, source: RunRecord, data_root: str | None) -> RunRecord:
+    """The newest finished refit of ``source`` trained on ``data_root`` (default: the source's
+    ``data.root``), found in the source's experiment. A warning names the other refits on that data
+    (other ``--set`` or ``--epochs``); TrackingError, naming the refits on other data and the
+    command that makes one, when there is none."""
+    experiment = tracker.experiment_name(source.run_id)
+    root = str(Path(data_root or source.params.get("data.root", "")).resolve())
+    refits = [r for r in tracker.tagged(experiment, REFIT_TAG, source.run_id) if r.status == "FINISHED"]
+    data_for = fingerprints_of(root)
+    found = [r for r in refits if r.fingerprint == data_for(r).digest]
+    what = f"run {source.run_id} ({source.name})"
     if not found:
+        others = [r for r in refits if r not in found]
+        listing = f"; its refits on other data: {', '.join(map(_describe, others))}" if others else ""
         raise TrackingError(
-            f"run {source.run_id} ({source.name}) has no finished refit in experiment "
-            f"{experiment!r} of {tracker.uri}; make one with: cellseg refit --run-id "
-            f"{source.run_id} --experiment {experiment} --tracking-uri {tracker.uri}"
+            f"{what} has no finished refit on {root} in experiment {experiment!r} of {tracker.uri}"
+            f"{listing}; make one with: cellseg refit --run-id {source.run_id}"
+            f"{f' --data {root}' if data_root else ''} --tracking-uri {tracker.uri}"
+        )
+    if len(found) > 1:
+        log.warning(
+            "%s has %d finished refits on %s; taking the newest, %s, over %s",
+            what,
+            len(found),
+            root,
+            _describe(found[-1]),
+            ", ".join(map(_describe, found[:-1])),
         )
     return found[-1]
+
+
+def _describe(refit: RunRecord) -> str:
+    """A refit as a warning names it: id, name, epochs, data and start time."""
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(refit.start_time))
+    return (
+        f"{refit.run_id} ({refit.name}: {refit.params.get('train.epochs', '?')} epochs on "
+        f"{refit.params.get('data.root', '?')}, started {started})"
+    )

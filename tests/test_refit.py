@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 from cellseg.cli import main
 from cellseg.config import Config, DataConfig, flatten, load_config
 from cellseg.data import dataset_fingerprint, make_synthetic_dataset
+from cellseg.errors import TrackingError
 from cellseg.inference_settings import SETTINGS_FILE, InferenceSettings, write_settings
-from cellseg.refit import best_epoch, plan_from_config, plan_from_run, refit_epochs
-from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker, best_metric_key
+from cellseg.refit import best_epoch, plan_from_config, plan_from_run, refit_epochs, refit_of
+from cellseg.tracking import PARENT_TAG, REFIT_TAG, SEARCH_TAG, SOURCE_TAG, Tracker, best_metric_key
 
 DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
 EXPERIMENT = "refit"
@@ -143,8 +144,8 @@ def test_refit_then_export_best_refit(store: dict, tmp_path: Path, capsys: pytes
 
     assert main(export) == 2  # no refit yet: the error names the command that makes one
     err = capsys.readouterr().err
-    assert f"run {ids['best']} (best) has no finished refit" in err
-    assert f"cellseg refit --run-id {ids['best']} --experiment {EXPERIMENT} --tracking-uri {uri}" in err
+    assert f"run {ids['best']} (best) has no finished refit on {data} in experiment '{EXPERIMENT}'" in err
+    assert f"cellseg refit --run-id {ids['best']} --data {data} --tracking-uri {uri}" in err
     assert not output.exists()
 
     runs = tmp_path / "runs"
@@ -188,6 +189,16 @@ def test_refit_then_export_best_refit(store: dict, tmp_path: Path, capsys: pytes
     }
     assert main([*export, "--ensemble", "2"]) == 2  # the second best has no refit
     assert f"run {ids['slow']} (slow) has no finished refit" in capsys.readouterr().err
+    # refit --run-id logs beside its source without --experiment (the default would be "cellseg")
+    code = main(
+        ["refit", "--run-id", ids["slow"], "--epochs", "1", "--tracking-uri", uri]
+        + ["--set", f"train.output_dir={runs}", "--no-progress"]
+    )
+    assert code == 0, capsys.readouterr().err
+    (slow_refit,) = client.search_runs([experiment], f"tags.`cellseg.refit` = '{ids['slow']}'")
+    assert slow_refit.data.tags[PARENT_TAG] == ids["parent"]
+    assert client.get_experiment_by_name("cellseg") is None
+    assert main([*export, "--ensemble", "2"]) == 0, capsys.readouterr().err
     by_id = ["export", "--run-id", ids["best"], "--refit", *export[3:]]
     assert main(by_id) == 0, capsys.readouterr().err
     provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())
@@ -215,6 +226,10 @@ def test_refit_errors(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"run {ids['parent']} (s1) is not a training run or a search's trial" in capsys.readouterr().err
     assert main(["refit", "--run-id", ids["best"], "--search", "s1", *mlflow]) == 2
     assert "add --best" in capsys.readouterr().err
+    assert main(["refit", "--run-id", ids["best"], "--experiment", "cellseg", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"--experiment cellseg: run {ids['best']} (best) is in experiment '{EXPERIMENT}'" in err
+    assert f"pass --experiment {EXPERIMENT}" in err
     assert main(["refit", "--config", str(DEMO), *mlflow]) == 2
     assert "refit --config needs --data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -236,3 +251,58 @@ def test_refit_errors(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture
     checkpoint.write_bytes(b"")
     assert main(["export", "--checkpoint", str(checkpoint), "--refit", "--data", data]) == 2
     assert "drop it with --checkpoint" in capsys.readouterr().err
+
+
+def write_refit(tracker: Tracker, source: str, name: str, data: Path, status: str = "FINISHED") -> str:
+    """A refit of run ``source`` on ``data`` as ``cellseg refit`` logs it, without the training."""
+    data_cfg = DataConfig(root=str(data), val_fraction=0.0)
+    run_id = tracker.start_run(
+        "refit-choice",
+        name,
+        params={"data.root": data, "data.val_fraction": 0.0, "data.split_seed": data_cfg.split_seed},
+        tags={SOURCE_TAG: "refit", REFIT_TAG: source},
+        dataset=dataset_fingerprint(data_cfg),
+    )
+    tracker.end_run(run_id, status)
+    return run_id
+
+
+def test_the_refit_exported_is_the_newest_on_the_data_asked(
+    store: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker, data = store["tracker"], store["data"]
+    other = tmp_path / "other"  # the same images and one more
+    shutil.copytree(data, other)
+    first = sorted((other / "train").iterdir())[0]
+    shutil.copytree(first, first.with_name(first.name + "-new"))
+    source_id = tracker.start_run(
+        "refit-choice", "source", params={"data.root": data}, tags={SOURCE_TAG: "train"}
+    )
+    source = tracker.record(source_id)
+    with pytest.raises(TrackingError, match=f"run {source_id} \\(source\\) has no finished refit on"):
+        refit_of(tracker, source, None)
+    older = write_refit(tracker, source_id, "older", data)
+    newer = write_refit(tracker, source_id, "newer", data)
+    elsewhere = write_refit(tracker, source_id, "elsewhere", other)
+    write_refit(tracker, source_id, "failed", data, "FAILED")
+
+    with caplog.at_level("WARNING", logger="cellseg.refit"):
+        assert refit_of(tracker, source, str(data)).run_id == newer
+    (warning,) = caplog.messages
+    assert f"has 2 finished refits on {data}; taking the newest, {newer} (newer:" in warning
+    assert f"over {older} (older:" in warning and elsewhere not in warning
+    assert refit_of(tracker, source, None).run_id == newer  # the source's data by default
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cellseg.refit"):
+        assert refit_of(tracker, source, str(other)).run_id == elsewhere  # newest overall, but asked for
+    assert caplog.messages == []
+
+    third = tmp_path / "third"
+    shutil.copytree(other, third)
+    shutil.copytree(first, third / "train" / "another")
+    with pytest.raises(TrackingError) as error:
+        refit_of(tracker, source, str(third))
+    message = str(error.value)
+    assert f"no finished refit on {third} in experiment 'refit-choice'" in message
+    assert f"its refits on other data: {older} (older:" in message and f"{elsewhere} (elsewhere:" in message
+    assert f"cellseg refit --run-id {source_id} --data {third} --tracking-uri {tracker.uri}" in message
