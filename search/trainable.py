@@ -6,6 +6,7 @@ Importable by module path so that workers on other nodes can load it; it takes o
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -27,11 +28,35 @@ NODE_KEY = "node_id"
 WORKER_RUNTIME_ENV = {"py_modules": [str(Path(__file__).resolve().parent)]}
 
 
+SCRATCH_PREFIX = "cellseg-trial-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_scratch(folder: Path) -> None:
+    """Remove the scratch folders in ``folder`` of workers that died without running their exit
+    handlers (killed trials, a lost driver's workers): their names carry the worker's pid."""
+    for scratch in folder.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = scratch.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _fresh_scratch() -> Path:
     """A new scratch folder, removed when the worker exits (each trial has its own worker:
     the tuner sets reuse_actors=False); a trial the scheduler stops never returns from
-    tune.report, so the folder cannot be removed when the trial ends."""
-    folder = tempfile.mkdtemp(prefix="cellseg-trial-")
+    tune.report, so the folder cannot be removed when the trial ends. A worker killed outright
+    leaves its folder behind: the next trial on the node removes it."""
+    remove_dead_scratch(Path(tempfile.gettempdir()))
+    folder = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, True)
     return Path(folder)
 
