@@ -2,7 +2,8 @@
 timing and result printing.
 
 The scripts import this module as ``common`` (run them as ``python bench/<name>.py`` so that
-``bench/`` is first on ``sys.path``).
+``bench/`` is first on ``sys.path``); importing it also puts the checkout on ``sys.path``, since
+``search/`` is not installed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from cellseg.model import build_model
 from cellseg.weights import WeightsError, imagenet_file
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # search/ is not installed: the checkout holds it
 TRIALS = REPO / "trials"
 RESULT_PREFIX = "BENCH_RESULT "
 RATIO_PREFIX = "ratio "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,8 +38,6 @@ def run_tune(args: argparse.Namespace, cfg: Config) -> dict[str, float]:
     from ray import tune
 
     from cellseg.config import config_to_dict
-
-    sys.path.insert(0, str(common.REPO))  # search/ is not installed: the repo holds it
     from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
