@@ -164,7 +164,10 @@ def test_without_validation_the_final_epoch_is_the_checkpoint(tiny_root: Path, t
     assert best_written == [False, True]
     for metrics, _ in recorder.calls:
         assert "train_loss" in metrics and "segm_AP50" not in metrics and "val_loss" not in metrics
-        assert all(k in ("epoch", "lr") or k.startswith("train_") for k in metrics), metrics
+        assert metrics[TRAIN_SECONDS] > 0 and metrics[VAL_SECONDS] == 0  # validation skipped
+        assert all(
+            k in ("epoch", "lr", TRAIN_SECONDS, VAL_SECONDS) or k.startswith("train_") for k in metrics
+        ), metrics
     assert result.best_epoch == 2 and result.best_metric == -math.inf
     best, last = load_checkpoint(result.best_checkpoint), load_checkpoint(result.run_dir / LAST)
     assert best["epoch"] == 2 and best["metrics"] == result.history[-1]
