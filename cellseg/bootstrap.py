@@ -166,6 +166,15 @@ def bootstrap_interval(
     return Interval(average_precision(table), float(low), float(high), level, table.image_ids, samples)
 
 
+def share_at_least(mine: Interval, theirs: Interval) -> float | None:
+    """Share of the paired resamples (same images, same seed) in which ``mine`` is at least
+    ``theirs``; None when they were computed on different images or no resample is defined."""
+    if mine.image_ids != theirs.image_ids:
+        return None
+    both = (mine.samples != UNDEFINED) & (theirs.samples != UNDEFINED)
+    return float(np.mean(mine.samples[both] >= theirs.samples[both])) if both.any() else None
+
+
 def prediction_interval(
     truths: list[ImageTruth],
     predictions: dict[int, ImagePrediction],

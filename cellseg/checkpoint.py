@@ -8,6 +8,7 @@ and ``pictures/`` (curves and predictions of the finished run).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,15 @@ def make_state(
         "metrics": metrics,
         **extra,
     }
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (a checkpoint), read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -318,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(the image, and hflip and vflip unless --no-tta) into a bounded in-memory cache, then "
         "search score threshold, NMS IoU (class-wise or not), detections per image, mask "
         "threshold, scale and TTA on/off with Optuna on the cache, without running the model "
-        "again (docs/second-stage.md). Logs an MLflow run nested under the search and saves "
-        "inference.json beside the run's checkpoint.",
+        "again (docs/second-stage.md). Logs an MLflow run nested under the search and, when the "
+        "best settings beat the model's own in 95%% of paired bootstrap resamples of the "
+        "validation images, saves inference.json (with the checkpoint's SHA-256 and the data "
+        "fingerprint) beside the run's checkpoint; otherwise removes an older one, so that "
+        "export uses the model's own settings.",
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", help="tune this MLflow run's model")
@@ -330,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="dataset folder (default: the one stored in the checkpoint; required with --best)"
     )
-    p.add_argument("--experiment", default="cellseg", help="MLflow experiment")
+    p.add_argument(
+        "--experiment",
+        help="MLflow experiment of --best (default cellseg); with --run-id the run's own, where "
+        "the tuning is logged",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument(
         "--scales",
@@ -346,13 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="Optuna's TPE, or a grid")
     p.add_argument(
         "--trials",
-        type=int,
+        type=_at_least(1),
         help="settings scored (default 50; a grid search takes this many of its points)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler")
     p.add_argument(
         "--cache-detections",
-        type=int,
+        type=_at_least(1),
         help="detections kept per image and pass in the cache, the most a setting can keep "
         "(default twice model.detections_per_img)",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from typing import Any
 
 from cellseg.best_run import Choice, choose, has_checkpoint, search_name
 from cellseg.bootstrap import Interval, prediction_interval
-from cellseg.checkpoint import checkpoint_config, load_checkpoint, restore_model
+from cellseg.checkpoint import BEST, checkpoint_config, file_sha256, load_checkpoint, restore_model
 from cellseg.config import Config, TrainConfig, flatten
 from cellseg.data import (
     check_test_header,
@@ -23,7 +24,7 @@ from cellseg.data import (
     targets_from_label_maps,
 )
 from cellseg.engine import SplitPredictions, predict_split, split_metrics
-from cellseg.errors import ConfigError, TrackingError
+from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.inference_settings import SETTINGS_FILE, InferenceSettings, read_settings
@@ -242,17 +243,44 @@ def chosen_run(
     record, source = tracker.record(run_id), None
     if refit:
         record, source = refit_of(tracker, record, data_root), record
+    found_search = record.tags.get(REFIT_SEARCH_TAG) or (
+        search_name(tracker.record(record.parent_id)) if record.parent_id else None
+    )
     return (
         record.run_id,
         tracker.download_checkpoint(record.run_id, scratch / record.run_id),
-        _provenance(record, search=record.tags.get(REFIT_SEARCH_TAG), source=source),
+        _provenance(record, search=found_search, source=source),
     )
 
 
-def tuned_settings(tracker: Tracker, run_id: str, scratch: Path) -> tuple[InferenceSettings, Path] | None:
-    """The settings ``cellseg tune-inference`` saved beside the run's checkpoint, if any."""
+def tuned_settings(
+    tracker: Tracker, run_id: str, checkpoint: Path | None, data_root: str | None, scratch: Path
+) -> tuple[InferenceSettings, Path] | None:
+    """The settings ``cellseg tune-inference`` saved beside run ``run_id``'s checkpoint, if any;
+    DataError when they were tuned for another checkpoint than the run's ``best.pt`` now
+    (``checkpoint``, downloaded when None) or on other data than ``data_root`` under its split."""
     found = tracker.download_if_present(run_id, f"{CHECKPOINT_ARTIFACT}/{SETTINGS_FILE}", scratch / run_id)
-    return None if found is None else (read_settings(found), found)
+    if found is None:
+        return None
+    checkpoint = checkpoint or tracker.download_if_present(
+        run_id, f"{CHECKPOINT_ARTIFACT}/{BEST}", scratch / run_id
+    )
+    if checkpoint is None:
+        raise DataError(
+            f"run {run_id} has a {CHECKPOINT_ARTIFACT}/{SETTINGS_FILE} but no {BEST} to check it "
+            f"against; export with --no-tuned-settings"
+        )
+    settings, saved = read_settings(found), json.loads(found.read_text())
+    data = config_on_data(checkpoint_config(load_checkpoint(checkpoint)), data_root).data
+    now = {"checkpoint_sha256": file_sha256(checkpoint), "data_fingerprint": dataset_fingerprint(data).digest}
+    stale = [f"{key} {saved.get(key)} != {value}" for key, value in now.items() if saved.get(key) != value]
+    if stale:
+        raise DataError(
+            f"run {run_id}: its {CHECKPOINT_ARTIFACT}/{SETTINGS_FILE} was tuned for another checkpoint "
+            f"or other data than {data.root} ({'; '.join(stale)}); tune again with cellseg "
+            f"tune-inference --run-id {run_id}, or export with --no-tuned-settings"
+        )
+    return settings, found
 
 
 def export_run(
@@ -320,7 +348,8 @@ def export_run(
                 )
             ]
             tuned_run = members[0][2].get("refit_of", {}).get("run_id") or members[0][0]
-            tuned = tuned_settings(tracker, tuned_run, scratch) if use_tuned else None
+            exported = members[0][1] if tuned_run == members[0][0] else None  # a refit: its source's
+            tuned = tuned_settings(tracker, tuned_run, exported, data_root, scratch) if use_tuned else None
     if tuned and (flips or iou_threshold is not None or score_threshold is not None):
         raise ConfigError(
             f"run {members[0][0]} has tuned inference settings ({tuned[0].describe()}), which set "
@@ -407,7 +436,10 @@ def _untuned(one_run: bool, use_tuned: bool) -> str:
         return "the model's own (tuned settings apply to one run from MLflow: --best or --run-id)"
     if not use_tuned:
         return "the model's own (--no-tuned-settings)"
-    return "the model's own (the run has none tuned; see cellseg tune-inference)"
+    return (
+        "the model's own (the run has none tuned, or tune-inference found none better; see "
+        "cellseg tune-inference)"
+    )
 
 
 def _provenance(record: RunRecord, *, search: str | None, source: RunRecord | None = None) -> dict[str, Any]:

@@ -86,11 +86,12 @@ class InferenceSettings:
 
 
 def model_settings(model_cfg: ModelConfig, cache: CacheSettings) -> InferenceSettings:
-    """The settings a model predicts with as trained (no flips, its own threshold, NMS and cap)."""
+    """The settings a model predicts with as trained (no flips, its own threshold, NMS and cap),
+    within what ``cache`` holds (its NMS IoU and detections at most the cache's)."""
     return InferenceSettings(
         score_threshold=model_cfg.box_score_thresh,
-        nms_iou=model_cfg.box_nms_thresh,
-        detections=model_cfg.detections_per_img,
+        nms_iou=min(model_cfg.box_nms_thresh, cache.nms_iou),
+        detections=min(model_cfg.detections_per_img, cache.detections),
         cache=cache,
     )
 

@@ -17,8 +17,9 @@ import torch
 from torchvision.models.detection import MaskRCNN
 from tqdm import tqdm
 
+from cellseg.bootstrap import Interval, prediction_interval
 from cellseg.errors import ConfigError
-from cellseg.evaluation import ImageTruth, coco_max_dets, coco_metrics, truth_from_masks
+from cellseg.evaluation import ImagePrediction, ImageTruth, coco_max_dets, coco_metrics, truth_from_masks
 from cellseg.inference_settings import (
     IDENTITY,
     CacheSettings,
@@ -72,20 +73,32 @@ class PredictionCache:
             )
         return [self.passes[(settings.scale, view)][index] for view in views]
 
-    def ap50(self, settings: InferenceSettings) -> float:
-        """Validation segm AP50 of ``settings`` applied to the cached passes (every detection
-        counts: COCOeval's cap is the cache's)."""
-        predictions = {
+    def predictions(self, settings: InferenceSettings) -> dict[int, ImagePrediction]:
+        """Every validation image's prediction under ``settings``, by image id."""
+        return {
             truth.image_id: encode_detections(
                 apply_settings(self.image_passes(settings, i), settings),
                 mask_threshold=settings.mask_threshold,
             )
             for i, truth in enumerate(self.truths)
         }
+
+    def ap50(self, settings: InferenceSettings) -> float:
+        """Validation segm AP50 of ``settings`` applied to the cached passes (every detection
+        counts: COCOeval's cap is the cache's)."""
         metrics = coco_metrics(
-            self.truths, predictions, max_dets=coco_max_dets(self.cache.detections), iou_types=("segm",)
+            self.truths,
+            self.predictions(settings),
+            max_dets=coco_max_dets(self.cache.detections),
+            iou_types=("segm",),
         )
         return metrics["segm_AP50"]
+
+    def interval(self, settings: InferenceSettings) -> Interval:
+        """The bootstrap interval of ``ap50(settings)`` (seed 0: paired with any other settings')."""
+        return prediction_interval(
+            self.truths, self.predictions(settings), max_dets=coco_max_dets(self.cache.detections)
+        )
 
 
 def _compact(detections: Detections) -> Detections:

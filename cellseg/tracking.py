@@ -287,6 +287,13 @@ class Tracker:
         _delete_artifacts(self.client.get_run(run_id).info.artifact_uri, CHECKPOINT_ARTIFACT, self.uri)
         self.set_tags(run_id, {CHECKPOINT_DROPPED_TAG: reason})
 
+    def delete_artifact_if_present(self, run_id: str, artifact: str) -> bool:
+        """Delete the run's file ``artifact`` when it has one; whether it had."""
+        listed = {a.path for a in self.client.list_artifacts(run_id, artifact.rpartition("/")[0] or None)}
+        if artifact in listed:
+            _delete_artifacts(self.client.get_run(run_id).info.artifact_uri, artifact, self.uri)
+        return artifact in listed
+
     def fail_run(self, run_id: str, error: BaseException | str) -> None:
         """Close a run as FAILED (KILLED for an interrupt) with the error as a tag."""
         killed = isinstance(error, KeyboardInterrupt)

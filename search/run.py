@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.best_run import Candidate, candidate, export_order, first_kept
+from cellseg.cli import _at_least
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
@@ -76,6 +77,7 @@ DEMO_DATA = REPO / ".cellseg" / "demo-data"
 DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
 OUTBOX = "mlflow-outbox.json"
 DEFAULT_KEEP_TOP = 5  # checkpoints kept: enough for export --ensemble and a second choice
+TUNING_FAILED = 3  # exit code: the search finished, --tune-inference failed
 STUDY_FILE = "optuna.db"
 WARM_START_TAG = "cellseg.warm_start"  # on the parent run: the searches it learned from
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
@@ -149,13 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tune-inference",
-        type=int,
+        type=_at_least(1),
         nargs="?",
         const=DEFAULT_TRIALS,
         metavar="TRIALS",
         help="after the search, tune the best trial's inference settings on cached validation "
         f"predictions (cellseg tune-inference --best with its defaults; TRIALS settings, default "
-        f"{DEFAULT_TRIALS}); export --best then uses them",
+        f"{DEFAULT_TRIALS}); export --best then uses them when they beat the model's own. When "
+        f"the search finished but this tuning fails, the driver says so and exits "
+        f"{TUNING_FAILED}",
     )
     p.add_argument(
         "--keep-top",
@@ -809,18 +813,29 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print("\n".join(choice.lines()))
     if trust:
         print("\n".join(trust))
+    code = 0
     if args.tune_inference:
-        with tempfile.TemporaryDirectory() as scratch:
-            tuned = tune_inference(
-                tracker,
-                experiment=args.experiment,
-                run_id=None,
-                search=name,
-                data_root=str(base_cfg.data.root),
-                scratch=Path(scratch),
-                trials=args.tune_inference,
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                tuned = tune_inference(
+                    tracker,
+                    experiment=args.experiment,
+                    run_id=None,
+                    search=name,
+                    data_root=str(base_cfg.data.root),
+                    scratch=Path(scratch),
+                    trials=args.tune_inference,
+                )
+            print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
+        except (ConfigError, DataError, TrackingError) as exc:
+            code = TUNING_FAILED
+            print(
+                f"search: the search finished and can be exported; tuning its inference settings "
+                f"failed: {exc}. Tune them with cellseg tune-inference --best --data "
+                f"{base_cfg.data.root} --search {name} --experiment {args.experiment} --tracking-uri "
+                f"{tracker.uri}, with the flags the error names (see cellseg tune-inference --help)",
+                file=sys.stderr,
             )
-        print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
     if tracker.uri.startswith("http"):
         print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
@@ -839,7 +854,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"--data {base_cfg.data.root} --experiment {args.experiment} --tracking-uri {tracker.uri}, "
         "then export with --best --refit"
     )
-    return 0
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

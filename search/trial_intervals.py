@@ -18,13 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from ray.tune import Result
 
-from cellseg.bootstrap import SEED, Interval
+from cellseg.bootstrap import SEED, Interval, share_at_least
 from cellseg.commands import checkpoint_interval
 from cellseg.errors import TrackingError
-from cellseg.evaluation import UNDEFINED
 from cellseg.plots import plot_intervals
 from cellseg.tracking import PARENT_TAG, Tracker, best_metric_key
 from search.mlflow_callback import TRIAL_TAG
@@ -48,11 +46,7 @@ class TrialInterval:
     def share_at_least(self, best: TrialInterval) -> float | None:
         """Share of the paired resamples in which this trial's AP50 is at least ``best``'s; None
         when the two were validated on different images (a searched split)."""
-        if self.interval.image_ids != best.interval.image_ids:
-            return None
-        mine, theirs = self.interval.samples, best.interval.samples
-        both = (mine != UNDEFINED) & (theirs != UNDEFINED)
-        return float(np.mean(mine[both] >= theirs[both])) if both.any() else None
+        return share_at_least(self.interval, best.interval)
 
     def bounds(self) -> dict[str, float]:
         """The interval as metrics: ``segm_AP50_ci95_low`` and ``segm_AP50_ci95_high``."""

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from cellseg.checkpoint import checkpoint_config, load_checkpoint
+from cellseg.checkpoint import checkpoint_config, file_sha256, load_checkpoint, save_checkpoint
 from cellseg.cli import main
+from cellseg.commands import chosen_run
 from cellseg.config import DataConfig, flatten
 from cellseg.data import (
     dataset_fingerprint,
@@ -33,7 +34,10 @@ from cellseg.data import (
     scan_train,
     targets_from_label_maps,
 )
-from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, Tracker
+from cellseg.errors import ConfigError
+from cellseg.inference_settings import CacheSettings, InferenceSettings, write_settings
+from cellseg.tracking import RUN_DIR_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
+from search.tune_inference import tune_inference
 from tiffutil import HUGE, write_zeros_lzw
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
@@ -710,84 +714,203 @@ def test_tune_inference_then_export_uses_the_tuned_settings(
     workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """tune-inference --best on a run of its own experiment (r1's checkpoint, so the shared runs
-    stay as they are): a child run with settings, AP50 before and after and a plot; inference.json
-    beside the checkpoint; export --best predicts with it unless --no-tuned-settings."""
-    tracker = Tracker(workspace["uri"])
+    stay as they are): a child run with the settings, AP50 before and after, the paired-bootstrap
+    share and a plot; inference.json beside the checkpoint only when improved, tied to the
+    checkpoint and the data; export predicts with it unless --no-tuned-settings, and refuses it
+    once the checkpoint changed."""
+    tracker, client = Tracker(workspace["uri"]), workspace["client"]
     state = load_checkpoint(checkpoint_of(workspace, "r1"))
     cfg = checkpoint_config(state)
     run_dir = tmp_path / "t1"
     run_dir.mkdir()
     shutil.copy(checkpoint_of(workspace, "r1"), run_dir / "best.pt")
+    fingerprint = dataset_fingerprint(cfg.data)
     run_id = tracker.start_run(
         "tune",
         "t1",
         params=flatten(cfg),
         tags={SOURCE_TAG: "train", RUN_DIR_TAG: str(run_dir)},
-        dataset=dataset_fingerprint(cfg.data),
+        dataset=fingerprint,
     )
     tracker.finish_run(run_id, run_dir, cfg, 0.5)
     data = str(workspace["data"])
-    mlflow = ["--experiment", "tune", "--tracking-uri", workspace["uri"], "--no-progress"]
+    mlflow = ["--tracking-uri", workspace["uri"], "--no-progress"]
     code = main(
-        ["tune-inference", "--best", "--data", data, "--scales", "1", "1.25", "--trials", "6", *mlflow]
+        [
+            "tune-inference",
+            "--best",
+            "--data",
+            data,
+            "--scales",
+            "1",
+            "1.25",
+            "--trials",
+            "6",
+            "--experiment",
+            "tune",
+            *mlflow,
+        ]
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"run_id: {run_id}" in captured.out and "trials: 6" in captured.out
-    tune_run = workspace["client"].get_run(
-        re.search(r"^tune_inference_run: (\w+)$", captured.out, re.M).group(1)
-    )
+    tune_run = client.get_run(re.search(r"^tune_inference_run: (\w+)$", captured.out, re.M).group(1))
     assert tune_run.data.tags["mlflow.parentRunId"] == run_id
     assert tune_run.data.tags[SOURCE_TAG] == "tune-inference" and tune_run.info.status == "FINISHED"
     assert {"settings.score_threshold", "settings.nms_iou", "settings.detections", "settings.scale"} <= set(
         tune_run.data.params
     )
     metrics = tune_run.data.metrics
-    assert metrics["val_segm_AP50_after"] >= metrics["val_segm_AP50_before"] >= 0
-    assert metrics["val_segm_AP50_trained"] == 0.5
-    artifacts = {a.path for a in workspace["client"].list_artifacts(tune_run.info.run_id)}
+    assert metrics["val_segm_AP50_best_trial"] >= 0 and metrics["val_segm_AP50_trained"] == 0.5
+    assert 0 <= metrics["share_at_least_before"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id)}
     assert {"inference.json", "inference-search.png"} <= artifacts
-    assert "checkpoint/inference.json" in {
-        a.path for a in workspace["client"].list_artifacts(run_id, "checkpoint")
-    }
-    saved = json.loads((run_dir / "inference.json").read_text())
+    saved = json.loads(
+        Path(client.download_artifacts(tune_run.info.run_id, "inference.json", str(tmp_path))).read_text()
+    )
     assert (
         saved["tuned_run"] == run_id
         and saved["settings"]["cache_detections"] == 2 * cfg.model.detections_per_img
     )
+    assert saved["checkpoint_sha256"] == file_sha256(run_dir / "best.pt")
+    assert saved["data_fingerprint"] == fingerprint.digest
+    improved = saved["improved"]
+    assert saved["validation_segm_AP50_after"] == (
+        metrics["val_segm_AP50_best_trial"] if improved else metrics["val_segm_AP50_before"]
+    )
+    shipped = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    assert ("checkpoint/inference.json" in shipped) == improved
+    assert not (run_dir / "inference.json").exists()  # no local copy: nothing would read it
 
+    # settings that keep almost nothing, beside the checkpoint: export ships what they say
+    forced = write_settings(
+        tmp_path / "forced" / "inference.json",
+        InferenceSettings(score_threshold=0.999, cache=CacheSettings(detections=200)),
+        {
+            "tuned_run": run_id,
+            "checkpoint_sha256": saved["checkpoint_sha256"],
+            "data_fingerprint": fingerprint.digest,
+        },
+    )
+    tracker.log_artifact(run_id, forced, "checkpoint")
     output = tmp_path / "tuned.json"
-    export = ["export", "--best", "--data", data, "--output", str(output), *mlflow]
+    export = ["export", "--run-id", run_id, "--data", data, "--output", str(output), *mlflow]
     assert main(export) == 0
-    assert "inference_settings: tuned (scale=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "inference_settings: tuned (scale=1 flips=none score>0.999" in out
+    tuned_detections = int(re.search(r"^detections: (\d+)$", out, re.M).group(1))
     provenance = json.loads((tmp_path / "tuned.provenance.json").read_text())
-    assert provenance["inference_settings"]["detections"] == saved["settings"]["detections"]
+    assert provenance["inference_settings"]["score_threshold"] == 0.999
     assert main([*export, "--no-tuned-settings"]) == 0
-    assert "inference_settings: the model's own (--no-tuned-settings)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "inference_settings: the model's own (--no-tuned-settings)" in out
+    assert int(re.search(r"^detections: (\d+)$", out, re.M).group(1)) > tuned_detections
     assert main([*export, "--tta"]) == 2
     assert "--no-tuned-settings" in capsys.readouterr().err
 
-    assert (
-        main(
-            [
-                "tune-inference",
-                "--run-id",
-                run_id,
-                "--sampler",
-                "grid",
-                "--trials",
-                "3",
-                "--no-tta",
-                "--scales",
-                "1",
-                *mlflow,
-            ]
-        )
-        == 0
+    # a new best.pt under the same run (a resumed run): the settings no longer apply
+    shutil.copy(checkpoint_of(workspace, "r2"), run_dir / "best.pt")
+    tracker.log_outcome(run_id, run_dir, cfg, 0.5)
+    assert main(export) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_sha256" in err and "--no-tuned-settings" in err
+    assert f"cellseg tune-inference --run-id {run_id}" in err
+
+    # --run-id tunes in the run's own experiment ("tune", not the default "cellseg")
+    retune = [
+        "tune-inference",
+        "--run-id",
+        run_id,
+        "--sampler",
+        "grid",
+        "--trials",
+        "3",
+        "--no-tta",
+        "--scales",
+        "1",
+    ]
+    assert main([*retune, *mlflow]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 3" in out
+    second = client.get_run(re.search(r"^tune_inference_run: (\w+)$", out, re.M).group(1))
+    assert second.info.experiment_id == client.get_experiment_by_name("tune").experiment_id
+    improved = "improved: yes" in out
+    shipped = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    assert ("checkpoint/inference.json" in shipped) == improved  # the stale one replaced or removed
+    assert main(export) == 0  # either way nothing stale is left to refuse
+    expected = (
+        "inference_settings: tuned (" if improved else "inference_settings: the model's own (the run has none"
     )
-    assert "trials: 3" in capsys.readouterr().out
-    assert main(["tune-inference", "--best", *mlflow]) == 2
-    assert "needs --data" in capsys.readouterr().err
+    assert expected in capsys.readouterr().out
+    assert main([*retune, "--experiment", "cellseg", *mlflow]) == 2
+    assert "is in experiment 'tune'" in capsys.readouterr().err
+
+
+def test_tune_inference_checks_its_input_before_opening_a_run_or_predicting(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Bad flags, other data, a refit and a cache above its bound end with exit code 2 and no
+    tune-inference run; the library refuses 0 trials or detections before choosing a run."""
+    tracker, client = Tracker(workspace["uri"]), workspace["client"]
+    run_id = run_of(workspace, "r1").info.run_id
+    mlflow = ["--tracking-uri", workspace["uri"], "--no-progress"]
+
+    def tune_runs() -> int:
+        return len(
+            client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                "tags.`cellseg.source` = 'tune-inference'",
+            )
+        )
+
+    before = tune_runs()
+    for flag in ("--trials", "--cache-detections"):
+        with pytest.raises(SystemExit) as exited:
+            main(["tune-inference", "--run-id", run_id, flag, "0", *mlflow])
+        assert exited.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    for given in ({"trials": 0}, {"cache_detections": -5}):
+        with pytest.raises(ConfigError, match="give 1 or more"):
+            tune_inference(
+                tracker,
+                experiment=None,
+                run_id="no-such-run",
+                search=None,
+                data_root=None,
+                scratch=tmp_path,
+                **given,
+            )
+    other = tmp_path / "other"
+    assert main(["synth", str(other), "--train", "8", "--test", "1", "--seed", "6", "--profile", "easy"]) == 0
+    capsys.readouterr()
+    assert main(["tune-inference", "--run-id", run_id, "--data", str(other), *mlflow]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+    assert main(["tune-inference", "--run-id", run_id, "--max-cache-mb", "0.01", *mlflow]) == 2
+    assert "--max-cache-mb" in capsys.readouterr().err
+
+    refit_dir = tmp_path / "refit"
+    refit_dir.mkdir()
+    state = load_checkpoint(checkpoint_of(workspace, "r1"))
+    state["config"]["data"]["val_fraction"] = 0.0
+    save_checkpoint(refit_dir / "best.pt", state)
+    refit = tracker.start_run(EXPERIMENT, "refit-r1", tags={SOURCE_TAG: "refit"})
+    tracker.finish_run(refit, refit_dir, checkpoint_config(state), float("nan"))
+    assert main(["tune-inference", "--run-id", refit, *mlflow]) == 2
+    assert "tune its source run" in capsys.readouterr().err
+    assert tune_runs() == before
+
+
+def test_a_trial_chosen_by_run_id_names_its_search(workspace: dict, tmp_path: Path) -> None:
+    tracker = Tracker(workspace["uri"])
+    parent = tracker.start_run("named", "search-parent", tags={SEARCH_TAG: "s-named"})
+    run_dir = tmp_path / "trial"
+    run_dir.mkdir()
+    shutil.copy(checkpoint_of(workspace, "r2"), run_dir / "best.pt")
+    trial = tracker.start_run("named", "trial_0", parent_run_id=parent)
+    tracker.finish_run(trial, run_dir, checkpoint_config(load_checkpoint(run_dir / "best.pt")), 0.1)
+    _, _, provenance = chosen_run(
+        tracker, run_id=trial, search=None, experiment="named", data_root=None, scratch=tmp_path
+    )
+    assert provenance["search"] == "s-named"
 
 
 # ----------------------------------------------------------------------------- real data

@@ -27,7 +27,7 @@ from cellseg.model import build_model
 from cellseg.predict import Detections, predict_images
 from cellseg.prediction_cache import build_cache, cache_bound_bytes
 from cellseg.settings_space import SettingsSpace, grid_values, suggest_settings
-from search.tune_inference import settings_study
+from search.tune_inference import IMPROVED_SHARE, improvement, settings_study
 
 SIZES = [(60, 80), (50, 90)]
 TINY = ModelConfig(
@@ -232,6 +232,17 @@ def test_the_space_asks_for_every_setting_and_checks_its_ranges():
         SettingsSpace(cache=ALL, scales=(1.25,))
     with pytest.raises(ConfigError, match="--cache-detections 10"):
         SettingsSpace(cache=CacheSettings(detections=10))
+
+
+def test_settings_improve_only_when_they_score_higher_in_most_paired_resamples(model, dataset):
+    built = build_cache(model, dataset, cache=ALL, scales=(1.0,), flips=(), progress=False)
+    good = InferenceSettings(score_threshold=0.0, nms_iou=0.5, detections=120, cache=ALL)
+    bad = dataclasses.replace(good, mask_threshold=0.95, detections=1)
+    assert built.ap50(good) > built.ap50(bad)
+    assert improvement(built, good, good) == (False, 1.0)  # equal is no improvement
+    assert improvement(built, bad, good)[0] is False
+    improved, share = improvement(built, good, bad)
+    assert improved and share >= IMPROVED_SHARE
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "grid"])

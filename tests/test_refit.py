@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cellseg.checkpoint import checkpoint_config, file_sha256, load_checkpoint
 from cellseg.cli import main
+from cellseg.commands import config_on_data
 from cellseg.config import Config, DataConfig, flatten, load_config
 from cellseg.data import dataset_fingerprint, make_synthetic_dataset
 from cellseg.errors import TrackingError
@@ -208,7 +210,20 @@ def test_refit_then_export_best_refit(store: dict, tmp_path: Path, capsys: pytes
     assert any(r["score"] <= 0.25 for r in json.loads(output.read_text()))
 
     # settings tuned on the source's validation predictions (the refit has none) apply to its refit
-    tuned = write_settings(tmp_path / SETTINGS_FILE, InferenceSettings(score_threshold=0.25), {})
+    stale = write_settings(tmp_path / SETTINGS_FILE, InferenceSettings(score_threshold=0.25), {})
+    client.log_artifact(ids["best"], str(stale), "checkpoint")
+    assert main(export) == 2  # the source (made by hand here) has no best.pt to check them against
+    assert "--no-tuned-settings" in capsys.readouterr().err
+    source = Tracker(uri).download_checkpoint(refit.info.run_id, tmp_path / "source")
+    client.log_artifact(ids["best"], str(source), "checkpoint")  # the source's best.pt, for the test
+    assert main(export) == 2  # not tied to the source's checkpoint and data
+    assert "--no-tuned-settings" in capsys.readouterr().err
+    source_data = config_on_data(checkpoint_config(load_checkpoint(source)), data).data
+    tied = {
+        "checkpoint_sha256": file_sha256(source),
+        "data_fingerprint": dataset_fingerprint(source_data).digest,
+    }
+    tuned = write_settings(tmp_path / SETTINGS_FILE, InferenceSettings(score_threshold=0.25), tied)
     client.log_artifact(ids["best"], str(tuned), "checkpoint")
     assert main(export) == 0, capsys.readouterr().err
     provenance = json.loads((tmp_path / "test-results.provenance.json").read_text())

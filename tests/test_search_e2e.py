@@ -262,13 +262,13 @@ def test_export_best_writes_a_submission_pycocotools_accepts(search, tmp_path):
 
 def test_the_inference_search_after_a_search_is_a_child_of_its_parent(search):
     """--tune-inference: a run nested under the search's parent, naming the best trial, whose
-    checkpoint/ artifacts then hold inference.json."""
+    checkpoint/ artifacts then hold inference.json when the tuned settings improved."""
     [tuning] = [c for c in search["other_children"] if c.data.tags["cellseg.source"] == "tune-inference"]
     [trial] = [c for c in search["other_children"] if c is not tuning]
     assert tuning.data.tags["cellseg.tuned_run"] == trial.info.run_id and tuning.info.status == "FINISHED"
     assert tuning.data.params["trials"] == "3" and "val_segm_AP50_after" in tuning.data.metrics
     checkpoint = {a.path for a in search["client"].list_artifacts(trial.info.run_id, "checkpoint")}
-    assert "checkpoint/inference.json" in checkpoint
+    assert ("checkpoint/inference.json" in checkpoint) == (tuning.data.metrics["improved"] == 1)
 
 
 def test_export_best_follows_the_data_across_searches_in_one_store(search, tmp_path, capsys):
@@ -285,7 +285,9 @@ def test_export_best_follows_the_data_across_searches_in_one_store(search, tmp_p
         assert provenance["search"] == name
         assert provenance["run_id"] in {c.info.run_id for c in children}
         tuned = provenance["inference_settings"]
-        assert (tuned and tuned["tuned_run"]) == (provenance["run_id"] if name == "other" else None)
+        [tuning] = [c for c in search["other_children"] if c.data.tags["cellseg.source"] == "tune-inference"]
+        shipped = name == "other" and tuning.data.metrics["improved"] == 1  # only improved settings ship
+        assert (tuned and tuned["tuned_run"]) == (provenance["run_id"] if shipped else None)
     capsys.readouterr()
     output = tmp_path / "refused.json"
     assert (

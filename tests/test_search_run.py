@@ -42,6 +42,7 @@ from search.run import (
 )
 from search.run import main as search_main
 from search.space import load_space
+from search.tune_inference import DEFAULT_TRIALS
 from searchutil import free_port, search_args
 
 
@@ -231,6 +232,15 @@ def test_a_negative_keep_top_fails_before_ray_starts(tmp_path, tiny_search, easy
         in capsys.readouterr().err
     )
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
+def test_tune_inference_takes_one_trial_or_more(tmp_path, easy_root, tiny_search, capsys):
+    argv = search_args(easy_root, tiny_search, tmp_path / "storage", "sqlite:///x.db", "x", "t1")
+    assert build_parser().parse_args([*argv, "--tune-inference"]).tune_inference == DEFAULT_TRIALS
+    for given in ("0", "-1"):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([*argv, f"--tune-inference={given}"])
+        assert exited.value.code == 2 and "argument --tune-inference" in capsys.readouterr().err
 
 
 def _finished_search(uri: str, data: Path, files: dict[str, Path], storage: Path, *extra: str) -> str:
