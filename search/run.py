@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="add --num-samples trials to the finished search NAME: same Optuna study and parent "
         "run; its data, base, space, storage, epochs, ASHA, resources, seed and --keep-top are "
         "reused (given again, they must be the same; the space and base files and the dataset "
-        "must not have changed), and its --reseed-top, --reseeds and --reseed-split unless given",
+        "must not have changed), and its --reseed-top, --reseeds, --reseed-split and --ci-top unless given",
     )
     p.add_argument(
         "--ci-top",

@@ -293,13 +293,13 @@ def test_the_resume_line_keeps_every_flag_given(tmp_path, mlflow_uri, easy_root,
     line = resume_command_for(build_parser().parse_args(argv), "s1", argv)
     assert line == "python search/run.py --resume --name s1 " + " ".join(argv)
 
-    _finished_search(
-        mlflow_uri, easy_root, tiny_search, tmp_path / "storage", "--seed", "3", "--reseed-top", "1"
-    )
+    recorded = ("--seed", "3", "--reseed-top", "1", "--ci-top", "2")
+    _finished_search(mlflow_uri, easy_root, tiny_search, tmp_path / "storage", *recorded)
     argv = _continue(
         mlflow_uri, "--address", "auto", "--mlflow-wait", "5", "--min-free-gb", "1", "--reseeds", "3"
     )
     args, _ = continued(build_parser().parse_args(argv), argv)
+    assert args.ci_top == 2  # the search's, not the flag's default
     line = resume_command_for(args, "s1", argv)
     assert "--continue" not in line and line.startswith("python search/run.py --resume --name s1 ")
     again = build_parser().parse_args(line.split()[2:])
@@ -308,6 +308,11 @@ def test_the_resume_line_keeps_every_flag_given(tmp_path, mlflow_uri, easy_root,
     assert (again.data, again.seed, again.keep_top) == (str(easy_root), 3, 0)
     assert (again.reseed_top, again.reseeds, again.reseed_split) == (1, 3, False)
     assert (again.tracking_uri, again.experiment) == (mlflow_uri, "e")
+    assert again.ci_top == 2
+    argv = _continue(mlflow_uri, "--ci-top", "0")
+    args, _ = continued(build_parser().parse_args(argv), argv)
+    again = build_parser().parse_args(resume_command_for(args, "s1", argv).split()[2:])
+    assert args.ci_top == again.ci_top == 0  # given with --continue, it wins and is kept
 
 
 def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_search(
