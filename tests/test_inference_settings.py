@@ -157,6 +157,13 @@ def test_the_cache_is_refused_above_its_bound_before_any_prediction(model):
         )
 
 
+def test_a_scale_given_twice_is_refused_by_the_space_and_predicted_once_by_the_cache(model, dataset):
+    with pytest.raises(ConfigError, match="--scales 1.0 1: a scale is given twice"):
+        SettingsSpace(cache=ALL, scales=(1.0, 1))
+    built = build_cache(model, dataset, cache=ALL, scales=(1.0, 1), flips=(), progress=False)
+    assert list(built.passes) == [(1.0, "none")] and len(built.passes[(1.0, "none")]) == len(dataset)
+
+
 def test_a_cache_stays_within_its_bound(model, dataset):
     built = build_cache(model, dataset, cache=ALL, scales=(1.0,), flips=("hflip",), progress=False)
     assert 0 < built.nbytes <= cache_bound_bytes(2, len(dataset), ALL.detections, 28)
