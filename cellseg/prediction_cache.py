@@ -96,8 +96,9 @@ class PredictionCache:
 
     def interval(self, settings: InferenceSettings) -> Interval:
         """The bootstrap interval of ``ap50(settings)`` (seed 0: paired with any other settings')."""
+        names = [str(truth.image_id) for truth in self.truths]  # one cache: always the same images
         return prediction_interval(
-            self.truths, self.predictions(settings), max_dets=coco_max_dets(self.cache.detections)
+            self.truths, self.predictions(settings), names, max_dets=coco_max_dets(self.cache.detections)
         )
 
 
