@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TRIALS}); export --best then uses them",
     )
     p.add_argument(
+        "--tune-inference-ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --tune-inference: tune the ensemble of the K best trials instead (cellseg "
+        "tune-inference --best --ensemble K: K times the validation passes; the ensemble size "
+        "1..K is searched; export --best --ensemble K then uses the settings; default 1)",
+    )
+    p.add_argument(
         "--keep-top",
         type=int,
         default=DEFAULT_KEEP_TOP,
@@ -593,6 +602,20 @@ def resume_command_for(args: argparse.Namespace, name: str, argv: Sequence[str])
     return f"python search/run.py --resume --name {name} {' '.join(rest)}"
 
 
+def check_tune_ensemble(ensemble: int, tune_trials: int | None, keep_top: int) -> None:
+    """ConfigError, before the search starts, for an ensemble to tune that cannot be: below 1,
+    without --tune-inference, or more trials than --keep-top keeps checkpoints of."""
+    if ensemble < 1:
+        raise ConfigError(f"--tune-inference-ensemble {ensemble}: give 1 or more")
+    if ensemble > 1 and not tune_trials:
+        raise ConfigError("--tune-inference-ensemble needs --tune-inference")
+    if 0 < keep_top < ensemble:
+        raise ConfigError(
+            f"--tune-inference-ensemble {ensemble} needs the checkpoints of {ensemble} trials, but "
+            f"--keep-top {keep_top} keeps {keep_top}; raise --keep-top"
+        )
+
+
 def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Validate everything, then run (resume, or continue) the search of the command line ``argv``
     (parsed: ``args``) and print its summary."""
@@ -606,6 +629,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--ci-top must be 0 (off) or more, got {args.ci_top}")
     if args.keep_top < 0:
         raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
+    check_tune_ensemble(args.tune_inference_ensemble, args.tune_inference, args.keep_top)
     base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
     root = data_root(args.data)
     base_cfg = load_base(base_path, root, args.max_epochs)
@@ -819,6 +843,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 data_root=str(base_cfg.data.root),
                 scratch=Path(scratch),
                 trials=args.tune_inference,
+                ensemble=args.tune_inference_ensemble,
             )
         print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
     runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"

@@ -233,6 +233,27 @@ def test_a_negative_keep_top_fails_before_ray_starts(tmp_path, tiny_search, easy
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
 
 
+def test_an_ensemble_to_tune_that_cannot_be_fails_before_ray_starts(tmp_path, tiny_search, easy_root, capsys):
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for extra, message in (
+        (["--tune-inference-ensemble", "2"], "--tune-inference-ensemble needs --tune-inference"),
+        (
+            ["--tune-inference", "--tune-inference-ensemble", "3", "--keep-top", "2"],
+            "--tune-inference-ensemble 3 needs the checkpoints of 3 trials, but --keep-top 2 keeps 2",
+        ),
+        (
+            ["--tune-inference", "--tune-inference-ensemble", "0"],
+            "--tune-inference-ensemble 0: give 1 or more",
+        ),
+    ):
+        args = search_args(easy_root, tiny_search, tmp_path / "storage", uri, "x", "e1", *extra)
+        assert search_main(args) == 2
+        assert f"search: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
 def _finished_search(uri: str, data: Path, files: dict[str, Path], storage: Path, *extra: str) -> str:
     """The parent run of a finished search s1 in experiment e, recorded as run.py records one
     (its flags as params, but no --keep-top as before that flag existed; its space and base
