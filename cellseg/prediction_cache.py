@@ -124,7 +124,8 @@ def build_cache(
     any prediction when the bound exceeds ``max_bytes``."""
     flips = check_flips(flips)
     views = (IDENTITY, *flips)
-    keys = [(model, float(scale), view) for model in range(len(models)) for scale in scales for view in views]
+    scales = tuple(dict.fromkeys(map(float, scales)))  # a scale given twice is predicted once
+    keys = [(model, scale, view) for model in range(len(models)) for scale in scales for view in views]
     side = max(mask_side(model) for model in models)
     bound = cache_bound_bytes(len(keys), len(dataset), cache.detections, side)
     if bound > max_bytes:
@@ -148,7 +149,7 @@ def build_cache(
             for scale in scales:
                 found = view_passes(model, on_device, cache, scale, flips)
                 for view, detections in zip(views, found):
-                    passes[(index, float(scale), view)].append(_compact(detections))
+                    passes[(index, scale, view)].append(_compact(detections))
     result = PredictionCache(cache, truths, passes)
     log.info("prediction cache: %.1f MiB (bound %.1f MiB)", result.nbytes / 2**20, bound / 2**20)
     return result

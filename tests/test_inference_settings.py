@@ -188,6 +188,13 @@ def test_an_ensemble_of_one_model_equals_the_model(model, other, dataset):
     assert parse_scales(scales_label((1.0,))) == settings.scales
 
 
+def test_a_scale_given_twice_is_refused_by_the_space_and_predicted_once_by_the_cache(model, dataset):
+    with pytest.raises(ConfigError, match="--scales 1.0 1: a scale is given twice"):
+        SettingsSpace(cache=ALL, scales=(1.0, 1))
+    built = build_cache([model], dataset, cache=ALL, scales=(1.0, 1), flips=(), progress=False)
+    assert list(built.passes) == [(0, 1.0, "none")] and len(built.passes[(0, 1.0, "none")]) == len(dataset)
+
+
 def test_a_cache_stays_within_its_bound(model, dataset):
     built = build_cache([model], dataset, cache=ALL, scales=(1.0,), flips=("hflip",), progress=False)
     assert 0 < built.nbytes <= cache_bound_bytes(2, len(dataset), ALL.detections, 28)
