@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ import yaml
 
 from cellseg.data.synth import make_synthetic_dataset
 from cellseg.data.tiff_io import write_image, write_mask
+
+if TYPE_CHECKING:
+    from torchvision.models.detection import MaskRCNN
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +119,30 @@ def mlflow_uri(tmp_path: Path, _empty_mlflow_db: Path) -> str:
     """A fresh SQLite tracking URI in ``tmp_path`` (artifacts go to ``tmp_path/mlartifacts``)."""
     shutil.copy(_empty_mlflow_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_maskrcnn() -> Callable[..., MaskRCNN]:
+    """A function making torchvision's own Mask R-CNN, untrained (seed 0), in eval mode: a
+    ResNet-18 FPN, 5 classes, 64-128 px inputs, every detection kept (a random model's all score
+    low); its arguments are the RPN's proposals and the detections per image."""
+
+    def make(*, detections: int, rpn_pre_nms: int = 100, rpn_post_nms: int = 50) -> MaskRCNN:
+        import torch
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        torch.manual_seed(0)
+        backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+        return MaskRCNN(
+            backbone,
+            num_classes=5,
+            min_size=64,
+            max_size=128,
+            box_score_thresh=0.0,
+            rpn_pre_nms_top_n_test=rpn_pre_nms,
+            rpn_post_nms_top_n_test=rpn_post_nms,
+            box_detections_per_img=detections,
+        ).eval()
+
+    return make
