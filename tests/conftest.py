@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cellseg.config import ModelConfig
 from cellseg.data.synth import make_synthetic_dataset
 from cellseg.data.tiff_io import write_image, write_mask
 
@@ -146,3 +149,29 @@ def tiny_maskrcnn() -> Callable[..., MaskRCNN]:
         ).eval()
 
     return make
+
+
+TINY_MODEL = ModelConfig(
+    backbone="resnet18",
+    weights="none",
+    norm="bn",
+    min_size=64,
+    max_size=64,
+    rpn_pre_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_train=50,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=32,
+    detections_per_img=20,
+    channels_last=False,
+    mask_head_channels=32,
+    mask_head_convs=1,
+    box_head_dim=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., ModelConfig]:
+    """A function giving cellseg's smallest model config (ResNet-18 from scratch, 64 px inputs, a
+    few proposals, narrow heads; trains a step in well under a second) with its keyword changes."""
+    return functools.partial(dataclasses.replace, TINY_MODEL)

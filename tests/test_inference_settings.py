@@ -33,35 +33,32 @@ from cellseg.settings_space import SettingsSpace, grid_values, scale_sets, sugge
 from search.tune_inference import settings_study
 
 SIZES = [(60, 80), (50, 90)]
-TINY = ModelConfig(
-    backbone="resnet18",
-    weights="none",
-    norm="gn",
-    anchors="small",
-    mask_head_channels=32,
-    mask_head_convs=1,
-    rpn_pre_nms_top_n_test=60,
-    rpn_post_nms_top_n_test=30,  # at most 30 x 4 class-specific boxes: a cache of 120 holds all
-    box_head_dim=64,
-    detections_per_img=40,
-    min_size=64,
-    max_size=128,
-    channels_last=False,
-)
 ALL = CacheSettings(score_threshold=0.0, nms_iou=1.0, detections=120)
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    torch.manual_seed(3)
-    return build_model(TINY).eval()
+def model_cfg(tiny_model) -> ModelConfig:
+    return tiny_model(
+        norm="gn",
+        anchors="small",
+        rpn_pre_nms_top_n_test=60,
+        rpn_post_nms_top_n_test=30,  # at most 30 x 4 class-specific boxes: a cache of 120 holds all
+        detections_per_img=40,
+        max_size=128,
+    )
 
 
 @pytest.fixture(scope="module")
-def other() -> torch.nn.Module:
+def model(model_cfg) -> torch.nn.Module:
+    torch.manual_seed(3)
+    return build_model(model_cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def other(model_cfg) -> torch.nn.Module:
     """A second random model: the other member of a two-model ensemble."""
     torch.manual_seed(4)
-    return build_model(TINY).eval()
+    return build_model(model_cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +128,7 @@ def test_the_cache_reproduces_the_models_own_prediction(model, dataset, cache, s
     ("scales", "flips", "members"),
     [((1.25,), ("hflip", "vflip"), 1), ((1.0, 1.25), (), 2)],  # merged scales, an ensemble
 )
-def test_export_applies_what_the_cache_scored(model, other, dataset, scales, flips, members):
+def test_export_applies_what_the_cache_scored(model, model_cfg, other, dataset, scales, flips, members):
     """predict_with_settings (export's path) gives the AP50 the search measured: flips, merged
     scales and an ensemble included."""
     cache = CacheSettings(nms_iou=0.7, detections=60)
@@ -152,8 +149,8 @@ def test_export_applies_what_the_cache_scored(model, other, dataset, scales, fli
     predictions = {t["image_id"]: predict_with_settings(models, image, settings) for image, t in dataset}
     exported = coco_metrics(built.truths, predictions, max_dets=60, iou_types=("segm",))["segm_AP50"]
     assert built.ap50(settings) == pytest.approx(exported, abs=1e-3)
-    assert model.roi_heads.detections_per_img == TINY.detections_per_img  # the model is restored
-    assert model.transform.min_size == (TINY.min_size,)
+    assert model.roi_heads.detections_per_img == model_cfg.detections_per_img  # the model is restored
+    assert model.transform.min_size == (model_cfg.min_size,)
 
 
 def test_the_cache_is_refused_above_its_bound_before_any_prediction(model, other):
