@@ -1,16 +1,20 @@
 """The inference-settings search (``cellseg tune-inference``, ``search/run.py --tune-inference``).
 
-The chosen run's model predicts the validation split once per test scale and view into a bounded
-cache (``cellseg.prediction_cache``); an Optuna study (TPE or a grid) then scores settings on the
-cache without running the model again. The result is an MLflow run nested under the search's
-parent (the training run itself for a single run), and ``inference.json`` beside the checkpoint,
-which ``cellseg export --best`` / ``--run-id`` then predicts with, only when the search's best
-beats the model's own settings by ``IMPROVED_RULE`` (a paired bootstrap of the validation images);
-otherwise no settings file is beside the checkpoint and export uses the model's own pipeline.
+The chosen run's model (with ``ensemble`` K, the K best runs' models, which must share one
+validation split) predicts the validation split once per test scale and view into a bounded cache
+(``cellseg.prediction_cache``); an Optuna study (TPE or a grid) then scores settings, the set of
+merged scales and the ensemble size among them, on the cache without running a model again. The
+result is an MLflow run nested under the search's parent (the training run itself for a single
+run), and ``inference.json`` (``inference-ensemble<K>.json``) beside the best run's checkpoint,
+which ``cellseg export --best`` / ``--run-id`` (``--best --ensemble K``) then predicts with, only
+when the search's best beats the best model's own settings by ``IMPROVED_RULE`` (a paired
+bootstrap of the validation images); otherwise no settings file is beside the checkpoint and
+export uses the model's own pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,14 +25,15 @@ import optuna
 
 from cellseg.bootstrap import RESAMPLES, share_at_least
 from cellseg.checkpoint import checkpoint_config, file_sha256, load_checkpoint, restore_model
-from cellseg.commands import chosen_run, config_on_data
+from cellseg.commands import Member, best_checkpoints, chosen_run, config_on_data
+from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint
 from cellseg.errors import ConfigError, DataError
 from cellseg.inference_settings import (
-    SETTINGS_FILE,
     CacheSettings,
     InferenceSettings,
     model_settings,
+    settings_file_name,
     write_settings,
 )
 from cellseg.plots import plot_inference_search
@@ -38,6 +43,7 @@ from cellseg.tracking import (
     CHECKPOINT_ARTIFACT,
     DEFAULT_EXPERIMENT,
     SOURCE_TAG,
+    RunRecord,
     Tracker,
     best_metric_key,
 )
@@ -114,6 +120,7 @@ def tune_inference(
     scratch: Path,
     scales: Sequence[float] = DEFAULT_SCALES,
     flips: Sequence[str] = DEFAULT_TTA,
+    ensemble: int = 1,
     sampler: str = "tpe",
     trials: int = DEFAULT_TRIALS,
     seed: int = 0,
@@ -123,8 +130,9 @@ def tune_inference(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tune the inference settings of run ``run_id`` (else the best run for ``data_root``, within
-    ``search`` if named, in ``experiment``) on its validation split; log them and, when they beat
-    the model's own (``IMPROVED_SHARE``), save them beside the checkpoint; return a summary.
+    ``search`` if named; with ``ensemble`` K above 1, of the K best runs' ensemble, its size
+    searched from 1 to K) on its validation split; log them and, when they beat the model's own
+    (``IMPROVED_RULE``), save them beside the checkpoint; return a summary.
 
     Every check of the request, the data and the cache's bound comes before any prediction, and
     the MLflow run is opened only once the cache is built."""
@@ -132,6 +140,10 @@ def tune_inference(
         raise ConfigError(
             "tune-inference --best needs --data DIR: the best run is chosen among the runs trained "
             "on that dataset (or pass --run-id RUN)"
+        )
+    if ensemble < 1 or (ensemble > 1 and run_id):
+        raise ConfigError(
+            f"--ensemble {ensemble}: give the number of best runs to merge (1 or more), with --best"
         )
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
@@ -141,12 +153,25 @@ def tune_inference(
         raise ConfigError(f"--cache-detections {cache_detections}: give 1 or more")
     start = time.time()
     experiment = _experiment_of(tracker, run_id, experiment)
-    run_id, checkpoint, provenance = chosen_run(
-        tracker, run_id=run_id, search=search, experiment=experiment, data_root=data_root, scratch=scratch
+    members: list[Member] = (
+        best_checkpoints(tracker, experiment, search, data_root, scratch, ensemble)
+        if ensemble > 1
+        else [
+            chosen_run(
+                tracker,
+                run_id=run_id,
+                search=search,
+                experiment=experiment,
+                data_root=data_root,
+                scratch=scratch,
+            )
+        ]
     )
-    record = tracker.record(run_id)
-    state = load_checkpoint(checkpoint)
-    cfg = config_on_data(checkpoint_config(state), data_root)
+    records = [tracker.record(str(member[0])) for member in members]
+    _check_one_split(records)
+    run_id, record, provenance = records[0].run_id, records[0], members[0][2]
+    states = [load_checkpoint(member[1]) for member in members]
+    cfg = config_on_data(checkpoint_config(states[0]), data_root)
     if cfg.data.val_fraction == 0:
         raise ConfigError(
             f"run {run_id} ({record.name}) was trained on every image (data.val_fraction 0, a refit), "
@@ -167,15 +192,18 @@ def tune_inference(
         cache=cache_settings,
         scales=tuple(scales),
         flips=tuple(flips),
+        models=ensemble,
         detections_min=min(SettingsSpace.detections_min, cache_settings.detections),
     )
     baseline = model_settings(cfg.model, cache_settings)
-    model, _ = restore_model(state, resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    models = [restore_model(state, device)[0] for state in states]
+    del states
     _, validation = build_datasets(cfg)
     if not len(validation):
         raise ConfigError(f"run {run_id} has no validation images on {cfg.data.root} to tune on")
     cache = build_cache(
-        model,
+        models,
         validation,
         cache=cache_settings,
         scales=space.scales,
@@ -183,10 +211,11 @@ def tune_inference(
         max_bytes=int(max_cache_mb * 2**20),
         progress=progress,
     )
-    del model
+    del models
+    member_ids = [r.run_id for r in records]
     tune_run = tracker.start_run(
         experiment,
-        f"{SOURCE}-{record.name}",
+        f"{SOURCE}-{record.name}" + (f"-ensemble{ensemble}" if ensemble > 1 else ""),
         params={
             "sampler": sampler,
             "trials": trials,
@@ -195,6 +224,9 @@ def tune_inference(
             "tta_flips": ",".join(flips) or "none",
             "max_cache_mb": max_cache_mb,
             "improved_share": IMPROVED_SHARE,
+            "ensemble": ensemble,
+            "members": ",".join(member_ids),
+            "member_names": ",".join(r.name for r in records),
         },
         tags={SOURCE_TAG: SOURCE, TUNED_RUN_TAG: run_id},
         parent_run_id=record.parent_id or record.run_id,
@@ -222,18 +254,26 @@ def tune_inference(
             "cache_mib": cache.nbytes / 2**20,
             "wall_s": time.time() - start,
         }
+        sizes = _by_ensemble_size(study, best, cache.ap50, ensemble) if ensemble > 1 else {}
+        by_size = {  # with an ensemble: the single best against each ensemble size
+            **({"val_segm_AP50_single": max(before, sizes.pop(1))} if sizes else {}),
+            **{f"val_segm_AP50_ensemble_{k}": v for k, v in sizes.items()},
+        }
+        metrics.update(by_size)
         if trained is not None:
             metrics["val_segm_AP50_trained"] = trained
         tracker.log_metrics(tune_run, metrics, step=0)
         tracker.log_params(tune_run, {f"settings.{k}": v for k, v in settings.params().items()})
         out = scratch / SOURCE
         settings_file = write_settings(
-            out / SETTINGS_FILE,
+            out / settings_file_name(ensemble),
             settings,
             {
                 "tuned_run": run_id,
+                "members": member_ids,
+                "member_names": [r.name for r in records],
                 "tune_inference_run": tune_run,
-                "checkpoint_sha256": file_sha256(checkpoint),
+                "checkpoint_sha256": [file_sha256(member[1]) for member in members],
                 "data_fingerprint": fingerprint,
                 "improved": improved,
                 "improved_rule": IMPROVED_RULE,
@@ -241,6 +281,7 @@ def tune_inference(
                 "validation_segm_AP50_before": before,
                 "validation_segm_AP50_best_trial": found.value,
                 "validation_segm_AP50_after": after,
+                **by_size,
                 "sampler": sampler,
                 "trials": len(values),
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -249,7 +290,7 @@ def tune_inference(
         picture = plot_inference_search(values, before, out / "inference-search.png")
         for path in (settings_file, picture):
             tracker.log_artifact(tune_run, path)
-        shipped = f"{CHECKPOINT_ARTIFACT}/{SETTINGS_FILE}"
+        shipped = f"{CHECKPOINT_ARTIFACT}/{settings_file.name}"
         if improved:
             tracker.log_artifact(run_id, settings_file, CHECKPOINT_ARTIFACT)
         else:  # export then predicts with the model's own pipeline, not this one on the cache
@@ -258,11 +299,11 @@ def tune_inference(
         tracker.fail_run(tune_run, exc)
         raise
     tracker.end_run(tune_run)
-    verdict = f"share of resamples at least the model's own {share:.2f} ({IMPROVED_RULE})"
     return {
         "run_id": run_id,
         "run_name": record.name,
         "search": provenance.get("search"),
+        **({"members": ", ".join(f"{r.run_id} ({r.name})" for r in records)} if ensemble > 1 else {}),
         "tune_inference_run": tune_run,
         "validation_images": len(cache.truths),
         "cache_mib": round(cache.nbytes / 2**20, 1),
@@ -270,14 +311,16 @@ def tune_inference(
         "segm_AP50_before": round(before, 4),
         "segm_AP50_best_trial": round(found.value, 4),
         "segm_AP50_after": round(after, 4),
-        "improved": f"{'yes' if improved else 'no'}: {verdict}",
+        **{k.removeprefix("val_"): round(v, 4) for k, v in by_size.items()},
+        "improved": f"{'yes' if improved else 'no'}: share of resamples at least the model's own "
+        f"{share:.2f} ({IMPROVED_RULE})",
         "settings": settings.describe()
         if improved
         else f"the model's own: the best trial ({best.describe()}) did not beat them",
         "settings_file": f"{shipped} of run {run_id}"
         if improved
-        else f"none: export predicts with the model's own settings ({SETTINGS_FILE} of run {tune_run} "
-        "records the search)",
+        else f"none: export predicts with the model's own settings ({settings_file.name} of run "
+        f"{tune_run} records the search)",
     }
 
 
@@ -293,3 +336,43 @@ def _experiment_of(tracker: Tracker, run_id: str | None, experiment: str | None)
             f"logged (under its search); drop --experiment or pass --experiment {home}"
         )
     return home
+
+
+def _check_one_split(records: list[RunRecord]) -> None:
+    """ConfigError naming the runs when an ensemble's members validated on different splits
+    (``data.val_fraction``, ``data.split_seed`` or the dataset fingerprint differ): the cache
+    scores every member on the first one's validation images."""
+
+    def split(record: RunRecord) -> tuple[str, str, str | None]:
+        return (
+            record.params.get("data.val_fraction", str(DataConfig.val_fraction)),
+            record.params.get("data.split_seed", str(DataConfig.split_seed)),
+            record.fingerprint,
+        )
+
+    if len({split(r) for r in records}) > 1:
+        listing = "; ".join(
+            f"{r.run_id} ({r.name}): val_fraction {v}, split_seed {s}, fingerprint {f}"
+            for r, (v, s, f) in zip(records, map(split, records))
+        )
+        raise ConfigError(
+            f"--ensemble {len(records)}: the best runs validated on different splits, so one "
+            f"validation cache cannot score them together: {listing}. Pass --search NAME for a "
+            "search whose trials share data.val_fraction and data.split_seed, or a smaller --ensemble"
+        )
+
+
+def _by_ensemble_size(
+    study: optuna.Study, best: InferenceSettings, score: Callable[[InferenceSettings], float], ensemble: int
+) -> dict[int, float]:
+    """Validation AP50 per ensemble size 1..``ensemble``: the best of the trials that merged that
+    many members, or, for a size no trial tried, the best settings with that many members."""
+    found: dict[int, float] = {}
+    for trial in study.trials:
+        if trial.value is not None:
+            size = int(trial.params.get("models", 1))
+            found[size] = max(found.get(size, trial.value), trial.value)
+    return {
+        size: found[size] if size in found else score(dataclasses.replace(best, models=size))
+        for size in range(1, ensemble + 1)
+    }

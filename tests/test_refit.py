@@ -220,7 +220,7 @@ def test_refit_then_export_best_refit(store: dict, tmp_path: Path, capsys: pytes
     assert "--no-tuned-settings" in capsys.readouterr().err
     source_data = config_on_data(checkpoint_config(load_checkpoint(source)), data).data
     tied = {
-        "checkpoint_sha256": file_sha256(source),
+        "checkpoint_sha256": [file_sha256(source)],
         "data_fingerprint": dataset_fingerprint(source_data).digest,
     }
     tuned = write_settings(tmp_path / SETTINGS_FILE, InferenceSettings(score_threshold=0.25), tied)
