@@ -303,7 +303,7 @@ def test_the_space_asks_for_every_setting_and_checks_its_ranges():
 
 
 def test_settings_improve_only_when_they_score_higher_in_most_paired_resamples(model, dataset):
-    built = build_cache(model, dataset, cache=ALL, scales=(1.0,), flips=(), progress=False)
+    built = build_cache([model], dataset, cache=ALL, scales=(1.0,), flips=(), progress=False)
     good = InferenceSettings(score_threshold=0.0, nms_iou=0.5, detections=120, cache=ALL)
     bad = dataclasses.replace(good, mask_threshold=0.95, detections=1)
     assert built.ap50(good) > built.ap50(bad)
