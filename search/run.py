@@ -484,6 +484,13 @@ def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[
     return scoped_environ({SIGINT_ENV: "1", **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
+def fit_tuner(tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool) -> list[tune.Result]:
+    """Run ``tuner`` to its end in the search's Tune environment (:func:`tune_environment`) with at
+    most ``max_pending`` trials waiting for resources; its trials' results."""
+    with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}), tune_environment(strict_metrics):
+        return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+
+
 class SearchInterrupted(Exception):
     """The search was stopped with Ctrl-C; it can be resumed."""
 
@@ -679,11 +686,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     trained: list[tune.Result] = []  # every trial of every phase this driver ran
 
     def fit(tuner: tune.Tuner) -> list[tune.Result]:
-        with (
-            scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}),
-            tune_environment(strict_metrics=metric_every_epoch(base_cfg, space)),
-        ):
-            ended = list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+        ended = fit_tuner(tuner, max_pending=max_pending, strict_metrics=metric_every_epoch(base_cfg, space))
         trained.extend(ended)
         return ended
 
