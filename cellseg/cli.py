@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         metavar="S",
-        help="test scales, multiples of the trained model.min_size/max_size; must include 1 "
-        "(each costs one validation pass per view; default 1 1.25 1.5)",
+        help="test scales, multiples of the trained model.min_size/max_size; must include 1, "
+        "each once (each costs one validation pass per view; default 1 1.25 1.5)",
     )
     p.add_argument(
         "--no-tta", action="store_true", help="do not try flipped views (predicts a third of the passes)"

@@ -114,7 +114,8 @@ def build_cache(
     flip) at ``cache`` settings; ConfigError before any prediction when the bound exceeds
     ``max_bytes``."""
     views = (IDENTITY, *flips)
-    keys = [(float(scale), view) for scale in scales for view in views]
+    scales = tuple(dict.fromkeys(map(float, scales)))  # a scale given twice is predicted once
+    keys = [(scale, view) for scale in scales for view in views]
     bound = cache_bound_bytes(len(keys), len(dataset), cache.detections, mask_side(model))
     if bound > max_bytes:
         raise ConfigError(
@@ -136,7 +137,7 @@ def build_cache(
         for scale in scales:
             found = view_passes(model, image, InferenceSettings(scale=scale, flips=tuple(flips), cache=cache))
             for view, detections in zip(views, found):
-                passes[(float(scale), view)].append(_compact(detections))
+                passes[(scale, view)].append(_compact(detections))
     result = PredictionCache(cache, truths, passes)
     log.info("prediction cache: %.1f MiB (bound %.1f MiB)", result.nbytes / 2**20, bound / 2**20)
     return result

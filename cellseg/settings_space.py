@@ -41,6 +41,10 @@ class SettingsSpace:
     def __post_init__(self) -> None:
         checks = [
             (
+                len(set(map(float, self.scales))) == len(self.scales),
+                f"--scales {' '.join(map(str, self.scales))}: a scale is given twice; give each once",
+            ),
+            (
                 1.0 in self.scales and all(s > 0 for s in self.scales),
                 f"--scales {' '.join(map(str, self.scales))}: positive numbers including 1 (the "
                 "model as trained, the baseline)",

@@ -7,7 +7,7 @@ FINISHED again with a summary over all the search's trials). The settings that d
 parameters: such a flag given again must equal the recorded value, and the space file, base config
 and dataset must still be those the search recorded (its artifacts ``search/<space>`` and
 ``search/base-<base>`` and its dataset fingerprint), both checked before the parent run is reopened.
-The re-seeding flags are taken from the parent run too unless given. The new trials run as a Tune experiment of their own,
+The re-seeding flags and ``--ci-top`` are taken from the parent run too unless given. The new trials run as a Tune experiment of their own,
 ``NAME--continue-<k>`` beside ``NAME``, with a fresh ASHA (it compares the new trials with each
 other). Every experiment after the first is listed in the parent run's tag ``cellseg.phases``, so
 that ``--resume`` restores them all (and runs only the last again: each began after the one
@@ -46,7 +46,7 @@ SETTINGS = (
 )
 UNRECORDED = {"keep_top": "0"}  # a search from before --keep-top kept every checkpoint
 # run.py's destinations taken from the parent run by --continue unless given
-INHERITED = ("reseed_top", "reseeds", "reseed_split")
+INHERITED = ("reseed_top", "reseeds", "reseed_split", "ci_top")
 EXCLUSIVE = {"resume": "--resume", "name": "--name", "warm_start": "--warm-start"}
 
 

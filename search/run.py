@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,27 @@ from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
 from search.mlflow_callback import MlflowTrialLogger, drop_beyond_top
 from search.ranking_trust import assess_ranking
-from search.reseed import RepeatTags, check_reseed_flags, plan_repeats, repeat_tuner, seeded_choice
+from search.reseed import (
+    RepeatTags,
+    SeededChoice,
+    check_reseed_flags,
+    plan_repeats,
+    repeat_tuner,
+    seeded_choice,
+)
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
 from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
-from search.warm_start import warm_start
+from search.warm_start import WarmStart, warm_start
 
 log = logging.getLogger("cellseg.search")
 
-DEMO_DATA = REPO / ".cellseg" / "demo-data"
-DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "easy"}
+# "medium": the "easy" set saturated at AP50 1.000, which hid every difference between trials
+DEMO_DATA = REPO / ".cellseg" / "demo-medium"
+DEMO_SIZE = {"n_train": 30, "n_test": 6, "seed": 0, "profile": "medium"}
 OUTBOX = "mlflow-outbox.json"
 DEFAULT_KEEP_TOP = 5  # checkpoints kept: enough for export --ensemble and a second choice
 STUDY_FILE = "optuna.db"
@@ -204,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="add --num-samples trials to the finished search NAME: same Optuna study and parent "
         "run; its data, base, space, storage, epochs, ASHA, resources, seed and --keep-top are "
         "reused (given again, they must be the same; the space and base files and the dataset "
-        "must not have changed), and its --reseed-top, --reseeds and --reseed-split unless given",
+        "must not have changed), and its --reseed-top, --reseeds, --reseed-split and --ci-top unless given",
     )
     p.add_argument(
         "--ci-top",
@@ -484,15 +493,15 @@ def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[
     return scoped_environ({SIGINT_ENV: "1", **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
+class SearchInterrupted(Exception):
+    """The search was stopped with Ctrl-C; it can be resumed."""
+
+
 def fit_tuner(tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool) -> list[tune.Result]:
     """Run ``tuner`` to its end in the search's Tune environment (:func:`tune_environment`) with at
     most ``max_pending`` trials waiting for resources; its trials' results."""
     with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}), tune_environment(strict_metrics):
         return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
-
-
-class SearchInterrupted(Exception):
-    """The search was stopped with Ctrl-C; it can be resumed."""
 
 
 @contextlib.contextmanager
@@ -600,6 +609,344 @@ def resume_command_for(args: argparse.Namespace, name: str, argv: Sequence[str])
     return f"python search/run.py --resume --name {name} {' '.join(rest)}"
 
 
+def check_run_flags(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Refuse before Ray starts: a stray or malformed fault drill and a malformed driver drill (as
+    ``environ`` sets them), a negative ``--ci-top`` or ``--keep-top``."""
+    check_fault_drill(environ.get(FAULT_ENV), args.fault_drill)
+    check_driver_drill(environ.get(DRILL_ENV))
+    if args.ci_top < 0:
+        raise ConfigError(f"--ci-top must be 0 (off) or more, got {args.ci_top}")
+    if args.keep_top < 0:
+        raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    """The files a search reads, checked: the base config on its dataset, and the space."""
+
+    base_path: Path
+    space_path: Path
+    root: Path
+    base: Config
+    space: SearchSpace
+
+
+def search_inputs(args: argparse.Namespace) -> SearchInputs:
+    """``--data``, ``--base`` and ``--space`` loaded and checked (a validation split, a GPU request
+    the cluster can honour) before Ray starts."""
+    base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
+    root = data_root(args.data)
+    base = load_base(base_path, root, args.max_epochs)
+    space = load_space(space_path, base)
+    check_validated(base, space, base_path)
+    check_gpu_request(args.gpus_per_trial, args.address, base.train.device)
+    return SearchInputs(base_path, space_path, root, base, space)
+
+
+def earlier_trials(names: Sequence[str], storage: str, inputs: SearchInputs) -> WarmStart:
+    """The trials of the ``--warm-start`` searches ``names`` (in ``storage``) that fit the space,
+    with their notes printed."""
+    studies = {n: storage_paths(storage, n)[1] / STUDY_FILE for n in names}
+    warm = warm_start(studies, inputs.space, inputs.base.train.metric, inputs.base.train.epochs)
+    for line in warm.notes():
+        print(line)
+    return warm
+
+
+def parent_artifacts(
+    inputs: SearchInputs, base_dict: dict[str, Any]
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The artifacts the parent run keeps of the search's inputs, as (artifact -> the file it is
+    made from, artifact -> its text): the space file as given and the base config as loaded."""
+    space_path, base_path = inputs.space_path, inputs.base_path
+    files = {f"search/{space_path.name}": space_path, f"search/base-{base_path.name}": base_path}
+    texts = dict(zip(files, [space_path.read_text(), yaml.safe_dump(base_dict, sort_keys=False)]))
+    return files, texts
+
+
+def start_ray(address: str | None) -> None:
+    """Ray, local or joined at ``address``; its processes and the workers without telemetry."""
+    no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry},
+    )  # workers get it too
+
+
+def parent_params(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The parent run's parameters: every flag that has a value, and the search's name."""
+    return {k: v for k, v in {**vars(args), "name": name}.items() if v is not None}
+
+
+def parent_tags(warm: WarmStart, cluster: Mapping[str, float], command: Sequence[str]) -> dict[str, str]:
+    """The parent run's tags: its source, the code's commit, the ``cluster``'s resources, the
+    ``command`` line, and the searches it was warm-started from."""
+    return {
+        SOURCE_TAG: PARENT_SOURCE,
+        "git_commit": _git_commit(),
+        "ray.cluster_resources": str(cluster),
+        "command": " ".join(command),
+        **({WARM_START_TAG: warm.tag()} if warm.carried else {}),
+    }
+
+
+@dataclass
+class SearchPhases:
+    """What the Tune experiments ("phases") of one search share, and how one runs; ``trained``
+    collects every trial this driver ran."""
+
+    args: argparse.Namespace
+    name: str
+    tracker: Tracker
+    parent_run_id: str
+    inputs: SearchInputs
+    base_dict: dict[str, Any]
+    storage_path: str
+    local_dir: Path
+    max_pending: int
+    trainable: Any
+    trained: list[tune.Result] = field(default_factory=list)
+
+    @property
+    def optuna_storage(self) -> str:
+        return f"sqlite:///{self.local_dir / STUDY_FILE}"
+
+    def trial_logger(
+        self, phase: str, trial_tags: RepeatTags | None = None, keep_top: int | None = None
+    ) -> MlflowTrialLogger:
+        """The MLflow callback of experiment ``phase`` (``keep_top``: default ``--keep-top``)."""
+        return MlflowTrialLogger(
+            tracking_uri=self.tracker.uri,
+            experiment=self.args.experiment,
+            parent_run_id=self.parent_run_id,
+            base=self.base_dict,
+            max_epochs=self.inputs.base.train.epochs,
+            metric=self.inputs.base.train.metric,
+            outbox_path=self.local_dir / OUTBOX,
+            drain_timeout_s=self.args.mlflow_wait,
+            search_name=self.name,
+            phase=phase,
+            keep_top=self.args.keep_top if keep_top is None else keep_top,
+            trial_tags=trial_tags,
+        )
+
+    def fit(self, tuner: tune.Tuner) -> list[tune.Result]:
+        """Run ``tuner`` in Tune's environment for this search; its trials' results."""
+        strict = metric_every_epoch(self.inputs.base, self.inputs.space)
+        ended = fit_tuner(tuner, max_pending=self.max_pending, strict_metrics=strict)
+        self.trained.extend(ended)
+        return ended
+
+    def search_tuner(self, phase: str, **more: Any) -> tune.Tuner:
+        """A TPE + ASHA Tuner of ``--num-samples`` trials for experiment ``phase``."""
+        args = self.args
+        return new_tuner(
+            self.trainable,
+            name=phase,
+            storage_path=self.storage_path,
+            space=self.inputs.space,
+            metric=self.inputs.base.train.metric,
+            max_epochs=self.inputs.base.train.epochs,
+            num_samples=args.num_samples,
+            optuna_storage=self.optuna_storage,
+            max_concurrent=args.max_concurrent,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            time_budget_s=args.time_budget,
+            max_failures=args.max_failures,
+            callback=self.trial_logger(phase),
+            **more,
+        )
+
+
+def search_trainable(base_dict: Mapping[str, Any], fault_drill: bool, per_trial: Mapping[str, float]) -> Any:
+    """``train_trial`` on the base config with the resources ``per_trial`` (``CPU``, ``GPU``)."""
+    return tune.with_resources(
+        tune.with_parameters(train_trial, base=base_dict, fault_drill=fault_drill),
+        {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"]},
+    )
+
+
+def restored_results(search: SearchPhases, phases: Sequence[str]) -> list[tune.Result]:
+    """For ``--resume`` or ``--continue``: the trials of the search's Tune experiments so far (its
+    first and ``phases``), the last run on to its end with ``--resume``; re-seeded trials left out
+    (they rank by their configuration's mean). An experiment Tune never saved is skipped with a
+    note."""
+    args, name = search.args, search.name
+    experiments = [name, *phases]
+    results: list[tune.Result] = []
+    for phase in experiments if args.resume or args.continue_search else []:
+        path = f"{search.storage_path.rstrip('/')}/{phase}"
+        if not tune.Tuner.can_restore(path):
+            print(unsaved_note(name, phase, path))
+            continue
+        restored = tune.Tuner.restore(path, search.trainable, resume_errored=True)
+        # only the last can be unfinished: each later one started after the one before ended
+        unfinished = args.resume and phase == experiments[-1]
+        ended = search.fit(restored) if unfinished else list(restored.get_results())
+        if phase_kind(name, phase) != RESEED:
+            results += ended
+    return results
+
+
+def new_trials(search: SearchPhases, phases: list[str], warm: WarmStart) -> list[tune.Result]:
+    """The trials this invocation adds: ``--num-samples`` more as the next ``continue`` experiment
+    for ``--continue`` (recorded in ``phases`` first), the search's first experiment for a new
+    search (after ``warm``'s trials), none for ``--resume``."""
+    args, name = search.args, search.name
+    if args.continue_search:
+        phase = next_phase(name, CONTINUE, phases)
+        record_phase(search.tracker, search.parent_run_id, phases, phase)
+        print(f"continuing search {name} with {args.num_samples} more trials ({phase})")
+        return search.fit(
+            search.search_tuner(phase, study_name=name, continue_study=True, seed=args.seed + len(phases))
+        )
+    if not args.resume:
+        return search.fit(search.search_tuner(name, seed=args.seed, prior_trials=warm.trials))
+    return []
+
+
+def reseed_best(search: SearchPhases, phases: list[str], results: Sequence[tune.Result]) -> None:
+    """``--reseed-top``: train the best configurations of ``results`` that ran every epoch again
+    with other seeds, as the next ``reseed`` experiment (recorded in ``phases`` first); a line
+    when every repeat exists already."""
+    args, name, tracker, base = search.args, search.name, search.tracker, search.inputs.base
+    check_outbox_empty(search.local_dir, tracker, name)
+    repeats = plan_repeats(
+        tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{search.parent_run_id}'"),
+        {r.metrics["trial_id"]: r.config for r in results if r.config and r.metrics},
+        top=args.reseed_top,
+        reseeds=args.reseeds,
+        base_seed=base.train.seed,
+        base_split_seed=base.data.split_seed,
+        vary_split=args.reseed_split,
+    )
+    if not repeats:
+        print(
+            f"nothing to re-seed: the best {args.reseed_top} trials that ran every epoch have their "
+            f"{args.reseeds} repeats already (or no trial ran every epoch)"
+        )
+        return
+    phase = next_phase(name, RESEED, phases)
+    record_phase(tracker, search.parent_run_id, phases, phase)
+    print(f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})")
+    # keep_top 0: a configuration's mean is known once all its seeds ended (conclude_search)
+    logger = search.trial_logger(phase, RepeatTags(repeats), keep_top=0)
+    config = run_config(phase, search.storage_path, logger, args.max_failures)
+    search.fit(
+        repeat_tuner(
+            search.trainable,
+            repeats,
+            metric=base.train.metric,
+            max_concurrent=args.max_concurrent,
+            run_config=config,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What the end of a search prints: its summary and efficiency, the choice by mean over seeds
+    (with ``--reseed-top``) and how far the ranking can be trusted."""
+
+    summary: SearchSummary
+    spent: Efficiency
+    choice: SeededChoice | None
+    trust: list[str]
+
+    def lines(self, metric: str) -> list[str]:
+        return [
+            *self.summary.lines(metric),
+            self.spent.line(),
+            *(self.choice.lines() if self.choice is not None else []),
+            *self.trust,
+        ]
+
+
+def conclude_search(
+    search: SearchPhases, results: Sequence[tune.Result], *, started: float, slots: int
+) -> SearchOutcome:
+    """Once every experiment ended: drop the checkpoints beyond ``--keep-top``, record the choice
+    by mean over seeds, assess the ranking and finish the parent run (``finish_search``)."""
+    args, tracker, parent_run_id = search.args, search.tracker, search.parent_run_id
+    metric, max_epochs = search.inputs.base.train.metric, search.inputs.base.train.epochs
+    if args.keep_top:  # once every phase ended, re-seeded configurations by their final mean
+        drop_beyond_top(tracker, ended_trials(tracker, args.experiment, parent_run_id), args.keep_top)
+    choice = seeded_choice(tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
+    if choice is not None:
+        tracker.set_tags(parent_run_id, choice.tags())
+        tracker.log_text(parent_run_id, "\n".join(choice.lines()) + "\n", "summary/reseed_choice.txt")
+    trust = assess_ranking(
+        tracker,
+        parent_run_id,
+        results,
+        experiment=args.experiment,
+        metric=metric,
+        max_epochs=max_epochs,
+        ci_top=args.ci_top,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        out_dir=search.local_dir / "summary",
+    )
+    summary, spent = finish_search(
+        tracker,
+        parent_run_id,
+        results,
+        name=search.name,
+        metric=metric,
+        max_epochs=max_epochs,
+        local_dir=search.local_dir,
+        optuna_storage=search.optuna_storage,
+        experiment=args.experiment,
+        started=started,
+        trained=search.trained,
+        slots=slots,
+    )
+    return SearchOutcome(summary, spent, choice, trust)
+
+
+def tune_chosen_inference(
+    tracker: Tracker, *, experiment: str, search: str, data_root: str, trials: int
+) -> list[str]:
+    """``--tune-inference``: the inference settings of the run the search chose, tuned (``trials``
+    settings); a line each."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tuned = tune_inference(
+            tracker,
+            experiment=experiment,
+            run_id=None,
+            search=search,
+            data_root=data_root,
+            scratch=Path(scratch),
+            trials=trials,
+        )
+    return [f"inference {key}: {value}" for key, value in tuned.items()]
+
+
+def next_steps(tracker_uri: str, experiment: str, experiment_id: str, data_root: str) -> list[str]:
+    """What to do after a search: compare its trials in MLflow's UI, export the submission,
+    optionally refit."""
+    runs_page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracker_uri.startswith("http"):
+        compare = f"compare trials: open {tracker_uri.rstrip('/')}/{runs_page}"
+    else:
+        compare = (
+            f"compare trials: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {tracker_uri} --host 127.0.0.1 "
+            f"--port 5000, then open http://127.0.0.1:5000/{runs_page}"
+        )
+    return [
+        compare,
+        f"write the submission: cellseg export --best --data {data_root} --experiment "
+        f"{experiment} --tracking-uri {tracker_uri} --output test-results.json "
+        "--zip submission.zip",
+        f"retrain the best configuration on every training image (optional): cellseg refit --best "
+        f"--data {data_root} --experiment {experiment} --tracking-uri {tracker_uri}, "
+        "then export with --best --refit",
+    ]
+
+
 def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Validate everything, then run (resume, or continue) the search of the command line ``argv``
     (parsed: ``args``) and print its summary."""
@@ -607,241 +954,67 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     args, earlier = continued(args, argv)
     check_reseed_flags(args.reseed_top, args.reseeds)
     name = search_name(args.name, args.resume)
-    check_fault_drill(os.environ.get(FAULT_ENV), args.fault_drill)
-    check_driver_drill(os.environ.get(DRILL_ENV))
-    if args.ci_top < 0:
-        raise ConfigError(f"--ci-top must be 0 (off) or more, got {args.ci_top}")
-    if args.keep_top < 0:
-        raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
-    base_path, space_path = Path(args.base).resolve(), Path(args.space).resolve()
-    root = data_root(args.data)
-    base_cfg = load_base(base_path, root, args.max_epochs)
-    max_epochs, metric = base_cfg.train.epochs, base_cfg.train.metric
-    space = load_space(space_path, base_cfg)
-    check_validated(base_cfg, space, base_path)
-    check_gpu_request(args.gpus_per_trial, args.address, base_cfg.train.device)
+    check_run_flags(args, os.environ)
+    inputs = search_inputs(args)
     max_pending = pending_trials(args.max_pending_trials, args.max_concurrent, args.address)
-    studies = {n: storage_paths(args.storage, n)[1] / STUDY_FILE for n in args.warm_start}
-    warm = warm_start(studies, space, metric, max_epochs)
-    for line in warm.notes():
-        print(line)
-    for path in stage_weights(base_cfg, space):
+    warm = earlier_trials(args.warm_start, args.storage, inputs)
+    for path in stage_weights(inputs.base, inputs.space):
         log.info("weights staged: %s", path)
     tracker = Tracker(args.tracking_uri)
     tracker.check()
-    base_dict = config_to_dict(base_cfg)
-    files = {f"search/{space_path.name}": space_path, f"search/base-{base_path.name}": base_path}
-    texts = dict(zip(files, [space_path.read_text(), yaml.safe_dump(base_dict, sort_keys=False)]))
-    dataset = dataset_fingerprint(base_cfg.data)
+    base_dict = config_to_dict(inputs.base)
+    files, texts = parent_artifacts(inputs, base_dict)
+    dataset = dataset_fingerprint(inputs.base.data)
     if earlier is not None:
-        check_unchanged(tracker, earlier, texts, files, dataset.digest, root)
+        check_unchanged(tracker, earlier, texts, files, dataset.digest, inputs.root)
     storage_path, local_dir = storage_paths(args.storage, name)
     check_storage(storage_path, args.min_free_gb)
     local_dir.mkdir(parents=True, exist_ok=True)
-    no_telemetry = switch_off_telemetry()  # the local Ray's processes inherit it
-    ray.init(
-        address=args.address,
-        include_dashboard=False,
-        ignore_reinit_error=True,
-        runtime_env={**WORKER_RUNTIME_ENV, "env_vars": no_telemetry},
-    )  # workers get it too
+    start_ray(args.address)
     parent_run_id = open_parent_run(
         tracker,
         experiment=args.experiment,
         name=name,
         resume=args.resume or bool(args.continue_search),
-        params={k: v for k, v in {**vars(args), "name": name}.items() if v is not None},
-        tags={
-            SOURCE_TAG: PARENT_SOURCE,
-            "git_commit": _git_commit(),
-            "ray.cluster_resources": str(ray.cluster_resources()),
-            "command": " ".join(sys.argv),
-            **({WARM_START_TAG: warm.tag()} if warm.carried else {}),
-        },
+        params=parent_params(args, name),
+        tags=parent_tags(warm, ray.cluster_resources(), sys.argv),
         texts=texts,
         dataset=dataset,
     )
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
     resume_command = resume_command_for(args, name, argv)
     print(f"resume after a crash with: {resume_command}")
-
-    def trial_logger(
-        phase: str, trial_tags: RepeatTags | None = None, keep_top: int = args.keep_top
-    ) -> MlflowTrialLogger:
-        return MlflowTrialLogger(
-            tracking_uri=tracker.uri,
-            experiment=args.experiment,
-            parent_run_id=parent_run_id,
-            base=base_dict,
-            max_epochs=max_epochs,
-            metric=metric,
-            outbox_path=local_dir / OUTBOX,
-            drain_timeout_s=args.mlflow_wait,
-            search_name=name,
-            phase=phase,
-            keep_top=keep_top,
-            trial_tags=trial_tags,
-        )
-
-    trained: list[tune.Result] = []  # every trial of every phase this driver ran
-
-    def fit(tuner: tune.Tuner) -> list[tune.Result]:
-        ended = fit_tuner(tuner, max_pending=max_pending, strict_metrics=metric_every_epoch(base_cfg, space))
-        trained.extend(ended)
-        return ended
-
-    def search_tuner(phase: str, **more: Any) -> tune.Tuner:
-        return new_tuner(
-            trainable,
-            name=phase,
-            storage_path=storage_path,
-            space=space,
-            metric=metric,
-            max_epochs=max_epochs,
-            num_samples=args.num_samples,
-            optuna_storage=optuna_storage,
-            max_concurrent=args.max_concurrent,
-            grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
-            time_budget_s=args.time_budget,
-            max_failures=args.max_failures,
-            callback=trial_logger(phase),
-            **more,
-        )
-
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
-        optuna_storage = f"sqlite:///{local_dir / STUDY_FILE}"
         per_trial = {"CPU": args.cpus_per_trial, "GPU": trial_gpus(args.gpus_per_trial)}
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=base_dict, fault_drill=args.fault_drill),
-            {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"]},
+        search = SearchPhases(
+            args,
+            name,
+            tracker,
+            parent_run_id,
+            inputs,
+            base_dict,
+            storage_path,
+            local_dir,
+            max_pending,
+            trainable=search_trainable(base_dict, args.fault_drill, per_trial),
         )
         phases = recorded_phases(tracker.record(parent_run_id))
-        experiments = [name, *phases]  # the search's Tune experiments so far
-        results: list[tune.Result] = []
-        for phase in experiments if args.resume or args.continue_search else []:
-            path = f"{storage_path.rstrip('/')}/{phase}"
-            if not tune.Tuner.can_restore(path):
-                print(unsaved_note(name, phase, path))
-                continue
-            restored = tune.Tuner.restore(path, trainable, resume_errored=True)
-            # only the last can be unfinished: each later one started after the one before ended
-            unfinished = args.resume and phase == experiments[-1]
-            ended = fit(restored) if unfinished else list(restored.get_results())
-            if phase_kind(name, phase) != RESEED:
-                results += ended
-        if args.continue_search:
-            phase = next_phase(name, CONTINUE, phases)
-            record_phase(tracker, parent_run_id, phases, phase)
-            print(f"continuing search {name} with {args.num_samples} more trials ({phase})")
-            results += fit(
-                search_tuner(phase, study_name=name, continue_study=True, seed=args.seed + len(phases))
-            )
-        elif not args.resume:
-            results += fit(search_tuner(name, seed=args.seed, prior_trials=warm.trials))
+        results = restored_results(search, phases)
+        results += new_trials(search, phases, warm)
         if args.reseed_top:
-            check_outbox_empty(local_dir, tracker, name)
-            repeats = plan_repeats(
-                tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"),
-                {r.metrics["trial_id"]: r.config for r in results if r.config and r.metrics},
-                top=args.reseed_top,
-                reseeds=args.reseeds,
-                base_seed=base_cfg.train.seed,
-                base_split_seed=base_cfg.data.split_seed,
-                vary_split=args.reseed_split,
-            )
-            if not repeats:
-                print(
-                    f"nothing to re-seed: the best {args.reseed_top} trials that ran every epoch have their "
-                    f"{args.reseeds} repeats already (or no trial ran every epoch)"
-                )
-            else:
-                phase = next_phase(name, RESEED, phases)
-                record_phase(tracker, parent_run_id, phases, phase)
-                print(
-                    f"re-seeding the best {args.reseed_top} configurations: {len(repeats)} more trainings ({phase})"
-                )
-                # keep_top 0: a configuration's mean is known once all its seeds ended (below)
-                logger = trial_logger(phase, RepeatTags(repeats), keep_top=0)
-                config = run_config(phase, storage_path, logger, args.max_failures)
-                fit(
-                    repeat_tuner(
-                        trainable,
-                        repeats,
-                        metric=metric,
-                        max_concurrent=args.max_concurrent,
-                        run_config=config,
-                    )
-                )
+            reseed_best(search, phases, results)
     check_outbox_empty(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
-        if args.keep_top:  # once every phase ended, re-seeded configurations by their final mean
-            drop_beyond_top(tracker, ended_trials(tracker, args.experiment, parent_run_id), args.keep_top)
-        choice = seeded_choice(tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"))
-        if choice is not None:
-            tracker.set_tags(parent_run_id, choice.tags())
-            tracker.log_text(parent_run_id, "\n".join(choice.lines()) + "\n", "summary/reseed_choice.txt")
-        trust = assess_ranking(
-            tracker,
-            parent_run_id,
-            results,
-            experiment=args.experiment,
-            metric=metric,
-            max_epochs=max_epochs,
-            ci_top=args.ci_top,
-            grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
-            out_dir=local_dir / "summary",
-        )
-        summary, spent = finish_search(
-            tracker,
-            parent_run_id,
-            results,
-            name=name,
-            metric=metric,
-            max_epochs=max_epochs,
-            local_dir=local_dir,
-            optuna_storage=optuna_storage,
-            experiment=args.experiment,
-            started=start,
-            trained=trained,
-            slots=trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, args.num_samples),
-        )
-    print("\n".join([*summary.lines(metric), spent.line()]))
-    if choice is not None:
-        print("\n".join(choice.lines()))
-    if trust:
-        print("\n".join(trust))
+        slots = trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, args.num_samples)
+        outcome = conclude_search(search, results, started=start, slots=slots)
+    metric, data = inputs.base.train.metric, str(inputs.base.data.root)
+    print("\n".join(outcome.lines(metric)))
     if args.tune_inference:
-        with tempfile.TemporaryDirectory() as scratch:
-            tuned = tune_inference(
-                tracker,
-                experiment=args.experiment,
-                run_id=None,
-                search=name,
-                data_root=str(base_cfg.data.root),
-                scratch=Path(scratch),
-                trials=args.tune_inference,
-            )
-        print("\n".join(f"inference {key}: {value}" for key, value in tuned.items()))
-    runs_page = f"#/experiments/{tracker.experiment_id(args.experiment)}/runs?workflowType=machine_learning"
-    if tracker.uri.startswith("http"):
-        print(f"compare trials: open {tracker.uri.rstrip('/')}/{runs_page}")
-    else:
-        print(
-            f"compare trials: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
-            f"--port 5000, then open http://127.0.0.1:5000/{runs_page}"
+        tuned = tune_chosen_inference(
+            tracker, experiment=args.experiment, search=name, data_root=data, trials=args.tune_inference
         )
-    print(
-        f"write the submission: cellseg export --best --data {base_cfg.data.root} --experiment "
-        f"{args.experiment} --tracking-uri {tracker.uri} --output test-results.json "
-        "--zip submission.zip"
-    )
-    print(
-        f"retrain the best configuration on every training image (optional): cellseg refit --best "
-        f"--data {base_cfg.data.root} --experiment {args.experiment} --tracking-uri {tracker.uri}, "
-        "then export with --best --refit"
-    )
+        print("\n".join(tuned))
+    print("\n".join(next_steps(tracker.uri, args.experiment, tracker.experiment_id(args.experiment), data)))
     return 0
 
 

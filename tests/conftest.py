@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import yaml
 
+from cellseg.config import ModelConfig
 from cellseg.data.synth import make_synthetic_dataset
 from cellseg.data.tiff_io import write_image, write_mask
+
+if TYPE_CHECKING:
+    from torchvision.models.detection import MaskRCNN
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +122,56 @@ def mlflow_uri(tmp_path: Path, _empty_mlflow_db: Path) -> str:
     """A fresh SQLite tracking URI in ``tmp_path`` (artifacts go to ``tmp_path/mlartifacts``)."""
     shutil.copy(_empty_mlflow_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_maskrcnn() -> Callable[..., MaskRCNN]:
+    """A function making torchvision's own Mask R-CNN, untrained (seed 0), in eval mode: a
+    ResNet-18 FPN, 5 classes, 64-128 px inputs, every detection kept (a random model's all score
+    low); its arguments are the RPN's proposals and the detections per image."""
+
+    def make(*, detections: int, rpn_pre_nms: int = 100, rpn_post_nms: int = 50) -> MaskRCNN:
+        import torch
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        torch.manual_seed(0)
+        backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+        return MaskRCNN(
+            backbone,
+            num_classes=5,
+            min_size=64,
+            max_size=128,
+            box_score_thresh=0.0,
+            rpn_pre_nms_top_n_test=rpn_pre_nms,
+            rpn_post_nms_top_n_test=rpn_post_nms,
+            box_detections_per_img=detections,
+        ).eval()
+
+    return make
+
+
+TINY_MODEL = ModelConfig(
+    backbone="resnet18",
+    weights="none",
+    norm="bn",
+    min_size=64,
+    max_size=64,
+    rpn_pre_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_train=50,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=32,
+    detections_per_img=20,
+    channels_last=False,
+    mask_head_channels=32,
+    mask_head_convs=1,
+    box_head_dim=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., ModelConfig]:
+    """A function giving cellseg's smallest model config (ResNet-18 from scratch, 64 px inputs, a
+    few proposals, narrow heads; trains a step in well under a second) with its keyword changes."""
+    return functools.partial(dataclasses.replace, TINY_MODEL)

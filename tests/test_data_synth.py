@@ -118,8 +118,26 @@ def test_easy_profile(easy_root: Path) -> None:
     assert classes == {0, 1, 2, 3}
 
 
+def test_medium_profile_has_easy_sizes_but_touching_cells(tmp_path: Path) -> None:
+    """The demo's data: images as small as easy's (the same cost per image), more cells, and cells
+    that touch (a pixel of one instance next to another's) or are cut by others."""
+    root = make_synthetic_dataset(tmp_path / "m", 20, 2, seed=0, profile="medium")
+    samples = [load_sample(item) for item in scan_train(root)]
+    counts, touching, classes = [], 0, set()
+    for image, lm in samples:
+        assert 64 <= min(image.shape[:2]) and max(image.shape[:2]) <= 160
+        counts.append(sum(len(np.unique(m)) - 1 for m in lm))
+        ids = lm.max(0)  # one id per pixel (ids are unique across class files)
+        right, down = (ids[:, 1:], ids[:, :-1]), (ids[1:], ids[:-1])
+        touching += any(((a > 0) & (b > 0) & (a != b)).any() for a, b in (right, down))
+        classes |= {c for c in range(4) if lm[c].any()}
+    assert max(counts) > 12 and np.mean(counts) > 6  # more than easy's 2-12
+    assert touching >= len(samples) // 2
+    assert classes == {0, 1, 2, 3}
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="realistic, easy"):
+    with pytest.raises(ValueError, match="realistic, easy, medium"):
         make_synthetic_dataset(tmp_path / "x", 1, 1, seed=0, profile="hard")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("")

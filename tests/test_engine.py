@@ -11,23 +11,6 @@ from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
 from cellseg.task import metric_names
 
-TINY = ModelConfig(
-    backbone="resnet18",
-    weights="none",
-    norm="bn",
-    min_size=64,
-    max_size=64,
-    rpn_pre_nms_top_n_train=100,
-    rpn_pre_nms_top_n_test=100,
-    rpn_post_nms_top_n_train=50,
-    rpn_post_nms_top_n_test=50,
-    box_batch_size_per_image=32,
-    detections_per_img=20,
-    channels_last=False,
-    mask_head_channels=32,
-    mask_head_convs=1,
-    box_head_dim=64,
-)
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
@@ -50,16 +33,16 @@ def batch(image_id: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tenso
     return images, targets
 
 
-def setup(lr: float = 1e-3, warmup_epochs: float = 1.0, iters: int = 2):
+def setup(model_cfg: ModelConfig, lr: float = 1e-3, warmup_epochs: float = 1.0, iters: int = 2):
     torch.manual_seed(0)
-    model = build_model(TINY)
+    model = build_model(model_cfg)
     cfg = OptimConfig(name="sgd", lr=lr, warmup_epochs=warmup_epochs, weight_decay=0.0)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     return model, optimizer, LRSchedule(optimizer, cfg, epochs=2, iters_per_epoch=iters)
 
 
-def test_train_one_epoch_means_losses_and_steps_the_schedule() -> None:
-    model, optimizer, schedule = setup()
+def test_train_one_epoch_means_losses_and_steps_the_schedule(tiny_model) -> None:
+    model, optimizer, schedule = setup(tiny_model())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first_lr = schedule.lr
     losses = train_one_epoch(
@@ -74,24 +57,24 @@ def test_train_one_epoch_means_losses_and_steps_the_schedule() -> None:
     assert model.training
 
 
-def test_train_one_epoch_on_no_batches_returns_nothing() -> None:
-    model, optimizer, schedule = setup()
+def test_train_one_epoch_on_no_batches_returns_nothing(tiny_model) -> None:
+    model, optimizer, schedule = setup(tiny_model())
     assert train_one_epoch(model, optimizer, schedule, [], torch.device("cpu"), epoch=1, progress=False) == {}
 
 
-def test_a_non_finite_loss_names_every_term() -> None:
+def test_a_non_finite_loss_names_every_term(tiny_model) -> None:
     # SGD at lr 1e6: the first update blows the weights up, the second forward pass gives NaN
-    model, optimizer, schedule = setup(lr=1e6, warmup_epochs=0.0)
+    model, optimizer, schedule = setup(tiny_model(), lr=1e6, warmup_epochs=0.0)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 2: .*loss_classifier"):
         train_one_epoch(
             model, optimizer, schedule, [batch(0), batch(2)], torch.device("cpu"), epoch=3, progress=False
         )
 
 
-def test_gradient_clipping_bounds_the_update() -> None:
+def test_gradient_clipping_bounds_the_update(tiny_model) -> None:
     steps = []
     for clip in (0.0, 1e-6):
-        model, optimizer, schedule = setup(lr=0.5, warmup_epochs=0.0)
+        model, optimizer, schedule = setup(tiny_model(), lr=0.5, warmup_epochs=0.0)
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         train_one_epoch(
             model,
@@ -108,8 +91,8 @@ def test_gradient_clipping_bounds_the_update() -> None:
     assert steps[1] < 1e-5 < steps[0]  # lr 0.5 x total gradient norm 1e-6 (momentum: first step)
 
 
-def test_evaluate_reports_every_metric_and_val_loss_without_touching_norm_statistics() -> None:
-    model, _, _ = setup()
+def test_evaluate_reports_every_metric_and_val_loss_without_touching_norm_statistics(tiny_model) -> None:
+    model, _, _ = setup(tiny_model())
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
     metrics = evaluate(
         model, [batch(0), batch(2)], torch.device("cpu"), max_dets=100, progress=False, with_loss=True

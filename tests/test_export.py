@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pycocotools.coco import COCO
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from cellseg.errors import DataError
 from cellseg.export import export_predictions, write_submission
@@ -35,19 +33,8 @@ IMAGES = {
 
 
 @pytest.fixture(scope="module")
-def model() -> MaskRCNN:
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    return MaskRCNN(
-        backbone,
-        num_classes=5,
-        min_size=64,
-        max_size=128,
-        box_score_thresh=0.0,
-        rpn_pre_nms_top_n_test=100,
-        rpn_post_nms_top_n_test=50,
-        box_detections_per_img=10,
-    )
+def model(tiny_maskrcnn) -> MaskRCNN:
+    return tiny_maskrcnn(detections=10)
 
 
 def mapping_coco() -> COCO:

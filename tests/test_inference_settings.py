@@ -30,28 +30,25 @@ from cellseg.settings_space import SettingsSpace, grid_values, suggest_settings
 from search.tune_inference import settings_study
 
 SIZES = [(60, 80), (50, 90)]
-TINY = ModelConfig(
-    backbone="resnet18",
-    weights="none",
-    norm="gn",
-    anchors="small",
-    mask_head_channels=32,
-    mask_head_convs=1,
-    rpn_pre_nms_top_n_test=60,
-    rpn_post_nms_top_n_test=30,  # at most 30 x 4 class-specific boxes: a cache of 120 holds all
-    box_head_dim=64,
-    detections_per_img=40,
-    min_size=64,
-    max_size=128,
-    channels_last=False,
-)
 ALL = CacheSettings(score_threshold=0.0, nms_iou=1.0, detections=120)
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
+def model_cfg(tiny_model) -> ModelConfig:
+    return tiny_model(
+        norm="gn",
+        anchors="small",
+        rpn_pre_nms_top_n_test=60,
+        rpn_post_nms_top_n_test=30,  # at most 30 x 4 class-specific boxes: a cache of 120 holds all
+        detections_per_img=40,
+        max_size=128,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(model_cfg) -> torch.nn.Module:
     torch.manual_seed(3)
-    return build_model(TINY).eval()
+    return build_model(model_cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +113,7 @@ def test_the_cache_reproduces_the_models_own_prediction(model, dataset, cache, s
     assert built.ap50(settings) == pytest.approx(expected, abs=1e-3)  # float16 masks in the cache
 
 
-def test_export_applies_what_the_cache_scored(model, dataset):
+def test_export_applies_what_the_cache_scored(model, model_cfg, dataset):
     """predict_with_settings (export's path) gives the AP50 the search measured, flips included."""
     cache = CacheSettings(nms_iou=0.7, detections=60)
     settings = InferenceSettings(
@@ -135,8 +132,8 @@ def test_export_applies_what_the_cache_scored(model, dataset):
     predictions = {t["image_id"]: predict_with_settings(model, image, settings) for image, t in dataset}
     exported = coco_metrics(built.truths, predictions, max_dets=60, iou_types=("segm",))["segm_AP50"]
     assert built.ap50(settings) == pytest.approx(exported, abs=1e-3)
-    assert model.roi_heads.detections_per_img == TINY.detections_per_img  # the model is restored
-    assert model.transform.min_size == (TINY.min_size,)
+    assert model.roi_heads.detections_per_img == model_cfg.detections_per_img  # the model is restored
+    assert model.transform.min_size == (model_cfg.min_size,)
 
 
 def test_the_cache_is_refused_above_its_bound_before_any_prediction(model):
@@ -155,6 +152,13 @@ def test_the_cache_is_refused_above_its_bound_before_any_prediction(model):
             flips=("hflip", "vflip"),
             max_bytes=bound - 1,
         )
+
+
+def test_a_scale_given_twice_is_refused_by_the_space_and_predicted_once_by_the_cache(model, dataset):
+    with pytest.raises(ConfigError, match="--scales 1.0 1: a scale is given twice"):
+        SettingsSpace(cache=ALL, scales=(1.0, 1))
+    built = build_cache(model, dataset, cache=ALL, scales=(1.0, 1), flips=(), progress=False)
+    assert list(built.passes) == [(1.0, "none")] and len(built.passes[(1.0, "none")]) == len(dataset)
 
 
 def test_a_cache_stays_within_its_bound(model, dataset):

@@ -7,31 +7,17 @@ import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
-from cellseg.config import ModelConfig
 from cellseg.model import Float32BoxCoder, build_model
 from cellseg.torchvision_private import BoxCoder
 
-LARGE = ModelConfig(
-    backbone="resnet18",
-    weights="none",
-    norm="bn",
-    min_size=800,
-    max_size=1333,
-    rpn_pre_nms_top_n_test=100,
-    rpn_post_nms_top_n_test=50,
-    box_head_dim=64,
-    mask_head_channels=16,
-    mask_head_convs=1,
-    detections_per_img=20,
-    box_score_thresh=0.0,
-)
 HEIGHT, WIDTH = 800, 1333  # the largest input the base config gives the model
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
+def model(tiny_model) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(LARGE).eval()
+    large = tiny_model(min_size=800, max_size=1333, mask_head_channels=16, box_score_thresh=0.0)
+    return build_model(large).eval()
 
 
 def _anchors(model: torch.nn.Module) -> torch.Tensor:

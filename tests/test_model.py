@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cellseg.config import ModelConfig
 from cellseg.errors import ConfigError
 from cellseg.model import (
     MAX_TRAINABLE_PARAMETERS,
@@ -22,24 +20,6 @@ from cellseg.model import (
 )
 from cellseg.weights import MIRROR_ENV
 from searchutil import free_port
-
-TINY = ModelConfig(
-    backbone="resnet18",
-    weights="none",
-    norm="bn",
-    min_size=64,
-    max_size=64,
-    rpn_pre_nms_top_n_train=200,
-    rpn_pre_nms_top_n_test=200,
-    rpn_post_nms_top_n_train=100,
-    rpn_post_nms_top_n_test=100,
-    box_batch_size_per_image=64,
-    detections_per_img=20,
-)
-
-
-def tiny(**changes) -> ModelConfig:
-    return dataclasses.replace(TINY, **changes)
 
 
 def tiny_target() -> dict[str, torch.Tensor]:
@@ -53,9 +33,9 @@ def tiny_target() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("backbone", "upscale_small"), [("resnet18", True), ("resnet34", False)])
-def test_small_backbones_predict_and_train(backbone: str, upscale_small: bool) -> None:
+def test_small_backbones_predict_and_train(tiny_model, backbone: str, upscale_small: bool) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny(backbone=backbone, upscale_small=upscale_small))
+    model = build_model(tiny_model(backbone=backbone, upscale_small=upscale_small))
     model.eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 64, 64)])
@@ -66,17 +46,17 @@ def test_small_backbones_predict_and_train(backbone: str, upscale_small: bool) -
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_parameter_counts_grow_with_backbone_depth() -> None:
+def test_parameter_counts_grow_with_backbone_depth(tiny_model) -> None:
     counts = [
-        count_trainable_parameters(build_model(tiny(backbone=b, trainable_layers=5)))
+        count_trainable_parameters(build_model(tiny_model(backbone=b, trainable_layers=5)))
         for b in ("resnet18", "resnet34", "resnet50", "resnet101")
     ]
     assert counts == sorted(counts)
     assert counts[-1] < MAX_TRAINABLE_PARAMETERS
 
 
-def test_predictors_have_background_plus_classes() -> None:
-    model = build_model(TINY, num_classes=3)
+def test_predictors_have_background_plus_classes(tiny_model) -> None:
+    model = build_model(tiny_model(), num_classes=3)
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
 
@@ -89,26 +69,26 @@ def test_predictors_have_background_plus_classes() -> None:
         ("tiny", (4, 8, 16, 32, 64)),
     ],
 )
-def test_named_anchors_reach_the_generator(anchors: str, sizes: tuple[int, ...]) -> None:
-    gen = build_model(tiny(anchors=anchors, aspect_ratios=(0.5, 1.0))).rpn.anchor_generator
+def test_named_anchors_reach_the_generator(tiny_model, anchors: str, sizes: tuple[int, ...]) -> None:
+    gen = build_model(tiny_model(anchors=anchors, aspect_ratios=(0.5, 1.0))).rpn.anchor_generator
     assert gen.sizes == tuple((s,) for s in sizes)
     assert gen.aspect_ratios == ((0.5, 1.0),) * 5
 
 
-def test_custom_anchor_sizes_and_rpn_head_width() -> None:
-    model = build_model(tiny(anchors="custom", anchor_sizes=(6, 12, 24, 48, 96)))
+def test_custom_anchor_sizes_and_rpn_head_width(tiny_model) -> None:
+    model = build_model(tiny_model(anchors="custom", anchor_sizes=(6, 12, 24, 48, 96)))
     assert model.rpn.anchor_generator.sizes == ((6,), (12,), (24,), (48,), (96,))
     assert model.rpn.head.cls_logits.out_channels == 3
 
 
-def test_custom_anchor_sizes_need_one_per_level() -> None:
+def test_custom_anchor_sizes_need_one_per_level(tiny_model) -> None:
     with pytest.raises(ConfigError, match=r"model\.anchor_sizes.*exactly 5"):
-        build_model(tiny(anchors="custom", anchor_sizes=(8, 16, 32)))
+        build_model(tiny_model(anchors="custom", anchor_sizes=(8, 16, 32)))
 
 
 @pytest.mark.parametrize("norm", [True, False])
-def test_mask_head_follows_config(norm: bool) -> None:
-    model = build_model(tiny(mask_head_channels=32, mask_head_convs=2, mask_head_norm=norm))
+def test_mask_head_follows_config(tiny_model, norm: bool) -> None:
+    model = build_model(tiny_model(mask_head_channels=32, mask_head_convs=2, mask_head_norm=norm))
     head = model.roi_heads.mask_head
     assert len(head) == 2
     assert [block[0].out_channels for block in head] == [32, 32]
@@ -116,9 +96,9 @@ def test_mask_head_follows_config(norm: bool) -> None:
     assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 32
 
 
-def test_rpn_and_roi_settings_reach_the_model() -> None:
+def test_rpn_and_roi_settings_reach_the_model(tiny_model) -> None:
     model = build_model(
-        tiny(
+        tiny_model(
             detections_per_img=321,
             box_score_thresh=0.02,
             box_nms_thresh=0.4,
@@ -140,8 +120,8 @@ def test_rpn_and_roi_settings_reach_the_model() -> None:
     ("norm", "kind"),
     [("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d), ("gn", nn.GroupNorm)],
 )
-def test_norm_layer(norm: str, kind: type) -> None:
-    body = build_model(tiny(norm=norm)).backbone.body
+def test_norm_layer(tiny_model, norm: str, kind: type) -> None:
+    body = build_model(tiny_model(norm=norm)).backbone.body
     assert isinstance(body.bn1, kind)
     assert isinstance(body.layer4[0].bn2, kind)
     if norm == "gn":
@@ -149,8 +129,8 @@ def test_norm_layer(norm: str, kind: type) -> None:
 
 
 @pytest.mark.parametrize("layers", [0, 2, 5])
-def test_trainable_layers_freeze_the_first_stages(layers: int) -> None:
-    body = build_model(tiny(trainable_layers=layers)).backbone.body
+def test_trainable_layers_freeze_the_first_stages(tiny_model, layers: int) -> None:
+    body = build_model(tiny_model(trainable_layers=layers)).backbone.body
     stages = ["conv1", "layer1", "layer2", "layer3", "layer4"]
     for i, stage in enumerate(stages):
         trainable = i >= len(stages) - layers
@@ -158,10 +138,10 @@ def test_trainable_layers_freeze_the_first_stages(layers: int) -> None:
     assert all(p.requires_grad == (layers == 5) for p in body.bn1.parameters())
 
 
-def test_resize_policy() -> None:
+def test_resize_policy(tiny_model) -> None:
     image = torch.rand(3, 40, 40)
-    keep = build_model(tiny(upscale_small=False)).eval()
-    enlarge = build_model(tiny(upscale_small=True)).eval()
+    keep = build_model(tiny_model(upscale_small=False)).eval()
+    enlarge = build_model(tiny_model(upscale_small=True)).eval()
     assert keep.transform([image])[0].image_sizes == [(40, 40)]
     assert enlarge.transform([image])[0].image_sizes == [(64, 64)]
     assert keep.transform([torch.rand(3, 200, 100)])[0].image_sizes == [(64, 32)]  # max_size
@@ -171,8 +151,10 @@ def test_resize_policy() -> None:
 @pytest.mark.parametrize(
     ("upscale_small", "shape", "short_side"), [(False, (40, 30), 30), (True, (64, 64), 64)]
 )
-def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape, short_side) -> None:
-    model = build_model(tiny(upscale_small=upscale_small)).train()
+def test_scale_one_passes_image_and_masks_through_unchanged(
+    tiny_model, upscale_small, shape, short_side
+) -> None:
+    model = build_model(tiny_model(upscale_small=upscale_small)).train()
     image, target = torch.rand(3, *shape), tiny_target()
     target["masks"] = torch.zeros(2, *shape, dtype=torch.uint8)
     target["masks"][0, 5:20, 4:9] = 1
@@ -184,8 +166,8 @@ def test_scale_one_passes_image_and_masks_through_unchanged(upscale_small, shape
     assert torch.equal(ref_target["masks"], target["masks"])
 
 
-def test_resize_policy_moves_boxes_in_training() -> None:
-    keep = build_model(tiny(upscale_small=False, min_size=32, max_size=32)).train()
+def test_resize_policy_moves_boxes_in_training(tiny_model) -> None:
+    keep = build_model(tiny_model(upscale_small=False, min_size=32, max_size=32)).train()
     _, (target,) = keep.transform([torch.rand(3, 64, 64)], [tiny_target()])
     assert torch.allclose(target["boxes"], tiny_target()["boxes"] / 2)
 
@@ -199,15 +181,15 @@ def test_resize_policy_moves_boxes_in_training() -> None:
         ("trainable_layers", 6, "0..5"),
     ],
 )
-def test_bad_values_name_the_field(field: str, value: object, allowed: str) -> None:
+def test_bad_values_name_the_field(tiny_model, field: str, value: object, allowed: str) -> None:
     with pytest.raises(ConfigError, match=rf"model\.{field}.*{allowed}"):
-        build_model(tiny(**{field: value}))
+        build_model(tiny_model(**{field: value}))
 
 
-def test_parameter_limit_is_enforced() -> None:
+def test_parameter_limit_is_enforced(tiny_model) -> None:
     with torch.device("meta"):  # builds the too-large model without allocating its weights
         with pytest.raises(ConfigError, match="trainable parameters"):
-            build_model(tiny(mask_head_channels=3000))
+            build_model(tiny_model(mask_head_channels=3000, mask_head_convs=4))  # about 250 M
     huge = nn.Linear(1, 1).to("meta")
     huge.weight = nn.Parameter(torch.empty(MAX_TRAINABLE_PARAMETERS, device="meta"))
     with pytest.raises(ConfigError, match=f"{MAX_TRAINABLE_PARAMETERS + 1:,}"):
@@ -216,59 +198,59 @@ def test_parameter_limit_is_enforced() -> None:
     assert check_parameter_budget(huge) == 1
 
 
-def test_weights_from_a_resnet_state_dict(tmp_path: Path) -> None:
+def test_weights_from_a_resnet_state_dict(tiny_model, tmp_path: Path) -> None:
     resnet = torchvision.models.resnet18()
     torch.nn.init.normal_(resnet.layer4[1].bn2.running_var)
     path = tmp_path / "r18.pth"
     torch.save(resnet.state_dict(), path)
-    body = build_model(tiny(norm="frozen_bn", weights=str(path))).backbone.body
+    body = build_model(tiny_model(norm="frozen_bn", weights=str(path))).backbone.body
     assert torch.equal(body.conv1.weight, resnet.conv1.weight)
     assert torch.equal(body.layer4[1].bn2.running_var, resnet.layer4[1].bn2.running_var)
 
 
-def test_weights_from_a_mask_rcnn_state_dict(tmp_path: Path) -> None:
+def test_weights_from_a_mask_rcnn_state_dict(tiny_model, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    source = build_model(TINY)
+    source = build_model(tiny_model())
     path = tmp_path / "full.pth"
     torch.save(source.state_dict(), path)
     torch.manual_seed(1)
-    loaded = build_model(tiny(weights=str(path)))
+    loaded = build_model(tiny_model(weights=str(path)))
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_weights_that_do_not_fit_name_the_file(tmp_path: Path) -> None:
+def test_weights_that_do_not_fit_name_the_file(tiny_model, tmp_path: Path) -> None:
     path = tmp_path / "r50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), path)
     with pytest.raises(ConfigError, match=rf"{path.name}.*shape mismatches"):
-        build_model(tiny(weights=str(path)))
+        build_model(tiny_model(weights=str(path)))
     torch.save(torchvision.models.resnet34().state_dict(), path)
     with pytest.raises(ConfigError, match=r"unexpected keys \['layer1\.2"):
-        build_model(tiny(weights=str(path)))
+        build_model(tiny_model(weights=str(path)))
 
 
-def test_missing_weights_file(tmp_path: Path) -> None:
+def test_missing_weights_file(tiny_model, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothing.pth"):
-        build_model(tiny(weights=str(tmp_path / "nothing.pth")))
+        build_model(tiny_model(weights=str(tmp_path / "nothing.pth")))
 
 
-def test_imagenet_weights_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_weights_from_the_cache(tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # no network (nobody listens)
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(ConfigError, match=f"{cached}.*'none'"):
-        build_model(tiny(weights="imagenet"))
+        build_model(tiny_model(weights="imagenet"))
     resnet = torchvision.models.resnet18()
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(resnet.state_dict(), cached)
-    body = build_model(tiny(weights="imagenet")).backbone.body
+    body = build_model(tiny_model(weights="imagenet")).backbone.body
     assert torch.equal(body.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)
 
 
-def test_channels_last_changes_layout_not_results() -> None:
+def test_channels_last_changes_layout_not_results(tiny_model) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny(channels_last=False)).eval()
-    fast = build_model(tiny(channels_last=True)).eval()
+    model = build_model(tiny_model(channels_last=False)).eval()
+    fast = build_model(tiny_model(channels_last=True)).eval()
     fast.load_state_dict(model.state_dict())
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     image = torch.rand(3, 64, 64)

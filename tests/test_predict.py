@@ -7,25 +7,13 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from cellseg.predict import predict_images
 
 
 @pytest.fixture(scope="module")
-def model() -> MaskRCNN:
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    return MaskRCNN(
-        backbone,
-        num_classes=5,
-        min_size=64,
-        max_size=128,
-        box_score_thresh=0.0,  # a random model's detections all score low
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=100,
-        box_detections_per_img=40,
-    ).eval()
+def model(tiny_maskrcnn) -> MaskRCNN:
+    return tiny_maskrcnn(detections=40, rpn_pre_nms=200, rpn_post_nms=100)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

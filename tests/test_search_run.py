@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,25 +16,43 @@ from cellseg.data import DataError, dataset_fingerprint
 from cellseg.tracking import SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
 from search.continuation import CONTINUE, PARENT_SOURCE, RESEED, check_unchanged, next_phase, phase_kind
+from search.driver_drill import DRILL_ENV
+from search.efficiency import Efficiency
+from search.faults import FAULT_ENV
 from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
     CLUSTER_PENDING_TRIALS,
+    OUTBOX,
     SEARCH_TAG,
     SIGINT_ENV,
     STRICT_METRIC_ENV,
+    WARM_START_TAG,
+    SearchOutcome,
+    SearchPhases,
     build_parser,
     check_fault_drill,
     check_gpu_request,
+    check_run_flags,
     check_validated,
+    conclude_search,
     continued,
     data_root,
+    earlier_trials,
     load_base,
     metric_every_epoch,
+    new_trials,
+    next_steps,
     open_parent_run,
+    parent_artifacts,
+    parent_params,
+    parent_tags,
     pending_trials,
+    reseed_best,
+    restored_results,
     resume_command_for,
     run_config,
     scoped_environ,
+    search_inputs,
     search_name,
     stage_weights,
     storage_paths,
@@ -42,6 +61,8 @@ from search.run import (
 )
 from search.run import main as search_main
 from search.space import load_space
+from search.summary import SearchFailed, SearchSummary
+from search.warm_start import WarmStart
 from searchutil import free_port, search_args
 
 
@@ -293,13 +314,13 @@ def test_the_resume_line_keeps_every_flag_given(tmp_path, mlflow_uri, easy_root,
     line = resume_command_for(build_parser().parse_args(argv), "s1", argv)
     assert line == "python search/run.py --resume --name s1 " + " ".join(argv)
 
-    _finished_search(
-        mlflow_uri, easy_root, tiny_search, tmp_path / "storage", "--seed", "3", "--reseed-top", "1"
-    )
+    recorded = ("--seed", "3", "--reseed-top", "1", "--ci-top", "2")
+    _finished_search(mlflow_uri, easy_root, tiny_search, tmp_path / "storage", *recorded)
     argv = _continue(
         mlflow_uri, "--address", "auto", "--mlflow-wait", "5", "--min-free-gb", "1", "--reseeds", "3"
     )
     args, _ = continued(build_parser().parse_args(argv), argv)
+    assert args.ci_top == 2  # the search's, not the flag's default
     line = resume_command_for(args, "s1", argv)
     assert "--continue" not in line and line.startswith("python search/run.py --resume --name s1 ")
     again = build_parser().parse_args(line.split()[2:])
@@ -308,6 +329,11 @@ def test_the_resume_line_keeps_every_flag_given(tmp_path, mlflow_uri, easy_root,
     assert (again.data, again.seed, again.keep_top) == (str(easy_root), 3, 0)
     assert (again.reseed_top, again.reseeds, again.reseed_split) == (1, 3, False)
     assert (again.tracking_uri, again.experiment) == (mlflow_uri, "e")
+    assert again.ci_top == 2
+    argv = _continue(mlflow_uri, "--ci-top", "0")
+    args, _ = continued(build_parser().parse_args(argv), argv)
+    again = build_parser().parse_args(resume_command_for(args, "s1", argv).split()[2:])
+    assert args.ci_top == again.ci_top == 0  # given with --continue, it wins and is kept
 
 
 def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_search(
@@ -365,3 +391,127 @@ def test_a_continue_step_stopped_before_tune_saved_it_says_to_run_continue_again
     assert "python search/run.py --continue s --num-samples N" in note
     assert "planned again" in unsaved_note("s", "s--reseed-1", "/runs/s--reseed-1")
     assert "add them again" not in unsaved_note("s--continue-1", "s--continue-1", "/runs/s--continue-1")
+
+
+def test_drills_and_negative_counts_are_refused_before_ray_starts():
+    check_run_flags(build_parser().parse_args([]), {})
+    for flags, environ, message in [
+        (["--ci-top", "-1"], {}, "--ci-top must be 0 (off) or more, got -1"),
+        (["--keep-top", "-1"], {}, "--keep-top must be 0 (keep every checkpoint) or more, got -1"),
+        ([], {FAULT_ENV: "oom@2"}, f"{FAULT_ENV}='oom@2' is set but --fault-drill is not"),
+        ([], {DRILL_ENV: "s1:boom@upload"}, f"{DRILL_ENV}='s1:boom@upload': expected"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_run_flags(build_parser().parse_args(flags), environ)
+
+
+def _args(tmp_path: Path, uri: str, data: Path, tiny_search, *extra: str):
+    return build_parser().parse_args(search_args(data, tiny_search, tmp_path / "st", uri, "e", "s1", *extra))
+
+
+def test_the_inputs_are_the_base_on_the_data_and_the_space(tmp_path, mlflow_uri, easy_root, tiny_search):
+    inputs = search_inputs(_args(tmp_path, mlflow_uri, easy_root, tiny_search, "--max-epochs", "2"))
+    assert inputs.root == easy_root.resolve() and inputs.base.data.root == str(easy_root.resolve())
+    assert inputs.base.train.epochs == 2 and "optim.lr" in inputs.space.keys
+    assert (inputs.base_path, inputs.space_path) == (tiny_search["base"], tiny_search["space"])
+    files, texts = parent_artifacts(inputs, config_to_dict(inputs.base))
+    assert files == {"search/space.yaml": tiny_search["space"], "search/base-base.yaml": tiny_search["base"]}
+    assert texts["search/space.yaml"] == tiny_search["space"].read_text()
+    assert yaml.safe_load(texts["search/base-base.yaml"]) == config_to_dict(inputs.base)
+
+
+def test_warm_start_names_a_missing_study_and_says_nothing_without_one(
+    tmp_path, mlflow_uri, easy_root, tiny_search, capsys
+):
+    inputs = search_inputs(_args(tmp_path, mlflow_uri, easy_root, tiny_search))
+    warm = earlier_trials([], str(tmp_path / "st"), inputs)
+    assert not warm.trials and not warm.carried and capsys.readouterr().out == ""
+    with pytest.raises(ConfigError, match=re.escape(f"--warm-start s0: no Optuna study file {tmp_path}")):
+        earlier_trials(["s0"], str(tmp_path / "st"), inputs)
+
+
+def test_the_parent_run_records_the_flags_given_and_where_it_ran(
+    tmp_path, mlflow_uri, easy_root, tiny_search
+):
+    args = _args(tmp_path, mlflow_uri, easy_root, tiny_search)
+    params = parent_params(args, "s2")
+    assert params["name"] == "s2" and params["num_samples"] == 40 and "address" not in params
+    tags = parent_tags(WarmStart(), {"CPU": 2.0}, ["search/run.py", "--seed", "1"])
+    assert tags[SOURCE_TAG] == PARENT_SOURCE and WARM_START_TAG not in tags
+    assert (tags["ray.cluster_resources"], tags["command"]) == ("{'CPU': 2.0}", "search/run.py --seed 1")
+    assert parent_tags(WarmStart(carried={"s0": 3}), {}, [])[WARM_START_TAG] == "s0 (3 trials)"
+
+
+def _phases(tmp_path: Path, uri: str, data: Path, tiny_search, *extra: str) -> SearchPhases:
+    """The shared state of search s1 (a new parent run), as run_search builds it, without Ray."""
+    args = _args(tmp_path, uri, data, tiny_search, *extra)
+    inputs = search_inputs(args)
+    tracker = Tracker(uri)
+    parent = open_parent_run(tracker, experiment="e", name="s1", resume=False, params={}, tags={}, texts={})
+    storage_path, local_dir = storage_paths(args.storage, "s1")
+    local_dir.mkdir(parents=True)
+    base = config_to_dict(inputs.base)
+    return SearchPhases(args, "s1", tracker, parent, inputs, base, storage_path, local_dir, 1, trainable=None)
+
+
+def test_each_experiment_gets_its_own_trial_logger(tmp_path, mlflow_uri, easy_root, tiny_search):
+    search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search, "--keep-top", "3")
+    assert search.optuna_storage == f"sqlite:///{tmp_path / 'st' / 's1' / 'optuna.db'}"
+    logger = search.trial_logger("s1--continue-1")
+    assert (logger.phase, logger.keep_top, logger.search_name) == ("s1--continue-1", 3, "s1")
+    assert search.trial_logger("s1--reseed-1", keep_top=0).keep_top == 0
+
+
+def test_a_resume_restores_every_saved_experiment_and_adds_no_trials(
+    tmp_path, mlflow_uri, easy_root, tiny_search, capsys
+):
+    search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search, "--resume")
+    phases = ["s1--continue-1"]
+    assert restored_results(search, phases) == []
+    out = capsys.readouterr().out
+    for phase in ("s1", "s1--continue-1"):
+        assert f"{tmp_path / 'st' / phase} has no saved Tune state" in out
+    assert new_trials(search, phases, WarmStart()) == [] and phases == ["s1--continue-1"]
+    search.args.resume = False
+    assert restored_results(search, phases) == [] and capsys.readouterr().out == ""  # a new search
+
+
+def test_reseeding_with_no_trial_that_ran_every_epoch_starts_no_experiment(
+    tmp_path, mlflow_uri, easy_root, tiny_search, capsys
+):
+    search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search, "--reseed-top", "2")
+    phases: list[str] = []
+    reseed_best(search, phases, [])
+    assert "nothing to re-seed: the best 2 trials" in capsys.readouterr().out and phases == []
+    (search.local_dir / OUTBOX).write_text("[]")
+    with pytest.raises(TrackingError, match="MLflow writes are still queued|stayed unavailable"):
+        reseed_best(search, phases, [])
+
+
+def test_a_search_whose_trials_reported_nothing_fails_without_finishing_its_parent(
+    tmp_path, mlflow_uri, easy_root, tiny_search
+):
+    search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search)
+    with pytest.raises(SearchFailed, match="no trial reported segm_AP50 \\(0 trials ended\\)"):
+        conclude_search(search, [], started=0.0, slots=1)
+    assert search.tracker.record(search.parent_run_id).status == "RUNNING"
+
+
+def test_the_outcome_prints_the_summary_then_the_choice_and_trust_lines():
+    summary = SearchSummary(2, 0, "t1", "a", 0.5, {"optim.lr": 0.01}, "ck", 3, 6, 120.0, chosen_by="mean")
+    spent = Efficiency(busy_s=60, trial_s=100, wall_s=120, slots=1)
+    lines = SearchOutcome(summary, spent, None, ["trust"]).lines("segm_AP50")
+    assert lines == [*summary.lines("segm_AP50"), spent.line(), "trust"]
+    assert lines[1] == "chosen run: t1  segm_AP50 0.5000 (mean)"
+
+
+def test_the_next_steps_name_the_store_and_the_data():
+    local = next_steps("sqlite:///m.db", "e", "7", "/d")
+    assert "mlflow ui --backend-store-uri sqlite:///m.db" in local[0] and "#/experiments/7/runs" in local[0]
+    assert "cellseg export --best --data /d --experiment e --tracking-uri sqlite:///m.db" in local[1]
+    assert "cellseg refit --best --data /d" in local[2]
+    remote = next_steps("http://mlflow:5000/", "e", "7", "/d")
+    assert (
+        remote[0]
+        == "compare trials: open http://mlflow:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from cellseg.predict import Detections, encode_detections, predict_images
 from cellseg.tta import augmented_passes, merge_detections, model_detector, predict_merged, unflip
@@ -162,19 +161,8 @@ def test_tta_of_a_flip_equivariant_detector_equals_no_tta():
 
 
 @pytest.fixture(scope="module")
-def model() -> MaskRCNN:
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    return MaskRCNN(
-        backbone,
-        num_classes=5,
-        min_size=64,
-        max_size=128,
-        box_score_thresh=0.0,
-        rpn_pre_nms_top_n_test=100,
-        rpn_post_nms_top_n_test=50,
-        box_detections_per_img=20,
-    ).eval()
+def model(tiny_maskrcnn) -> MaskRCNN:
+    return tiny_maskrcnn(detections=20)
 
 
 def decoded(rles: list[dict]) -> np.ndarray:

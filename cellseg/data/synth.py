@@ -8,6 +8,10 @@ Profiles:
 - ``"easy"``: 64-160 px images with 2-12 large, well-separated cells (fewer where they do not
   fit) of strongly coloured, evenly drawn classes, for tests that check a model learns; no empty
   images or shared pixels; ``min_side``, ``max_side`` and ``max_cells`` do not apply.
+- ``"medium"``: easy's image sizes (so a model costs the same) with 4-24 cells of closer colours
+  and overlapping size ranges on the realistic textured, noisier background, placed at random so
+  that they touch and occlude each other, and a touching cluster in one image of five: the demo
+  search's data, on which a small model stays clearly below AP50 1.0 and trials differ.
 
 Classes look different: 1 large pale-pink round, 2 small dark-purple nuclei, 3 medium elongated
 orange-brown, 4 large brown or blue blobs. Test ground truth goes to
@@ -28,7 +32,7 @@ from cellseg.data.sample import GROUND_TRUTH_FOLDER
 from cellseg.data.tiff_io import write_image, write_mask
 from cellseg.errors import DataError
 
-PROFILES = ("realistic", "easy")
+PROFILES = ("realistic", "easy", "medium")
 CLASS_SHARE = np.array([0.15, 0.78, 0.04, 0.03])  # real instance shares of classes 1-4
 CLASS_PRESENCE = np.array([0.3, 0.66, 0.5, 0.33])  # real share of images holding each class
 TINY_TEST_SHAPE = (33, 35)  # the smallest real test image
@@ -54,6 +58,29 @@ _STYLES = {
         _Style(((235, 140, 20),), (15, 18), (0.35, 0.45)),
         _Style(((110, 60, 20),), (17, 21), (0.85, 1.0)),
     ),
+    "medium": (
+        _Style(((214, 150, 190),), (10, 16), (0.75, 1.0)),
+        _Style(((112, 64, 142),), (6, 11), (0.7, 1.0)),
+        _Style(((200, 132, 96),), (12, 20), (0.4, 0.65)),
+        _Style(((150, 96, 72), (112, 112, 170)), (14, 22), (0.7, 1.0)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How a profile draws an image besides its cell styles."""
+
+    textured: bool  # the realistic background texture (else a flat light one)
+    even_classes: bool  # present classes drawn evenly (else the real class mix)
+    apart: bool  # cells kept 4 px apart (else placed at random, touching and occluding)
+    noise: float  # pixel noise standard deviation
+
+
+_LOOKS = {
+    "realistic": _Look(textured=True, even_classes=False, apart=False, noise=4.0),
+    "easy": _Look(textured=False, even_classes=True, apart=True, noise=2.0),
+    "medium": _Look(textured=True, even_classes=True, apart=False, noise=6.0),
 }
 
 
@@ -119,9 +146,17 @@ def _easy_plans(rng: np.random.Generator, n: int) -> list[_Plan]:
     ]
 
 
-def _place(rng: np.random.Generator, plan: _Plan, cells: list[_Cell], easy: bool) -> list[_Cell]:
-    """Set centres: apart (easy), a touching cluster (dense) or uniform; return those placed."""
-    if easy:
+def _medium_plans(rng: np.random.Generator, n: int) -> list[_Plan]:
+    plans = []
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(64, 161, 2))
+        plans.append(_Plan(h, w, int(rng.integers(4, 25)), dense=bool(rng.random() < 0.2)))
+    return plans
+
+
+def _place(rng: np.random.Generator, plan: _Plan, cells: list[_Cell], apart: bool) -> list[_Cell]:
+    """Set centres: apart, a touching cluster (dense) or uniform; return those placed."""
+    if apart:
         return _place_apart(rng, plan, cells)
     if plan.dense:
         points = _cluster(rng, plan, len(cells))
@@ -206,11 +241,11 @@ def _random_cell(rng: np.random.Generator, styles: tuple[_Style, ...], cls: int,
     )
 
 
-def _background(rng: np.random.Generator, h: int, w: int, easy: bool) -> np.ndarray:
-    """Light background; the realistic one carries a smooth texture of random plane waves."""
+def _background(rng: np.random.Generator, h: int, w: int, textured: bool) -> np.ndarray:
+    """Light background; a textured one carries a smooth texture of random plane waves."""
     image = np.empty((h, w, 3), np.float32)
-    image[:] = (246, 242, 242) if easy else (238, 222, 232)
-    if not easy:
+    image[:] = (238, 222, 232) if textured else (246, 242, 242)
+    if textured:
         texture = np.zeros((h, w), np.float32)
         for _ in range(3):  # sin(a + b) = sin a cos b + cos a sin b: two outer products
             fy, fx = rng.uniform(0.01, 0.08, 2)
@@ -221,14 +256,14 @@ def _background(rng: np.random.Generator, h: int, w: int, easy: bool) -> np.ndar
     return image
 
 
-def _cell_classes(rng: np.random.Generator, plan: _Plan, easy: bool) -> np.ndarray:
+def _cell_classes(rng: np.random.Generator, plan: _Plan, even: bool) -> np.ndarray:
     """Classes of up to ``plan.n_cells`` cells: the real class mix over the classes present.
 
-    Dense images always hold nuclei (class 2); easy images draw present classes evenly.
+    Dense images always hold nuclei (class 2); with ``even`` present classes are drawn evenly.
     """
-    present = rng.random(NUM_CLASSES) < (0.6 if easy else CLASS_PRESENCE)
+    present = rng.random(NUM_CLASSES) < (0.6 if even else CLASS_PRESENCE)
     present[1] |= plan.dense or not present.any()
-    if easy:
+    if even:
         return rng.choice(np.flatnonzero(present) + 1, plan.n_cells)
     counts = rng.multinomial(plan.n_cells, CLASS_SHARE) * present
     if plan.n_cells and not counts.any():
@@ -238,15 +273,14 @@ def _cell_classes(rng: np.random.Generator, plan: _Plan, easy: bool) -> np.ndarr
 
 def _render(rng: np.random.Generator, plan: _Plan, profile: str) -> tuple[np.ndarray, np.ndarray]:
     """One RGBA uint8 image and its int32 (4, H, W) label maps with the file ids."""
-    easy = profile == "easy"
-    styles = _STYLES[profile]
-    image = _background(rng, plan.height, plan.width, easy)
+    look, styles = _LOOKS[profile], _STYLES[profile]
+    image = _background(rng, plan.height, plan.width, look.textured)
     label_maps = np.zeros((NUM_CLASSES, plan.height, plan.width), np.int32)
     occupied = np.zeros((plan.height, plan.width), bool)
-    classes = _cell_classes(rng, plan, easy)
+    classes = _cell_classes(rng, plan, look.even_classes)
     cells = sorted((_random_cell(rng, styles, int(c)) for c in classes), key=lambda c: -c.major)
     drawn: list[_Cell] = []
-    for cell in _place(rng, plan, cells, easy):  # large cells first: they fit and keep shape
+    for cell in _place(rng, plan, cells, look.apart):  # large cells first: they fit and keep shape
         if _paint(image, label_maps, occupied, cell, len(drawn) + 1):
             drawn.append(cell)
     if plan.overlap and drawn:
@@ -255,7 +289,7 @@ def _render(rng: np.random.Generator, plan: _Plan, profile: str) -> tuple[np.nda
     order = sorted(range(len(drawn)), key=lambda k: (drawn[k].cls, k))
     gaps = 1 + (rng.random(len(drawn)) < 0.15) * rng.integers(1, 6, len(drawn))
     lut[np.asarray(order, np.intp) + 1] = np.cumsum(gaps)
-    noise = rng.standard_normal(image.shape, dtype=np.float32) * (2.0 if easy else 4.0)
+    noise = rng.standard_normal(image.shape, dtype=np.float32) * look.noise
     rgb = np.clip(image + noise, 0, 255).round().astype(np.uint8)
     alpha = np.full((plan.height, plan.width, 1), 255, np.uint8)
     return np.concatenate([rgb, alpha], axis=2), lut[label_maps]
@@ -316,6 +350,8 @@ def make_synthetic_dataset(
     def plans(n: int, test: bool) -> list[_Plan]:
         if profile == "easy":
             return _easy_plans(rng, n)
+        if profile == "medium":
+            return _medium_plans(rng, n)
         return _realistic_plans(rng, n, test, min_side, max_side, max_cells)
 
     def new_id() -> str:
