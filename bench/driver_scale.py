@@ -3,9 +3,10 @@
 Runs ``--trials`` trials of up to ``--max-epochs`` (24) reported epochs of a trivial trainable
 (no model: each epoch's metrics are a formula of the sampled parameters plus seeded noise, under
 the names the real trainable reports, with a tiny ``best.pt`` and ``last.pt`` as its checkpoint)
-through the search driver's own pieces from ``search/run.py``: the demo space, the Optuna searcher
-(PRUNED for trials ASHA stops) on SQLite, ASHA, the MLflow callback with its outbox on a SQLite
-store and ``--keep-top``, Tune's storage, and at the end ``finish_search``. Ray runs locally with
+through the search driver's own pieces from ``search/run.py`` with its flags' defaults: a
+``SearchPhases`` (the demo space, the Optuna searcher with PRUNED for trials ASHA stops on SQLite,
+ASHA, the MLflow callback with its outbox on a SQLite store and ``--keep-top``, Tune's storage and
+environment), and at the end ``finish_search``. Ray runs locally with
 2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
 tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
 trial, its wall time per result, the time inside the MLflow callback per result, and its resident
@@ -40,18 +41,17 @@ from cellseg.tracking import Tracker
 from search.efficiency import trial_slots
 from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
-    OUTBOX,
     STUDY_FILE,
+    SearchPhases,
+    build_parser,
     check_outbox_empty,
     ended_trials,
     finish_search,
-    fit_tuner,
-    load_base,
-    new_tuner,
     open_parent_run,
+    pending_trials,
+    search_inputs,
     storage_paths,
 )
-from search.space import load_space
 from search.trainable import NODE_KEY
 
 NAME = "driver-scale"
@@ -117,10 +117,17 @@ class TimedTrialLogger(MlflowTrialLogger):
     """The search's MLflow callback, timing its own result and end hooks and sampling the driver's
     clocks at every trial's end."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.samples: list[Sample] = []
-        self.results, self.callback_s = 0, 0.0
+    samples: list[Sample]
+    results: int
+    callback_s: float
+
+    @classmethod
+    def like(cls, logger: MlflowTrialLogger) -> TimedTrialLogger:
+        """A timed callback with ``logger``'s settings."""
+        timed = cls.__new__(cls)
+        timed.__dict__.update(vars(logger))
+        timed.samples, timed.results, timed.callback_s = [], 0, 0.0
+        return timed
 
     def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
@@ -148,6 +155,16 @@ class TimedTrialLogger(MlflowTrialLogger):
                 rss_mb(),
             )
         )
+
+
+class TimedSearch(SearchPhases):
+    """The search's phases, each experiment's MLflow callback a :class:`TimedTrialLogger`."""
+
+    logger: TimedTrialLogger
+
+    def trial_logger(self, *args: Any, **kwargs: Any) -> MlflowTrialLogger:
+        self.logger = TimedTrialLogger.like(super().trial_logger(*args, **kwargs))
+        return self.logger
 
 
 def rss_mb() -> float:
@@ -221,13 +238,18 @@ def main() -> None:
         os.environ["DRIVER_SCALE_SCRATCH"] = str(folder / "scratch")  # the trials' workers inherit it
         (folder / "scratch").mkdir()
         data = make_synthetic_dataset(folder / "data", seed=0, n_train=4, n_test=1, max_side=64, max_cells=5)
-        base = load_base(BASE, data, epochs)
-        space = load_space(SPACE, base)
-        metric = base.train.metric
-        storage_path, local_dir = storage_paths(str(folder / "storage"), NAME)
+        flags = [
+            *("--data", str(data), "--space", str(SPACE), "--base", str(BASE)),
+            *("--num-samples", str(trials), "--max-epochs", str(epochs), "--seed", str(args.seed)),
+            *("--max-concurrent", str(args.max_concurrent), "--keep-top", str(args.keep_top)),
+            *("--storage", str(folder / "storage"), "--experiment", EXPERIMENT, "--name", NAME),
+        ]
+        run_args = build_parser().parse_args(flags)  # search/run.py's defaults for the rest
+        inputs = search_inputs(run_args)
+        metric = inputs.base.train.metric
+        storage_path, local_dir = storage_paths(run_args.storage, NAME)
         local_dir.mkdir(parents=True)
         tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
-        base_dict = config_to_dict(base)
         parent_run_id = open_parent_run(
             tracker,
             experiment=EXPERIMENT,
@@ -238,18 +260,6 @@ def main() -> None:
             texts={},
         )
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        logger = TimedTrialLogger(
-            tracking_uri=tracker.uri,
-            experiment=EXPERIMENT,
-            parent_run_id=parent_run_id,
-            base=base_dict,
-            max_epochs=epochs,
-            metric=metric,
-            outbox_path=local_dir / OUTBOX,
-            search_name=NAME,
-            keep_top=args.keep_top,
-        )
-        optuna_storage = f"sqlite:///{local_dir / STUDY_FILE}"
         per_trial = {"CPU": 2 / args.max_concurrent, "GPU": 0.0}
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(
@@ -262,23 +272,19 @@ def main() -> None:
             ),
             {"cpu": per_trial["CPU"]},
         )
-        tuner = new_tuner(
-            trainable,
+        search = TimedSearch(
+            args=run_args,
             name=NAME,
+            tracker=tracker,
+            parent_run_id=parent_run_id,
+            inputs=inputs,
+            base_dict=config_to_dict(inputs.base),
             storage_path=storage_path,
-            space=space,
-            metric=metric,
-            max_epochs=epochs,
-            num_samples=trials,
-            seed=args.seed,
-            optuna_storage=optuna_storage,
-            max_concurrent=args.max_concurrent,
-            grace_period=1,
-            reduction_factor=3,
-            time_budget_s=None,
-            max_failures=0,
-            callback=logger,
+            local_dir=local_dir,
+            max_pending=pending_trials(None, args.max_concurrent, None),
+            trainable=trainable,
         )
+        tuner = search.search_tuner(NAME, seed=args.seed)
         print(
             f"{trials} trials of up to {epochs} epochs, {args.max_concurrent} at a time, in {folder}",
             flush=True,
@@ -287,7 +293,7 @@ def main() -> None:
         profile = cProfile.Profile() if args.profile else None
         if profile:
             profile.enable()
-        results = fit_tuner(tuner, max_pending=args.max_concurrent, strict_metrics=True)
+        results = search.fit(tuner)
         fit_s = time.perf_counter() - start.wall_s
         check_outbox_empty(local_dir, tracker, NAME)
         finish_start = time.perf_counter()
@@ -299,10 +305,10 @@ def main() -> None:
             metric=metric,
             max_epochs=epochs,
             local_dir=local_dir,
-            optuna_storage=optuna_storage,
+            optuna_storage=search.optuna_storage,
             experiment=EXPERIMENT,
             started=start.wall_s,
-            trained=results,
+            trained=search.trained,
             slots=trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, trials),
         )
         finish_s = time.perf_counter() - finish_start
@@ -317,6 +323,7 @@ def main() -> None:
             "Optuna study": (local_dir / STUDY_FILE).stat().st_size,
             "Tune storage (with the study)": common_size(Path(storage_path)),
         }
+    logger = search.logger
     samples = logger.samples
     ends = sorted({max(1, trials // 10), max(1, 3 * trials // 10), trials})
     print(
