@@ -225,6 +225,11 @@ def export_order(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(with_repeats(candidates), key=lambda c: c.rank_key)
 
 
+def ranked_candidates(records: Sequence[RunRecord]) -> list[Candidate]:
+    """The exportable runs among ``records`` (one group's) in ``export --best``'s order."""
+    return export_order([c for c in map(candidate, records) if c is not None])
+
+
 def choose(
     records: list[RunRecord],
     data_root: str | Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,7 @@ class Interval:
     low: float
     high: float
     level: float
-    image_ids: tuple[int, ...]  # the images resampled
+    image_names: tuple[str, ...]  # the images resampled, by name: the same names, the same draws
     samples: np.ndarray  # AP50 of each resample (UNDEFINED without ground truth); see SEED
 
     @property
@@ -68,7 +69,7 @@ class Interval:
 
     @property
     def images(self) -> int:
-        return len(self.image_ids)
+        return len(self.image_names)
 
 
 def match_images(
@@ -146,16 +147,25 @@ def average_precision(table: MatchTable, weights: np.ndarray | None = None) -> f
 
 
 def bootstrap_interval(
-    table: MatchTable, *, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED
+    table: MatchTable,
+    names: Sequence[str],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
 ) -> Interval:
     """Percentile interval of AP over ``resamples`` draws of the images with replacement.
 
-    Draws without any ground truth (possible with very few images) are left out. The draws depend
-    only on ``seed`` and the number of images, so two models scored on the same images with the
-    same seed see the same resamples (their ``samples`` can be compared pairwise).
+    ``names`` names the table's images in order (the validation items' ids; COCO's image ids are
+    positions, alike for any two splits of one size). Draws without any ground truth (possible
+    with very few images) are left out. The draws depend only on ``seed`` and the number of
+    images, so two models scored on the same named images with the same seed see the same
+    resamples (their ``samples`` can be compared pairwise).
     """
     if not table.image_ids:
         raise ValueError("no validation images to resample")
+    if len(names) != len(table.image_ids):
+        raise ValueError(f"{len(names)} names for {len(table.image_ids)} images")
     rng = np.random.default_rng(seed)
     n = len(table.image_ids)
     draws = rng.integers(0, n, size=(resamples, n))
@@ -163,19 +173,21 @@ def bootstrap_interval(
     defined = samples[samples != UNDEFINED]
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(defined, [tail, 100 - tail]) if defined.size else (UNDEFINED, UNDEFINED)
-    return Interval(average_precision(table), float(low), float(high), level, table.image_ids, samples)
+    return Interval(average_precision(table), float(low), float(high), level, tuple(names), samples)
 
 
 def prediction_interval(
     truths: list[ImageTruth],
     predictions: dict[int, ImagePrediction],
+    names: Sequence[str],
     *,
     max_dets: int,
     resamples: int = RESAMPLES,
     level: float = LEVEL,
     seed: int = SEED,
 ) -> Interval:
-    """The bootstrap interval of segm AP50 of ``predictions`` keyed by image id."""
+    """The bootstrap interval of segm AP50 of ``predictions`` keyed by image id; ``names``: the
+    images' names in image id order (see :func:`bootstrap_interval`)."""
     results = [entry for image_id, p in predictions.items() for entry in coco_results(image_id, p)]
     table = match_images(truths, results, max_dets=max_dets)
-    return bootstrap_interval(table, resamples=resamples, level=level, seed=seed)
+    return bootstrap_interval(table, names, resamples=resamples, level=level, seed=seed)

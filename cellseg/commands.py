@@ -179,9 +179,10 @@ def validation_predictions(
     device: str | None = None,
     progress: bool = False,
     with_loss: bool = False,
-) -> tuple[Config, SplitPredictions]:
-    """A checkpoint's config and its model's predictions on the validation split that config
-    defines (on ``data_root`` if given, on ``device`` if given, else on the config's own)."""
+) -> tuple[Config, SplitPredictions, list[str]]:
+    """A checkpoint's config, its model's predictions on the validation split that config
+    defines (on ``data_root`` if given, on ``device`` if given, else on the config's own) and
+    the ids of that split's items, in image id order."""
     state = load_checkpoint(checkpoint)
     cfg = config_on_data(checkpoint_config(state), data_root)
     if cfg.data.val_fraction == 0:
@@ -192,16 +193,17 @@ def validation_predictions(
     where = resolve_device(device or cfg.train.device)
     model, _ = restore_model(state, where)
     _, val_loader, _ = build_loaders(cfg, where)
-    return cfg, predict_split(model, val_loader, where, progress=progress, with_loss=with_loss)
+    split = predict_split(model, val_loader, where, progress=progress, with_loss=with_loss)
+    return cfg, split, [item.item_id for item in val_loader.dataset.items]
 
 
 def checkpoint_interval(
     checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None
 ) -> Interval:
     """The bootstrap interval of segm AP50 of a checkpoint on its validation split."""
-    cfg, split = validation_predictions(checkpoint, data_root=data_root, device=device)
+    cfg, split, names = validation_predictions(checkpoint, data_root=data_root, device=device)
     return prediction_interval(
-        split.truths, split.predictions, max_dets=coco_max_dets(cfg.model.detections_per_img)
+        split.truths, split.predictions, names, max_dets=coco_max_dets(cfg.model.detections_per_img)
     )
 
 
@@ -210,12 +212,14 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, float], Interval | None]:
     """The validation metrics of a checkpoint on the split its config defines, and the bootstrap
     interval of its segm AP50 when ``interval`` is asked for."""
-    cfg, split = validation_predictions(checkpoint, data_root=data_root, progress=progress, with_loss=True)
+    cfg, split, names = validation_predictions(
+        checkpoint, data_root=data_root, progress=progress, with_loss=True
+    )
     max_dets = coco_max_dets(cfg.model.detections_per_img)
     metrics = split_metrics(split, max_dets=max_dets)
     if not interval:
         return metrics, None
-    return metrics, prediction_interval(split.truths, split.predictions, max_dets=max_dets)
+    return metrics, prediction_interval(split.truths, split.predictions, names, max_dets=max_dets)
 
 
 def config_on_data(cfg: Config, data_root: str | Path | None) -> Config:

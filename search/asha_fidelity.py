@@ -1,7 +1,7 @@
 """Did ASHA's early decisions hold? Rank correlation between each rung's metric and the final one.
 
-ASHA stops a trial at a rung (epochs ``grace_period * reduction_factor**k``) when its metric there
-ranks low. Over the trials that ran every epoch, the Spearman correlation between the metric at a
+ASHA stops a trial at a rung (about epoch ``grace_period * reduction_factor**k``, see
+:func:`rung_epochs`) when its metric there ranks low. Over the trials that ran every epoch, the Spearman correlation between the metric at a
 rung and the value the search ranks by (the trial's best epoch) says whether the rung's order
 predicts the final order. Below 0.5 the rung decides poorly, and a longer grace period is
 suggested. With fewer than MIN_TRIALS trials at the end no number is given: a rank correlation of
@@ -26,11 +26,20 @@ LOW = 0.5
 
 
 def rung_epochs(grace_period: int, reduction_factor: float, max_epochs: int) -> list[int]:
-    """The epochs at which Ray's ASHAScheduler (one bracket) decides, before ``max_epochs``; the
-    same arithmetic as its ``_Bracket``."""
+    """The epochs before ``max_epochs`` at which Ray's ASHAScheduler (one bracket) decides on a
+    trial that reports every epoch. Its milestones are ``grace_period * reduction_factor**k``; at
+    each epoch it decides at most once, on the latest milestone reached and not yet decided, so
+    4.5 (a factor of 1.5) is decided at epoch 5, and of two milestones reached in one epoch
+    (a factor below 2) the earlier waits for the next epoch."""
     rungs = int(np.log(max_epochs / grace_period) / np.log(reduction_factor) + 1)
-    epochs = (grace_period * reduction_factor**k for k in range(rungs))
-    return sorted({int(e) for e in epochs if e < max_epochs})
+    pending = [grace_period * reduction_factor**k for k in range(rungs)]
+    epochs = []
+    for epoch in range(1, max_epochs):
+        reached = [m for m in pending if m <= epoch]
+        if reached:
+            pending.remove(max(reached))
+            epochs.append(epoch)
+    return epochs
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,10 @@ def rung_fidelity(
     return found
 
 
-def fidelity_lines(
-    fidelity: Sequence[RungFidelity], *, reduction_factor: float, max_epochs: int
-) -> list[str]:
-    """The printed report: one line per rung, and a warning with a suggested ``--grace-period``
-    (the next rung after the last poor one) when a rung's correlation is below LOW."""
+def fidelity_lines(fidelity: Sequence[RungFidelity], *, max_epochs: int) -> list[str]:
+    """The printed report: one line per rung (``fidelity``: every rung, in order), and a warning
+    with a suggested ``--grace-period`` (the next rung after the last poor one, else
+    ``max_epochs``) when a rung's correlation is below LOW."""
     lines = []
     for rung in fidelity:
         if rung.spearman is not None:
@@ -86,7 +94,7 @@ def fidelity_lines(
         lines.append(f"ASHA rung at epoch {rung.epoch}: {text}")
     low = [r.epoch for r in fidelity if r.spearman is not None and r.spearman < LOW]
     if low:
-        suggested = min(int(low[-1] * reduction_factor), max_epochs)
+        suggested = next((r.epoch for r in fidelity if r.epoch > low[-1]), max_epochs)
         lines.append(
             f"warning: the order at epoch {', '.join(map(str, low))} predicts the final order "
             f"poorly (Spearman below {LOW}), so ASHA may have stopped trials that would have ended "

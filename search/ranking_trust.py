@@ -25,10 +25,11 @@ def assess_ranking(
     reduction_factor: float,
     out_dir: Path,
 ) -> list[str]:
-    """Bootstrap intervals of the ``ci_top`` best trials and the fidelity of ASHA's rungs, logged
-    to the trials' and the parent's MLflow runs; returns the lines to print."""
+    """Bootstrap intervals of the first ``ci_top`` trials in ``export --best``'s order and the
+    fidelity of ASHA's rungs, logged to the trials' and the parent's MLflow runs; returns the
+    lines to print."""
     intervals, missing = top_intervals(
-        tracker, results, experiment=experiment, parent_run_id=parent_run_id, metric=metric, top=ci_top
+        tracker, experiment=experiment, parent_run_id=parent_run_id, top=ci_top
     )
     table = interval_lines(intervals, metric, missing)
     log_intervals(tracker, parent_run_id, intervals, lines=table, out_dir=out_dir)
@@ -42,5 +43,5 @@ def assess_ranking(
     log_fidelity(tracker, parent_run_id, fidelity)
     return [
         *table,
-        *fidelity_lines(fidelity, reduction_factor=reduction_factor, max_epochs=max_epochs),
+        *fidelity_lines(fidelity, max_epochs=max_epochs),
     ]

@@ -22,7 +22,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from cellseg.best_run import Candidate, candidate, export_order, first_kept
+from cellseg.best_run import Candidate, candidate, first_kept, ranked_candidates
 from cellseg.errors import ConfigError
 from cellseg.tracking import REPEAT_TAG, RunRecord
 from search.mlflow_callback import TRIAL_TAG
@@ -221,7 +221,7 @@ class SeededChoice:
 def seeded_choice(children: Sequence[RunRecord]) -> SeededChoice | None:
     """The search's re-seeded configurations ranked as ``export --best`` ranks them; None when
     no configuration has repeats."""
-    ranked = export_order([c for c in map(candidate, children) if c is not None])
+    ranked = ranked_candidates(children)
     seeded = [c for c in ranked if c.seeds]
     if not seeded:
         return None

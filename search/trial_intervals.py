@@ -1,34 +1,34 @@
 """How far the search's order can be trusted: bootstrap intervals of the top trials' AP50.
 
-After the trials end, the driver downloads the best checkpoint (``checkpoint/best.pt`` of the
-trial's MLflow run, the model ``export --best`` ships) of each of the top trials and predicts its
-validation split once, on CUDA when the driver has a GPU, else on CPU: one validation pass per
+After the trials end, the driver takes the first trials in ``export --best``'s order
+(cellseg.best_run: re-seeded configurations first, by mean over seeds, each best seed first; the
+order ``--keep-top`` keeps checkpoints in), downloads the best checkpoint of each
+(``checkpoint/best.pt`` of the trial's MLflow run, the model ``export --best`` ships) and predicts
+its validation split once, on CUDA when the driver has a GPU, else on CPU: one validation pass per
 trial, as long as one epoch's validation of that trial. The bootstrap over images
 (cellseg.bootstrap) then adds about a second. A trial whose checkpoint ``--keep-top`` dropped gets
-no interval. Every trial is resampled with the same seed, so on the same validation images the
-resamples are paired: the share of them in which a trial scores at least as high as the best says
-how firm the order is.
+no interval, and the table says why. Every trial is resampled with the same seed, so trials
+validated on the same images (by name) are paired: the share of resamples in which a trial scores
+at least as high as the first says how firm the order is.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ray.tune import Result
 
+from cellseg.best_run import Candidate, has_checkpoint, ranked_candidates
 from cellseg.bootstrap import SEED, Interval
 from cellseg.commands import checkpoint_interval
 from cellseg.errors import TrackingError
 from cellseg.evaluation import UNDEFINED
 from cellseg.plots import plot_intervals
-from cellseg.tracking import PARENT_TAG, Tracker, best_metric_key
-from search.mlflow_callback import TRIAL_TAG
-from search.summary import best_value, ranked_trials
+from cellseg.tracking import CHECKPOINT_DROPPED_TAG, PARENT_TAG, RunRecord, Tracker, best_metric_key
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,16 @@ NOISY_SHARE = 0.05  # a runner-up at least as good in this share of resamples is
 class TrialInterval:
     """A top trial: the value the search ranked it by and the interval of its segm AP50."""
 
-    name: str  # the trial's folder
+    name: str  # its MLflow run's name
     run_id: str  # its MLflow run
-    value: float
+    value: float  # its own best metric
     interval: Interval
+    reseeded: bool = False  # ranked by its configuration's mean over seeds
 
     def share_at_least(self, best: TrialInterval) -> float | None:
         """Share of the paired resamples in which this trial's AP50 is at least ``best``'s; None
         when the two were validated on different images (a searched split)."""
-        if self.interval.image_ids != best.interval.image_ids:
+        if self.interval.image_names != best.interval.image_names:
             return None
         mine, theirs = self.interval.samples, best.interval.samples
         both = (mine != UNDEFINED) & (theirs != UNDEFINED)
@@ -69,59 +70,72 @@ class TrialInterval:
         return {**self.bounds(), **({f"{CI_METRIC}_share_at_least_best": share} if share is not None else {})}
 
 
-def top_intervals(
-    tracker: Tracker, results: Sequence[Result], *, experiment: str, parent_run_id: str, metric: str, top: int
-) -> tuple[list[TrialInterval], list[str]]:
-    """The intervals of the ``top`` best trials (the search's order), best first, and the names of
-    those among them whose run keeps no checkpoint."""
-    runs = {
-        r.tags.get(TRIAL_TAG): r.run_id
-        for r in tracker.records(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+def interval_runs(children: Sequence[RunRecord], top: int) -> tuple[list[Candidate], dict[str, str]]:
+    """The first ``top`` of a search's runs (``children``) in ``export --best``'s order: those
+    that kept their checkpoint, and why each of the others has none (by run name)."""
+    ranked = ranked_candidates(children)[:top]
+    dropped = {
+        c.record.name: f"its checkpoint was dropped by --keep-top ({c.record.tags[CHECKPOINT_DROPPED_TAG]})"
+        for c in ranked
+        if not has_checkpoint(c.record)
     }
-    ranked = ranked_trials(results, metric)[:top]
-    found, missing = [], []
+    return [c for c in ranked if has_checkpoint(c.record)], dropped
+
+
+def top_intervals(
+    tracker: Tracker, *, experiment: str, parent_run_id: str, top: int
+) -> tuple[list[TrialInterval], dict[str, str]]:
+    """The intervals of the search's first ``top`` runs in ``export --best``'s order, and why
+    each of the others among them has none (by run name)."""
+    children = tracker.records(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    kept, missing = interval_runs(children, top)
+    found = []
     with tempfile.TemporaryDirectory(prefix="cellseg-intervals-") as scratch:
-        for i, result in enumerate(ranked, 1):
-            name = Path(result.path).name
-            run_id = runs.get(str((result.metrics or {}).get("trial_id", "")))
+        for i, run in enumerate(kept, 1):
+            name, run_id = run.record.name, run.record.run_id
             try:
-                if run_id is None:
-                    raise TrackingError("no MLflow run")
-                checkpoint = tracker.download_checkpoint(run_id, Path(scratch) / name)
+                checkpoint = tracker.download_checkpoint(run_id, Path(scratch) / run_id)
             except TrackingError as exc:
                 log.warning("%s: no interval (%s)", name, exc)
-                missing.append(name)
+                missing[name] = f"no checkpoint to download ({exc})"
                 continue
-            log.info("interval %d of %d: predicting the validation images with %s", i, len(ranked), name)
+            log.info("interval %d of %d: predicting the validation images with %s", i, len(kept), name)
             interval = checkpoint_interval(checkpoint, device="auto")
             checkpoint.unlink()
-            found.append(TrialInterval(name, run_id, best_value(result, metric), interval))
+            found.append(TrialInterval(name, run_id, run.value, interval, reseeded=bool(run.seeds)))
     return found, missing
 
 
-def interval_lines(intervals: Sequence[TrialInterval], metric: str, missing: Sequence[str] = ()) -> list[str]:
+def interval_lines(
+    intervals: Sequence[TrialInterval], metric: str, missing: Mapping[str, str] | None = None
+) -> list[str]:
     """The end-of-search table of the top trials with their intervals, a note when the runner-up
-    is within noise of the best, and one naming the top trials without a checkpoint."""
-    gone = (
-        [f"no interval for {', '.join(missing)}: no checkpoint kept (--keep-top keeps fewer than --ci-top)"]
-        if missing
-        else []
-    )
+    is within noise of the best, and one per reason some top trials have none (``missing``: run
+    name to reason)."""
+    reasons: dict[str, list[str]] = {}
+    for name, reason in (missing or {}).items():
+        reasons.setdefault(reason, []).append(name)
+    gone = [f"no interval for {', '.join(names)}: {reason}" for reason, names in reasons.items()]
     if not intervals:
         return gone
     best, first = intervals[0], intervals[0].interval
     level = f"{first.level:.0%}"
     extra = metric != CI_METRIC  # the ranking value differs from what the bootstrap measures
+    order = (
+        f"in export --best's order (re-seeded configurations first, by mean {metric} over seeds)"
+        if any(t.reseeded for t in intervals)
+        else f"by {metric}"
+    )
     lines = [
-        f"top {len(intervals)} by {metric}, {level} interval of {CI_METRIC} from {len(first.samples)} "
+        f"top {len(intervals)} {order}, {level} interval of {CI_METRIC} from {len(first.samples)} "
         f"bootstrap resamples of the {first.images} validation images (seed {SEED}):",
-        f"  #  {'trial':<20} {metric:>10}{f' {CI_METRIC:>10}' if extra else ''}  "
+        f"  #  {'trial':<24} {metric:>10}{f' {CI_METRIC:>10}' if extra else ''}  "
         f"{level + ' interval':<18}  as good as #1",
     ]
     for rank, trial in enumerate(intervals, 1):
         share = trial.share_at_least(best) if rank > 1 else None
         lines.append(
-            f"{rank:>3}  {trial.name:<20} {trial.value:>10.4f}"
+            f"{rank:>3}  {trial.name:<24} {trial.value:>10.4f}"
             f"{f' {trial.interval.value:>10.4f}' if extra else ''}  "
             f"[{trial.interval.low:.4f}, {trial.interval.high:.4f}]  "
             f"{'' if share is None else f'{share:.0%}'}".rstrip()

@@ -82,17 +82,21 @@ def test_a_weighted_sample_is_pycocotools_ap50_of_the_images_repeated():
 def test_the_interval_holds_the_value_is_repeatable_and_collapses_for_perfect_predictions():
     truths, results = noisy_set(4, images=12)
     table = match_images(truths, results)
-    interval = bootstrap_interval(table, resamples=300, seed=5)
+    names = [f"img{i}" for i in range(12)]
+    interval = bootstrap_interval(table, names, resamples=300, seed=5)
     assert interval.low < interval.value < interval.high and interval.width > 0.02
     assert interval.images == 12 and interval.samples.shape == (300,)
-    again = bootstrap_interval(table, resamples=300, seed=5)
+    assert interval.image_names == tuple(names)
+    with pytest.raises(ValueError, match="11 names for 12 images"):
+        bootstrap_interval(table, names[:11])
+    again = bootstrap_interval(table, names, resamples=300, seed=5)
     assert (again.low, again.high) == (interval.low, interval.high)
-    assert bootstrap_interval(table, resamples=300, seed=6).low != interval.low
-    narrow = bootstrap_interval(table, resamples=300, level=0.5, seed=5)
+    assert bootstrap_interval(table, names, resamples=300, seed=6).low != interval.low
+    narrow = bootstrap_interval(table, names, resamples=300, level=0.5, seed=5)
     assert interval.low < narrow.low <= narrow.high < interval.high
 
     perfect = [entry for t in truths for entry in coco_results(t.image_id, _as_prediction(t))]
-    exact = bootstrap_interval(match_images(truths, perfect), resamples=50)
+    exact = bootstrap_interval(match_images(truths, perfect), names, resamples=50)
     assert (exact.value, exact.low, exact.high) == (1.0, 1.0, 1.0)
 
 

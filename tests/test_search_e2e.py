@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 
 import optuna
 import pytest
@@ -185,7 +186,8 @@ def test_parameter_importances_are_written_to_the_parent_run(search):
 
 
 def test_the_top_trials_get_a_bootstrap_interval_in_their_runs_the_table_and_the_plot(search):
-    """--ci-top 5 (the default) covers all 5 trials, but --keep-top 2 left only 2 checkpoints."""
+    """--ci-top 5 (the default) covers all 5 trials, but --keep-top 2 left only 2 checkpoints: the
+    table names the other 3 with the reason their checkpoints were dropped."""
     client, parent = search["client"], search["parent"]
     children = sorted(search["children"], key=lambda c: -c.data.metrics["best_segm_AP50"])
     kept = [c for c in children if "cellseg.checkpoint_dropped" not in c.data.tags]
@@ -203,7 +205,9 @@ def test_the_top_trials_get_a_bootstrap_interval_in_their_runs_the_table_and_the
     best = kept[0]
     row = f"{best.data.metrics['best_segm_AP50']:>10.4f}  [{best.data.metrics['segm_AP50_ci95_low']:.4f}, "
     assert row in printed
-    assert "no checkpoint kept (--keep-top keeps fewer than --ci-top)" in printed
+    reason = f"its checkpoint was dropped by --keep-top (not among the {KEEP_TOP} best trials by segm_AP50)"
+    [names] = re.findall(rf"no interval for (.+?): {re.escape(reason)}$", printed, flags=re.MULTILINE)
+    assert set(names.split(", ")) == {c.info.run_name for c in children if c not in kept}
     assert not any("segm_AP50_ci95_low" in c.data.metrics for c in search["other_children"])  # --ci-top 0
 
 
