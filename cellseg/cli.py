@@ -188,6 +188,7 @@ def _cmd_tune_inference(args: argparse.Namespace) -> int:
         for key, value in (
             ("scales", args.scales and tuple(args.scales)),
             ("flips", () if args.no_tta else None),
+            ("ensemble", args.ensemble),
             ("trials", args.trials),
             ("cache_detections", args.cache_detections),
             ("cache_nms_iou", args.cache_nms_iou),
@@ -313,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tune-inference",
         help="search inference settings (score threshold, NMS, detections, mask threshold, test "
-        "scale, flips) on cached validation predictions; export --best then uses them",
-        description="Predict the chosen run's validation split once per test scale and view "
-        "(the image, and hflip and vflip unless --no-tta) into a bounded in-memory cache, then "
-        "search score threshold, NMS IoU (class-wise or not), detections per image, mask "
-        "threshold, scale and TTA on/off with Optuna on the cache, without running the model "
-        "again (docs/second-stage.md). Logs an MLflow run nested under the search and saves "
-        "inference.json beside the run's checkpoint.",
+        "scales, flips, ensemble size) on cached validation predictions; export --best then uses them",
+        description="Predict the chosen run's validation split (with --ensemble K, each of the K "
+        "best runs') once per test scale and view (the image, and hflip and vflip unless --no-tta) "
+        "into a bounded in-memory cache, then search score threshold, NMS IoU (class-wise or "
+        "not), detections per image, mask threshold, the set of test scales merged, TTA on/off "
+        "and the ensemble size (1 to K, best runs first) with Optuna on the cache, without running "
+        "a model again (docs/second-stage.md). Logs an MLflow run nested under the search and "
+        "saves inference.json (inference-ensemble<K>.json) beside the best run's checkpoint.",
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", help="tune this MLflow run's model")
@@ -338,10 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="S",
         help="test scales, multiples of the trained model.min_size/max_size; must include 1, "
-        "each once (each costs one validation pass per view; default 1 1.25 1.5)",
+        "each once (each costs one validation pass per view and model; the search tries each "
+        "alone and every set of them merged; default 1 1.25 1.5)",
     )
     p.add_argument(
         "--no-tta", action="store_true", help="do not try flipped views (predicts a third of the passes)"
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="K",
+        help="with --best: cache the K best runs (export --ensemble K's choice; they must share "
+        "one validation split) and search the ensemble size 1..K as well, recording the single "
+        "best against each size; K times the passes (default 1: the best run alone)",
     )
     p.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="Optuna's TPE, or a grid")
     p.add_argument(
@@ -365,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-cache-mb",
         type=float,
-        help="refuse to start when the cache could exceed this many MiB (default 2048; passes x "
-        "images x detections x 1.6 kB)",
+        help="refuse to start when the cache could exceed this many MiB (default 2048; passes "
+        "(models x scales x views) x images x detections x 1.6 kB)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_tune_inference)
@@ -404,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="K",
-        help="with --best: merge the K best runs of the chosen search (default 1)",
+        help="with --best: merge the K best runs of the chosen search (default 1), with the "
+        "settings cellseg tune-inference --best --ensemble K tuned for exactly these runs, if any",
     )
     p.add_argument(
         "--tta",
@@ -423,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tuned-settings",
         action="store_true",
         help="predict with the model's own settings even when cellseg tune-inference saved tuned "
-        "ones beside the run's checkpoint (--best and --run-id use them by default)",
+        "ones beside the run's checkpoint (--best, --run-id and --best --ensemble K use them by default)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_export)

@@ -26,7 +26,7 @@ from cellseg.engine import SplitPredictions, predict_split, split_metrics
 from cellseg.errors import ConfigError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
-from cellseg.inference_settings import SETTINGS_FILE, InferenceSettings, read_settings
+from cellseg.inference_settings import InferenceSettings, read_members, read_settings, settings_file_name
 from cellseg.plots import plot_class_distribution
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
@@ -253,10 +253,33 @@ def chosen_run(
     )
 
 
-def tuned_settings(tracker: Tracker, run_id: str, scratch: Path) -> tuple[InferenceSettings, Path] | None:
-    """The settings ``cellseg tune-inference`` saved beside the run's checkpoint, if any."""
-    found = tracker.download_if_present(run_id, f"{CHECKPOINT_ARTIFACT}/{SETTINGS_FILE}", scratch / run_id)
-    return None if found is None else (read_settings(found), found)
+Member = tuple[str | None, Path, dict[str, Any]]  # (run id, checkpoint, provenance) of one model
+
+
+def tuned_settings(
+    tracker: Tracker, members: list[Member], scratch: Path
+) -> tuple[InferenceSettings, Path, str] | str:
+    """The settings ``cellseg tune-inference`` saved for these runs (best first; a refit's
+    source stands for the refit) beside the first one's checkpoint: (settings, file, that run),
+    or why there are none usable."""
+    runs = [m[2].get("refit_of", {}).get("run_id") or m[0] for m in members]
+    name = settings_file_name(len(runs))
+    found = tracker.download_if_present(runs[0], f"{CHECKPOINT_ARTIFACT}/{name}", scratch / str(runs[0]))
+    if found is None:
+        if len(runs) == 1:
+            return "the run has none tuned; see cellseg tune-inference"
+        return (
+            f"none tuned for the ensemble of the {len(runs)} best runs; see cellseg tune-inference "
+            f"--best --ensemble {len(runs)}"
+        )
+    tuned_for = read_members(found) or runs[:1]  # naming no runs: tuned for the run it is beside
+    if tuned_for != runs:
+        return (
+            f"{name} of run {runs[0]} was tuned for runs {', '.join(tuned_for)}, but the runs chosen "
+            f"now are {', '.join(map(str, runs))}; run cellseg tune-inference --best --ensemble "
+            f"{len(runs)} again"
+        )
+    return read_settings(found), found, str(runs[0])
 
 
 def export_run(
@@ -282,9 +305,11 @@ def export_run(
     """Predict every test image with one or more checkpoints (files, an MLflow run, or the best
     ``ensemble`` runs), on the image and its ``flips`` views, merged as ``cellseg.tta`` says.
 
-    One run from MLflow (``run_id`` or ``best``) predicts with the settings ``cellseg
-    tune-inference`` saved beside its checkpoint, unless ``use_tuned`` is False; those settings
-    hold their own flips, merge IoU and score threshold, so giving those as well is an error.
+    Runs from MLflow (``run_id``, or the ``ensemble`` best of ``best``) predict with the settings
+    ``cellseg tune-inference`` saved for exactly those runs beside the best one's checkpoint,
+    unless ``use_tuned`` is False; those settings hold their own scales, flips, ensemble size,
+    merge IoU and score threshold, so giving flips, merge IoU or score threshold as well is an
+    error; an ensemble whose tuned size is below ``ensemble`` exports its best members only.
     Writes the submission, a class-distribution picture and ``<output stem>.provenance.json``
     naming the model that made it (run, search, metric, data fingerprint; every member of an
     ensemble; the flips and the merge IoU; the inference settings). With ``refit`` the chosen
@@ -304,6 +329,9 @@ def export_run(
     flips = check_flips(flips)
     merge_iou = check_iou_threshold(DEFAULT_IOU_THRESHOLD if iou_threshold is None else iou_threshold)
     tracker, members, tuned = None, [], None
+    untuned = "tuned settings apply to runs from MLflow: --best or --run-id"
+    if not use_tuned:
+        untuned = "--no-tuned-settings"
     if checkpoints:
         members = [(None, Path(c), {}) for c in checkpoints]
     else:
@@ -323,14 +351,17 @@ def export_run(
                     refit=refit,
                 )
             ]
-            tuned_run = members[0][2].get("refit_of", {}).get("run_id") or members[0][0]
-            tuned = tuned_settings(tracker, tuned_run, scratch) if use_tuned else None
+        if use_tuned:
+            found = tuned_settings(tracker, members, scratch)
+            tuned, untuned = (found, "") if isinstance(found, tuple) else (None, found)
     if tuned and (flips or iou_threshold is not None or score_threshold is not None):
         raise ConfigError(
             f"run {members[0][0]} has tuned inference settings ({tuned[0].describe()}), which set "
             "the flips, merge IoU and score threshold; drop --tta / --merge-iou / --score-threshold, "
             "or pass --no-tuned-settings to set them by hand"
         )
+    if tuned:
+        members = members[: tuned[0].models]  # the search found fewer members better
     states = [load_checkpoint(checkpoint) for _, checkpoint, _ in members]
     device = resolve_device(checkpoint_config(states[0]).train.device)
     models, configs = zip(*(restore_model(state, device) for state in states))
@@ -376,7 +407,7 @@ def export_run(
         ensemble=[m[2] for m in members] if len(members) > 1 else None,
         tta_flips=list(flips),
         merge_iou_threshold=merge_iou if len(members) > 1 or flips else None,
-        inference_settings=({**tuned[0].params(), "tuned_run": tuned_run} if tuned else None),
+        inference_settings=({**tuned[0].params(), "tuned_run": tuned[2]} if tuned else None),
     )
     write_provenance(provenance_path, provenance)
     if tracker is not None:
@@ -396,22 +427,13 @@ def export_run(
         "models": len(models),
         "tta_flips": ",".join(flips) or None,
         "inference_settings": (
-            f"tuned ({tuned[0].describe()}; {tuned[1].name} of run {tuned_run})"
+            f"tuned ({tuned[0].describe()}; {tuned[1].name} of run {tuned[2]})"
             if tuned
-            else _untuned(tracker is not None and len(members) == 1, use_tuned)
+            else f"the model's own ({untuned})"
         ),
         "images": len(test_images),
         "detections": len(results),
     }
-
-
-def _untuned(one_run: bool, use_tuned: bool) -> str:
-    """Why an export predicts with the model's own settings (and the export flags)."""
-    if not one_run:
-        return "the model's own (tuned settings apply to one run from MLflow: --best or --run-id)"
-    if not use_tuned:
-        return "the model's own (--no-tuned-settings)"
-    return "the model's own (the run has none tuned; see cellseg tune-inference)"
 
 
 def _provenance(record: RunRecord, *, search: str | None, source: RunRecord | None = None) -> dict[str, Any]:

@@ -50,14 +50,17 @@ def export_predictions(
     One model without ``flips`` predicts as ``cellseg.predict`` does; several models (an
     ensemble) or flips (test-time augmentation) are merged by ``cellseg.tta``'s rule, matching at
     box IoU ``iou_threshold`` and keeping as many detections as the most generous model. Tuned
-    ``settings`` (one model; they hold their own flips, merge IoU and score threshold) replace
-    all that with ``cellseg.inference_settings.predict_with_settings``.
+    ``settings`` (they hold their own scales, flips, ensemble size, merge IoU and score threshold;
+    ``models`` best first) replace all that with ``cellseg.inference_settings.predict_with_settings``.
     ``read_image`` returns a float32 (H, W, 3) array in [0, 1]; its size must match the mapping's.
     """
     if not models:
         raise ValueError("export_predictions needs at least one model")
-    if settings is not None and (len(models) > 1 or flips):
-        raise ValueError("tuned inference settings apply to one model and hold their own flips")
+    if settings is not None and (len(models) < settings.models or flips):
+        raise ValueError(
+            f"tuned inference settings merge {settings.models} model(s) ({len(models)} given) and hold "
+            "their own flips"
+        )
     flips = check_flips(flips)
     for model in models:
         model.eval().to(device)
@@ -69,7 +72,7 @@ def export_predictions(
         check_test_image(test_image, array)
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
         if settings is not None:
-            prediction = predict_with_settings(models[0], tensor.to(device), settings)
+            prediction = predict_with_settings(models, tensor.to(device), settings)
         elif len(models) == 1 and not flips:
             [prediction] = predict_images(models[0], [tensor], score_threshold=score_threshold)
         else:

@@ -1,8 +1,10 @@
 """Inference settings chosen after training, and the one pipeline that applies them.
 
-A model predicts at *cache settings* (loose: score threshold ~0, loose NMS, many detections; at a
-test scale and on the image plus its flipped views); ``apply_settings`` then turns those passes
-into the final detections: flipped passes merged (``cellseg.tta``), score threshold, NMS
+One or more models (an ensemble, best first) predict at *cache settings* (loose: score threshold
+~0, loose NMS, many detections), each at one or more test scales and on the image plus its
+flipped views; ``apply_settings`` then turns those passes into the final detections: passes
+merged (``cellseg.tta``: every pass of every model, scale and view weighs the same), score
+threshold, NMS
 (class-wise or class-agnostic), detections per image, and masks binarised at the mask threshold.
 The inference search (``cellseg.prediction_cache``) runs the second half on cached passes, and
 export runs both halves on the test images, so what was tuned is what is shipped.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,23 @@ from cellseg.tta import DEFAULT_IOU_THRESHOLD, augmented_passes, check_flips, me
 
 SETTINGS_FILE = "inference.json"  # beside best.pt: in a run's checkpoint/ artifacts, in a run directory
 IDENTITY = "none"  # the view name of the image itself
+SCALE_JOIN = "+"  # merged test scales as one label: "1+1.25"
+
+
+def settings_file_name(members: int) -> str:
+    """The settings file of one model (``inference.json``) or of the ``members`` best runs'
+    ensemble (``inference-ensemble<K>.json``), beside the best run's checkpoint."""
+    return SETTINGS_FILE if members == 1 else f"inference-ensemble{members}.json"
+
+
+def scales_label(scales: Sequence[float]) -> str:
+    """``(1.0, 1.25)`` as ``"1+1.25"`` (a search's categorical value, an MLflow param)."""
+    return SCALE_JOIN.join(f"{s:g}" for s in scales)
+
+
+def parse_scales(label: str) -> tuple[float, ...]:
+    """The scales of a ``scales_label``."""
+    return tuple(float(s) for s in label.split(SCALE_JOIN))
 
 
 @dataclass(frozen=True)
@@ -57,8 +76,9 @@ class CacheSettings:
 class InferenceSettings:
     """Everything between a trained model and its submission."""
 
-    scale: float = 1.0  # test size as a multiple of the trained model.min_size / max_size
+    scales: tuple[float, ...] = (1.0,)  # test sizes, multiples of the trained min/max_size; merged
     flips: tuple[str, ...] = ()  # test-time flipped views merged with the image (cellseg.tta)
+    models: int = 1  # ensemble members merged, the best runs first (the settings file names them)
     merge_iou: float = DEFAULT_IOU_THRESHOLD  # box IoU at which passes' detections are one
     score_threshold: float = 0.0  # keep detections scoring above it
     nms_iou: float = 0.5  # suppress a detection overlapping a better one by more than this
@@ -67,12 +87,19 @@ class InferenceSettings:
     mask_threshold: float = 0.5  # mask probability at which a pixel belongs to the instance
     cache: CacheSettings = CacheSettings()
 
+    @property
+    def passes(self) -> int:
+        """Passes merged per image: models x scales x views (the image and each flip)."""
+        return self.models * len(self.scales) * (1 + len(self.flips))
+
     def describe(self) -> str:
         flips = ",".join(self.flips) or IDENTITY
-        merge = f" merge_iou={self.merge_iou:.3g}" if self.flips else ""
+        models = f" models={self.models}" if self.models > 1 else ""
+        merge = f" merge_iou={self.merge_iou:.3g}" if self.passes > 1 else ""
         nms = "class-agnostic" if self.class_agnostic else "class-wise"
         return (
-            f"scale={self.scale:g} flips={flips}{merge} score>{self.score_threshold:.3g} "
+            f"scales={scales_label(self.scales)}{models} flips={flips}{merge} "
+            f"score>{self.score_threshold:.3g} "
             f"nms={self.nms_iou:.3g} ({nms}) detections={self.detections} "
             f"mask>{self.mask_threshold:.3g}"
         )
@@ -82,6 +109,7 @@ class InferenceSettings:
         values = dataclasses.asdict(self)
         cache = values.pop("cache")
         values["flips"] = ",".join(self.flips) or IDENTITY
+        values["scales"] = scales_label(self.scales)
         return {**values, **{f"cache_{k}": v for k, v in cache.items()}}
 
 
@@ -122,11 +150,28 @@ def predicting_loosely(model: MaskRCNN, cache: CacheSettings, scale: float) -> I
         ) = saved
 
 
-def view_passes(model: MaskRCNN, image: torch.Tensor, settings: InferenceSettings) -> list[Detections]:
-    """The model's passes over ``image`` and its flipped views at the settings' scale and cache
+def view_passes(
+    model: MaskRCNN, image: torch.Tensor, cache: CacheSettings, scale: float, flips: Sequence[str]
+) -> list[Detections]:
+    """The model's passes over ``image`` and its ``flips`` views at ``scale`` and ``cache``
     settings, in the image's frame."""
-    with predicting_loosely(model, settings.cache, settings.scale):
-        return augmented_passes(model_detector(model), image, check_flips(settings.flips))
+    with predicting_loosely(model, cache, scale):
+        return augmented_passes(model_detector(model), image, check_flips(flips))
+
+
+def settings_passes(
+    models: Sequence[MaskRCNN], image: torch.Tensor, settings: InferenceSettings
+) -> list[Detections]:
+    """The passes ``settings`` merge, in the prediction cache's order: each of the first
+    ``settings.models`` models, at each of its scales, on the image and each flip."""
+    if len(models) < settings.models:
+        raise ValueError(f"the settings merge {settings.models} models; {len(models)} given")
+    return [
+        detections
+        for model in models[: settings.models]
+        for scale in settings.scales
+        for detections in view_passes(model, image, settings.cache, scale, settings.flips)
+    ]
 
 
 def apply_settings(passes: list[Detections], settings: InferenceSettings) -> Detections:
@@ -149,10 +194,11 @@ def apply_settings(passes: list[Detections], settings: InferenceSettings) -> Det
 
 
 def predict_with_settings(
-    model: MaskRCNN, image: torch.Tensor, settings: InferenceSettings
+    models: Sequence[MaskRCNN], image: torch.Tensor, settings: InferenceSettings
 ) -> ImagePrediction:
-    """One image predicted by ``model`` under ``settings``: passes, merge, filters, RLE masks."""
-    detections = apply_settings(view_passes(model, image, settings), settings)
+    """One image predicted by ``models`` (an ensemble's, best first; the first ``settings.models``
+    predict) under ``settings``: passes, merge, filters, RLE masks."""
+    detections = apply_settings(settings_passes(models, image, settings), settings)
     return encode_detections(detections, mask_threshold=settings.mask_threshold)
 
 
@@ -163,18 +209,43 @@ def write_settings(path: Path, settings: InferenceSettings, provenance: Mapping[
 
 
 def read_settings(path: Path) -> InferenceSettings:
-    """The settings of a file ``write_settings`` wrote; DataError naming the file otherwise."""
+    """The settings of a file ``write_settings`` wrote (also of one written before ensembles and
+    merged scales: its single ``scale``); DataError naming the file otherwise."""
     try:
-        params = dict(json.loads(Path(path).read_text())["settings"])
+        params = dict(_read(path)["settings"])
         cache = CacheSettings(
             **{f.name: params.pop(f"cache_{f.name}") for f in dataclasses.fields(CacheSettings)}
         )
         flips = params.pop("flips")
+        scales = (float(params.pop("scale")),) if "scale" in params else parse_scales(params.pop("scales"))
         return InferenceSettings(
-            **params, flips=check_flips(() if flips == IDENTITY else flips.split(",")), cache=cache
+            **params,
+            scales=scales,
+            flips=check_flips(() if flips == IDENTITY else flips.split(",")),
+            cache=cache,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"{path}: not a readable inference settings file ({exc!r}); run cellseg tune-inference "
-            "again, or export with --no-tuned-settings"
-        ) from exc
+        raise _unreadable(path, exc) from exc
+
+
+def read_members(path: Path) -> list[str]:
+    """The run ids whose models a settings file was tuned for, best first (a file written before
+    ensembles names its one run as ``tuned_run``; empty when it names none); DataError naming the
+    file when it is unreadable."""
+    try:
+        payload = _read(path)
+        runs = payload.get("members") or ([payload["tuned_run"]] if "tuned_run" in payload else [])
+        return [str(run) for run in runs]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return dict(json.loads(Path(path).read_text()))
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"{path}: not a readable inference settings file ({exc!r}); run cellseg tune-inference "
+        "again, or export with --no-tuned-settings"
+    )

@@ -1,10 +1,11 @@
-"""The validation split predicted once per test scale and view, kept in memory within a bound,
-so that inference settings can be scored without running the model again.
+"""The validation split predicted once per model, test scale and view, kept in memory within a
+bound, so that inference settings can be scored without running the models again.
 
-Each pass keeps every detection's box, score and class and its M x M box-relative mask
+The models are an ensemble's members, best first (one model without ``--ensemble``). Each pass keeps every detection's box, score and class and its M x M box-relative mask
 probabilities (M = 28) as float16, at most ``CacheSettings.detections`` per image. The cache
-needs at most ``cache_bound_bytes`` = passes x images x detections x (M * M * 2 + 32) bytes; a
-request above ``max_bytes`` is refused before the model runs. Nothing is written to disk.
+needs at most ``cache_bound_bytes`` = passes x images x detections x (M * M * 2 + 32) bytes, with
+passes = models x scales x views; a request above ``max_bytes`` is refused before any model runs.
+Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ def mask_side(model: MaskRCNN) -> int:
 
 
 def cache_bound_bytes(passes: int, images: int, detections: int, side: int) -> int:
-    """The most bytes a cache of ``passes`` views x scales over ``images`` can hold."""
+    """The most bytes a cache of ``passes`` (models x scales x views) over ``images`` can hold."""
     return passes * images * detections * (side * side * MASK_BYTES + DETECTION_BYTES)
 
 
 @dataclass
 class PredictionCache:
-    """Loose passes of the validation images: ``passes[(scale, view)][i]`` is image i's."""
+    """Loose passes of the validation images: ``passes[(model, scale, view)][i]`` is image i's
+    (``model``: the member's index, 0 the best)."""
 
     cache: CacheSettings
     truths: list[ImageTruth]
-    passes: dict[tuple[float, str], list[Detections]]
+    passes: dict[tuple[int, float, str], list[Detections]]
 
     @property
     def nbytes(self) -> int:
@@ -63,14 +65,21 @@ class PredictionCache:
         )
 
     def image_passes(self, settings: InferenceSettings, index: int) -> list[Detections]:
-        """Image ``index``'s passes that ``settings`` merge (its scale; the image and its flips)."""
-        views = (IDENTITY, *settings.flips)
-        missing = [v for v in views if (settings.scale, v) not in self.passes]
+        """Image ``index``'s passes that ``settings`` merge, in ``settings_passes``'s order (its
+        first ``models`` models; at its scales; the image and its flips)."""
+        keys = [
+            (model, scale, view)
+            for model in range(settings.models)
+            for scale in settings.scales
+            for view in (IDENTITY, *settings.flips)
+        ]
+        missing = [key for key in keys if key not in self.passes]
         if missing:
             raise ConfigError(
-                f"the cache holds no pass at scale {settings.scale:g} for view(s) {', '.join(missing)}"
+                "the cache holds no pass for (model, scale, view) "
+                + ", ".join(f"({m}, {s:g}, {v})" for m, s, v in missing)
             )
-        return [self.passes[(settings.scale, view)][index] for view in views]
+        return [self.passes[key][index] for key in keys]
 
     def ap50(self, settings: InferenceSettings) -> float:
         """Validation segm AP50 of ``settings`` applied to the cached passes (every detection
@@ -101,7 +110,7 @@ def _compact(detections: Detections) -> Detections:
 
 @torch.inference_mode()
 def build_cache(
-    model: MaskRCNN,
+    models: Sequence[MaskRCNN],
     dataset: Sequence[tuple[torch.Tensor, dict]],
     *,
     cache: CacheSettings,
@@ -110,34 +119,37 @@ def build_cache(
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: bool = True,
 ) -> PredictionCache:
-    """Predict every (image, target) of ``dataset`` once per scale and view (the image and each
-    flip) at ``cache`` settings; ConfigError before any prediction when the bound exceeds
-    ``max_bytes``."""
+    """Predict every (image, target) of ``dataset`` once per model (an ensemble's members, best
+    first), scale and view (the image and each flip) at ``cache`` settings; ConfigError before
+    any prediction when the bound exceeds ``max_bytes``."""
+    flips = check_flips(flips)
     views = (IDENTITY, *flips)
     scales = tuple(dict.fromkeys(map(float, scales)))  # a scale given twice is predicted once
-    keys = [(scale, view) for scale in scales for view in views]
-    bound = cache_bound_bytes(len(keys), len(dataset), cache.detections, mask_side(model))
+    keys = [(model, scale, view) for model in range(len(models)) for scale in scales for view in views]
+    side = max(mask_side(model) for model in models)
+    bound = cache_bound_bytes(len(keys), len(dataset), cache.detections, side)
     if bound > max_bytes:
         raise ConfigError(
-            f"the prediction cache could need {bound / 2**20:.0f} MiB ({len(keys)} passes x "
+            f"the prediction cache could need {bound / 2**20:.0f} MiB ({len(keys)} passes = "
+            f"{len(models)} model(s) x {len(scales)} scale(s) x {len(views)} view(s), x "
             f"{len(dataset)} images x {cache.detections} detections), above the limit of "
             f"{max_bytes / 2**20:.0f} MiB: lower --cache-detections, give fewer --scales, pass "
-            "--no-tta, or raise --max-cache-mb"
+            "--no-tta, a smaller --ensemble, or raise --max-cache-mb"
         )
-    model.eval()
-    device = next(model.parameters()).device
-    flips = check_flips(flips)
-    passes: dict[tuple[float, str], list[Detections]] = {key: [] for key in keys}
+    for model in models:
+        model.eval()
+    passes: dict[tuple[int, float, str], list[Detections]] = {key: [] for key in keys}
     truths = []
     for image, target in tqdm(dataset, desc="cache validation predictions", disable=not progress):
         truths.append(
             truth_from_masks(int(target["image_id"]), target["masks"].numpy(), target["labels"].numpy())
         )
-        image = image.to(device)
-        for scale in scales:
-            found = view_passes(model, image, InferenceSettings(scale=scale, flips=tuple(flips), cache=cache))
-            for view, detections in zip(views, found):
-                passes[(scale, view)].append(_compact(detections))
+        for index, model in enumerate(models):
+            on_device = image.to(next(model.parameters()).device)
+            for scale in scales:
+                found = view_passes(model, on_device, cache, scale, flips)
+                for view, detections in zip(views, found):
+                    passes[(index, scale, view)].append(_compact(detections))
     result = PredictionCache(cache, truths, passes)
     log.info("prediction cache: %.1f MiB (bound %.1f MiB)", result.nbytes / 2**20, bound / 2**20)
     return result

@@ -7,12 +7,13 @@ optimiser: the study lives in ``search/tune_inference.py``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cellseg.errors import ConfigError
-from cellseg.inference_settings import CacheSettings, InferenceSettings
+from cellseg.inference_settings import CacheSettings, InferenceSettings, parse_scales, scales_label
 
 
 class Suggester(Protocol):
@@ -32,6 +33,7 @@ class SettingsSpace:
     cache: CacheSettings
     scales: tuple[float, ...] = (1.0,)  # test scales, each predicted once (a pass per view)
     flips: tuple[str, ...] = ()  # the flipped views TTA adds; () leaves TTA off and unsearched
+    models: int = 1  # ensemble members cached, best first; above 1 the ensemble size is searched
     score_threshold: tuple[float, float] = (0.0, 0.5)  # AP50 rewards keeping nearly everything
     nms_iou_min: float = 0.2  # the leaderboard's best used 0.2-0.5
     detections_min: int = 50  # 50 -> 250 per image moved one reference result 0.33 -> 0.44
@@ -60,20 +62,35 @@ class SettingsSpace:
             (0 <= self.score_threshold[0] <= self.score_threshold[1] < 1, "score threshold range in [0, 1)"),
             (0 < self.mask_threshold[0] <= self.mask_threshold[1] < 1, "mask threshold range in (0, 1)"),
             (0 < self.merge_iou[0] <= self.merge_iou[1] <= 1, "merge IoU range in (0, 1]"),
+            (self.models >= 1, f"--ensemble {self.models}: give 1 or more"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"inference search: {message}")
 
 
+def scale_sets(scales: Sequence[float]) -> list[str]:
+    """Every non-empty set of the test scales, as ``scales_label``s: each scale alone, then
+    merged pairs, and so on (3 scales: 7 sets)."""
+    ordered = sorted(set(scales))
+    return [
+        scales_label(chosen)
+        for size in range(1, len(ordered) + 1)
+        for chosen in itertools.combinations(ordered, size)
+    ]
+
+
 def suggest_settings(trial: Suggester, space: SettingsSpace) -> InferenceSettings:
-    """One point of ``space``, asked of ``trial`` (the merge IoU only when flips are on)."""
-    scale = trial.suggest_categorical("scale", list(space.scales))
+    """One point of ``space``, asked of ``trial`` (the merge IoU only when passes are merged)."""
+    scales = parse_scales(trial.suggest_categorical("scales", scale_sets(space.scales)))
+    models = trial.suggest_int("models", 1, space.models) if space.models > 1 else 1
     tta = bool(space.flips) and trial.suggest_categorical("tta", [False, True])
-    merge_iou = trial.suggest_float("merge_iou", *space.merge_iou) if tta else InferenceSettings.merge_iou
+    merged = tta or len(scales) > 1 or models > 1
+    merge_iou = trial.suggest_float("merge_iou", *space.merge_iou) if merged else InferenceSettings.merge_iou
     return InferenceSettings(
-        scale=scale,
+        scales=scales,
         flips=space.flips if tta else (),
+        models=models,
         merge_iou=merge_iou,
         score_threshold=trial.suggest_float("score_threshold", *space.score_threshold),
         nms_iou=trial.suggest_float("nms_iou", space.nms_iou_min, space.cache.nms_iou),
@@ -85,15 +102,20 @@ def suggest_settings(trial: Suggester, space: SettingsSpace) -> InferenceSetting
 
 
 def grid_values(space: SettingsSpace) -> dict[str, list[Any]]:
-    """A grid over the same names (three values per range, its ends and middle); the merge IoU
-    is fixed at cellseg.tta's default, so that a grid point without flips is not repeated."""
+    """A grid over the same names (three values per range, its ends and middle; every ensemble
+    size); the merge IoU is fixed at cellseg.tta's default, so that a grid point without merged
+    passes is not repeated."""
 
     def three(low: float, high: float) -> list[float]:
         return sorted({low, (low + high) / 2, high})
 
-    grid: dict[str, list[Any]] = {"scale": list(space.scales)}
+    grid: dict[str, list[Any]] = {"scales": scale_sets(space.scales)}
+    if space.models > 1:
+        grid["models"] = list(range(1, space.models + 1))
     if space.flips:
-        grid.update(tta=[False, True], merge_iou=[InferenceSettings.merge_iou])
+        grid["tta"] = [False, True]
+    if space.flips or len(grid["scales"]) > 1 or space.models > 1:
+        grid["merge_iou"] = [InferenceSettings.merge_iou]
     low, high = space.detections_min, space.cache.detections
     return {
         **grid,

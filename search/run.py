@@ -167,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TRIALS}); export --best then uses them",
     )
     p.add_argument(
+        "--tune-inference-ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --tune-inference: tune the ensemble of the K best trials instead (cellseg "
+        "tune-inference --best --ensemble K: K times the validation passes; the ensemble size "
+        "1..K is searched; export --best --ensemble K then uses the settings; default 1)",
+    )
+    p.add_argument(
         "--keep-top",
         type=int,
         default=DEFAULT_KEEP_TOP,
@@ -611,13 +620,29 @@ def resume_command_for(args: argparse.Namespace, name: str, argv: Sequence[str])
 
 def check_run_flags(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     """Refuse before Ray starts: a stray or malformed fault drill and a malformed driver drill (as
-    ``environ`` sets them), a negative ``--ci-top`` or ``--keep-top``."""
+    ``environ`` sets them), a negative ``--ci-top`` or ``--keep-top``, an ensemble to tune that
+    cannot be."""
     check_fault_drill(environ.get(FAULT_ENV), args.fault_drill)
     check_driver_drill(environ.get(DRILL_ENV))
     if args.ci_top < 0:
         raise ConfigError(f"--ci-top must be 0 (off) or more, got {args.ci_top}")
     if args.keep_top < 0:
         raise ConfigError(f"--keep-top must be 0 (keep every checkpoint) or more, got {args.keep_top}")
+    check_tune_ensemble(args.tune_inference_ensemble, args.tune_inference, args.keep_top)
+
+
+def check_tune_ensemble(ensemble: int, tune_trials: int | None, keep_top: int) -> None:
+    """ConfigError for an ensemble to tune that cannot be: below 1, without --tune-inference, or
+    more trials than --keep-top keeps checkpoints of."""
+    if ensemble < 1:
+        raise ConfigError(f"--tune-inference-ensemble {ensemble}: give 1 or more")
+    if ensemble > 1 and not tune_trials:
+        raise ConfigError("--tune-inference-ensemble needs --tune-inference")
+    if 0 < keep_top < ensemble:
+        raise ConfigError(
+            f"--tune-inference-ensemble {ensemble} needs the checkpoints of {ensemble} trials, but "
+            f"--keep-top {keep_top} keeps {keep_top}; raise --keep-top"
+        )
 
 
 @dataclass(frozen=True)
@@ -908,10 +933,10 @@ def conclude_search(
 
 
 def tune_chosen_inference(
-    tracker: Tracker, *, experiment: str, search: str, data_root: str, trials: int
+    tracker: Tracker, *, experiment: str, search: str, data_root: str, trials: int, ensemble: int = 1
 ) -> list[str]:
-    """``--tune-inference``: the inference settings of the run the search chose, tuned (``trials``
-    settings); a line each."""
+    """``--tune-inference``: the inference settings of the run the search chose (of its
+    ``ensemble`` best runs' ensemble), tuned (``trials`` settings); a line each."""
     with tempfile.TemporaryDirectory() as scratch:
         tuned = tune_inference(
             tracker,
@@ -921,6 +946,7 @@ def tune_chosen_inference(
             data_root=data_root,
             scratch=Path(scratch),
             trials=trials,
+            ensemble=ensemble,
         )
     return [f"inference {key}: {value}" for key, value in tuned.items()]
 
@@ -1011,7 +1037,12 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print("\n".join(outcome.lines(metric)))
     if args.tune_inference:
         tuned = tune_chosen_inference(
-            tracker, experiment=args.experiment, search=name, data_root=data, trials=args.tune_inference
+            tracker,
+            experiment=args.experiment,
+            search=name,
+            data_root=data,
+            trials=args.tune_inference,
+            ensemble=args.tune_inference_ensemble,
         )
         print("\n".join(tuned))
     print("\n".join(next_steps(tracker.uri, args.experiment, tracker.experiment_id(args.experiment), data)))

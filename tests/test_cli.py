@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import re
@@ -33,7 +34,7 @@ from cellseg.data import (
     scan_train,
     targets_from_label_maps,
 )
-from cellseg.tracking import RUN_DIR_TAG, SOURCE_TAG, Tracker
+from cellseg.tracking import RUN_DIR_TAG, SEARCH_TAG, SOURCE_TAG, Tracker
 from tiffutil import HUGE, write_zeros_lzw
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
@@ -739,7 +740,7 @@ def test_tune_inference_then_export_uses_the_tuned_settings(
     )
     assert tune_run.data.tags["mlflow.parentRunId"] == run_id
     assert tune_run.data.tags[SOURCE_TAG] == "tune-inference" and tune_run.info.status == "FINISHED"
-    assert {"settings.score_threshold", "settings.nms_iou", "settings.detections", "settings.scale"} <= set(
+    assert {"settings.score_threshold", "settings.nms_iou", "settings.detections", "settings.scales"} <= set(
         tune_run.data.params
     )
     metrics = tune_run.data.metrics
@@ -759,7 +760,7 @@ def test_tune_inference_then_export_uses_the_tuned_settings(
     output = tmp_path / "tuned.json"
     export = ["export", "--best", "--data", data, "--output", str(output), *mlflow]
     assert main(export) == 0
-    assert "inference_settings: tuned (scale=" in capsys.readouterr().out
+    assert "inference_settings: tuned (scales=" in capsys.readouterr().out
     provenance = json.loads((tmp_path / "tuned.provenance.json").read_text())
     assert provenance["inference_settings"]["detections"] == saved["settings"]["detections"]
     assert main([*export, "--no-tuned-settings"]) == 0
@@ -788,6 +789,82 @@ def test_tune_inference_then_export_uses_the_tuned_settings(
     assert "trials: 3" in capsys.readouterr().out
     assert main(["tune-inference", "--best", *mlflow]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_tune_inference_of_an_ensemble_then_export_uses_its_settings(
+    workspace: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """tune-inference --best --ensemble 2 on a search of its own experiment (trials holding r1's
+    and r2's checkpoints): the single best against the ensemble recorded, the settings file naming
+    the members; export --best --ensemble 2 uses it while the same runs are chosen, and not once
+    the second best changes; members validated on different splits are refused by name."""
+    tracker = Tracker(workspace["uri"])
+    cfg = checkpoint_config(load_checkpoint(checkpoint_of(workspace, "r1")))
+    parent = tracker.start_run("ens", "s1", tags={SOURCE_TAG: "search-parent", SEARCH_TAG: "s1"})
+
+    def trial(name: str, source: str, value: float, trial_cfg=cfg) -> str:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        shutil.copy(checkpoint_of(workspace, source), run_dir / "best.pt")
+        run_id = tracker.start_run(
+            "ens",
+            name,
+            params=flatten(trial_cfg),
+            tags={SOURCE_TAG: "search"},
+            parent_run_id=parent,
+            dataset=dataset_fingerprint(trial_cfg.data),
+        )
+        tracker.finish_run(run_id, run_dir, trial_cfg, value)
+        return run_id
+
+    first, second = trial("a", "r1", 0.6), trial("b", "r2", 0.5)
+    data = str(workspace["data"])
+    mlflow = ["--experiment", "ens", "--tracking-uri", workspace["uri"], "--no-progress"]
+    tune = ["tune-inference", "--best", "--data", data, "--ensemble", "2", "--no-tta", *mlflow]
+    code = main([*tune, "--scales", "1", "1.25", "--trials", "6"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"members: {first} (a), {second} (b)" in captured.out
+    tune_run = workspace["client"].get_run(
+        re.search(r"^tune_inference_run: (\w+)$", captured.out, re.M).group(1)
+    )
+    assert tune_run.data.tags["mlflow.parentRunId"] == parent
+    assert tune_run.data.params["members"] == f"{first},{second}" and tune_run.data.params["ensemble"] == "2"
+    metrics = tune_run.data.metrics
+    assert {"val_segm_AP50_single", "val_segm_AP50_ensemble_2"} <= set(metrics)
+    assert metrics["val_segm_AP50_after"] == max(
+        metrics["val_segm_AP50_single"], metrics["val_segm_AP50_ensemble_2"]
+    )
+    saved_file = tracker.download_artifact(first, "checkpoint/inference-ensemble2.json", tmp_path / "saved")
+    saved = json.loads(saved_file.read_text())
+    assert saved["members"] == [first, second] and saved["tuned_run"] == first
+    models = saved["settings"]["models"]
+
+    output = tmp_path / "ensemble.json"
+    export = ["export", "--best", "--data", data, "--ensemble", "2", "--output", str(output), *mlflow]
+    assert main(export) == 0
+    out = capsys.readouterr().out
+    assert "inference_settings: tuned (scales=" in out and f"models: {models}\n" in out
+    provenance = json.loads((tmp_path / "ensemble.provenance.json").read_text())
+    assert provenance["inference_settings"]["models"] == models
+    assert provenance["inference_settings"]["scales"] == saved["settings"]["scales"]
+    assert main([*export, "--merge-iou", "0.5"]) == 2
+    assert "--no-tuned-settings" in capsys.readouterr().err
+
+    third = trial("c", "r2", 0.55)  # now the second best: the settings were tuned for others
+    assert main(export) == 0
+    assert (
+        f"the model's own (inference-ensemble2.json of run {first} was tuned for runs {first}, {second}, "
+        f"but the runs chosen now are {first}, {third}" in capsys.readouterr().out
+    )
+
+    other_split = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + 1)
+    )
+    fourth = trial("d", "r1", 0.9, other_split)
+    assert main([*tune, "--scales", "1", "--trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "different splits" in err and f"{fourth} (d)" in err and f"{first} (a)" in err
 
 
 # ----------------------------------------------------------------------------- real data

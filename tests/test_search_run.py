@@ -400,6 +400,13 @@ def test_drills_and_negative_counts_are_refused_before_ray_starts():
         (["--keep-top", "-1"], {}, "--keep-top must be 0 (keep every checkpoint) or more, got -1"),
         ([], {FAULT_ENV: "oom@2"}, f"{FAULT_ENV}='oom@2' is set but --fault-drill is not"),
         ([], {DRILL_ENV: "s1:boom@upload"}, f"{DRILL_ENV}='s1:boom@upload': expected"),
+        (["--tune-inference-ensemble", "2"], {}, "--tune-inference-ensemble needs --tune-inference"),
+        (
+            ["--tune-inference", "--tune-inference-ensemble", "3", "--keep-top", "2"],
+            {},
+            "--tune-inference-ensemble 3 needs the checkpoints of 3 trials, but --keep-top 2 keeps 2",
+        ),
+        (["--tune-inference", "--tune-inference-ensemble", "0"], {}, "--tune-inference-ensemble 0: give 1"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_run_flags(build_parser().parse_args(flags), environ)
