@@ -116,6 +116,7 @@ class MlflowTrialLogger(Callback):
         self._outbox: Outbox | None = None
         self._runs: dict[str, str] = {}
         self._logged_epoch: dict[str, int] = {}
+        self._node: dict[str, str] = {}  # trial id -> the node its run's tag names
         self._closed: set[str] = set()  # trials whose run is closed, or queued to be
         self._elsewhere: set[str] = set()  # trials of the search's other Tune experiments
         self._reconciled = False
@@ -131,6 +132,7 @@ class MlflowTrialLogger(Callback):
             _outbox=None,
             _runs={},
             _logged_epoch={},
+            _node={},
             _closed=set(),
             _elsewhere=set(),
             _reconciled=False,
@@ -339,8 +341,9 @@ class MlflowTrialLogger(Callback):
             return  # an older checkpoint
         run_id = self._runs[trial_id]
         self.tracker.log_metrics(run_id, metrics, step=epoch)
-        if node_id:
+        if node_id and self._node.get(trial_id) != node_id:  # once per node: not a write per epoch
             self.tracker.set_tags(run_id, {"ray.node_id": node_id})
+            self._node[trial_id] = node_id
         self._logged_epoch[trial_id] = epoch
 
     def _apply_close(

@@ -510,6 +510,13 @@ class SearchInterrupted(Exception):
     """The search was stopped with Ctrl-C; it can be resumed."""
 
 
+def fit_tuner(tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool) -> list[tune.Result]:
+    """Run ``tuner`` to its end in the search's Tune environment (:func:`tune_environment`) with at
+    most ``max_pending`` trials waiting for resources; its trials' results."""
+    with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}), tune_environment(strict_metrics):
+        return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+
+
 @contextlib.contextmanager
 def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command: str) -> Iterator[None]:
     """Close the parent run if the block raises: KILLED for Ctrl-C (SearchInterrupted, naming
@@ -756,11 +763,8 @@ class SearchPhases:
 
     def fit(self, tuner: tune.Tuner) -> list[tune.Result]:
         """Run ``tuner`` in Tune's environment for this search; its trials' results."""
-        with (
-            scoped_environ({PENDING_TRIALS_ENV: str(self.max_pending)}),
-            tune_environment(strict_metrics=metric_every_epoch(self.inputs.base, self.inputs.space)),
-        ):
-            ended = list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
+        strict = metric_every_epoch(self.inputs.base, self.inputs.space)
+        ended = fit_tuner(tuner, max_pending=self.max_pending, strict_metrics=strict)
         self.trained.extend(ended)
         return ended
 

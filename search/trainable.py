@@ -18,7 +18,6 @@ from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 
 from cellseg.config import apply_overrides, config_from_dict
-from cellseg.run_pictures import write_run_pictures
 from cellseg.training import fit, resolve_device
 from search.faults import fault_from_env, no_fault
 
@@ -80,6 +79,10 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bo
 
     def report(metrics: dict[str, float], directory: Path) -> None:
         if int(metrics["epoch"]) == cfg.train.epochs:  # pictures go into the last checkpoint
+            # imported here: matplotlib costs every worker a fraction of a second at start, and
+            # most trials never reach their last epoch (ASHA stops them)
+            from cellseg.run_pictures import write_run_pictures
+
             write_run_pictures(directory, resolve_device(cfg.train.device))
         inject(int(metrics["epoch"]))
         tune.report({**metrics, NODE_KEY: node_id}, checkpoint=tune.Checkpoint.from_directory(str(directory)))

@@ -25,6 +25,7 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "tune_overhead",
         "reseed_choice",
         "search_efficiency",
+        "driver_scale",
     ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:

@@ -154,3 +154,15 @@ def test_a_callback_leaves_the_open_runs_of_the_searchs_other_experiments_alone(
     resumed.on_experiment_end([])
     run = child(tracker, "r_00001")
     assert run.info.status == "KILLED" and run.data.tags["error"] == LOST
+
+
+def test_the_node_tag_names_the_node_of_the_trials_latest_epoch(store):
+    """A trial's run is tagged with its node once, and again when a retry moved it to another."""
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    t = trial("t_00001")
+    callback.on_trial_start(0, [t], t)
+    for epoch, node in ((1, "node-a"), (2, "node-a"), (3, "node-b")):
+        result = {"epoch": epoch, "training_iteration": epoch, "segm_AP50": 0.1, "node_id": node}
+        callback.on_trial_result(0, [t], t, result)
+        assert child(tracker, "t_00001").data.tags["ray.node_id"] == node

@@ -116,6 +116,8 @@ def test_every_trial_is_a_child_run_with_params_and_per_epoch_metrics(search):
         assert ("checkpoint" in artifacts) != ("cellseg.checkpoint_dropped" in child.data.tags)
         expected = "FINISHED" if len(epochs) == MAX_EPOCHS else "KILLED"
         assert child.info.status == expected
+        # a trial draws its pictures at its last epoch (the worker imports the plotting then)
+        assert ("pictures" in artifacts) == (expected == "FINISHED")
 
 
 def test_only_the_best_trials_keep_their_checkpoint_stored_once_in_mlflow(search):

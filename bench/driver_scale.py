@@ -1,0 +1,365 @@
+"""Driver scale: the search driver's own cost per result and per trial as finished trials pile up.
+
+Runs ``--trials`` trials of up to ``--max-epochs`` (24) reported epochs of a trivial trainable
+(no model: each epoch's metrics are a formula of the sampled parameters plus seeded noise, under
+the names the real trainable reports, with a tiny ``best.pt`` and ``last.pt`` as its checkpoint)
+through the search driver's own pieces from ``search/run.py`` with its flags' defaults: a
+``SearchPhases`` (the demo space, the Optuna searcher with PRUNED for trials ASHA stops on SQLite,
+ASHA, the MLflow callback with its outbox on a SQLite store and ``--keep-top``, Tune's storage and
+environment), and at the end ``finish_search``. Ray runs locally with
+2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
+tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
+trial, its wall time per result, the time inside the MLflow callback per result, and its resident
+memory; then the peak driver RSS and the stores' sizes. The ratio line is the driver's CPU time
+per result in the last bucket against the second (1.00x: flat; the first holds Ray's start and
+the two baselines, which run every epoch).
+
+    python bench/driver_scale.py [--tiny] [--trials N] [--max-epochs E] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+from cellseg.checkpoint import BEST, LAST, save_checkpoint
+from cellseg.config import config_to_dict
+from cellseg.data import make_synthetic_dataset
+from cellseg.task import metric_names
+from cellseg.tracking import Tracker
+from search.efficiency import trial_slots
+from search.mlflow_callback import MlflowTrialLogger
+from search.run import (
+    STUDY_FILE,
+    SearchPhases,
+    build_parser,
+    check_outbox_empty,
+    ended_trials,
+    finish_search,
+    open_parent_run,
+    pending_trials,
+    search_inputs,
+    storage_paths,
+)
+from search.trainable import NODE_KEY
+
+NAME = "driver-scale"
+EXPERIMENT = "driver-scale"
+SPACE = common.TRIALS / "space_demo.yaml"
+BASE = common.TRIALS / "demo.yaml"
+LOSSES = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+STEPS = 200  # best.pt files made once, for metric values 0, 1/STEPS, ..., 1
+
+
+def trivial_trial(
+    config: dict[str, Any],
+    *,
+    epochs: int,
+    metric: str,
+    names: list[str],
+    bests: dict[int, bytes],
+    node_key: str,
+) -> None:
+    """A trial without a model: ``metric`` approaches a value set by ``config`` with seeded noise.
+
+    Self-contained (no cellseg, no torch) so that a worker starts as fast as Ray allows: its
+    ``best.pt`` is one of ``bests`` (made by the driver, keyed by the metric in 1/STEPS steps).
+    """
+    import ray
+    from ray import tune
+
+    node_id = ray.get_runtime_context().get_node_id()  # reported with every epoch, as the real trial does
+
+    lr = float(config.get("optim.lr", 1e-3))
+    final = 0.7 - 0.06 * (math.log10(lr) + 2.5) ** 2 + 0.03 * (config.get("model.backbone") == "resnet34")
+    final += {"adam": 0.02, "adamw": 0.03}.get(str(config.get("optim.name")), 0.0)
+    final -= 0.05 * abs(float(config.get("augment.color_jitter_p", 0.3)) - 0.3)
+    rng = random.Random(zlib.crc32(repr(sorted(config.items())).encode()))
+    folder = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ["DRIVER_SCALE_SCRATCH"]))
+    best = -1.0
+    for epoch in range(1, epochs + 1):
+        value = min(max(final * (1 - math.exp(-epoch / 5)) + rng.gauss(0, 0.01), 0.0), 1.0)
+        metrics = {name: value * (0.6 if "AP50" not in name else 1.0) for name in names}
+        metrics.update({f"train_{k}": 2.0 / epoch + rng.random() * 0.01 for k in LOSSES})
+        metrics.update({"epoch": float(epoch), "lr": lr, "epoch_train_s": 0.01, "epoch_val_s": 0.01})
+        metrics.update({metric: value, node_key: node_id})
+        if value > best:
+            best = value
+            (folder / BEST).write_bytes(bests[round(value * STEPS)])
+        (folder / LAST).write_bytes(b"\0" * 1024)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+
+@dataclass
+class Sample:
+    """The driver's clocks when a trial ended."""
+
+    finished: int
+    results: int
+    cpu_s: float
+    wall_s: float
+    callback_s: float
+    rss_mb: float
+
+
+class TimedTrialLogger(MlflowTrialLogger):
+    """The search's MLflow callback, timing its own result and end hooks and sampling the driver's
+    clocks at every trial's end."""
+
+    samples: list[Sample]
+    results: int
+    callback_s: float
+
+    @classmethod
+    def like(cls, logger: MlflowTrialLogger) -> TimedTrialLogger:
+        """A timed callback with ``logger``'s settings."""
+        timed = cls.__new__(cls)
+        timed.__dict__.update(vars(logger))
+        timed.samples, timed.results, timed.callback_s = [], 0, 0.0
+        return timed
+
+    def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        super().on_trial_result(*args, **kwargs)
+        self.results += 1
+        self.callback_s += time.perf_counter() - start
+
+    def on_trial_complete(self, *args: Any, **kwargs: Any) -> None:
+        self._timed_end(super().on_trial_complete, *args, **kwargs)
+
+    def on_trial_error(self, *args: Any, **kwargs: Any) -> None:
+        self._timed_end(super().on_trial_error, *args, **kwargs)
+
+    def _timed_end(self, hook: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        hook(*args, **kwargs)
+        self.callback_s += time.perf_counter() - start
+        self.samples.append(
+            Sample(
+                len(self.samples) + 1,
+                self.results,
+                time.process_time(),
+                time.perf_counter(),
+                self.callback_s,
+                rss_mb(),
+            )
+        )
+
+
+class TimedSearch(SearchPhases):
+    """The search's phases, each experiment's MLflow callback a :class:`TimedTrialLogger`."""
+
+    logger: TimedTrialLogger
+
+    def trial_logger(self, *args: Any, **kwargs: Any) -> MlflowTrialLogger:
+        self.logger = TimedTrialLogger.like(super().trial_logger(*args, **kwargs))
+        return self.logger
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MiB)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def best_files(metric: str) -> dict[int, bytes]:
+    """A tiny ``best.pt`` (a cellseg checkpoint without weights) for each metric step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for step in range(STEPS + 1):
+            path = save_checkpoint(
+                Path(tmp) / BEST, {"config": {}, "model": {}, "epoch": 0, "metrics": {metric: step / STEPS}}
+            )
+            files[step] = path.read_bytes()
+        return files
+
+
+def bucket_rows(samples: list[Sample], start: Sample, ends: list[int]) -> list[list[Any]]:
+    """One row per bucket of finished trials ending at each of ``ends``."""
+    rows, before = [], start
+    for end in ends:
+        last = samples[min(end, len(samples)) - 1]
+        results, trials = last.results - before.results, last.finished - before.finished
+        if not results:
+            continue
+        cpu = last.cpu_s - before.cpu_s
+        rows.append(
+            [
+                f"{before.finished + 1}-{last.finished}",
+                results,
+                1000 * cpu / results,
+                1000 * (last.wall_s - before.wall_s) / results,
+                1000 * (last.callback_s - before.callback_s) / results,
+                cpu / trials,
+                last.rss_mb,
+            ]
+        )
+        before = last
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="12 trials of up to 3 epochs: seconds")
+    parser.add_argument("--trials", type=int, help="trials to run (default 200; 12 with --tiny)")
+    parser.add_argument(
+        "--max-epochs", type=int, help="epochs of a trial ASHA never stops (default 24; 3 with --tiny)"
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, default=2, help="trials at a time (Ray gets 2 CPUs); default 2"
+    )
+    parser.add_argument("--keep-top", type=int, default=5, help="as search/run.py's --keep-top (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    parser.add_argument(
+        "--profile", help="write cProfile statistics of the driver's main thread to this file"
+    )
+    args = parser.parse_args()
+    trials = args.trials or (12 if args.tiny else 200)
+    epochs = args.max_epochs or (3 if args.tiny else 24)
+    if trials < 1 or epochs < 1:
+        parser.error("--trials and --max-epochs must be at least 1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    import ray
+
+    print(common.machine())
+    with tempfile.TemporaryDirectory(prefix="bench-driver-") as tmp:
+        folder = Path(tmp)
+        os.environ["DRIVER_SCALE_SCRATCH"] = str(folder / "scratch")  # the trials' workers inherit it
+        (folder / "scratch").mkdir()
+        data = make_synthetic_dataset(folder / "data", seed=0, n_train=4, n_test=1, max_side=64, max_cells=5)
+        flags = [
+            *("--data", str(data), "--space", str(SPACE), "--base", str(BASE)),
+            *("--num-samples", str(trials), "--max-epochs", str(epochs), "--seed", str(args.seed)),
+            *("--max-concurrent", str(args.max_concurrent), "--keep-top", str(args.keep_top)),
+            *("--storage", str(folder / "storage"), "--experiment", EXPERIMENT, "--name", NAME),
+        ]
+        run_args = build_parser().parse_args(flags)  # search/run.py's defaults for the rest
+        inputs = search_inputs(run_args)
+        metric = inputs.base.train.metric
+        storage_path, local_dir = storage_paths(run_args.storage, NAME)
+        local_dir.mkdir(parents=True)
+        tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
+        parent_run_id = open_parent_run(
+            tracker,
+            experiment=EXPERIMENT,
+            name=NAME,
+            resume=False,
+            params={"trials": trials},
+            tags={},
+            texts={},
+        )
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        per_trial = {"CPU": 2 / args.max_concurrent, "GPU": 0.0}
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(
+                trivial_trial,
+                epochs=epochs,
+                metric=metric,
+                names=list(metric_names()),
+                bests=best_files(metric),
+                node_key=NODE_KEY,
+            ),
+            {"cpu": per_trial["CPU"]},
+        )
+        search = TimedSearch(
+            args=run_args,
+            name=NAME,
+            tracker=tracker,
+            parent_run_id=parent_run_id,
+            inputs=inputs,
+            base_dict=config_to_dict(inputs.base),
+            storage_path=storage_path,
+            local_dir=local_dir,
+            max_pending=pending_trials(None, args.max_concurrent, None),
+            trainable=trainable,
+        )
+        tuner = search.search_tuner(NAME, seed=args.seed)
+        print(
+            f"{trials} trials of up to {epochs} epochs, {args.max_concurrent} at a time, in {folder}",
+            flush=True,
+        )
+        start = Sample(0, 0, time.process_time(), time.perf_counter(), 0.0, rss_mb())
+        profile = cProfile.Profile() if args.profile else None
+        if profile:
+            profile.enable()
+        results = search.fit(tuner)
+        fit_s = time.perf_counter() - start.wall_s
+        check_outbox_empty(local_dir, tracker, NAME)
+        finish_start = time.perf_counter()
+        finish_search(
+            tracker,
+            parent_run_id,
+            results,
+            name=NAME,
+            metric=metric,
+            max_epochs=epochs,
+            local_dir=local_dir,
+            optuna_storage=search.optuna_storage,
+            experiment=EXPERIMENT,
+            started=start.wall_s,
+            trained=search.trained,
+            slots=trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, trials),
+        )
+        finish_s = time.perf_counter() - finish_start
+        if profile:
+            profile.disable()
+            profile.dump_stats(args.profile)
+        ray.shutdown()
+        ended = ended_trials(tracker, EXPERIMENT, parent_run_id)
+        sizes = {
+            "MLflow store (mlflow.db)": (folder / "mlflow.db").stat().st_size,
+            "MLflow artifacts": common_size(folder / "mlartifacts"),
+            "Optuna study": (local_dir / STUDY_FILE).stat().st_size,
+            "Tune storage (with the study)": common_size(Path(storage_path)),
+        }
+    logger = search.logger
+    samples = logger.samples
+    ends = sorted({max(1, trials // 10), max(1, 3 * trials // 10), trials})
+    print(
+        f"{len(samples)} trials ended, {logger.results} results, {len(ended)} runs exportable; Tuner.fit {fit_s:.1f} s"
+    )
+    common.print_table(
+        [
+            "finished trials",
+            "results",
+            "driver CPU ms/result",
+            "wall ms/result",
+            "MLflow callback ms/result",
+            "driver CPU s/trial",
+            "driver RSS MiB",
+        ],
+        bucket_rows(samples, start, ends),
+    )
+    common.print_table(
+        ["figure", "value"],
+        [
+            ["peak driver RSS (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024],
+            ["finish_search (s)", finish_s],
+            *[[f"{name} (MB)", size / 1e6] for name, size in sizes.items()],
+        ],
+    )
+    rows = bucket_rows(samples, start, ends)
+    # against the second bucket: the first holds Ray's start and the baselines' full runs
+    common.print_ratio(
+        "driver CPU per result, last bucket/second", rows[-1][2] / rows[min(1, len(rows) - 1)][2]
+    )
+
+
+def common_size(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+if __name__ == "__main__":
+    main()
