@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
     p.add_argument("out_dir")
-    p.add_argument("--train", type=_at_least(0), default=40, help="training images")
-    p.add_argument("--test", type=_at_least(0), default=10, help="test images")
+    p.add_argument("--train", type=at_least(0), default=40, help="training images")
+    p.add_argument("--test", type=at_least(0), default=10, help="test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--epochs",
-        type=_at_least(1),
+        type=at_least(1),
         help="train this many epochs instead of ceil(best epoch x its training images / all images)",
     )
     _add_run_options(
@@ -364,13 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="Optuna's TPE, or a grid")
     p.add_argument(
         "--trials",
-        type=_at_least(1),
+        type=at_least(1),
         help="settings scored (default 50; a grid search takes this many of its points)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler")
     p.add_argument(
         "--cache-detections",
-        type=_at_least(1),
+        type=at_least(1),
         help="detections kept per image and pass in the cache, the most a setting can keep "
         "(default twice model.detections_per_img)",
     )
@@ -491,7 +491,7 @@ def _add_run_options(
     )
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
+def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number >= ``minimum``."""
 
     def whole_number(text: str) -> int:

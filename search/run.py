@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.best_run import Candidate, candidate, export_order, first_kept
-from cellseg.cli import _at_least
+from cellseg.cli import at_least
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tune-inference",
-        type=_at_least(1),
+        type=at_least(1),
         nargs="?",
         const=DEFAULT_TRIALS,
         metavar="TRIALS",
