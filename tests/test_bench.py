@@ -38,3 +38,47 @@ def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert RATIO.search(proc.stdout), proc.stdout
+
+
+def test_real_second_stage_holds_out_training_folders_as_a_scored_test_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/real_second_stage.py's split: the held-out folders become test images with their own
+    masks as ground truth, so a submission of those masks scores AP50 1 and the rest train."""
+    import json
+
+    import numpy as np
+
+    from cellseg.commands import score_export
+    from cellseg.data import make_synthetic_dataset, scan_train
+    from cellseg.data.layout import load_test_images
+    from cellseg.data.sample import load_label_maps
+    from cellseg.data.targets import targets_from_label_maps
+    from cellseg.evaluation import ImagePrediction, coco_results
+    from cellseg.rle import encode_mask
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import real_second_stage
+
+    source = make_synthetic_dataset(tmp_path / "real", 6, 0, seed=3, profile="medium")
+    data = real_second_stage.split_real(source, tmp_path / "out", 2, seed=0)
+    held_out = {item.folder.name for item in scan_train(source)} - {
+        item.folder.name for item in scan_train(data)
+    }
+    test_images = load_test_images(data)
+    assert len(held_out) == 2 and {Path(t.file_name).stem for t in test_images} == held_out
+    results = []
+    for test_image in test_images:  # the held-out folders' own masks as the submission
+        folder = source / "train" / Path(test_image.file_name).stem
+        [item] = [i for i in scan_train(source) if i.folder == folder]
+        shape = (test_image.height, test_image.width)
+        target = targets_from_label_maps(load_label_maps(item.class_paths, shape))
+        masks, n = target["masks"], len(target["labels"])
+        prediction = ImagePrediction(
+            target["boxes"], target["labels"], np.ones(n), [encode_mask(m) for m in masks]
+        )
+        results += coco_results(test_image.image_id, prediction)
+    (tmp_path / "perfect.json").write_text(json.dumps(results))
+    assert score_export(tmp_path / "perfect.json", data)["segm_AP50"] == pytest.approx(1.0)
+    (tmp_path / "empty.json").write_text("[]")
+    assert score_export(tmp_path / "empty.json", data)["segm_AP50"] == 0.0
