@@ -22,6 +22,7 @@ from cellseg.checkpoint import BEST, PICTURES
 from cellseg.config import Config, config_to_dict
 from cellseg.data.fingerprint import DataFingerprint
 from cellseg.errors import TrackingError
+from cellseg.sqlite_commits import fast_commits
 from cellseg.telemetry_off import switch_off_telemetry
 
 switch_off_telemetry()  # before mlflow is imported: it decides at import whether to report usage
@@ -134,6 +135,7 @@ class Tracker:
 
     def __init__(self, uri: str | None = None) -> None:
         self.uri = resolve_tracking_uri(uri)
+        fast_commits(self.uri)  # before MLflow's engine connects to a SQLite store
         self.client = MlflowClient(tracking_uri=self.uri)
 
     def check(self) -> None:

@@ -37,6 +37,7 @@ from cellseg.cli import at_least
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
+from cellseg.sqlite_commits import fast_commits
 from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
 from cellseg.weights import resolve_weights
@@ -737,6 +738,9 @@ class SearchPhases:
     max_pending: int
     trainable: Any
     trained: list[tune.Result] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        fast_commits(self.optuna_storage)  # the study's commits, new or restored (a resumed search)
 
     @property
     def optuna_storage(self) -> str:
