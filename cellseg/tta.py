@@ -8,11 +8,13 @@ every view. The passes are merged by one rule:
 - **Matching**: all passes' detections are taken highest score first; each one not yet taken
   starts a group, which takes from every other pass the not-yet-taken detection of the same class
   whose box IoU with the group's first detection is highest and at least ``iou_threshold``.
-- **Averaging** over all P passes: the group's score and its mask probabilities are the sums of
-  its members' divided by P, so **a pass without a member counts 0** (a detection that k of P
-  passes found keeps k/P of its mean score and mask probability: kept, with a penalty, never
-  dropped). The box is the plain mean of the members' boxes. Each member's box-relative mask is
-  resampled bilinearly onto the group's box (zero outside its own box) before averaging.
+- **Averaging**: the group's score is the sum of its members' divided by all P passes, so **a pass
+  without a member counts 0** (a detection that k of P passes found keeps k/P of its mean score:
+  kept, ranked lower, never dropped). Its box and mask probabilities are the plain means over its
+  k members: a pass that missed the instance says nothing about its shape (divided by P, the mask
+  of a detection one pass in three found would never reach 0.5 and vanish). Each member's
+  box-relative mask is resampled bilinearly onto the group's box (zero outside its own box) before
+  averaging.
 - Groups are ranked by merged score and the top ``max_detections`` kept; masks are then pasted and
   binarised at ``mask_threshold`` one at a time, as ``cellseg.predict`` does.
 
@@ -126,9 +128,7 @@ def merge_detections(
     groups = [groups[i] for i in order]
     merged_boxes = torch.stack([boxes[g].mean(dim=0) for g in groups]) if groups else boxes[:0]
     merged_masks = (
-        torch.stack(
-            [_mean_mask(boxes[g], masks[g], box, len(passes)) for g, box in zip(groups, merged_boxes)]
-        )
+        torch.stack([_mean_mask(boxes[g], masks[g], box) for g, box in zip(groups, merged_boxes)])
         if groups
         else masks[:0]
     )
@@ -163,9 +163,9 @@ def _candidates(
     }
 
 
-def _mean_mask(boxes: torch.Tensor, masks: torch.Tensor, box: torch.Tensor, passes: int) -> torch.Tensor:
-    """The members' (K, M, M) box-relative masks resampled onto ``box``, summed, divided by
-    ``passes`` (a member whose box is within ``_SAME_BOX`` pixels of ``box`` is taken as it is)."""
+def _mean_mask(boxes: torch.Tensor, masks: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """The mean of the members' (K, M, M) box-relative masks resampled onto ``box`` (a member whose
+    box is within ``_SAME_BOX`` pixels of ``box`` is taken as it is)."""
     same = (boxes - box).abs().amax(dim=1) <= _SAME_BOX
     total = masks[same].sum(dim=0)
     if not same.all():
@@ -183,7 +183,7 @@ def _mean_mask(boxes: torch.Tensor, masks: torch.Tensor, box: torch.Tensor, pass
             masks[~same][:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
         total = total + resampled[:, 0].sum(dim=0)
-    return total / passes
+    return total / len(masks)
 
 
 def predict_merged(
