@@ -145,6 +145,12 @@ def main() -> None:
     parser.add_argument("--lr-high", type=float, default=3e-3)
     parser.add_argument("--tune-trials", type=int, default=50)
     args = parser.parse_args()
+    if args.out.exists():
+        parser.error(
+            f"--out {args.out}: already exists; give a new folder (the run writes data, runs and logs there)"
+        )
+    if not 0 < args.test_folders < len(scan_train(args.real)):
+        parser.error(f"--test-folders {args.test_folders}: must leave training folders in {args.real}")
     args.out.mkdir(parents=True)
     started = datetime.now(UTC)
     data = split_real(args.real, args.out, args.test_folders, args.seed)
