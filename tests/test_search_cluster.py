@@ -3,8 +3,6 @@ storage, and a trial whose node is removed resumes on the other node from its ch
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -78,9 +76,12 @@ def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "driver.log"
 
-    def first_epoch_logged() -> bool:
+    def first_epoch_logged_from_worker() -> bool:
         client, _, children = search_runs(uri, "cluster", "n1")
-        return any(epochs_of(client, child) for child in children)
+        return any(
+            epochs_of(client, child) and child.data.tags.get("ray.node_id") == worker.node_id
+            for child in children
+        )
 
     driver = start_driver(
         [
@@ -104,7 +105,11 @@ def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(
             600,
             "the trial's first checkpoint",
         )
-        wait_for(first_epoch_logged, 120, "the driver to take the first result (MLflow has it)")
+        wait_for(
+            first_epoch_logged_from_worker,
+            120,
+            "the driver to take the first result from the worker node (MLflow has it)",
+        )
         ray.kill(holder)
         cluster.remove_node(worker)
         assert driver.wait(timeout=900) == 0, log.read_text()[-3000:]
@@ -113,8 +118,8 @@ def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(
             driver.kill()
     client, _, [child] = search_runs(uri, "cluster", "n1")
     assert child.info.status == "FINISHED" and child.data.tags["ray.num_failures"] == "1"
-    assert epochs_of(client, child) == [1, 2, 3]
-    [result_file] = storage.glob("n1/trial_*/result.json")
-    rows = [json.loads(line) for line in result_file.read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3], "the trial started over instead of resuming"
-    assert rows[0]["node_id"] == worker.node_id and rows[-1]["node_id"] == head_id
+    # MLflow is the record: Tune's own result.json is copied back from storage when a trial is
+    # retried, so it loses the rows reported after its last upload (here, at times, epoch 1)
+    epochs = epochs_of(client, child)  # repeats kept: a trial that started over logs 1 twice
+    assert epochs == [1, 2, 3], "the trial started over instead of resuming"
+    assert child.data.tags["ray.node_id"] == head_id
