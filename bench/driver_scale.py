@@ -23,11 +23,13 @@ import argparse
 import cProfile
 import math
 import os
+import pstats
 import random
 import resource
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,18 +117,19 @@ class Sample:
 
 class TimedTrialLogger(MlflowTrialLogger):
     """The search's MLflow callback, timing its own result and end hooks and sampling the driver's
-    clocks at every trial's end."""
+    clocks at every trial's end (then calling ``on_sample`` with the sample, when set)."""
 
     samples: list[Sample]
     results: int
     callback_s: float
+    on_sample: Callable[[Sample], None] | None
 
     @classmethod
     def like(cls, logger: MlflowTrialLogger) -> TimedTrialLogger:
         """A timed callback with ``logger``'s settings."""
         timed = cls.__new__(cls)
         timed.__dict__.update(vars(logger))
-        timed.samples, timed.results, timed.callback_s = [], 0, 0.0
+        timed.samples, timed.results, timed.callback_s, timed.on_sample = [], 0, 0.0, None
         return timed
 
     def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
@@ -155,6 +158,8 @@ class TimedTrialLogger(MlflowTrialLogger):
                 rss_mb(),
             )
         )
+        if self.on_sample is not None:
+            self.on_sample(self.samples[-1])
 
 
 class TimedSearch(SearchPhases):
@@ -209,6 +214,42 @@ def bucket_rows(samples: list[Sample], start: Sample, ends: list[int]) -> list[l
     return rows
 
 
+class BucketProfile:
+    """A cProfile of the driver's main thread in that thread's CPU time (waits cost nothing), its
+    statistics kept at each bucket's end, so that what grows from one bucket to the next can be
+    named."""
+
+    def __init__(self, ends: list[int]) -> None:
+        self.ends = set(ends)
+        self.profile = cProfile.Profile(time.thread_time)
+        self.snapshots: list[tuple[int, dict[Any, tuple]]] = [(0, {})]  # (finished trials, stats)
+
+    def sample(self, sample: Sample) -> None:
+        if sample.finished in self.ends:
+            self.profile.create_stats()  # stops the profile
+            self.snapshots.append((sample.finished, dict(self.profile.stats)))  # type: ignore[attr-defined]
+            self.profile.enable()
+
+    def growth(self, top: int = 15) -> list[list[Any]]:
+        """The functions whose inclusive CPU time per finished trial grew most from the second
+        bucket to the last: name, ms/trial in each bucket."""
+        per_trial = []
+        for (n0, before), (n1, after) in zip(self.snapshots, self.snapshots[1:], strict=False):
+            trials = max(n1 - n0, 1)
+            per_trial.append(
+                {
+                    key: 1000 * (value[3] - before.get(key, (0, 0, 0, 0))[3]) / trials
+                    for key, value in after.items()
+                }
+            )
+        first, last = per_trial[min(1, len(per_trial) - 1)], per_trial[-1]
+        grown = sorted(last, key=lambda key: last[key] - first.get(key, 0.0), reverse=True)[:top]
+        return [
+            [pstats.func_std_string(key)[-70:], *(bucket.get(key, 0.0) for bucket in per_trial)]
+            for key in grown
+        ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="12 trials of up to 3 epochs: seconds")
@@ -222,7 +263,9 @@ def main() -> None:
     parser.add_argument("--keep-top", type=int, default=5, help="as search/run.py's --keep-top (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
     parser.add_argument(
-        "--profile", help="write cProfile statistics of the driver's main thread to this file"
+        "--profile",
+        help="write cProfile statistics of the driver's main thread (its CPU time) to this file, and "
+        "print the functions whose time per trial grew most from the second bucket to the last",
     )
     args = parser.parse_args()
     trials = args.trials or (12 if args.tiny else 200)
@@ -289,10 +332,12 @@ def main() -> None:
             f"{trials} trials of up to {epochs} epochs, {args.max_concurrent} at a time, in {folder}",
             flush=True,
         )
+        ends = sorted({max(1, trials // 10), max(1, 3 * trials // 10), trials})
         start = Sample(0, 0, time.process_time(), time.perf_counter(), 0.0, rss_mb())
-        profile = cProfile.Profile() if args.profile else None
+        profile = BucketProfile(ends) if args.profile else None
         if profile:
-            profile.enable()
+            search.logger.on_sample = profile.sample
+            profile.profile.enable()
         results = search.fit(tuner)
         fit_s = time.perf_counter() - start.wall_s
         check_outbox_empty(local_dir, tracker, NAME)
@@ -313,8 +358,8 @@ def main() -> None:
         )
         finish_s = time.perf_counter() - finish_start
         if profile:
-            profile.disable()
-            profile.dump_stats(args.profile)
+            profile.profile.disable()
+            profile.profile.dump_stats(args.profile)
         ray.shutdown()
         ended = ended_trials(tracker, EXPERIMENT, parent_run_id)
         sizes = {
@@ -325,7 +370,6 @@ def main() -> None:
         }
     logger = search.logger
     samples = logger.samples
-    ends = sorted({max(1, trials // 10), max(1, 3 * trials // 10), trials})
     print(
         f"{len(samples)} trials ended, {logger.results} results, {len(ended)} runs exportable; Tuner.fit {fit_s:.1f} s"
     )
@@ -349,6 +393,11 @@ def main() -> None:
             *[[f"{name} (MB)", size / 1e6] for name, size in sizes.items()],
         ],
     )
+    if profile:
+        print("what grew: main-thread CPU ms per finished trial inside each function (its calls included)")
+        common.print_table(
+            ["function", *(row[0] for row in bucket_rows(samples, start, ends))], profile.growth()
+        )
     rows = bucket_rows(samples, start, ends)
     # against the second bucket: the first holds Ray's start and the baselines' full runs
     common.print_ratio(
