@@ -25,20 +25,35 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "tune_overhead",
         "reseed_choice",
         "search_efficiency",
-        "driver_scale",
         "store_writes",
     ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:
+    proc = run_tiny(script)
+    assert RATIO.search(proc.stdout), proc.stdout
+
+
+def test_driver_scale_profiles_each_bucket_and_names_what_grew(tmp_path: Path) -> None:
+    profile = tmp_path / "driver.prof"
+    proc = run_tiny("driver_scale", "--profile", str(profile))
+    assert RATIO.search(proc.stdout), proc.stdout
+    table = proc.stdout.split("what grew:", 1)[1].splitlines()
+    assert table[1].split()[1:] == ["1-1", "2-3", "4-12"], proc.stdout  # a column per bucket
+    assert any(re.search(r"\.py:\d+\(\w+\)", row) for row in table[2:6]), proc.stdout  # functions
+    assert profile.stat().st_size > 0
+
+
+def run_tiny(script: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``bench/<script>.py --tiny`` with ``flags``, asserted to exit 0."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH / f"{script}.py"), "--tiny"],
+        [sys.executable, str(BENCH / f"{script}.py"), "--tiny", *flags],
         cwd=BENCH.parent,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert RATIO.search(proc.stdout), proc.stdout
+    return proc
 
 
 def test_real_second_stage_holds_out_training_folders_as_a_scored_test_set(
