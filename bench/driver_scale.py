@@ -230,9 +230,15 @@ class BucketProfile:
             self.snapshots.append((sample.finished, dict(self.profile.stats)))  # type: ignore[attr-defined]
             self.profile.enable()
 
+    def buckets(self) -> list[str]:
+        """The profiled buckets of finished trials, as ``first-last``."""
+        return [
+            f"{n0 + 1}-{n1}" for (n0, _), (n1, _) in zip(self.snapshots, self.snapshots[1:], strict=False)
+        ]
+
     def growth(self, top: int = 15) -> list[list[Any]]:
         """The functions whose inclusive CPU time per finished trial grew most from the second
-        bucket to the last: name, ms/trial in each bucket."""
+        bucket to the last: name, ms/trial in each of :meth:`buckets`."""
         per_trial = []
         for (n0, before), (n1, after) in zip(self.snapshots, self.snapshots[1:], strict=False):
             trials = max(n1 - n0, 1)
@@ -395,9 +401,7 @@ def main() -> None:
     )
     if profile:
         print("what grew: main-thread CPU ms per finished trial inside each function (its calls included)")
-        common.print_table(
-            ["function", *(row[0] for row in bucket_rows(samples, start, ends))], profile.growth()
-        )
+        common.print_table(["function", *profile.buckets()], profile.growth())
     rows = bucket_rows(samples, start, ends)
     # against the second bucket: the first holds Ray's start and the baselines' full runs
     common.print_ratio(
