@@ -26,7 +26,7 @@ from cellseg.best_run import Candidate, candidate, first_kept, ranked_candidates
 from cellseg.errors import ConfigError
 from cellseg.tracking import REPEAT_TAG, RunRecord
 from search.mlflow_callback import TRIAL_TAG
-from search.trainable import trial_dirname
+from search.trainable import REUSE_WORKERS, trial_dirname
 
 SEED_TAG = "cellseg.seed"
 SPLIT_SEED_TAG = "cellseg.split_seed"
@@ -168,7 +168,7 @@ def repeat_tuner(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher,
             num_samples=len(repeats),
             trial_dirname_creator=trial_dirname,
-            reuse_actors=False,
+            reuse_actors=REUSE_WORKERS,
         ),
         run_config=run_config,
     )

@@ -6,6 +6,7 @@ Importable by module path so that workers on other nodes can load it; it takes o
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -17,9 +18,10 @@ import ray
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 
-from cellseg.config import apply_overrides, config_from_dict
+from cellseg.config import Config, apply_overrides, config_from_dict
 from cellseg.training import fit, resolve_device
 from search.faults import fault_from_env, no_fault
+from search.worker_memory import release_freed_memory
 
 NODE_KEY = "node_id"
 # search/ is not installed: the driver ships this copy with the job (ray.init(runtime_env=...)),
@@ -28,6 +30,9 @@ WORKER_RUNTIME_ENV = {"py_modules": [str(Path(__file__).resolve().parent)]}
 
 
 SCRATCH_PREFIX = "cellseg-trial-"
+# The search's tuners reuse trial workers (a new one costs some 9 s of imports on a CPU: torch,
+# torchvision, Ray Tune); train_trial hands back what the worker's previous trial freed.
+REUSE_WORKERS = True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,11 +54,12 @@ def remove_dead_scratch(folder: Path) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _fresh_scratch() -> Path:
-    """A new scratch folder, removed when the worker exits (each trial has its own worker:
-    the tuner sets reuse_actors=False); a trial the scheduler stops never returns from
-    tune.report, so the folder cannot be removed when the trial ends. A worker killed outright
-    leaves its folder behind: the next trial on the node removes it."""
+@functools.cache
+def _worker_scratch() -> Path:
+    """This worker's scratch folder, removed when the worker exits. Each trial works in a
+    folder of its own inside it and removes it when it ends, also when the scheduler stops it
+    (the trial's thread then unwinds from tune.report). A worker killed outright leaves its folder
+    behind: the next worker that starts on the node removes it."""
     remove_dead_scratch(Path(tempfile.gettempdir()))
     folder = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, True)
@@ -67,8 +73,16 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bo
     the search's storage. A retried or restored trial continues from its last checkpoint. Only
     with ``fault_drill`` does the trial read the drill's variables (``search/faults.py``).
     """
+    release_freed_memory()  # what the worker's previous trial freed (workers are reused)
     cfg = apply_overrides(config_from_dict(base), config)
-    run_dir = _fresh_scratch() / "run"
+    scratch = Path(tempfile.mkdtemp(dir=_worker_scratch()))
+    try:
+        _train(cfg, scratch / "run", fault_drill=fault_drill)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(cfg: Config, run_dir: Path, *, fault_drill: bool) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
