@@ -54,7 +54,7 @@ from search.run import (
     search_inputs,
     storage_paths,
 )
-from search.trainable import NODE_KEY
+from search.trainable import WORKER_RUNTIME_ENV
 
 NAME = "driver-scale"
 EXPERIMENT = "driver-scale"
@@ -71,15 +71,16 @@ def trivial_trial(
     metric: str,
     names: list[str],
     bests: dict[int, bytes],
-    node_key: str,
 ) -> None:
-    """A trial without a model: ``metric`` approaches a value set by ``config`` with seeded noise.
+    """A trial without a model: ``metric`` approaches a value set by ``config`` with seeded noise,
+    reported as the real trial reports (``search.tune_report``).
 
-    Self-contained (no cellseg, no torch) so that a worker starts as fast as Ray allows: its
-    ``best.pt`` is one of ``bests`` (made by the driver, keyed by the metric in 1/STEPS steps).
+    Its ``best.pt`` is one of ``bests`` (made by the driver, keyed by the metric in 1/STEPS steps).
     """
     import ray
     from ray import tune
+
+    from search.tune_report import tune_result
 
     node_id = ray.get_runtime_context().get_node_id()  # reported with every epoch, as the real trial does
 
@@ -95,12 +96,15 @@ def trivial_trial(
         metrics = {name: value * (0.6 if "AP50" not in name else 1.0) for name in names}
         metrics.update({f"train_{k}": 2.0 / epoch + rng.random() * 0.01 for k in LOSSES})
         metrics.update({"epoch": float(epoch), "lr": lr, "epoch_train_s": 0.01, "epoch_val_s": 0.01})
-        metrics.update({metric: value, node_key: node_id})
+        metrics[metric] = value
         if value > best:
             best = value
             (folder / BEST).write_bytes(bests[round(value * STEPS)])
         (folder / LAST).write_bytes(b"\0" * 1024)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        tune.report(
+            tune_result(metrics, metric=metric, node_id=node_id),
+            checkpoint=tune.Checkpoint.from_directory(str(folder)),
+        )
 
 
 @dataclass
@@ -308,7 +312,13 @@ def main() -> None:
             tags={},
             texts={},
         )
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=WORKER_RUNTIME_ENV,  # search/, as the search ships it
+        )
         per_trial = {"CPU": 2 / args.max_concurrent, "GPU": 0.0}
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(
@@ -317,7 +327,6 @@ def main() -> None:
                 metric=metric,
                 names=list(metric_names()),
                 bests=best_files(metric),
-                node_key=NODE_KEY,
             ),
             {"cpu": per_trial["CPU"]},
         )

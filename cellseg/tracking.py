@@ -49,6 +49,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 CHECKPOINT_DROPPED_TAG = "cellseg.checkpoint_dropped"  # why the run's checkpoint was deleted
 CONFIG_ARTIFACT = "config.yaml"
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+_SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's where PyYAML has it (5x faster)
 ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names the error
 
 
@@ -137,6 +138,7 @@ class Tracker:
         self.uri = resolve_tracking_uri(uri)
         fast_commits(self.uri)  # before MLflow's engine connects to a SQLite store
         self.client = MlflowClient(tracking_uri=self.uri)
+        self._experiment_ids: dict[str, str] = {}  # name -> id, looked up once
 
     def check(self) -> None:
         """Fail fast with a clear message when the store cannot be reached."""
@@ -154,6 +156,11 @@ class Tracker:
         The experiment is tagged as model training when it has no kind yet (MLflow 3.17's UI still
         opens it by its GenAI / Model training switch; README "Compare trials in MLflow").
         """
+        if name not in self._experiment_ids:
+            self._experiment_ids[name] = self._find_or_create_experiment(name)
+        return self._experiment_ids[name]
+
+    def _find_or_create_experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             if EXPERIMENT_KIND_TAG not in experiment.tags:
@@ -181,18 +188,21 @@ class Tracker:
         parent_run_id: str | None = None,
         dataset: DataFingerprint | None = None,
     ) -> str:
-        """Create a run (nested under ``parent_run_id`` when given), log its params and data."""
+        """Create a run (nested under ``parent_run_id`` when given), log its params and its data
+        (as the run's input and the tag ``cellseg.data_fingerprint``)."""
         run_tags = dict(tags or {})
         if parent_run_id:
             run_tags[PARENT_TAG] = parent_run_id
+        if dataset is not None:
+            run_tags[DATA_TAG] = dataset.digest
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
         self.log_params(run.info.run_id, params or {})
         if dataset is not None:
-            self.log_dataset(run.info.run_id, dataset)
+            self._log_input(run.info.run_id, dataset)
         return run.info.run_id
 
-    def log_dataset(self, run_id: str, dataset: DataFingerprint) -> None:
-        """The training data as the run's input (MLflow's Dataset column) and as a tag."""
+    def _log_input(self, run_id: str, dataset: DataFingerprint) -> None:
+        """The training data as the run's input (MLflow's Dataset column)."""
         entity = Dataset(
             name=dataset.name,
             digest=dataset.digest,
@@ -201,7 +211,6 @@ class Tracker:
             profile=json.dumps(dataset.profile()),
         )
         self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag(DATASET_CONTEXT, "training")])])
-        self.set_tags(run_id, {DATA_TAG: dataset.digest})
 
     def reopen_run(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed training run or search)."""
@@ -212,16 +221,21 @@ class Tracker:
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, params=items[i : i + _BATCH])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Log finite numeric metrics at ``step`` (the epoch)."""
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int, tags: Mapping[str, Any] | None = None
+    ) -> None:
+        """Log finite numeric metrics at ``step`` (the epoch), and ``tags`` in the same write."""
         now = int(time.time() * 1000)
         items = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and math.isfinite(float(v))
         ]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, metrics=items[i : i + _BATCH])
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if not items and not run_tags:
+            return
+        for i in range(0, max(len(items), 1), _BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + _BATCH], tags=run_tags if i == 0 else [])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -263,7 +277,8 @@ class Tracker:
 
     def log_config(self, run_id: str, cfg: Config) -> None:
         """The full config as ``config.yaml``: enough to rebuild and retrain the model."""
-        self.client.log_text(run_id, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
+        text = yaml.dump(config_to_dict(cfg), Dumper=_SAFE_DUMPER, sort_keys=False)
+        self.client.log_text(run_id, text, CONFIG_ARTIFACT)
 
     def finish_run(
         self, run_id: str, run_dir: Path, cfg: Config, best_metric: float, status: str = "FINISHED"

@@ -48,7 +48,8 @@ from cellseg.data import dataset_fingerprint
 from cellseg.tracking import CHECKPOINT_DROPPED_TAG, PARENT_TAG, SOURCE_TAG, Tracker, error_tail
 from search.driver_drill import DriverDrill, drill_for
 from search.mlflow_outbox import Outbox
-from search.trainable import NODE_KEY, reached_max_epochs
+from search.trainable import reached_max_epochs
+from search.tune_report import NODE_KEY, reported_metrics
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class MlflowTrialLogger(Callback):
         self._ended: dict[str, Candidate] = {}  # run id -> exportable ended trial of this search
         self._cleanups: dict[str, _Cleanup] = {}  # trial id -> files to remove from storage
         self._next_check = 0.0
+        self._start_tried: set[str] = set()  # trials whose run creation was attempted
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -140,6 +142,7 @@ class MlflowTrialLogger(Callback):
             _ended={},
             _cleanups={},
             _next_check=0.0,
+            _start_tried=set(),
         )
         return state
 
@@ -212,7 +215,7 @@ class MlflowTrialLogger(Callback):
         self._drill_point("result")
 
     def _put_result(self, trial: Trial, result: dict[str, Any]) -> None:
-        metrics = {k: float(v) for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float))}
+        metrics = reported_metrics(result, _SKIP)
         self.outbox.put(
             "result",
             trial_id=trial.trial_id,
@@ -311,13 +314,15 @@ class MlflowTrialLogger(Callback):
         if trial_id in self._runs:
             self.tracker.reopen_run(self._runs[trial_id])
             return
-        found = self.tracker.records(
-            self.experiment,
-            f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-        )
-        if found:  # created just before the store went away, the answer lost
-            self._runs[trial_id] = found[0].run_id
-            return
+        if trial_id in self._start_tried:  # a retry: the run may have been created just before
+            found = self.tracker.records(  # the store went away, the answer lost
+                self.experiment,
+                f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            )
+            if found:
+                self._runs[trial_id] = found[0].run_id
+                return
+        self._start_tried.add(trial_id)
         cfg = self.trial_config(config)
         self._runs[trial_id] = self.tracker.start_run(
             self.experiment,
@@ -339,10 +344,11 @@ class MlflowTrialLogger(Callback):
     ) -> None:
         if epoch <= self._logged_epoch.get(trial_id, 0):  # repeated by a trial restored from
             return  # an older checkpoint
-        run_id = self._runs[trial_id]
-        self.tracker.log_metrics(run_id, metrics, step=epoch)
-        if node_id and self._node.get(trial_id) != node_id:  # once per node: not a write per epoch
-            self.tracker.set_tags(run_id, {"ray.node_id": node_id})
+        moved = bool(node_id) and self._node.get(trial_id) != node_id  # the tag changes once per node
+        self.tracker.log_metrics(
+            self._runs[trial_id], metrics, step=epoch, tags={"ray.node_id": node_id} if moved else None
+        )
+        if moved:
             self._node[trial_id] = node_id
         self._logged_epoch[trial_id] = epoch
 

@@ -76,6 +76,7 @@ class Outbox:
                 "MLflow reachable again after %.0f s; queued writes applied", time.time() - self._down_since
             )
             self._down_since = None
+            self._next_try = 0.0  # reachable: the next writes go at once
         self._save()
         return True
 

@@ -21,9 +21,9 @@ from ray.tune.result import TRAINING_ITERATION
 from cellseg.config import Config, apply_overrides, config_from_dict
 from cellseg.training import fit, resolve_device
 from search.faults import fault_from_env, no_fault
+from search.tune_report import tune_result
 from search.worker_memory import release_freed_memory
 
-NODE_KEY = "node_id"
 # search/ is not installed: the driver ships this copy with the job (ray.init(runtime_env=...)),
 # and Ray workers on every node import the trainable from it.
 WORKER_RUNTIME_ENV = {"py_modules": [str(Path(__file__).resolve().parent)]}
@@ -99,7 +99,10 @@ def _train(cfg: Config, run_dir: Path, *, fault_drill: bool) -> None:
 
             write_run_pictures(directory, resolve_device(cfg.train.device))
         inject(int(metrics["epoch"]))
-        tune.report({**metrics, NODE_KEY: node_id}, checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        tune.report(
+            tune_result(metrics, metric=cfg.train.metric, node_id=node_id),
+            checkpoint=tune.Checkpoint.from_directory(str(directory)),
+        )
 
     fit(
         cfg,

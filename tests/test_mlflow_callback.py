@@ -166,3 +166,27 @@ def test_the_node_tag_names_the_node_of_the_trials_latest_epoch(store):
         result = {"epoch": epoch, "training_iteration": epoch, "segm_AP50": 0.1, "node_id": node}
         callback.on_trial_result(0, [t], t, result)
         assert child(tracker, "t_00001").data.tags["ray.node_id"] == node
+
+
+class LosesOneAnswer(Tracker):
+    """A store whose connection drops once, after a run was created but before its params."""
+
+    dropped = False
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        if not self.dropped:
+            self.dropped = True
+            raise ConnectionError("connection reset")
+        super().log_params(run_id, params)
+
+
+def test_a_start_retried_after_a_lost_answer_finds_the_run_it_created(store):
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    callback._tracker = LosesOneAnswer(tracker.uri)
+    t = trial("t_00001")
+    callback.on_trial_start(0, [t], t)
+    assert callback._tracker.dropped and callback.outbox.pending  # queued for a retry
+    callback.outbox.flush(force=True)
+    report(callback, t, 1)
+    assert epochs(tracker, child(tracker, "t_00001")) == [1]  # one run: child() asserts it
