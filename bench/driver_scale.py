@@ -10,9 +10,11 @@ environment), and at the end ``finish_search``. Ray runs locally with
 2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
 tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
 trial, its wall time per result, the time inside the MLflow callback per result, and its resident
-memory; then the peak driver RSS and the stores' sizes. The ratio line is the driver's CPU time
-per result in the last bucket against the second (1.00x: flat; the first holds Ray's start and
-the two baselines, which run every epoch).
+memory; then the peak driver RSS and the stores' sizes. The ratio lines are the driver's CPU time
+per result and per trial in the last bucket against the second (1.00x: flat; the first holds
+Ray's start and the two baselines, which run every epoch). Both are needed: most of the driver's
+work comes with a trial's start and end, so when later trials report fewer epochs (ASHA stops
+them sooner), the cost per result rises while the cost per trial does not.
 
     python bench/driver_scale.py [--tiny] [--trials N] [--max-epochs E] [--profile FILE]
 """
@@ -413,9 +415,9 @@ def main() -> None:
         common.print_table(["function", *profile.buckets()], profile.growth())
     rows = bucket_rows(samples, start, ends)
     # against the second bucket: the first holds Ray's start and the baselines' full runs
-    common.print_ratio(
-        "driver CPU per result, last bucket/second", rows[-1][2] / rows[min(1, len(rows) - 1)][2]
-    )
+    second = rows[min(1, len(rows) - 1)]
+    common.print_ratio("driver CPU per result, last bucket/second", rows[-1][2] / second[2])
+    common.print_ratio("driver CPU per trial, last bucket/second", rows[-1][5] / second[5])
 
 
 def common_size(path: Path) -> int:
