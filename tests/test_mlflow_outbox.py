@@ -50,7 +50,7 @@ def test_a_refused_write_is_dropped_not_retried_forever(tmp_path: Path) -> None:
     assert store.applied == [("tags", {"trial_id": "a"})]
 
 
-def test_retries_wait_for_the_interval_unless_forced(tmp_path: Path) -> None:
+def test_retries_wait_for_the_interval_unless_forced_and_stop_once_through(tmp_path: Path) -> None:
     store = Store()
     store.up = False
     outbox = Outbox(store.apply, None, retry_after_s=3600)
@@ -59,6 +59,8 @@ def test_retries_wait_for_the_interval_unless_forced(tmp_path: Path) -> None:
     assert not outbox.flush()
     assert outbox.drain(timeout_s=0)
     assert store.applied == [("start", {"trial_id": "a"})]
+    assert outbox.put("result", trial_id="a")  # reachable again: no wait for the interval
+    assert store.applied[-1] == ("result", {"trial_id": "a"})
 
 
 @pytest.mark.parametrize(
