@@ -15,6 +15,7 @@ from tqdm import tqdm
 from cellseg.evaluation import ImagePrediction, ImageTruth, coco_metrics, truth_from_masks
 from cellseg.optim import LRSchedule
 from cellseg.predict import predict_images
+from cellseg.torch_private import cpu_computes_bf16
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -34,12 +35,20 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return images, targets
 
 
+def mixed_precision(device: torch.device) -> bool:
+    """Whether ``train.amp`` trains in reduced precision on ``device``: on CUDA, and on a CPU that
+    computes bf16 natively (elsewhere a CPU emulates bf16, slower than float32)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+
+
 def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
+    if not amp:
+        return nullcontext()
+    if device.type == "cuda":
         return torch.autocast(
             "cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         )
-    return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def train_one_epoch(

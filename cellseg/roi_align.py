@@ -58,14 +58,15 @@ def roi_align_cpu(
 
     ``levels`` are (N, C, H_l, W_l) maps with spatial scales ``scales``; ``rois`` is (K, 5) rows
     of (image index, x1, y1, x2, y2) in image pixels. Returns (K, C, out_h, out_w), in
-    channels-last memory layout.
+    channels-last memory layout, in float32 for bf16 or float16 maps (under autocast): sample
+    positions in bf16 would round to whole pixels above 256 and to 4 px steps above 1024.
     """
     if sampling_ratio < 1:
         raise ValueError(f"sampling_ratio must be at least 1, got {sampling_ratio}")
     out_h, out_w = output_size
     n, channels = levels[0].shape[:2]
     k = rois.shape[0]
-    device, dtype = levels[0].device, levels[0].dtype
+    device, dtype = levels[0].device, torch.promote_types(levels[0].dtype, torch.float32)
     heights = torch.tensor([f.shape[2] for f in levels], device=device)
     widths = torch.tensor([f.shape[3] for f in levels], device=device)
     starts = torch.cumsum(n * heights * widths, dim=0) - n * heights * widths
@@ -87,7 +88,7 @@ def roi_align_cpu(
         + cols.view(k, 1, out_w, 1, r, 1, 2)
     )
     weight = row_w.view(k, out_h, 1, r, 1, 2, 1) * col_w.view(k, 1, out_w, 1, r, 1, 2) / (r * r)
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in levels]).contiguous()
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels).to(dtype) for f in levels]).contiguous()
     bags, per_bag = k * out_h * out_w, 4 * r * r
     pooled = F.embedding_bag(
         index.reshape(bags, per_bag), table, per_sample_weights=weight.reshape(bags, per_bag), mode="sum"

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
 from cellseg.config import Config
 from cellseg.data import CellDataset, build_augment, collate, scan_train, split_items
-from cellseg.engine import evaluate, train_one_epoch
+from cellseg.engine import evaluate, mixed_precision, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
@@ -129,8 +129,9 @@ def build_training(cfg: Config) -> Training:
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs, iters_per_epoch=len(train_loader))
-    amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
+    amp = cfg.train.amp and mixed_precision(device)
+    fp16 = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     return Training(cfg, device, model, optimizer, schedule, train_loader, val_loader, shuffle, scaler, amp)
 
 
@@ -155,6 +156,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     t = build_training(cfg)
     model, optimizer, schedule, scaler, device = t.model, t.optimizer, t.schedule, t.scaler, t.device
+    log.info("training on %s in %s", device, "mixed precision (train.amp)" if t.amp else "float32")
     history: list[dict[str, float]] = []
     best_metric, best_epoch, start = -math.inf, 0, 1
     if resume_from is not None:

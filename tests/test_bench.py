@@ -26,6 +26,7 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "reseed_choice",
         "search_efficiency",
         "store_writes",
+        "mixed_precision",
     ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:

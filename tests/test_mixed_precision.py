@@ -3,14 +3,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
+from cellseg.config import load_config
+from cellseg.data import make_synthetic_dataset
+from cellseg.engine import train_one_epoch
 from cellseg.model import Float32BoxCoder, build_model
+from cellseg.torch_private import cpu_computes_bf16
 from cellseg.torchvision_private import BoxCoder
+from cellseg.training import build_training
 
 HEIGHT, WIDTH = 800, 1333  # the largest input the base config gives the model
+DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +62,22 @@ def test_a_model_under_bf16_autocast_gives_float32_boxes(model) -> None:
         [out] = model([image])
     assert out["boxes"].dtype == torch.float32 and len(out["boxes"]) > 0
     assert out["boxes"][:, 2].max() <= WIDTH and out["boxes"][:, 3].max() <= HEIGHT
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_train_amp_on_the_cpu_trains_in_bf16_where_the_cpu_computes_it(tmp_path: Path, amp) -> None:
+    """train.amp on a CPU with bf16 arithmetic: the convolutions of the training steps run in
+    bf16, the losses stay float32 and finite; on other CPUs, or with amp off, float32."""
+    root = make_synthetic_dataset(tmp_path / "data", 5, 2, seed=0, profile="easy")
+    overrides = [f"data.root={root}", "model.min_size=64", "model.max_size=128", f"train.amp={amp}"]
+    t = build_training(load_config(DEMO, overrides))
+    assert t.amp is (amp and cpu_computes_bf16()) and t.scaler is None
+    dtypes = []
+    t.model.backbone.body.conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    t.start_epoch(1)
+    losses = train_one_epoch(
+        t.model, t.optimizer, t.schedule, t.train_loader, t.device, epoch=1, amp=t.amp, progress=False
+    )
+    assert dtypes and set(dtypes) == {torch.bfloat16 if t.amp else torch.float32}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())

@@ -72,6 +72,20 @@ def test_multi_level_pooling_matches_torchvision() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_maps_pool_in_float32_at_exact_positions() -> None:
+    """Under CPU autocast the maps are bf16; positions in bf16 would round (8 px steps here)."""
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(1, 8, 40, 520, generator=generator).to(torch.bfloat16).requires_grad_()
+    rois = torch.tensor([[0.0, 1500.3, 20.7, 1533.9, 61.2], [0.0, 2041.5, 3.3, 2070.1, 40.9]])
+    level = torch.zeros(len(rois), dtype=torch.int64)
+    got = roi_align_cpu([features], rois, level, [0.25], (7, 7), 2)
+    expected = roi_align(features.detach().float(), rois, (7, 7), 0.25, 2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.sum(), features)
+    assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+
+
 def test_no_regions_and_bad_sampling_ratio() -> None:
     features = {"0": torch.randn(1, 4, 8, 8)}
     pooled = CellRoIAlign(["0"], 7, 2)(features, [torch.zeros(0, 4)], [(32, 32)])
