@@ -1,7 +1,8 @@
 """Training throughput and peak memory: cellseg's loop against a plain torchvision-style loop.
 
 cellseg: ``build_loaders`` (cached decode, label maps, vectorised targets) + ``train_one_epoch``
-(schedule, clipping, AMP on CUDA), cellseg's model (channels-last layout, cellseg's CPU RoIAlign).
+(schedule, clipping, AMP on CUDA and on a CPU with bf16 arithmetic), cellseg's model
+(channels-last layout, cellseg's CPU RoIAlign).
 plain: ``bench/plain.py`` (decode every time, one mask per instance by a Python loop, no AMP) and
 the same model as torchvision runs it (NCHW, torchvision's RoIAlign). Same model config, weights
 seed, training images, batch size, epochs and optimizer; the first step is warm-up and not timed. Each variant runs in a fresh
