@@ -58,8 +58,8 @@ def roi_align_cpu(
 
     ``levels`` are (N, C, H_l, W_l) maps with spatial scales ``scales``; ``rois`` is (K, 5) rows
     of (image index, x1, y1, x2, y2) in image pixels. Returns (K, C, out_h, out_w), in
-    channels-last memory layout, in float32 for bf16 or float16 maps (under autocast): sample
-    positions in bf16 would round to whole pixels above 256 and to 4 px steps above 1024.
+    channels-last memory layout, in float32 for bf16 or float16 maps (under autocast): regions in
+    bf16 would round to whole pixels above 128 and to 4 px steps above 512.
     """
     if sampling_ratio < 1:
         raise ValueError(f"sampling_ratio must be at least 1, got {sampling_ratio}")
