@@ -56,21 +56,21 @@ def main() -> None:
         common.emit_result(run_one(args))
         return
     print(common.machine())
-    amp_precision = "bf16" if mixed_precision(torch.device(args.device)) else "float32 (no bf16 arithmetic)"
+    device = torch.device(args.device)
+    if not mixed_precision(device):
+        amp_precision = "float32 (no bf16 arithmetic)"
+    else:
+        amp_precision = "float16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
     with common.dataset_root(args) as root:
         argv = [*common.child_args(args, root), "--threads", str(args.threads)]
         argv += ["--epochs", str(args.epochs)] if args.epochs else []
-        runs = {
-            seed: dict(
-                zip(
-                    VARIANTS,
-                    common.run_variants(
-                        __file__, [[*argv, "--seed", str(seed), "--variant", v] for v in VARIANTS]
-                    ),
-                )
-            )
-            for seed in args.seeds
-        }
+
+        def pair(seed: int) -> dict[str, dict]:
+            """Both variants of ``seed``, run at the same time."""
+            argvs = [[*argv, "--seed", str(seed), "--variant", v] for v in VARIANTS]
+            return dict(zip(VARIANTS, common.run_variants(__file__, argvs)))
+
+        runs = {seed: pair(seed) for seed in args.seeds}
         cfg = common.bench_config(root, tiny=args.tiny, device=args.device)
     print(
         f"config {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
