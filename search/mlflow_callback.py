@@ -19,12 +19,11 @@ only the K best ended trials (by ``cellseg.best_run``'s rule, the one ``export -
 keep ``checkpoint/best.pt`` in MLflow: a trial pushed out of the top K loses it, its run keeps
 metrics, params and config and gets the tag ``cellseg.checkpoint_dropped``. The re-seed step's
 callback drops nothing (a configuration's mean is known only once all its seeds ended): the driver
-applies :func:`drop_beyond_top` once after it. Tune's storage then
-holds only what a restore may still need: as soon as Tune's saved state (which ``--resume``
-restores from) records the trial as ended, the callback removes the trial's older checkpoint (Tune
-keeps two, see search/run.py) and ``best.pt`` and ``last.pt`` (optimizer state) from the latest,
-so each kept checkpoint lies once, in MLflow. A FAILED trial keeps its files, since ``--resume``
-restarts it from them.
+applies :func:`drop_beyond_top` once after it. Tune's storage holds only what a restore may
+still need (search/checkpoint_cleanup.py): a trial's older checkpoints go once Tune's saved state
+(which ``--resume`` restores from) names a newer one; once it records the trial's end, also
+``best.pt`` and ``last.pt`` (optimizer state) of its latest, so each kept checkpoint lies once, in
+MLflow. A FAILED trial keeps its latest checkpoint whole, since ``--resume`` restarts it from it.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,11 @@ from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from cellseg.best_run import Candidate, candidate, export_order, has_checkpoint
-from cellseg.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
+from cellseg.checkpoint import BEST, CheckpointError, load_checkpoint
 from cellseg.config import Config, apply_overrides, config_from_dict, flatten
 from cellseg.data import dataset_fingerprint
 from cellseg.tracking import CHECKPOINT_DROPPED_TAG, PARENT_TAG, SOURCE_TAG, Tracker, error_tail
+from search.checkpoint_cleanup import CheckpointCleanup, checkpoint_uri, remove_other_checkpoints
 from search.driver_drill import DriverDrill, drill_for
 from search.mlflow_outbox import Outbox
 from search.trainable import reached_max_epochs
@@ -59,23 +59,11 @@ PHASE_TAG = "cellseg.phase"  # the Tune experiment the trial ran in (untagged: t
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ENDED = (Trial.TERMINATED, Trial.ERROR)
 _CLOSED = ("FINISHED", "KILLED", "FAILED")
-SAVED_STATE = "experiment_state-"  # Tune's saved state: <storage>/<name>/experiment_state-<session>.json
-CLEANUP_CHECK_S = 5.0  # how often the driver looks whether Tune saved its state again
+CLEANUP_CHECK_S = 1.0  # how often the driver looks whether Tune saved its state again (a listing)
 LOST = (
     "the driver stopped before Tune saved this trial; the resumed search runs its parameters "
     "again as a new trial"
 )
-
-
-@dataclass
-class _Cleanup:
-    """An ended trial whose files in storage go once Tune's saved state records its end. Tune writes
-    that state to storage one save at a time; the second save finished after the trial's end began
-    after it, so it holds the end."""
-
-    checkpoint: str  # URI of the trial's latest checkpoint
-    saved_ns: int | None  # when Tune's saved state was last seen written
-    saves: int = 0  # saves seen since the trial's end
 
 
 class MlflowTrialLogger(Callback):
@@ -123,7 +111,7 @@ class MlflowTrialLogger(Callback):
         self._reconciled = False
         self._drill: DriverDrill | None = None
         self._ended: dict[str, Candidate] = {}  # run id -> exportable ended trial of this search
-        self._cleanups: dict[str, _Cleanup] = {}  # trial id -> files to remove from storage
+        self._cleanup = CheckpointCleanup()  # files to remove from Tune's storage
         self._next_check = 0.0
         self._start_tried: set[str] = set()  # trials whose run creation was attempted
 
@@ -140,7 +128,7 @@ class MlflowTrialLogger(Callback):
             _reconciled=False,
             _drill=None,
             _ended={},
-            _cleanups={},
+            _cleanup=CheckpointCleanup(),
             _next_check=0.0,
             _start_tried=set(),
         )
@@ -205,7 +193,7 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._closed.discard(trial.trial_id)
-        self._cleanups.pop(trial.trial_id, None)  # running again: its files are in use
+        self._cleanup.forget(trial.trial_id)  # running again: its files are in use
         self.outbox.put("start", trial_id=trial.trial_id, name=str(trial), config=trial.config)
 
     def on_trial_result(
@@ -223,6 +211,11 @@ class MlflowTrialLogger(Callback):
             metrics=metrics,
             node_id=result.get(NODE_KEY),
         )
+
+    def on_checkpoint(
+        self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Checkpoint, **info: Any
+    ) -> None:
+        self._cleanup.reported(trial.trial_id, checkpoint_uri(checkpoint))
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.outbox.put(
@@ -242,19 +235,9 @@ class MlflowTrialLogger(Callback):
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self.outbox.pending:
             self.outbox.flush()
-        if self._cleanups and time.monotonic() >= self._next_check:
+        if self._cleanup and time.monotonic() >= self._next_check:
             self._next_check = time.monotonic() + CLEANUP_CHECK_S
-            self._clean_saved_ends()
-
-    def _clean_saved_ends(self) -> None:
-        """Remove the files of the ended trials whose end Tune's saved state holds."""
-        saved_ns = _saved_state_ns(next(iter(self._cleanups.values())).checkpoint)
-        for trial_id, cleanup in list(self._cleanups.items()):
-            if saved_ns is not None and saved_ns != cleanup.saved_ns:
-                cleanup.saved_ns, cleanup.saves = saved_ns, cleanup.saves + 1
-            if cleanup.saves >= 2:
-                _remove_checkpoint_files(cleanup.checkpoint)
-                del self._cleanups[trial_id]
+            self._cleanup.check()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.reconcile(trials)
@@ -267,12 +250,10 @@ class MlflowTrialLogger(Callback):
                 len(self.outbox.pending),
                 self.outbox_path,
             )
-        for trial in trials:  # Tune's final state is saved: the older checkpoint is only disk
+        for trial in trials:  # Tune's final state is saved: the older checkpoints are only disk
             if trial.status in _ENDED and trial.checkpoint is not None:
-                _remove_older_checkpoints(trial.checkpoint)
-        for cleanup in self._cleanups.values():  # closed in MLflow, so best.pt is there
-            _remove_checkpoint_files(cleanup.checkpoint)
-        self._cleanups.clear()
+                remove_other_checkpoints(trial.checkpoint)
+        self._cleanup.finish()  # the ended trials' runs are closed, so best.pt is in MLflow
 
     def _end(self, trial: Trial) -> None:
         """Close the trial's run as Tune ended it: FAILED with its error, FINISHED when it ran
@@ -294,7 +275,7 @@ class MlflowTrialLogger(Callback):
             config=trial.config,
             status=status,
             error=error,
-            checkpoint=_checkpoint_uri(checkpoint) if checkpoint else None,
+            checkpoint=checkpoint_uri(checkpoint) if checkpoint else None,
         )
 
     def _apply(self, op: str, /, **kwargs: Any) -> None:
@@ -379,7 +360,7 @@ class MlflowTrialLogger(Callback):
         self._drill_point("upload")
         self.tracker.end_run(run_id, status)
         if status != "FAILED":  # a failed trial may still be restarted from its last state
-            self._cleanups[trial_id] = _Cleanup(checkpoint, _saved_state_ns(checkpoint))
+            self._cleanup.ended(trial_id, checkpoint)
         self._keep_top(run_id)
 
     def _keep_top(self, run_id: str) -> None:
@@ -427,54 +408,3 @@ def _error_text(trial: Trial) -> str:
     if error_file and Path(error_file).is_file():
         return error_tail(Path(error_file).read_text())
     return "trial failed (no error file)"
-
-
-def _saved_state_ns(checkpoint: str) -> int | None:
-    """When Tune last wrote its saved state for the search of ``checkpoint`` (a checkpoint URI,
-    ``<experiment>/<trial>/<checkpoint>``); None when it cannot be read."""
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
-    experiment = path.rstrip("/").rpartition("/")[0].rpartition("/")[0]
-    try:
-        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment))
-    except OSError as exc:
-        log.warning("could not read Tune's saved state in %s: %s", experiment, exc)
-        return None
-    return max(
-        (i.mtime_ns for i in infos if i.base_name.startswith(SAVED_STATE) and i.mtime_ns), default=None
-    )
-
-
-def _remove_checkpoint_files(checkpoint: str) -> None:
-    """Remove an ended trial's older checkpoints and ``last.pt`` and ``best.pt`` from its latest
-    (pictures stay)."""
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
-    for name in (LAST, BEST):
-        try:
-            if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
-                filesystem.delete_file(f"{path}/{name}")
-        except OSError as exc:
-            log.warning("could not remove %s/%s: %s", path, name, exc)
-    _remove_older_checkpoints(Checkpoint(path, filesystem))
-
-
-def _remove_older_checkpoints(latest: Checkpoint) -> None:
-    """Delete the trial's checkpoint folders beside ``latest`` (Tune names them alike)."""
-    folder, _, name = latest.path.rstrip("/").rpartition("/")
-    prefix = name.rstrip("0123456789")
-    try:
-        for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
-            if (
-                info.type == pyarrow.fs.FileType.Directory
-                and info.base_name != name
-                and info.base_name.startswith(prefix)
-            ):
-                latest.filesystem.delete_dir(info.path)
-    except OSError as exc:
-        log.warning("could not remove older checkpoints beside %s: %s", latest.path, exc)
-
-
-def _checkpoint_uri(checkpoint: Checkpoint) -> str:
-    """A URI that pyarrow resolves back to the checkpoint's file system and path."""
-    if checkpoint.filesystem.type_name == "local":
-        return str(Path(checkpoint.path).resolve())
-    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"

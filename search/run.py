@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the best checkpoint of only the K best ended trials, in export --best's order "
         "(the rest keep metrics, params and config in MLflow; 0 keeps every checkpoint; "
         "re-seeded runs are ranked once the re-seeding has ended, by their configuration's mean). Disk: "
-        "about K best.pt files, once, in MLflow; while running, also two checkpoints (best.pt, "
-        "last.pt) per running trial in --storage (docs/search.md)",
+        "about K best.pt files, once, in MLflow; while running, also a running trial's latest "
+        "checkpoints (best.pt, last.pt) in --storage (docs/search.md)",
     )
     p.add_argument(
         "--reseed-top",
@@ -474,9 +474,9 @@ def run_config(
         name=name,
         storage_path=storage_path,
         callbacks=[callback],
-        # two: Tune deletes the older checkpoint before its saved state names the newer,
-        # so a driver that dies in between is resumed from the older one
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # every checkpoint: a limit would force a save of Tune's whole state every few results;
+        # the callback removes what no restore needs (search/checkpoint_cleanup.py)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         failure_config=tune.FailureConfig(max_failures=max_failures),
     )
 

@@ -1,10 +1,9 @@
 """What a trial reports to Tune each epoch: the few values Tune acts on, the rest as one text.
 
 Tune keeps running statistics of every number a result carries (for every trial, in its saved
-experiment state, which it rewrites after about every second epoch of any trial to honour
-``CheckpointConfig(num_to_keep)``). With the ~40 numbers of a cellseg epoch that was ~37 kB a
-trial, so the state file and the time spent writing it grew with every finished trial (39 MB at
-1000 trials). Tune and the search's readers of Tune's results need only the metric, the epoch,
+experiment state, which it rewrites whole at every save). With the ~40 numbers of a cellseg epoch
+that was ~37 kB a trial, so the state file and the time spent writing it grew with every finished
+trial (39 MB at 1000 trials). Tune and the search's readers of Tune's results need only the metric, the epoch,
 the epoch's training and validation seconds (the efficiency figure) and the node; every other
 number travels as one JSON text under :data:`METRICS_KEY`, which only the MLflow callback reads.
 """

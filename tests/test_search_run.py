@@ -378,13 +378,13 @@ def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_s
         check_unchanged(Tracker(mlflow_uri), parent, texts, {}, "0" * 16, easy_root)
 
 
-def test_a_later_experiment_of_the_search_keeps_two_checkpoints_per_trial(tmp_path, mlflow_uri):
+def test_a_later_experiment_of_the_search_leaves_removing_checkpoints_to_its_callback(tmp_path, mlflow_uri):
     logger = MlflowTrialLogger(
         tracking_uri=mlflow_uri, experiment="e", parent_run_id="p", base={}, max_epochs=1, metric="segm_AP50"
     )
     config = run_config("s1--reseed-1", str(tmp_path), logger, max_failures=2)
     assert (config.name, config.storage_path, config.callbacks) == ("s1--reseed-1", str(tmp_path), [logger])
-    assert config.checkpoint_config.num_to_keep == 2 and config.failure_config.max_failures == 2
+    assert config.checkpoint_config.num_to_keep is None and config.failure_config.max_failures == 2
 
 
 def test_a_search_named_like_a_later_step_is_still_its_first_experiment():

@@ -1,0 +1,144 @@
+"""Removing a search's checkpoints from Tune's storage once no restore can need them.
+
+``--resume`` restores from Tune's saved experiment state, which names each trial's latest
+checkpoint; a file may go only once the saved state no longer needs it. Tune keeps every checkpoint
+a trial reports (``CheckpointConfig(num_to_keep=None)``, search/run.py): with a limit, Tune forces
+a save of its whole state (every trial's) whenever a trial has reported that many checkpoints since
+the last save, which made the driver's cost per result grow with the number of trials
+(docs/performance.md). Unforced, Tune saves its state every 10 s or more. Instead, once Tune's
+saved state names a trial's newer checkpoint, the trial's older ones are removed here; once it
+records the trial's end (and its ``best.pt`` is in MLflow), its other checkpoints and ``best.pt``
+and ``last.pt`` of its latest.
+
+Tune writes its state to storage one save at a time, so of the saves seen after a first look that
+followed an event (a checkpoint reported, a trial ended), the second began after the event and
+holds it. Saves are seen by the modification time of Tune's state file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs
+from ray.tune import Checkpoint
+
+from cellseg.checkpoint import BEST, LAST
+
+log = logging.getLogger(__name__)
+
+SAVED_STATE = "experiment_state-"  # Tune's saved state: <storage>/<name>/experiment_state-<session>.json
+
+
+@dataclass
+class _Pending:
+    checkpoint: str  # URI of a trial's checkpoint that Tune's saved state is to hold
+    ended: bool  # the trial's last checkpoint (it ended), else a newer one than those to remove
+    saved_ns: int | None = None  # the saved state's time at the last look
+    saves: int = -1  # saves seen since the first look after the event (-1: not looked yet)
+
+
+class CheckpointCleanup:
+    """The checkpoint files of a search's trials waiting for Tune's saved state."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, list[_Pending]] = {}  # trial id -> in the order of the events
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def reported(self, trial_id: str, checkpoint: str) -> None:
+        """The trial reported ``checkpoint``: its older checkpoints go once the state holds it."""
+        self._pending.setdefault(trial_id, []).append(_Pending(checkpoint, ended=False))
+
+    def ended(self, trial_id: str, checkpoint: str) -> None:
+        """The trial ended with ``checkpoint`` and its ``best.pt`` is in MLflow: its other
+        checkpoints and the model files of this one go once the state records the end."""
+        self._pending[trial_id] = [_Pending(checkpoint, ended=True)]
+
+    def forget(self, trial_id: str) -> None:
+        """The trial runs again (restored): its files are in use."""
+        self._pending.pop(trial_id, None)
+
+    def check(self) -> None:
+        """Look at Tune's saved state once and remove what the saves seen since allow."""
+        if not self._pending:
+            return
+        first = next(iter(self._pending.values()))[0]
+        saved_ns = saved_state_ns(first.checkpoint)
+        if saved_ns is None:
+            return
+        for trial_id, pending in list(self._pending.items()):
+            for entry in pending:
+                if entry.saves < 0:
+                    entry.saved_ns, entry.saves = saved_ns, 0
+                elif saved_ns != entry.saved_ns:
+                    entry.saved_ns, entry.saves = saved_ns, entry.saves + 1
+            ready = sum(entry.saves >= 2 for entry in pending)  # the oldest ones (looked at first)
+            if ready:
+                _remove(pending[ready - 1])  # the newest ready one covers the older
+                del pending[:ready]
+            if not pending:
+                del self._pending[trial_id]
+
+    def finish(self) -> None:
+        """At the search's end, after Tune's final save: remove the ended trials' files now."""
+        for pending in self._pending.values():
+            for entry in pending:
+                if entry.ended:
+                    _remove(entry)
+        self._pending.clear()
+
+
+def _remove(entry: _Pending) -> None:
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(entry.checkpoint)
+    latest = Checkpoint(path, filesystem)
+    if entry.ended:
+        for name in (LAST, BEST):  # pictures stay
+            try:
+                if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+                    filesystem.delete_file(f"{path}/{name}")
+            except OSError as exc:
+                log.warning("could not remove %s/%s: %s", path, name, exc)
+    remove_other_checkpoints(latest, older_only=not entry.ended)
+
+
+def remove_other_checkpoints(latest: Checkpoint, *, older_only: bool = False) -> None:
+    """Delete the trial's checkpoint folders beside ``latest`` (Tune names them alike, numbered),
+    with ``older_only`` only those numbered before it."""
+    folder, _, name = latest.path.rstrip("/").rpartition("/")
+    prefix = name.rstrip("0123456789")
+    try:
+        for info in latest.filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
+            if (
+                info.type == pyarrow.fs.FileType.Directory
+                and info.base_name != name
+                and info.base_name.startswith(prefix)
+                and (not older_only or info.base_name < name)
+            ):
+                latest.filesystem.delete_dir(info.path)
+    except OSError as exc:
+        log.warning("could not remove checkpoints beside %s: %s", latest.path, exc)
+
+
+def saved_state_ns(checkpoint: str) -> int | None:
+    """When Tune last wrote its saved state for the search of ``checkpoint`` (a checkpoint URI,
+    ``<experiment>/<trial>/<checkpoint>``); None when it cannot be read."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    experiment = path.rstrip("/").rpartition("/")[0].rpartition("/")[0]
+    try:
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment))
+    except OSError as exc:
+        log.warning("could not read Tune's saved state in %s: %s", experiment, exc)
+        return None
+    return max(
+        (i.mtime_ns for i in infos if i.base_name.startswith(SAVED_STATE) and i.mtime_ns), default=None
+    )
+
+
+def checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """A URI that pyarrow resolves back to the checkpoint's file system and path."""
+    if checkpoint.filesystem.type_name == "local":
+        return str(Path(checkpoint.path).resolve())
+    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"

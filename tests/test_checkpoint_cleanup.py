@@ -1,0 +1,108 @@
+"""What the driver removes from Tune's storage, and when: real folders, Tune's Checkpoint, and
+Tune's saved state file whose modification time marks each save."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray.tune import Checkpoint
+
+from search.checkpoint_cleanup import CheckpointCleanup, checkpoint_uri
+
+
+class Storage:
+    """A search's experiment folder in Tune's storage, with one trial."""
+
+    def __init__(self, root: Path) -> None:
+        self.experiment = root / "s1"
+        self.trial = self.experiment / "trial_t1"
+        self.trial.mkdir(parents=True)
+        self.state = self.experiment / "experiment_state-2026-12-03_19-00-00.json"
+        self.state.write_text("{}")
+        self._ns = 1_000_000_000
+
+    def checkpoint(self, index: int) -> str:
+        folder = self.trial / f"checkpoint_{index:06d}"
+        folder.mkdir()
+        for name in ("best.pt", "last.pt", "pictures.png"):
+            (folder / name).write_bytes(b"x")
+        return checkpoint_uri(Checkpoint.from_directory(str(folder)))
+
+    def save(self) -> None:
+        """Tune writes its state once more."""
+        self._ns += 1_000_000_000
+        os.utime(self.state, ns=(self._ns, self._ns))
+
+    def folders(self) -> list[str]:
+        return sorted(p.name for p in self.trial.iterdir())
+
+
+def test_a_running_trials_older_checkpoints_go_after_two_saves_seen_after_a_first_look(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    for index in (0, 1):
+        cleanup.reported("t1", storage.checkpoint(index))
+    storage.save()  # may have begun before the checkpoints were reported
+    cleanup.check()  # the first look
+    storage.save()  # may also have begun before them
+    cleanup.check()
+    assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"]
+    cleanup.reported("t1", storage.checkpoint(2))
+    storage.save()  # began after the first look, so holds checkpoint 1
+    cleanup.check()
+    assert storage.folders() == ["checkpoint_000001", "checkpoint_000002"]
+    assert sorted(p.name for p in (storage.trial / "checkpoint_000001").iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "pictures.png",
+    ], "a running trial's latest named checkpoint stays whole"
+    cleanup.check()  # no new save: nothing more goes
+    assert storage.folders() == ["checkpoint_000001", "checkpoint_000002"]
+    storage.save()
+    cleanup.check()
+    storage.save()
+    cleanup.check()
+    assert storage.folders() == ["checkpoint_000002"] and not cleanup
+
+
+def test_an_ended_trial_keeps_its_latest_pictures_once_the_state_holds_its_end(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    cleanup.reported("t1", storage.checkpoint(0))
+    latest = storage.checkpoint(1)
+    cleanup.reported("t1", latest)
+    cleanup.ended("t1", latest)
+    cleanup.check()
+    storage.save()
+    cleanup.check()
+    assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"]
+    storage.save()
+    cleanup.check()
+    assert storage.folders() == ["checkpoint_000001"]
+    assert [p.name for p in (storage.trial / "checkpoint_000001").iterdir()] == ["pictures.png"]
+
+
+def test_a_restarted_trial_keeps_its_files_and_the_search_end_removes_ended_trials_files(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    cleanup.ended("t1", storage.checkpoint(0))
+    storage.checkpoint(1)
+    cleanup.forget("t1")  # Tune runs it again from its latest checkpoint
+    for _ in range(3):
+        cleanup.check()
+        storage.save()
+    assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"] and not cleanup
+    newest = storage.checkpoint(2)
+    cleanup.reported("t1", newest)
+    cleanup.ended("t1", newest)
+    cleanup.finish()  # Tune's final state is saved: no wait
+    assert storage.folders() == ["checkpoint_000002"] and not cleanup
+    assert [p.name for p in (storage.trial / "checkpoint_000002").iterdir()] == ["pictures.png"]
+
+
+def test_no_readable_state_removes_nothing(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    storage.state.unlink()  # Tune has not saved yet
+    cleanup.reported("t1", storage.checkpoint(0))
+    cleanup.reported("t1", storage.checkpoint(1))
+    for _ in range(3):
+        cleanup.check()
+    assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"] and cleanup
