@@ -10,9 +10,13 @@ saved state names a trial's newer checkpoint, the trial's older ones are removed
 records the trial's end (and its ``best.pt`` is in MLflow), its other checkpoints and ``best.pt``
 and ``last.pt`` of its latest.
 
-Tune writes its state to storage one save at a time, so of the saves seen after a first look that
-followed an event (a checkpoint reported, a trial ended), the second began after the event and
-holds it. Saves are seen by the modification time of Tune's state file.
+Saves are seen by the modification time of Tune's state file in storage. A save counts once that
+time, other than the one at the first look after an event (a checkpoint reported, a trial ended),
+is seen unchanged at two looks in a row: Tune's upload writes the file in place on a local file
+system, so a look during the write sees a time the write then changes. Tune uploads one save at a
+time, so the first save counted was still being written at or after the first look, and the second
+began after it, hence after the event: it holds the event. (What this assumes: an upload does not
+stall mid-file for a whole look's interval.)
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ SAVED_STATE = "experiment_state-"  # Tune's saved state: <storage>/<name>/experi
 class _Pending:
     checkpoint: str  # URI of a trial's checkpoint that Tune's saved state is to hold
     ended: bool  # the trial's last checkpoint (it ended), else a newer one than those to remove
-    saved_ns: int | None = None  # the saved state's time at the last look
-    saves: int = -1  # saves seen since the first look after the event (-1: not looked yet)
+    saved_ns: int | None = None  # the saved state's time at the last look (None: not looked yet)
+    settled: bool = True  # that time was seen at two looks in a row (or is the first look's)
+    saves: int = 0  # saves counted since the first look after the event
 
 
 class CheckpointCleanup:
@@ -71,10 +76,12 @@ class CheckpointCleanup:
             return
         for trial_id, pending in list(self._pending.items()):
             for entry in pending:
-                if entry.saves < 0:
-                    entry.saved_ns, entry.saves = saved_ns, 0
+                if entry.saved_ns is None:
+                    entry.saved_ns = saved_ns
                 elif saved_ns != entry.saved_ns:
-                    entry.saved_ns, entry.saves = saved_ns, entry.saves + 1
+                    entry.saved_ns, entry.settled = saved_ns, False
+                elif not entry.settled:
+                    entry.saves, entry.settled = entry.saves + 1, True
             ready = sum(entry.saves >= 2 for entry in pending)  # the oldest ones (looked at first)
             if ready:
                 _remove(pending[ready - 1])  # the newest ready one covers the older

@@ -29,8 +29,8 @@ class Storage:
             (folder / name).write_bytes(b"x")
         return checkpoint_uri(Checkpoint.from_directory(str(folder)))
 
-    def save(self) -> None:
-        """Tune writes its state once more."""
+    def write(self) -> None:
+        """Tune's upload writes to the state file (a whole save, or part of one)."""
         self._ns += 1_000_000_000
         os.utime(self.state, ns=(self._ns, self._ns))
 
@@ -38,18 +38,23 @@ class Storage:
         return sorted(p.name for p in self.trial.iterdir())
 
 
+def saved(storage: Storage, cleanup: CheckpointCleanup) -> None:
+    """A whole save, seen at two looks."""
+    storage.write()
+    cleanup.check()
+    cleanup.check()
+
+
 def test_a_running_trials_older_checkpoints_go_after_two_saves_seen_after_a_first_look(tmp_path):
     storage, cleanup = Storage(tmp_path), CheckpointCleanup()
     for index in (0, 1):
         cleanup.reported("t1", storage.checkpoint(index))
-    storage.save()  # may have begun before the checkpoints were reported
+    storage.write()  # a save, perhaps begun before the checkpoints were reported
     cleanup.check()  # the first look
-    storage.save()  # may also have begun before them
-    cleanup.check()
+    saved(storage, cleanup)  # perhaps begun before them too
     assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"]
     cleanup.reported("t1", storage.checkpoint(2))
-    storage.save()  # began after the first look, so holds checkpoint 1
-    cleanup.check()
+    saved(storage, cleanup)  # began after the first save counted, so holds checkpoint 1
     assert storage.folders() == ["checkpoint_000001", "checkpoint_000002"]
     assert sorted(p.name for p in (storage.trial / "checkpoint_000001").iterdir()) == [
         "best.pt",
@@ -58,11 +63,25 @@ def test_a_running_trials_older_checkpoints_go_after_two_saves_seen_after_a_firs
     ], "a running trial's latest named checkpoint stays whole"
     cleanup.check()  # no new save: nothing more goes
     assert storage.folders() == ["checkpoint_000001", "checkpoint_000002"]
-    storage.save()
-    cleanup.check()
-    storage.save()
-    cleanup.check()
+    saved(storage, cleanup)
+    saved(storage, cleanup)
     assert storage.folders() == ["checkpoint_000002"] and not cleanup
+
+
+def test_a_save_seen_while_it_is_written_counts_once(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    cleanup.reported("t1", storage.checkpoint(0))
+    cleanup.reported("t1", storage.checkpoint(1))
+    cleanup.check()  # the first look
+    for _ in range(3):  # one upload, seen three times while it writes, then done
+        storage.write()
+        cleanup.check()
+    cleanup.check()
+    assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"], (
+        "that upload may predate the checkpoint"
+    )
+    saved(storage, cleanup)
+    assert storage.folders() == ["checkpoint_000001"]
 
 
 def test_an_ended_trial_keeps_its_latest_pictures_once_the_state_holds_its_end(tmp_path):
@@ -72,11 +91,9 @@ def test_an_ended_trial_keeps_its_latest_pictures_once_the_state_holds_its_end(t
     cleanup.reported("t1", latest)
     cleanup.ended("t1", latest)
     cleanup.check()
-    storage.save()
-    cleanup.check()
+    saved(storage, cleanup)
     assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"]
-    storage.save()
-    cleanup.check()
+    saved(storage, cleanup)
     assert storage.folders() == ["checkpoint_000001"]
     assert [p.name for p in (storage.trial / "checkpoint_000001").iterdir()] == ["pictures.png"]
 
@@ -87,8 +104,7 @@ def test_a_restarted_trial_keeps_its_files_and_the_search_end_removes_ended_tria
     storage.checkpoint(1)
     cleanup.forget("t1")  # Tune runs it again from its latest checkpoint
     for _ in range(3):
-        cleanup.check()
-        storage.save()
+        saved(storage, cleanup)
     assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"] and not cleanup
     newest = storage.checkpoint(2)
     cleanup.reported("t1", newest)
