@@ -10,18 +10,25 @@ saved state names a trial's newer checkpoint, the trial's older ones are removed
 records the trial's end (and its ``best.pt`` is in MLflow), its other checkpoints and ``best.pt``
 and ``last.pt`` of its latest.
 
-Saves are seen by the modification time of Tune's state file in storage. A save counts once that
-time, other than the one at the first look after an event (a checkpoint reported, a trial ended),
-is seen unchanged at two looks in a row: Tune's upload writes the file in place on a local file
-system, so a look during the write sees a time the write then changes. Tune uploads one save at a
-time, so the first save counted was still being written at or after the first look, and the second
-began after it, hence after the event: it holds the event. (What this assumes: an upload does not
-stall mid-file for a whole look's interval.)
+Saves are seen by the modification time of Tune's state file in storage: the newest by name, the
+one ``--resume`` restores from (a resumed search writes a new file and uploads the older ones with
+it at every save, so only one file may count). A look stats that file alone and lists the folder
+only to find it (at the first look, when it is gone, and every ``RELIST_S`` for a newer session's).
+A save counts once that time, other than the one at the first look after an event (a checkpoint
+reported, a trial ended), is seen unchanged at two looks in a row: Tune's upload writes the file in
+place on a local file system, so a look during the write sees a time the write then changes. Tune
+uploads one save at a time, so the first save counted was still being written at or after the
+first look, and the second began after it, hence after the event: it holds the event. (What this
+assumes: an upload does not stall mid-file for a whole look's interval.)
+
+At the search's end Tune saves its state once more; if that save did not happen (the file's time
+is the last look's, or the search ended on an exception), nothing more is removed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from cellseg.checkpoint import BEST, LAST
 log = logging.getLogger(__name__)
 
 SAVED_STATE = "experiment_state-"  # Tune's saved state: <storage>/<name>/experiment_state-<session>.json
+RELIST_S = 60.0  # how often a look lists the experiment folder for a newer session's state file
 
 
 @dataclass
@@ -49,6 +57,8 @@ class CheckpointCleanup:
 
     def __init__(self) -> None:
         self._pending: dict[str, list[_Pending]] = {}  # trial id -> in the order of the events
+        self._state: SavedState | None = None
+        self._seen_ns: int | None = None  # the state file's time at the last look
 
     def __bool__(self) -> bool:
         return bool(self._pending)
@@ -56,11 +66,15 @@ class CheckpointCleanup:
     def reported(self, trial_id: str, checkpoint: str) -> None:
         """The trial reported ``checkpoint``: its older checkpoints go once the state holds it."""
         self._pending.setdefault(trial_id, []).append(_Pending(checkpoint, ended=False))
+        if self._state is None:
+            self._state = SavedState(checkpoint)
 
     def ended(self, trial_id: str, checkpoint: str) -> None:
         """The trial ended with ``checkpoint`` and its ``best.pt`` is in MLflow: its other
         checkpoints and the model files of this one go once the state records the end."""
         self._pending[trial_id] = [_Pending(checkpoint, ended=True)]
+        if self._state is None:
+            self._state = SavedState(checkpoint)
 
     def forget(self, trial_id: str) -> None:
         """The trial runs again (restored): its files are in use."""
@@ -68,12 +82,12 @@ class CheckpointCleanup:
 
     def check(self) -> None:
         """Look at Tune's saved state once and remove what the saves seen since allow."""
-        if not self._pending:
+        if not self._pending or self._state is None:
             return
-        first = next(iter(self._pending.values()))[0]
-        saved_ns = saved_state_ns(first.checkpoint)
+        saved_ns = self._state.mtime_ns()
         if saved_ns is None:
             return
+        self._seen_ns = saved_ns
         for trial_id, pending in list(self._pending.items()):
             for entry in pending:
                 if entry.saved_ns is None:
@@ -88,6 +102,14 @@ class CheckpointCleanup:
                 del pending[:ready]
             if not pending:
                 del self._pending[trial_id]
+
+    def final_save_seen(self) -> bool:
+        """Whether Tune's state file changed since the last look (its save at the search's end);
+        True when there was nothing to look for."""
+        if self._state is None or self._seen_ns is None:
+            return True
+        saved_ns = self._state.mtime_ns()
+        return saved_ns is not None and saved_ns != self._seen_ns
 
     def finish(self) -> None:
         """At the search's end, after Tune's final save: remove the ended trials' files now."""
@@ -129,19 +151,39 @@ def remove_other_checkpoints(latest: Checkpoint, *, older_only: bool = False) ->
         log.warning("could not remove checkpoints beside %s: %s", latest.path, exc)
 
 
-def saved_state_ns(checkpoint: str) -> int | None:
-    """When Tune last wrote its saved state for the search of ``checkpoint`` (a checkpoint URI,
-    ``<experiment>/<trial>/<checkpoint>``); None when it cannot be read."""
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
-    experiment = path.rstrip("/").rpartition("/")[0].rpartition("/")[0]
-    try:
-        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment))
-    except OSError as exc:
-        log.warning("could not read Tune's saved state in %s: %s", experiment, exc)
-        return None
-    return max(
-        (i.mtime_ns for i in infos if i.base_name.startswith(SAVED_STATE) and i.mtime_ns), default=None
-    )
+class SavedState:
+    """Tune's saved state file of the search of ``checkpoint`` (a checkpoint URI,
+    ``<experiment>/<trial>/<checkpoint>``): the newest by name, as Tune's restore picks it."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+        self.experiment = path.rstrip("/").rpartition("/")[0].rpartition("/")[0]
+        self.path: str | None = None
+        self._listed = -RELIST_S
+
+    def mtime_ns(self) -> int | None:
+        """When Tune last wrote the file; None when there is none or it cannot be read."""
+        try:
+            if self.path is None or time.monotonic() - self._listed >= RELIST_S:
+                self._listed = time.monotonic()
+                self.path = self._newest()
+            if self.path is None:
+                return None
+            info = self.filesystem.get_file_info(self.path)
+        except OSError as exc:
+            log.warning("could not read Tune's saved state in %s: %s", self.experiment, exc)
+            return None
+        if info.type != pyarrow.fs.FileType.File:
+            self.path = None  # gone: the next look lists the folder again
+            return None
+        return info.mtime_ns
+
+    def _newest(self) -> str | None:
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.experiment))
+        names = [
+            i.path for i in infos if i.base_name.startswith(SAVED_STATE) and i.base_name.endswith(".json")
+        ]
+        return max(names, key=lambda p: p.rpartition("/")[2], default=None)
 
 
 def checkpoint_uri(checkpoint: Checkpoint) -> str:

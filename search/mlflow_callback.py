@@ -29,6 +29,7 @@ MLflow. A FAILED trial keeps its latest checkpoint whole, since ``--resume`` res
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -250,6 +251,9 @@ class MlflowTrialLogger(Callback):
                 len(self.outbox.pending),
                 self.outbox_path,
             )
+        if sys.exc_info()[0] is not None or not self._cleanup.final_save_seen():
+            log.warning("Tune did not save its final state; Tune's storage keeps every checkpoint it holds")
+            return
         for trial in trials:  # Tune's final state is saved: the older checkpoints are only disk
             if trial.status in _ENDED and trial.checkpoint is not None:
                 remove_other_checkpoints(trial.checkpoint)

@@ -93,6 +93,7 @@ WARM_START_TAG = "cellseg.warm_start"  # on the parent run: the searches it lear
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+SCORE_ONLY_ENV = "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE"
 CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: GPU nodes asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
@@ -502,9 +503,13 @@ def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[
     - ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` unless every epoch reports the metric (the
       driver's TuneController reads it on every result; there is no Tuner option for it);
     - ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt at once, so the driver
-      can mark the parent run KILLED; the search resumes as after any driver crash.
+      can mark the parent run KILLED; the search resumes as after any driver crash;
+    - ``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE=1``: Tune keeps every checkpoint a trial
+      reports (:func:`run_config`), and with this its saved state lists them without their results
+      (the latest keeps its own), so the state does not grow by a result per epoch.
     """
-    return scoped_environ({SIGINT_ENV: "1", **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
+    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1"}
+    return scoped_environ({**fixed, **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
 class SearchInterrupted(Exception):

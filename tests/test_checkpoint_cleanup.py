@@ -29,10 +29,10 @@ class Storage:
             (folder / name).write_bytes(b"x")
         return checkpoint_uri(Checkpoint.from_directory(str(folder)))
 
-    def write(self) -> None:
+    def write(self, state: Path | None = None) -> None:
         """Tune's upload writes to the state file (a whole save, or part of one)."""
         self._ns += 1_000_000_000
-        os.utime(self.state, ns=(self._ns, self._ns))
+        os.utime(state or self.state, ns=(self._ns, self._ns))
 
     def folders(self) -> list[str]:
         return sorted(p.name for p in self.trial.iterdir())
@@ -122,3 +122,31 @@ def test_no_readable_state_removes_nothing(tmp_path):
     for _ in range(3):
         cleanup.check()
     assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"] and cleanup
+
+
+def test_only_the_newest_sessions_state_file_counts(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    older = storage.experiment / "experiment_state-2026-12-02_08-00-00.json"  # before a --resume
+    older.write_text("{}")
+    cleanup.reported("t1", storage.checkpoint(0))
+    cleanup.reported("t1", storage.checkpoint(1))
+    cleanup.check()  # the first look
+    storage.write(older)  # one upload: the resumed search uploads the older file with its own
+    cleanup.check()
+    cleanup.check()
+    saved(storage, cleanup)
+    assert storage.folders() == ["checkpoint_000000", "checkpoint_000001"], "one save, not two"
+    storage.write(older)
+    saved(storage, cleanup)
+    assert storage.folders() == ["checkpoint_000001"]
+
+
+def test_the_final_save_is_seen_by_a_change_since_the_last_look(tmp_path):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    assert cleanup.final_save_seen(), "nothing was waiting for a save"
+    cleanup.reported("t1", storage.checkpoint(0))
+    assert cleanup.final_save_seen(), "no look yet: nothing to compare with"
+    cleanup.check()
+    assert not cleanup.final_save_seen(), "the state file is as the last look saw it"
+    storage.write()
+    assert cleanup.final_save_seen()
