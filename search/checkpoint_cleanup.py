@@ -22,7 +22,8 @@ first look, and the second began after it, hence after the event: it holds the e
 assumes: an upload does not stall mid-file for a whole look's interval.)
 
 At the search's end Tune saves its state once more; if that save did not happen (the file's time
-is the last look's, or the search ended on an exception), nothing more is removed.
+is the last look's, or the search ended on an exception), nothing more is removed. (Not caught: a
+failed final save after an earlier upload that finished after the last look; Tune logs the error.)
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class CheckpointCleanup:
         True when there was nothing to look for."""
         if self._state is None or self._seen_ns is None:
             return True
-        saved_ns = self._state.mtime_ns()
+        saved_ns = self._state.mtime_ns(relist=False)
         return saved_ns is not None and saved_ns != self._seen_ns
 
     def finish(self) -> None:
@@ -161,10 +162,11 @@ class SavedState:
         self.path: str | None = None
         self._listed = -RELIST_S
 
-    def mtime_ns(self) -> int | None:
-        """When Tune last wrote the file; None when there is none or it cannot be read."""
+    def mtime_ns(self, *, relist: bool = True) -> int | None:
+        """When Tune last wrote the file; None when there is none or it cannot be read. Without
+        ``relist``, the file of the last look (so that two times compared are of one file)."""
         try:
-            if self.path is None or time.monotonic() - self._listed >= RELIST_S:
+            if relist and (self.path is None or time.monotonic() - self._listed >= RELIST_S):
                 self._listed = time.monotonic()
                 self.path = self._newest()
             if self.path is None:

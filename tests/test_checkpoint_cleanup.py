@@ -1,14 +1,22 @@
 """What the driver removes from Tune's storage, and when: real folders, Tune's Checkpoint, and
-Tune's saved state file whose modification time marks each save."""
+Tune's saved state file whose modification time marks each save; and, through a real Tune run,
+what that state holds with every checkpoint kept."""
 
 from __future__ import annotations
 
 import os
+import random
+import string
+import tempfile
 from pathlib import Path
 
+import ray
+from ray import tune
 from ray.tune import Checkpoint
 
+from search import checkpoint_cleanup
 from search.checkpoint_cleanup import CheckpointCleanup, checkpoint_uri
+from search.run import tune_environment
 
 
 class Storage:
@@ -150,3 +158,50 @@ def test_the_final_save_is_seen_by_a_change_since_the_last_look(tmp_path):
     assert not cleanup.final_save_seen(), "the state file is as the last look saw it"
     storage.write()
     assert cleanup.final_save_seen()
+
+
+def test_the_final_save_is_looked_for_in_the_last_looks_file(tmp_path, monkeypatch):
+    storage, cleanup = Storage(tmp_path), CheckpointCleanup()
+    cleanup.reported("t1", storage.checkpoint(0))
+    cleanup.check()
+    newer = storage.experiment / "experiment_state-2026-12-03_20-00-00.json"
+    newer.write_text("{}")  # another file, written after the last look
+    monkeypatch.setattr(checkpoint_cleanup, "RELIST_S", 0.0)  # a look would switch to it
+    assert not cleanup.final_save_seen(), "the last look's file is unchanged"
+    cleanup.check()  # a look switches to the newer file
+    storage.write()  # the older one
+    assert not cleanup.final_save_seen()
+    storage.write(newer)
+    assert cleanup.final_save_seen()
+
+
+LONG_TEXT = 20_000  # characters in every result of the trainable below
+
+
+def _checkpoints_with_a_long_result(config: dict) -> None:
+    text = "".join(random.Random(0).choices(string.ascii_letters, k=LONG_TEXT))
+    for epoch in range(1, 13):
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "last.pt").write_bytes(b"x")
+            tune.report({"epoch": epoch, "text": text}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def test_tunes_saved_state_holds_the_result_of_the_latest_checkpoint_only(tmp_path: Path):
+    tests = Path(__file__).resolve().parent  # the workers import the trainable from here
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tests)}})
+    try:
+        with tune_environment(strict_metrics=False):
+            (result,) = tune.Tuner(
+                _checkpoints_with_a_long_result,
+                run_config=tune.RunConfig(
+                    name="s",
+                    storage_path=str(tmp_path),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                ),
+            ).fit()
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.metrics["epoch"] == 12
+    (state,) = (tmp_path / "s").glob("experiment_state-*.json")
+    # the last result and the latest checkpoint's (about 4x); without the setting, 12 more
+    assert state.stat().st_size < 6 * LONG_TEXT

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
-import string
-import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
-from ray import tune
 
 from cellseg.config import ConfigError, config_to_dict
 from cellseg.data import DataError, dataset_fingerprint
@@ -28,6 +23,7 @@ from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
     CLUSTER_PENDING_TRIALS,
     OUTBOX,
+    SCORE_ONLY_ENV,
     SEARCH_TAG,
     SIGINT_ENV,
     STRICT_METRIC_ENV,
@@ -127,45 +123,16 @@ def test_tunes_environment_settings_are_scoped_to_the_block(monkeypatch, before)
     else:
         monkeypatch.setenv(STRICT_METRIC_ENV, before)
     monkeypatch.delenv(SIGINT_ENV, raising=False)
+    monkeypatch.delenv(SCORE_ONLY_ENV, raising=False)
     with tune_environment(strict_metrics=True):
         assert os.environ.get(STRICT_METRIC_ENV) == before and os.environ[SIGINT_ENV] == "1"
+        assert os.environ[SCORE_ONLY_ENV] == "1"
     with pytest.raises(KeyboardInterrupt):
         with tune_environment(strict_metrics=False):
             assert os.environ[STRICT_METRIC_ENV] == "1" and os.environ[SIGINT_ENV] == "1"
             raise KeyboardInterrupt
     assert os.environ.get(STRICT_METRIC_ENV) == before and SIGINT_ENV not in os.environ
-
-
-LONG_TEXT = 20_000  # characters in every result of the trainable below
-
-
-def _checkpoints_with_a_long_result(config: dict) -> None:
-    text = "".join(random.Random(0).choices(string.ascii_letters, k=LONG_TEXT))
-    for epoch in range(1, 13):
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "last.pt").write_bytes(b"x")
-            tune.report({"epoch": epoch, "text": text}, checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-def test_tunes_saved_state_holds_the_result_of_the_latest_checkpoint_only(tmp_path: Path):
-    tests = Path(__file__).resolve().parent  # the workers import the trainable from here
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tests)}})
-    try:
-        with tune_environment(strict_metrics=False):
-            (result,) = tune.Tuner(
-                _checkpoints_with_a_long_result,
-                run_config=tune.RunConfig(
-                    name="s",
-                    storage_path=str(tmp_path),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                ),
-            ).fit()
-    finally:
-        ray.shutdown()
-    assert result.error is None and result.metrics["epoch"] == 12
-    (state,) = (tmp_path / "s").glob("experiment_state-*.json")
-    # the last result and the latest checkpoint's (about 4x); without the setting, 12 more
-    assert state.stat().st_size < 6 * LONG_TEXT
+    assert SCORE_ONLY_ENV not in os.environ
 
 
 def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path):
