@@ -956,7 +956,9 @@ def test_tune_inference_of_an_ensemble_then_export_uses_its_settings(
     metrics = tune_run.data.metrics
     assert {"val_segm_AP50_single", "val_segm_AP50_ensemble_2"} <= set(metrics)
     best_of_sizes = max(metrics["val_segm_AP50_single"], metrics["val_segm_AP50_ensemble_2"])
-    assert metrics["val_segm_AP50_best_trial"] == best_of_sizes
+    # the single best counts the model's own settings, which the search's best trial can miss
+    assert best_of_sizes >= max(metrics["val_segm_AP50_best_trial"], metrics["val_segm_AP50_before"])
+    assert metrics["val_segm_AP50_single"] >= metrics["val_segm_AP50_before"]
     improved = metrics["improved"] == 1
     assert metrics["val_segm_AP50_after"] == (best_of_sizes if improved else metrics["val_segm_AP50_before"])
     saved_file = tracker.download_artifact(
