@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 WORKERS = 2
+AUTH_OFF = {"RAY_AUTH_MODE": "disabled"}  # the fake cluster's processes and the driver's
 
 
 def fake_cluster_config(gcs_address: str) -> dict:
@@ -106,16 +107,17 @@ def _end(pids: list[int], timeout: float = 10) -> None:
 
 
 @pytest.fixture
-def autoscaling_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def autoscaling_cluster() -> Iterator[str]:
     """A fake autoscaling cluster's GCS address; its processes are ended afterwards. Ray's token
-    authentication is off for it (and for this process and its children): the token file in
-    ~/.ray is shared with any other Ray cluster of the machine."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    authentication is off for it and for the driver (:data:`AUTH_OFF`): the token file in ~/.ray
+    is shared with any other Ray cluster of the machine. Not for this process: Ray reads the mode
+    into its configuration once per cluster it starts, so a changed mode here would outlive the
+    test, and a later local cluster's client would not send the token its servers expect."""
     temp_dir = tempfile.mkdtemp(prefix="cs-as-", dir="/tmp")  # short: Unix socket paths
     address = f"127.0.0.1:{free_port()}"
     config = Path(temp_dir) / "autoscaling.json"
     config.write_text(json.dumps(fake_cluster_config(address)))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**os.environ, **AUTH_OFF, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     try:
         subprocess.run(
             [
@@ -161,6 +163,7 @@ def test_gpu_trials_start_their_nodes_together_and_never_run_on_the_head(
             *search_args(easy_root, tiny_search, storage, uri, "auto", "a1"),
         ],
         log,
+        env={**os.environ, **AUTH_OFF},
     )
     ray.init(address=address)
     try:
