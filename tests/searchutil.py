@@ -82,6 +82,14 @@ def epochs_of(client: MlflowClient, run: Run, metric: str = "segm_AP50") -> list
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
 
 
+def tied_at(client: MlflowClient, runs: list[Run], epochs: list[int], metric: str = "segm_AP50") -> bool:
+    """Whether the runs that logged ``metric`` at each of ``epochs`` all logged the same value
+    there. ASHA stops a trial only strictly below its rung's cutoff, so such a tie at every rung
+    (all 0.0 after an epoch or two on some CPUs) stops none."""
+    scores = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)} for r in runs]
+    return all(len({s[e] for s in scores if e in s}) <= 1 for e in epochs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from search.run import main as search_main
-from searchutil import epochs_of, search_args, search_runs
+from searchutil import epochs_of, search_args, search_runs, tied_at
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,10 @@ def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny
         assert epochs_of(client, child) == [e for e in trained if e % 2 == 0]
         assert len(trained) in (2, 4)  # ASHA decides on validated epochs only
         stopped += len(trained) == 2
-    assert stopped > 0
+    if tied_at(client, children, [2]):  # every trial scored the same at the rung: none stopped
+        assert stopped == 0
+    else:
+        assert stopped > 0
     study = optuna.load_study(
         study_name="s1", storage=f"sqlite:///{tmp_path / 'storage' / 's1' / 'optuna.db'}"
     )
