@@ -287,16 +287,24 @@ class Tracker:
         self.log_outcome(run_id, run_dir, cfg, best_metric)
         self.end_run(run_id, status)
 
-    def log_outcome(self, run_id: str, run_dir: Path, cfg: Config, best_metric: float) -> None:
-        """The best metric, config, ``best.pt`` and pictures of a run directory; again overwrites."""
+    def log_outcome(
+        self, run_id: str, run_dir: Path, cfg: Config, best_metric: float, *, checkpoint: bool = True
+    ) -> None:
+        """The best metric, config, pictures and (unless not ``checkpoint``) ``best.pt`` of a run
+        directory; again overwrites."""
         run_dir = Path(run_dir)
         if math.isfinite(best_metric):
             self.log_metrics(run_id, {best_metric_key(cfg.train.metric): best_metric}, step=0)
         self.log_config(run_id, cfg)
-        if (run_dir / BEST).is_file():
-            self.log_artifact(run_id, run_dir / BEST, CHECKPOINT_ARTIFACT)
         if (run_dir / PICTURES).is_dir():
             self.log_artifact(run_id, run_dir / PICTURES, PICTURES)
+        if checkpoint:
+            self.log_checkpoint(run_id, run_dir)
+
+    def log_checkpoint(self, run_id: str, run_dir: Path) -> None:
+        """The ``best.pt`` of a run directory, when it has one."""
+        if (Path(run_dir) / BEST).is_file():
+            self.log_artifact(run_id, Path(run_dir) / BEST, CHECKPOINT_ARTIFACT)
 
     def drop_checkpoint(self, run_id: str, reason: str) -> None:
         """Delete the run's ``checkpoint/`` artifacts and tag ``reason`` (export passes it over);

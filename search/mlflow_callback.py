@@ -16,8 +16,9 @@ retried, and the search goes on.
 
 Once a trial has ended, its ``best.pt`` and pictures are uploaded to its run; with ``keep_top`` K,
 only the K best ended trials (by ``cellseg.best_run``'s rule, the one ``export --best`` ranks by)
-keep ``checkpoint/best.pt`` in MLflow: a trial pushed out of the top K loses it, its run keeps
-metrics, params and config and gets the tag ``cellseg.checkpoint_dropped``. The re-seed step's
+keep ``checkpoint/best.pt`` in MLflow: a trial not among them when it ends never uploads it, a
+trial pushed out of the top K later loses it; either run keeps metrics, params and config and gets
+the tag ``cellseg.checkpoint_dropped``. The re-seed step's
 callback drops nothing (a configuration's mean is known only once all its seeds ended): the driver
 applies :func:`drop_beyond_top` once after it. Tune's storage holds only what a restore may
 still need (search/checkpoint_cleanup.py): a trial's older checkpoints go once Tune's saved state
@@ -360,36 +361,49 @@ class MlflowTrialLogger(Callback):
                 best = float(load_checkpoint(Path(directory) / BEST)["metrics"][self.metric])
             except (CheckpointError, KeyError):
                 best = float("nan")
-            self.tracker.log_outcome(run_id, Path(directory), self.trial_config(config), best)
+            self.tracker.log_outcome(
+                run_id, Path(directory), self.trial_config(config), best, checkpoint=False
+            )
+            ended = self._rank_ended(run_id, status)
+            if ended is None or has_checkpoint(ended.record):
+                self.tracker.log_checkpoint(run_id, Path(directory))
         self._drill_point("upload")
         self.tracker.end_run(run_id, status)
         if status != "FAILED":  # a failed trial may still be restarted from its last state
             self._cleanup.ended(trial_id, checkpoint)
-        self._keep_top(run_id)
+        if ended is not None and has_checkpoint(ended.record):  # it may push another out
+            for out in drop_beyond_top(self.tracker, list(self._ended.values()), self.keep_top):
+                self._ended[out.record.run_id] = replace(self._ended[out.record.run_id], record=out.record)
 
-    def _keep_top(self, run_id: str) -> None:
-        """Count the just closed run among the search's ended trials and drop the checkpoints
-        beyond the ``keep_top`` best (:func:`drop_beyond_top`)."""
+    def _rank_ended(self, run_id: str, status: str) -> Candidate | None:
+        """With ``keep_top``, count the run being closed as ``status`` among the search's ended
+        trials; when it is not among the ``keep_top`` best, tag it dropped before its checkpoint
+        is uploaded, so it never is. None when nothing is kept or the run cannot be exported."""
         if not self.keep_top:
-            return
-        found = candidate(self.tracker.record(run_id))
+            return None
+        found = candidate(replace(self.tracker.record(run_id), status=status))
         if found is None:
-            return
+            return None
+        beyond, reason = beyond_top(
+            [*(c for c in self._ended.values() if c.record.run_id != run_id), found], self.keep_top
+        )
+        if any(c.record.run_id == run_id for c in beyond):
+            self.tracker.set_tags(run_id, {CHECKPOINT_DROPPED_TAG: reason})
+            found = replace(
+                found,
+                record=replace(found.record, tags={**found.record.tags, CHECKPOINT_DROPPED_TAG: reason}),
+            )
         self._ended[run_id] = found
-        for out in drop_beyond_top(self.tracker, list(self._ended.values()), self.keep_top):
-            self._ended[out.record.run_id] = replace(self._ended[out.record.run_id], record=out.record)
+        return found
 
 
-def drop_beyond_top(tracker: Tracker, ended: list[Candidate], keep: int) -> list[Candidate]:
+def beyond_top(ended: list[Candidate], keep: int) -> tuple[list[Candidate], str]:
     """Rank a search's ``ended`` trials as ``export --best`` ranks them (a re-seeded configuration
-    by its mean over seeds) and drop the MLflow checkpoints of those after the first ``keep`` that
-    still have one; the dropped runs, their records tagged. A dropped run still counts in its
-    configuration's mean."""
+    by its mean over seeds): those after the first ``keep`` that still have a checkpoint, and the
+    reason their checkpoints go."""
     ranked = export_order(ended)
     beyond = [c for c in ranked if has_checkpoint(c.record)][keep:]
-    if not beyond:
-        return []
-    metric = ranked[0].metric
+    metric = ranked[0].metric if ranked else ""
     if any(c.seeds for c in ranked):
         reason = (
             f"not among the {keep} best trials in export --best's order: re-seeded configurations "
@@ -397,6 +411,13 @@ def drop_beyond_top(tracker: Tracker, ended: list[Candidate], keep: int) -> list
         )
     else:
         reason = f"not among the {keep} best trials by {metric}"
+    return beyond, reason
+
+
+def drop_beyond_top(tracker: Tracker, ended: list[Candidate], keep: int) -> list[Candidate]:
+    """Drop the MLflow checkpoints of the ``ended`` trials :func:`beyond_top`; the dropped runs,
+    their records tagged. A dropped run still counts in its configuration's mean."""
+    beyond, reason = beyond_top(ended, keep)
     dropped = []
     for out in beyond:
         tracker.drop_checkpoint(out.record.run_id, reason)

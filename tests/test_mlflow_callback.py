@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
+from cellseg.checkpoint import BEST, save_checkpoint
 from cellseg.config import config_to_dict, load_config
-from cellseg.tracking import Tracker
+from cellseg.tracking import CHECKPOINT_ARTIFACT, CHECKPOINT_DROPPED_TAG, Tracker
 from search.mlflow_callback import LOST, PHASE_TAG, TRIAL_TAG, MlflowTrialLogger
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
@@ -190,3 +192,54 @@ def test_a_start_retried_after_a_lost_answer_finds_the_run_it_created(store):
     callback.outbox.flush(force=True)
     report(callback, t, 1)
     assert epochs(tracker, child(tracker, "t_00001")) == [1]  # one run: child() asserts it
+
+
+class CountsUploads(Tracker):
+    """A store that records which runs had a checkpoint uploaded."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.uploaded: list[str] = []
+
+    def log_artifact(self, run_id: str, path, artifact_path: str | None = None) -> None:
+        if artifact_path == CHECKPOINT_ARTIFACT:
+            self.uploaded.append(run_id)
+        super().log_artifact(run_id, path, artifact_path)
+
+
+class EndedTrial(Trial):
+    """A stub trial whose latest checkpoint the test sets."""
+
+    checkpoint: Checkpoint | None = None
+
+
+def test_with_keep_top_a_trial_that_ends_outside_the_top_never_uploads_its_checkpoint(store, tmp_path):
+    """--keep-top 1: the first trial uploads, the better second pushes it out, the worse third is
+    tagged dropped before any upload; only the best keeps checkpoint/best.pt."""
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    callback.keep_top = 1
+    callback._tracker = CountsUploads(tracker.uri)
+    runs = {}
+    for number, value in enumerate((0.5, 0.9, 0.3), 1):
+        t = EndedTrial("train_trial", config={"optim.lr": value}, trial_id=f"t_{number:05d}", stub=True)
+        folder = tmp_path / f"checkpoint_{number}"
+        save_checkpoint(
+            folder / BEST, {"config": {}, "model": {}, "epoch": 1, "metrics": {"segm_AP50": value}}
+        )
+        t.checkpoint = Checkpoint(str(folder))
+        callback.on_trial_start(0, [t], t)
+        report(callback, t, 1)
+        callback.on_trial_complete(0, [t], t)
+        runs[value] = child(tracker, t.trial_id).info.run_id
+    assert callback._tracker.uploaded == [runs[0.5], runs[0.9]]
+    client = MlflowClient(tracker.uri)
+    for value, run_id in runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.metrics["best_segm_AP50"] == value
+        kept = bool(client.list_artifacts(run_id, CHECKPOINT_ARTIFACT))
+        assert kept == (value == 0.9) == (CHECKPOINT_DROPPED_TAG not in run.data.tags)
+    assert (
+        client.get_run(runs[0.3]).data.tags[CHECKPOINT_DROPPED_TAG]
+        == "not among the 1 best trials by segm_AP50"
+    )
