@@ -55,7 +55,10 @@ ERROR_CHARS = 4000  # an error tag keeps the end of the traceback, which names t
 
 def is_unavailable(exc: BaseException) -> bool:
     """True when an error of the store means 'try again later' (a server error, a lost
-    connection, a timeout) rather than 'this request is wrong' (a 4xx answer)."""
+    connection, a timeout) rather than 'this request is wrong' (a 4xx answer); for a
+    TrackingError, when the store's error it names as its cause does."""
+    if isinstance(exc, TrackingError) and exc.__cause__ is not None:
+        return is_unavailable(exc.__cause__)
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
     return isinstance(exc, (OSError, TimeoutError))

@@ -258,7 +258,7 @@ class MlflowTrialLogger(Callback):
         for trial in trials:  # Tune's final state is saved: the older checkpoints are only disk
             if trial.status in _ENDED and trial.checkpoint is not None:
                 remove_other_checkpoints(trial.checkpoint)
-        self._cleanup.finish()  # the ended trials' runs are closed, so best.pt is in MLflow
+        self._cleanup.finish()  # the ended trials' runs are closed: a kept best.pt is in MLflow
 
     def _end(self, trial: Trial) -> None:
         """Close the trial's run as Tune ended it: FAILED with its error, FINISHED when it ran
@@ -371,14 +371,19 @@ class MlflowTrialLogger(Callback):
         self.tracker.end_run(run_id, status)
         if status != "FAILED":  # a failed trial may still be restarted from its last state
             self._cleanup.ended(trial_id, checkpoint)
-        if ended is not None and has_checkpoint(ended.record):  # it may push another out
-            for out in drop_beyond_top(self.tracker, list(self._ended.values()), self.keep_top):
-                self._ended[out.record.run_id] = replace(self._ended[out.record.run_id], record=out.record)
+        if ended is not None:
+            self._ended[run_id] = ended
+            if has_checkpoint(ended.record):  # it may push another out
+                for out in drop_beyond_top(self.tracker, list(self._ended.values()), self.keep_top):
+                    self._ended[out.record.run_id] = replace(
+                        self._ended[out.record.run_id], record=out.record
+                    )
 
     def _rank_ended(self, run_id: str, status: str) -> Candidate | None:
-        """With ``keep_top``, count the run being closed as ``status`` among the search's ended
-        trials; when it is not among the ``keep_top`` best, tag it dropped before its checkpoint
-        is uploaded, so it never is. None when nothing is kept or the run cannot be exported."""
+        """With ``keep_top``, rank the run being closed as ``status`` among the search's ended
+        trials; when it is not among the ``keep_top`` best, drop its checkpoint before it would be
+        uploaded (only a tag, unless an earlier close of the run uploaded one). The run as ranked;
+        None when nothing is kept or the run cannot be exported."""
         if not self.keep_top:
             return None
         found = candidate(replace(self.tracker.record(run_id), status=status))
@@ -388,12 +393,7 @@ class MlflowTrialLogger(Callback):
             [*(c for c in self._ended.values() if c.record.run_id != run_id), found], self.keep_top
         )
         if any(c.record.run_id == run_id for c in beyond):
-            self.tracker.set_tags(run_id, {CHECKPOINT_DROPPED_TAG: reason})
-            found = replace(
-                found,
-                record=replace(found.record, tags={**found.record.tags, CHECKPOINT_DROPPED_TAG: reason}),
-            )
-        self._ended[run_id] = found
+            found = drop_checkpoint(self.tracker, found, reason)
         return found
 
 
@@ -418,13 +418,13 @@ def drop_beyond_top(tracker: Tracker, ended: list[Candidate], keep: int) -> list
     """Drop the MLflow checkpoints of the ``ended`` trials :func:`beyond_top`; the dropped runs,
     their records tagged. A dropped run still counts in its configuration's mean."""
     beyond, reason = beyond_top(ended, keep)
-    dropped = []
-    for out in beyond:
-        tracker.drop_checkpoint(out.record.run_id, reason)
-        dropped.append(
-            replace(out, record=replace(out.record, tags={**out.record.tags, CHECKPOINT_DROPPED_TAG: reason}))
-        )
-    return dropped
+    return [drop_checkpoint(tracker, out, reason) for out in beyond]
+
+
+def drop_checkpoint(tracker: Tracker, run: Candidate, reason: str) -> Candidate:
+    """Drop ``run``'s MLflow checkpoint (``Tracker.drop_checkpoint``); the run, its record tagged."""
+    tracker.drop_checkpoint(run.record.run_id, reason)
+    return replace(run, record=replace(run.record, tags={**run.record.tags, CHECKPOINT_DROPPED_TAG: reason}))
 
 
 def _error_text(trial: Trial) -> str:

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
@@ -208,9 +209,29 @@ class CountsUploads(Tracker):
 
 
 class EndedTrial(Trial):
-    """A stub trial whose latest checkpoint the test sets."""
+    """A stub trial whose latest checkpoint the test sets (and without an error file)."""
 
     checkpoint: Checkpoint | None = None
+    error_file: str | None = None
+
+
+def ended_trial(folder: Path, number: int, value: float) -> EndedTrial:
+    """Trial ``number`` with a checkpoint in ``folder`` whose best.pt scored ``value``."""
+    t = EndedTrial("train_trial", config={"optim.lr": value}, trial_id=f"t_{number:05d}", stub=True)
+    save_checkpoint(folder / BEST, {"config": {}, "model": {}, "epoch": 1, "metrics": {"segm_AP50": value}})
+    t.checkpoint = Checkpoint(str(folder))
+    return t
+
+
+def run_one_epoch(callback: MlflowTrialLogger, t: Trial) -> None:
+    """Start ``t``, report its first epoch, end it as Tune ends a trial (by its status)."""
+    callback.on_trial_start(0, [t], t)
+    report(callback, t, 1)
+    callback.on_trial_complete(0, [t], t)
+
+
+def kept_checkpoint(tracker: Tracker, run_id: str) -> bool:
+    return bool(MlflowClient(tracker.uri).list_artifacts(run_id, CHECKPOINT_ARTIFACT))
 
 
 def test_with_keep_top_a_trial_that_ends_outside_the_top_never_uploads_its_checkpoint(store, tmp_path):
@@ -222,24 +243,72 @@ def test_with_keep_top_a_trial_that_ends_outside_the_top_never_uploads_its_check
     callback._tracker = CountsUploads(tracker.uri)
     runs = {}
     for number, value in enumerate((0.5, 0.9, 0.3), 1):
-        t = EndedTrial("train_trial", config={"optim.lr": value}, trial_id=f"t_{number:05d}", stub=True)
-        folder = tmp_path / f"checkpoint_{number}"
-        save_checkpoint(
-            folder / BEST, {"config": {}, "model": {}, "epoch": 1, "metrics": {"segm_AP50": value}}
-        )
-        t.checkpoint = Checkpoint(str(folder))
-        callback.on_trial_start(0, [t], t)
-        report(callback, t, 1)
-        callback.on_trial_complete(0, [t], t)
+        t = ended_trial(tmp_path / f"checkpoint_{number}", number, value)
+        run_one_epoch(callback, t)
         runs[value] = child(tracker, t.trial_id).info.run_id
     assert callback._tracker.uploaded == [runs[0.5], runs[0.9]]
     client = MlflowClient(tracker.uri)
     for value, run_id in runs.items():
         run = client.get_run(run_id)
         assert run.info.status == "KILLED" and run.data.metrics["best_segm_AP50"] == value
-        kept = bool(client.list_artifacts(run_id, CHECKPOINT_ARTIFACT))
-        assert kept == (value == 0.9) == (CHECKPOINT_DROPPED_TAG not in run.data.tags)
+        assert (
+            kept_checkpoint(tracker, run_id)
+            == (value == 0.9)
+            == (CHECKPOINT_DROPPED_TAG not in run.data.tags)
+        )
     assert (
         client.get_run(runs[0.3]).data.tags[CHECKPOINT_DROPPED_TAG]
         == "not among the 1 best trials by segm_AP50"
     )
+
+
+def test_a_retried_trial_that_ends_outside_the_top_loses_the_checkpoint_its_failure_uploaded(store, tmp_path):
+    """A FAILED trial's close uploads its checkpoint (failed runs are not ranked); when its retry
+    ends outside the --keep-top best, that copy goes too."""
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    callback.keep_top = 1
+    run_one_epoch(callback, ended_trial(tmp_path / "best", 1, 0.9))
+    retried = ended_trial(tmp_path / "retried", 2, 0.3)
+    retried.set_status(Trial.ERROR)
+    run_one_epoch(callback, retried)
+    run_id = child(tracker, retried.trial_id).info.run_id
+    assert child(tracker, retried.trial_id).info.status == "FAILED" and kept_checkpoint(tracker, run_id)
+    retried.set_status(Trial.RUNNING)  # Tune restarts it from its checkpoint
+    run_one_epoch(callback, retried)
+    run = child(tracker, retried.trial_id)
+    assert run.info.status == "KILLED" and CHECKPOINT_DROPPED_TAG in run.data.tags
+    assert not kept_checkpoint(tracker, run_id)
+
+
+def server_error(*args: object) -> None:
+    raise MlflowException("service unavailable")  # MLflow's INTERNAL_ERROR: HTTP 500
+
+
+class DownAtOneRead(Tracker):
+    """A store that answers one read of a run (``Tracker.record``) with a server error."""
+
+    down = True
+
+    def record(self, run_id: str):
+        if not self.down:
+            return super().record(run_id)
+        self.down = False
+        self.client.get_run = server_error
+        try:
+            return super().record(run_id)
+        finally:
+            del self.client.get_run
+
+
+def test_a_close_that_finds_the_store_down_when_ranking_is_retried_not_dropped(store, tmp_path):
+    tracker, parent, base = store
+    callback = logger(tracker, parent, base)
+    callback.keep_top = 1
+    callback._tracker = DownAtOneRead(tracker.uri)
+    t = ended_trial(tmp_path / "checkpoint", 1, 0.5)
+    run_one_epoch(callback, t)
+    assert not callback._tracker.down and callback.outbox.pending  # queued for a retry
+    callback.outbox.flush(force=True)
+    run = child(tracker, t.trial_id)
+    assert run.info.status == "KILLED" and kept_checkpoint(tracker, run.info.run_id)

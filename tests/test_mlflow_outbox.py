@@ -8,6 +8,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from cellseg.errors import TrackingError
 from cellseg.tracking import is_unavailable
 from search.mlflow_outbox import Outbox
 
@@ -63,6 +64,12 @@ def test_retries_wait_for_the_interval_unless_forced_and_stop_once_through(tmp_p
     assert store.applied[-1] == ("result", {"trial_id": "a"})
 
 
+def caused(exc: BaseException, cause: BaseException) -> BaseException:
+    """``exc`` raised from ``cause``."""
+    exc.__cause__ = cause
+    return exc
+
+
 @pytest.mark.parametrize(
     "exc, unavailable",
     [
@@ -70,6 +77,9 @@ def test_retries_wait_for_the_interval_unless_forced_and_stop_once_through(tmp_p
         (MlflowException("bad", INVALID_PARAMETER_VALUE), False),
         (ConnectionRefusedError(), True),
         (KeyError("x"), False),
+        (caused(TrackingError("no run r1"), MlflowException("boom")), True),  # Tracker.record's
+        (caused(TrackingError("no run r1"), MlflowException("bad", INVALID_PARAMETER_VALUE)), False),
+        (TrackingError("no such experiment"), False),
     ],
 )
 def test_unavailable_means_retry_later(exc: BaseException, unavailable: bool) -> None:
