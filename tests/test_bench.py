@@ -27,6 +27,7 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "search_efficiency",
         "store_writes",
         "mixed_precision",
+        "checkpoint_save",
     ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:

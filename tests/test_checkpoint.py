@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,18 @@ def test_round_trip_weights_only(tmp_path: Path, cfg: Config, model: Tiny) -> No
     assert checkpoint_config(loaded) == cfg
     assert checkpoint_config(loaded).model.anchor_sizes == (8, 16, 32, 64, 128)
     assert [p.name for p in path.parent.iterdir()] == [LAST]  # no temp files left
+
+
+def test_saved_without_record_crcs_and_torchs_setting_restored(
+    tmp_path: Path, cfg: Config, model: Tiny
+) -> None:
+    assert torch.serialization.get_crc32_options()  # torch's default
+    path = save_checkpoint(tmp_path / LAST, full_state(cfg, model))
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+        assert tensors and all(info.CRC == 0 for info in tensors)
+    assert torch.serialization.get_crc32_options()  # other torch.save calls still write them
+    assert load_checkpoint(path)["epoch"] == 3
 
 
 def test_save_replaces_existing(tmp_path: Path, cfg: Config, model: Tiny) -> None:
