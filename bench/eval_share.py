@@ -51,20 +51,8 @@ def main() -> None:
         s = build_training(cfg)
         warm_cache(s.train_loader.dataset)
         warm_cache(s.val_loader.dataset)
-        s.train_loader.dataset.set_epoch(1)
         train = common.TimedLoader(s.train_loader, skip=0, device=device)
-        engine.train_one_epoch(
-            s.model,
-            s.optimizer,
-            s.schedule,
-            train,
-            device,
-            epoch=1,
-            scaler=s.scaler,
-            amp=s.amp,
-            grad_clip=cfg.optim.grad_clip,
-            progress=False,
-        )
+        s.train_epoch(1, loader=train)
         totals: dict[str, float] = {}
         outputs: dict[str, list] = {}
         paste: dict[str, float] = {}

@@ -19,7 +19,6 @@ import torch
 from plain import plain_loader, plain_train_epoch
 
 import common
-from cellseg.engine import train_one_epoch
 from cellseg.optim import build_optimizer
 from cellseg.training import build_training, seed_everything
 
@@ -33,19 +32,7 @@ def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
     s = build_training(cfg)
     timed = common.TimedLoader(s.train_loader, device=s.device)
     for epoch in range(1, args.epochs + 1):
-        s.start_epoch(epoch)
-        train_one_epoch(
-            s.model,
-            s.optimizer,
-            s.schedule,
-            timed,
-            s.device,
-            epoch=epoch,
-            scaler=s.scaler,
-            amp=s.amp,
-            grad_clip=cfg.optim.grad_clip,
-            progress=False,
-        )
+        s.train_epoch(epoch, loader=timed)
     return {"images": timed.images, "seconds": timed.seconds, **common.peak_memory()}
 
 

@@ -7,7 +7,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
 from cellseg.config import Config
 from cellseg.data import CellDataset, build_augment, collate, scan_train, split_items
-from cellseg.engine import evaluate, mixed_precision, train_one_epoch
+from cellseg.engine import Batch, evaluate, mixed_precision, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
@@ -120,6 +120,25 @@ class Training:
         self.shuffle.manual_seed(self.cfg.train.seed * 100_003 + epoch)
         self.train_loader.dataset.set_epoch(epoch)
 
+    def train_epoch(
+        self, epoch: int, *, loader: Iterable[Batch] | None = None, progress: bool = False
+    ) -> dict[str, float]:
+        """Seed ``epoch`` and train it over ``loader`` (default the train loader; a wrapper of it
+        times it); the epoch's mean losses."""
+        self.start_epoch(epoch)
+        return train_one_epoch(
+            self.model,
+            self.optimizer,
+            self.schedule,
+            self.train_loader if loader is None else loader,
+            self.device,
+            epoch=epoch,
+            scaler=self.scaler,
+            amp=self.amp,
+            grad_clip=self.cfg.optim.grad_clip,
+            progress=progress,
+        )
+
 
 def build_training(cfg: Config) -> Training:
     """Seed, then build loaders, model, optimizer, schedule and gradient scaler for ``cfg``."""
@@ -179,20 +198,8 @@ def fit(
     metric_name = cfg.train.metric
     validated = cfg.data.val_fraction > 0
     for epoch in range(start, cfg.train.epochs + 1):
-        t.start_epoch(epoch)
         started = time.perf_counter()
-        losses = train_one_epoch(
-            model,
-            optimizer,
-            schedule,
-            t.train_loader,
-            device,
-            epoch=epoch,
-            scaler=scaler,
-            amp=t.amp,
-            grad_clip=cfg.optim.grad_clip,
-            progress=progress,
-        )
+        losses = t.train_epoch(epoch, progress=progress)
         trained = time.perf_counter()
         metrics = {"epoch": float(epoch), "lr": schedule.lr, **{f"train_{k}": v for k, v in losses.items()}}
         metrics.update({TRAIN_SECONDS: trained - started, VAL_SECONDS: 0.0})

@@ -28,6 +28,7 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "store_writes",
         "mixed_precision",
         "checkpoint_save",
+        "rung_agreement",
     ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:

@@ -11,7 +11,6 @@ from torchvision.models.detection.image_list import ImageList
 
 from cellseg.config import load_config
 from cellseg.data import make_synthetic_dataset
-from cellseg.engine import train_one_epoch
 from cellseg.model import Float32BoxCoder, build_model
 from cellseg.torch_private import cpu_computes_bf16
 from cellseg.torchvision_private import BoxCoder
@@ -74,10 +73,7 @@ def test_train_amp_on_the_cpu_trains_in_bf16_where_the_cpu_computes_it(tmp_path:
     assert t.amp is (amp and cpu_computes_bf16()) and t.scaler is None
     dtypes = []
     t.model.backbone.body.conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
-    t.start_epoch(1)
-    losses = train_one_epoch(
-        t.model, t.optimizer, t.schedule, t.train_loader, t.device, epoch=1, amp=t.amp, progress=False
-    )
+    losses = t.train_epoch(1)
     assert dtypes and set(dtypes) == {torch.bfloat16 if t.amp else torch.float32}
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
