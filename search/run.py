@@ -29,6 +29,7 @@ import optuna
 import ray
 import yaml
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
@@ -94,6 +95,7 @@ STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 SCORE_ONLY_ENV = "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE"
+DEFAULT_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: GPU nodes asked for at once
 # A failed MLflow request is queued and retried by the callback's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
@@ -470,11 +472,13 @@ def new_tuner(
 def run_config(
     name: str, storage_path: str, callback: MlflowTrialLogger, max_failures: int
 ) -> tune.RunConfig:
-    """Where a Tune experiment of the search keeps its trials, and its MLflow callback."""
+    """Where a Tune experiment of the search keeps its trials, its MLflow callback, and the one
+    of Tune's loggers that is read back (``result.json``: the trials' results on ``--resume``,
+    the efficiency figures)."""
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
-        callbacks=[callback],
+        callbacks=[callback, JsonLoggerCallback()],
         # every checkpoint: a limit would force a save of Tune's whole state every few results;
         # the callback removes what no restore needs (search/checkpoint_cleanup.py)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -506,9 +510,11 @@ def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[
       can mark the parent run KILLED; the search resumes as after any driver crash;
     - ``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE=1``: Tune keeps every checkpoint a trial
       reports (:func:`run_config`), and with this its saved state lists them without their results
-      (the latest keeps its own), so the state does not grow by a result per epoch.
+      (the latest keeps its own), so the state does not grow by a result per epoch;
+    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: no CSV and TensorBoard files per trial, which
+      nothing reads (:func:`run_config` adds the JSON logger, whose ``result.json`` is read back).
     """
-    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1"}
+    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1", DEFAULT_LOGGERS_ENV: "1"}
     return scoped_environ({**fixed, **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 

@@ -136,6 +136,12 @@ def test_only_the_best_trials_keep_their_checkpoint_stored_once_in_mlflow(search
     on_disk = {p.parts[-4] for p in (folder / "mlartifacts").rglob("checkpoint/best.pt")}
     assert on_disk & {c.info.run_id for c in children} == {c.info.run_id for c in kept}
     assert not list((folder / "storage" / "s1").rglob("*.pt")), "Tune's storage kept a second copy"
+    trial_dirs = [d for d in (folder / "storage" / "s1").iterdir() if d.name.startswith("trial_")]
+    assert len(trial_dirs) == NUM_SAMPLES and all((d / "result.json").is_file() for d in trial_dirs)
+    unread = [
+        p.name for d in trial_dirs for p in d.iterdir() if p.name == "progress.csv" or "tfevents" in p.name
+    ]
+    assert not unread, "Tune's CSV and TensorBoard loggers ran"
     parent = search["parent"]
     assert 0 < parent.data.metrics["useful_share"] <= 1 and parent.data.metrics["trial_slots"] == 2
     top = max(c.data.metrics["best_segm_AP50"] for c in kept)

@@ -22,6 +22,7 @@ from search.faults import FAULT_ENV
 from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
     CLUSTER_PENDING_TRIALS,
+    DEFAULT_LOGGERS_ENV,
     OUTBOX,
     SCORE_ONLY_ENV,
     SEARCH_TAG,
@@ -124,15 +125,16 @@ def test_tunes_environment_settings_are_scoped_to_the_block(monkeypatch, before)
         monkeypatch.setenv(STRICT_METRIC_ENV, before)
     monkeypatch.delenv(SIGINT_ENV, raising=False)
     monkeypatch.delenv(SCORE_ONLY_ENV, raising=False)
+    monkeypatch.delenv(DEFAULT_LOGGERS_ENV, raising=False)
     with tune_environment(strict_metrics=True):
         assert os.environ.get(STRICT_METRIC_ENV) == before and os.environ[SIGINT_ENV] == "1"
-        assert os.environ[SCORE_ONLY_ENV] == "1"
+        assert os.environ[SCORE_ONLY_ENV] == "1" and os.environ[DEFAULT_LOGGERS_ENV] == "1"
     with pytest.raises(KeyboardInterrupt):
         with tune_environment(strict_metrics=False):
             assert os.environ[STRICT_METRIC_ENV] == "1" and os.environ[SIGINT_ENV] == "1"
             raise KeyboardInterrupt
     assert os.environ.get(STRICT_METRIC_ENV) == before and SIGINT_ENV not in os.environ
-    assert SCORE_ONLY_ENV not in os.environ
+    assert SCORE_ONLY_ENV not in os.environ and DEFAULT_LOGGERS_ENV not in os.environ
 
 
 def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path):
@@ -387,7 +389,8 @@ def test_a_later_experiment_of_the_search_leaves_removing_checkpoints_to_its_cal
         tracking_uri=mlflow_uri, experiment="e", parent_run_id="p", base={}, max_epochs=1, metric="segm_AP50"
     )
     config = run_config("s1--reseed-1", str(tmp_path), logger, max_failures=2)
-    assert (config.name, config.storage_path, config.callbacks) == ("s1--reseed-1", str(tmp_path), [logger])
+    assert (config.name, config.storage_path, config.callbacks[0]) == ("s1--reseed-1", str(tmp_path), logger)
+    assert [type(c).__name__ for c in config.callbacks[1:]] == ["JsonLoggerCallback"]
     assert config.checkpoint_config.num_to_keep is None and config.failure_config.max_failures == 2
 
 
