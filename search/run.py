@@ -473,8 +473,8 @@ def run_config(
     name: str, storage_path: str, callback: MlflowTrialLogger, max_failures: int
 ) -> tune.RunConfig:
     """Where a Tune experiment of the search keeps its trials, its MLflow callback, and the one
-    of Tune's loggers that is read back (``result.json``: the trials' results on ``--resume``,
-    the efficiency figures)."""
+    of Tune's loggers that is read back (``result.json``: every trial's results for the summary,
+    the ranking, the efficiency figures and ``--resume``)."""
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
@@ -501,7 +501,9 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[None]:
+def tune_environment(
+    strict_metrics: bool, *, restored: bool = False
+) -> contextlib.AbstractContextManager[None]:
     """Tune's settings for ``fit`` that Ray 2.60 reads only from the environment, restored after.
 
     - ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` unless every epoch reports the metric (the
@@ -511,10 +513,13 @@ def tune_environment(strict_metrics: bool) -> contextlib.AbstractContextManager[
     - ``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE=1``: Tune keeps every checkpoint a trial
       reports (:func:`run_config`), and with this its saved state lists them without their results
       (the latest keeps its own), so the state does not grow by a result per epoch;
-    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: no CSV and TensorBoard files per trial, which
-      nothing reads (:func:`run_config` adds the JSON logger, whose ``result.json`` is read back).
+    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``, unless the experiment is ``restored``: no CSV
+      and TensorBoard files per trial, which nothing reads (:func:`run_config` adds the JSON
+      logger, whose ``result.json`` the summary, the ranking and ``--resume`` read back). A
+      restored experiment runs with the callbacks it was saved with, and one saved before the
+      search passed the JSON logger itself has none: Tune then adds its default loggers.
     """
-    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1", DEFAULT_LOGGERS_ENV: "1"}
+    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1", **({} if restored else {DEFAULT_LOGGERS_ENV: "1"})}
     return scoped_environ({**fixed, **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
@@ -522,10 +527,14 @@ class SearchInterrupted(Exception):
     """The search was stopped with Ctrl-C; it can be resumed."""
 
 
-def fit_tuner(tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool) -> list[tune.Result]:
-    """Run ``tuner`` to its end in the search's Tune environment (:func:`tune_environment`) with at
-    most ``max_pending`` trials waiting for resources; its trials' results."""
-    with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}), tune_environment(strict_metrics):
+def fit_tuner(
+    tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool, restored: bool = False
+) -> list[tune.Result]:
+    """Run ``tuner`` (``restored`` from storage, or new) to its end in the search's Tune
+    environment (:func:`tune_environment`) with at most ``max_pending`` trials waiting for
+    resources; its trials' results."""
+    environment = tune_environment(strict_metrics, restored=restored)
+    with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}), environment:
         return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
 
 
@@ -776,10 +785,11 @@ class SearchPhases:
             trial_tags=trial_tags,
         )
 
-    def fit(self, tuner: tune.Tuner) -> list[tune.Result]:
-        """Run ``tuner`` in Tune's environment for this search; its trials' results."""
+    def fit(self, tuner: tune.Tuner, *, restored: bool = False) -> list[tune.Result]:
+        """Run ``tuner`` (``restored`` from storage, or new) in Tune's environment for this search;
+        its trials' results."""
         strict = metric_every_epoch(self.inputs.base, self.inputs.space)
-        ended = fit_tuner(tuner, max_pending=self.max_pending, strict_metrics=strict)
+        ended = fit_tuner(tuner, max_pending=self.max_pending, strict_metrics=strict, restored=restored)
         self.trained.extend(ended)
         return ended
 
@@ -829,7 +839,7 @@ def restored_results(search: SearchPhases, phases: Sequence[str]) -> list[tune.R
         restored = tune.Tuner.restore(path, search.trainable, resume_errored=True)
         # only the last can be unfinished: each later one started after the one before ended
         unfinished = args.resume and phase == experiments[-1]
-        ended = search.fit(restored) if unfinished else list(restored.get_results())
+        ended = search.fit(restored, restored=True) if unfinished else list(restored.get_results())
         if phase_kind(name, phase) != RESEED:
             results += ended
     return results

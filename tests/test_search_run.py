@@ -135,6 +135,8 @@ def test_tunes_environment_settings_are_scoped_to_the_block(monkeypatch, before)
             raise KeyboardInterrupt
     assert os.environ.get(STRICT_METRIC_ENV) == before and SIGINT_ENV not in os.environ
     assert SCORE_ONLY_ENV not in os.environ and DEFAULT_LOGGERS_ENV not in os.environ
+    with tune_environment(strict_metrics=True, restored=True):  # may lack its JSON logger
+        assert DEFAULT_LOGGERS_ENV not in os.environ and os.environ[SCORE_ONLY_ENV] == "1"
 
 
 def test_the_parent_run_is_created_once_and_found_again_on_resume(tmp_path: Path):
