@@ -1,15 +1,18 @@
-"""Cheaper validation at ASHA's rungs: does its ranking agree with the full validation's?
+"""Cheaper validation at ASHA's rungs: does it decide as the full validation does?
 
 ``--configs`` configurations are drawn at random (seeded) from the demo space on the demo config;
 each trains the rung's epochs (``--epochs``, 1 by default: ASHA's first rung in the demo search)
-with one thread, as a trial does. Then the model is validated the full way (every validation
-image, ``model.detections_per_img`` detections each, as ``fit`` validates) and the cheaper ways:
-fewer detections per image, half of the validation images, and both. For each way: seconds per
-validation (median over the configurations; the validation images are decoded once beforehand,
-so every way times the same prediction and scoring), its ratio to the full one, the Spearman
-correlation of its segm AP50 with the full one's over the configurations, and how many of the
-top third by the full validation (the trials ASHA keeps at a reduction factor of 3) it also puts
-in its top third.
+with one thread, as a trial does (one that diverges is left out, as the search records it failed).
+Then the model is validated the full way (every validation image, ``model.detections_per_img``
+detections each, as ``fit`` validates) and the cheaper ways: fewer detections per image, half of
+the validation batches (rounded up), and both, in an order rotated from one configuration to the
+next. For each way: seconds per validation (median over the configurations; the validation
+images are decoded once beforehand, so every way times the same prediction and scoring), its
+ratio to the full one, the Spearman correlation of its segm AP50 with the full one's, and how
+many of ASHA's decisions it would take as the full validation does: ASHA (reduction factor 3)
+keeps a trial unless its metric is below the 2/3 quantile of the rung's metrics (here those of
+every configuration at once; ASHA uses those recorded before the trial), so a rung where most
+trials score 0 keeps them all.
 
     python bench/rung_agreement.py [--tiny] [--data DIR] [--configs N] [--epochs E] [--seed S]
         [--set KEY=VALUE ...]
@@ -23,18 +26,20 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
 
 import common
 from cellseg.config import Config, apply_overrides
-from cellseg.engine import evaluate
+from cellseg.engine import NonFiniteLossError, evaluate
 from cellseg.evaluation import coco_max_dets
-from cellseg.training import build_training
+from cellseg.training import Training, build_training
 from search.space import load_space
 
 METRIC = "segm_AP50"
+REDUCTION_FACTOR = 3  # search/run.py's default --reduction-factor
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,8 @@ def ways_for(cfg: Config) -> list[Way]:
     return [
         Way("full", None, 1.0),
         *(Way(f"{d} detections", d, 1.0) for d in fewer),
-        Way("half the images", None, 0.5),
-        *([Way(f"{fewer[0]} detections, half the images", fewer[0], 0.5)] if fewer else []),
+        Way("half the batches", None, 0.5),
+        *([Way(f"{fewer[0]} detections, half the batches", fewer[0], 0.5)] if fewer else []),
     ]
 
 
@@ -64,7 +69,7 @@ def sample_configs(base: Config, count: int, seed: int) -> list[dict]:
     return [space(study.ask()) for _ in range(count)]
 
 
-def validate(cfg: Config, batches: list, training, way: Way) -> tuple[float, float]:
+def validate(batches: list, training: Training, way: Way) -> tuple[float, float]:
     """segm AP50 and seconds of one validation ``way``."""
     heads = training.model.roi_heads
     saved = heads.detections_per_img
@@ -86,18 +91,22 @@ def validate(cfg: Config, batches: list, training, way: Way) -> tuple[float, flo
     return metrics[METRIC], time.perf_counter() - start
 
 
-def run_config(cfg: Config, epochs: int) -> dict[str, tuple[float, float]]:
-    """Train ``cfg`` for ``epochs``, then validate it every way: {way: (AP50, seconds)}."""
+def run_config(cfg: Config, epochs: int, rotate: int) -> dict[str, tuple[float, float]]:
+    """Train ``cfg`` for ``epochs``, then validate it every way, the ways' order rotated by
+    ``rotate``: {way: (AP50, seconds)}."""
     training = build_training(cfg)
     for epoch in range(1, epochs + 1):
         training.train_epoch(epoch)
     batches = list(training.val_loader)
-    return {way.name: validate(cfg, batches, training, way) for way in ways_for(cfg)}
+    ways = ways_for(cfg)
+    turn = rotate % len(ways)
+    return {way.name: validate(batches, training, way) for way in ways[turn:] + ways[:turn]}
 
 
-def top_third(values: pd.Series) -> set:
-    keep = max(1, len(values) // 3)
-    return set(values.sort_values(ascending=False, kind="stable").index[:keep])
+def asha_keeps(values: pd.Series) -> pd.Series:
+    """Which trials ASHA keeps at a rung with these metrics (reduction factor 3): those not below
+    the 2/3 quantile (Ray's ``ASHAScheduler`` stops a trial only strictly below it)."""
+    return values >= np.nanpercentile(values, (1 - 1 / REDUCTION_FACTOR) * 100)
 
 
 def main() -> None:
@@ -120,7 +129,12 @@ def main() -> None:
         seconds: dict[str, list[float]] = {}
         for index, point in enumerate(sample_configs(base, count, args.seed)):
             start = time.perf_counter()
-            for name, (value, took) in run_config(apply_overrides(base, point), args.epochs).items():
+            try:
+                validated = run_config(apply_overrides(base, point), args.epochs, rotate=index)
+            except NonFiniteLossError as exc:
+                print(f"configuration {index + 1}/{count}: left out, it diverged ({exc})", flush=True)
+                continue
+            for name, (value, took) in validated.items():
                 ap.setdefault(name, {})[index] = value
                 seconds.setdefault(name, []).append(took)
             shown = ", ".join(
@@ -129,7 +143,9 @@ def main() -> None:
             print(
                 f"configuration {index + 1}/{count}: {time.perf_counter() - start:.0f} s  {shown}", flush=True
             )
-    table = pd.DataFrame(ap)
+    if not ap:
+        raise SystemExit("every configuration diverged: nothing to compare")
+    table = pd.DataFrame(ap)[[way.name for way in ways_for(base)]]
     print(
         f"\nsegm AP50 after {args.epochs} epoch(s), one row per configuration:\n{table.round(4).to_string()}"
     )
@@ -137,14 +153,14 @@ def main() -> None:
     rows = []
     for name in table.columns:
         rho = table[name].corr(full, method="spearman") if full.nunique() > 1 else float("nan")
-        agree = len(top_third(table[name]) & top_third(full))
+        agree = int((asha_keeps(table[name]) == asha_keeps(full)).sum())
         rows.append(
             {
                 "way": name,
                 "s per validation": round(statistics.median(seconds[name]), 3),
                 "time / full": round(statistics.median(seconds[name]) / full_s, 2),
                 "Spearman with full": round(rho, 2),
-                "top third in common": f"{agree}/{max(1, count // 3)}",
+                "ASHA decisions as full": f"{agree}/{len(full)}",
             }
         )
     print("\n" + pd.DataFrame(rows).to_string(index=False))
