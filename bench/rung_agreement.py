@@ -36,10 +36,11 @@ from cellseg.config import Config, apply_overrides
 from cellseg.engine import NonFiniteLossError, evaluate
 from cellseg.evaluation import coco_max_dets
 from cellseg.training import Training, build_training
+from search.run import build_parser
 from search.space import load_space
 
 METRIC = "segm_AP50"
-REDUCTION_FACTOR = 3  # search/run.py's default --reduction-factor
+REDUCTION_FACTOR = build_parser().get_default("reduction_factor")  # the search's default
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def run_config(cfg: Config, epochs: int, rotate: int) -> dict[str, tuple[float, 
 
 
 def asha_keeps(values: pd.Series) -> pd.Series:
-    """Which trials ASHA keeps at a rung with these metrics (reduction factor 3): those not below
-    the 2/3 quantile (Ray's ``ASHAScheduler`` stops a trial only strictly below it)."""
+    """Which trials ASHA keeps at a rung with these metrics (the search's default reduction factor,
+    3): those not below the 2/3 quantile (Ray's ``ASHAScheduler`` stops a trial only strictly below it)."""
     return values >= np.nanpercentile(values, (1 - 1 / REDUCTION_FACTOR) * 100)
 
 
