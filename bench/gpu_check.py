@@ -7,8 +7,8 @@ Rows, each measured in its own process (so its peak GPU memory is its own):
 - report B's preset (random weights: the GPU machine has no network) trained on the real slice
   for --epochs epochs in bf16 and in float32: segm AP50 per epoch, seconds per epoch, peak memory;
 - cellseg's training loop against the plain loop (bench/train_throughput.py, report A's preset);
-- two trainings sharing the GPU at once, as ``--gpus-per-trial 0.5`` packs two trials, against
-  one alone (the same training as the row above);
+- 2, 4 and 8 trainings sharing the GPU at once (``--pack``), as ``--gpus-per-trial`` 0.5, 0.25
+  and 0.125 pack trials, against one alone (the same training as the row above);
 - the export of the largest test image with the bf16 run's best checkpoint.
 
 ``--repack SRC --out DST`` (used by ``gpu_check.sh pack``) rewrites the real slice's LZW images
@@ -136,6 +136,12 @@ def main() -> None:
         help="cpu with --tiny: a quick run of the steps on any machine",
     )
     parser.add_argument("--tiny", action="store_true", help="small inputs (common.TINY_MODEL)")
+    parser.add_argument(
+        "--pack",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[2, 4, 8],
+        help="how many trainings share the GPU at once, one row each (default 2,4,8)",
+    )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -152,7 +158,13 @@ def main() -> None:
     data = str(Path(args.data).resolve())
     runs = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     start = time.perf_counter()
-    rows = []
+    rows: list[list] = []
+
+    def add(row: list) -> None:
+        """Keep a row and print it at once, so that a run cut short still shows what it measured."""
+        rows.append(row)
+        print("row:", json.dumps(row), flush=True)
+
     same = ["--data", data, "--device", args.device, *(["--tiny"] if args.tiny else [])]
     for amp in (True, False):
         run_dir = runs / ("bf16" if amp else "float32")
@@ -169,7 +181,7 @@ def main() -> None:
                 str(run_dir),
             ],
         )
-        rows.append(
+        add(
             [
                 f"report B, {run_dir.name}, {args.epochs} epochs",
                 "AP50 " + " ".join(f"{v:.3f}" for v in r["ap50"]),
@@ -182,7 +194,7 @@ def main() -> None:
     one = {v: common.run_variant(throughput, [*base, "--variant", v]) for v in ("cellseg", "plain")}
     speed = {v: r["images"] / r["seconds"] for v, r in one.items()}
     for v in ("cellseg", "plain"):
-        rows.append(
+        add(
             [
                 f"training loop: {v} (report A)",
                 f"{speed[v]:.1f} images/s",
@@ -190,18 +202,20 @@ def main() -> None:
                 one[v]["peak_cuda_mb"],
             ]
         )
-    packed = common.run_variants(throughput, [[*base, "--variant", "cellseg"]] * 2)
-    total = sum(r["images"] / r["seconds"] for r in packed)
-    rows.append(
-        [
-            "two trainings on one GPU (0.5 each)",
-            f"{total:.1f} images/s together",
-            f"{total / speed['cellseg']:.2f}x one alone",
-            " + ".join("-" if r["peak_cuda_mb"] is None else f"{r['peak_cuda_mb']:.0f}" for r in packed),
-        ]
-    )
+    for n in args.pack:
+        packed = common.run_variants(throughput, [[*base, "--variant", "cellseg"]] * n)
+        total = sum(r["images"] / r["seconds"] for r in packed)
+        peaks = [r["peak_cuda_mb"] for r in packed]
+        add(
+            [
+                f"{n} trainings on one GPU ({1 / n:g} each)",
+                f"{total:.1f} images/s together",
+                f"{total / speed['cellseg']:.2f}x one alone",
+                "-" if None in peaks else f"{max(peaks):.0f} each at most",
+            ]
+        )
     e = common.run_variant(__file__, ["--variant", "export", *same, "--run-dir", str(runs / "bf16")])
-    rows.append(
+    add(
         [
             f"export, largest test image {e['image']}",
             f"{e['detections']} detections",
