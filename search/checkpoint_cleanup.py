@@ -37,6 +37,7 @@ import pyarrow.fs
 from ray.tune import Checkpoint
 
 from cellseg.checkpoint import BEST, LAST
+from search.linked_storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,6 @@ class SavedState:
 
 def checkpoint_uri(checkpoint: Checkpoint) -> str:
     """A URI that pyarrow resolves back to the checkpoint's file system and path."""
-    if checkpoint.filesystem.type_name == "local":
+    if is_local(checkpoint.filesystem):
         return str(Path(checkpoint.path).resolve())
     return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"

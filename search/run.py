@@ -63,6 +63,7 @@ from search.continuation import (
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
+from search.linked_storage import storage_filesystem
 from search.mlflow_callback import MlflowTrialLogger, drop_beyond_top
 from search.ranking_trust import assess_ranking
 from search.reseed import (
@@ -478,6 +479,7 @@ def run_config(
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
+        storage_filesystem=storage_filesystem(storage_path),  # local: checkpoints hard-linked
         callbacks=[callback, JsonLoggerCallback()],
         # every checkpoint: a limit would force a save of Tune's whole state every few results;
         # the callback removes what no restore needs (search/checkpoint_cleanup.py)
@@ -815,10 +817,14 @@ class SearchPhases:
         )
 
 
-def search_trainable(base_dict: Mapping[str, Any], fault_drill: bool, per_trial: Mapping[str, float]) -> Any:
-    """``train_trial`` on the base config with the resources ``per_trial`` (``CPU``, ``GPU``)."""
+def search_trainable(
+    base_dict: Mapping[str, Any], fault_drill: bool, per_trial: Mapping[str, float], storage_path: str
+) -> Any:
+    """``train_trial`` on the base config with the resources ``per_trial`` (``CPU``, ``GPU``),
+    hard-linking its checkpoints into a local ``storage_path`` (search/linked_storage.py)."""
+    link = storage_filesystem(storage_path) is not None
     return tune.with_resources(
-        tune.with_parameters(train_trial, base=base_dict, fault_drill=fault_drill),
+        tune.with_parameters(train_trial, base=base_dict, fault_drill=fault_drill, link_checkpoints=link),
         {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"]},
     )
 
@@ -833,10 +839,13 @@ def restored_results(search: SearchPhases, phases: Sequence[str]) -> list[tune.R
     results: list[tune.Result] = []
     for phase in experiments if args.resume or args.continue_search else []:
         path = f"{search.storage_path.rstrip('/')}/{phase}"
-        if not tune.Tuner.can_restore(path):
+        filesystem = storage_filesystem(path)
+        if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
             print(unsaved_note(name, phase, path))
             continue
-        restored = tune.Tuner.restore(path, search.trainable, resume_errored=True)
+        restored = tune.Tuner.restore(
+            path, search.trainable, resume_errored=True, storage_filesystem=filesystem
+        )
         # only the last can be unfinished: each later one started after the one before ended
         unfinished = args.resume and phase == experiments[-1]
         ended = search.fit(restored, restored=True) if unfinished else list(restored.get_results())
@@ -1051,7 +1060,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
             storage_path,
             local_dir,
             max_pending,
-            trainable=search_trainable(base_dict, args.fault_drill, per_trial),
+            trainable=search_trainable(base_dict, args.fault_drill, per_trial, storage_path),
         )
         phases = recorded_phases(tracker.record(parent_run_id))
         results = restored_results(search, phases)

@@ -21,6 +21,7 @@ from ray.tune.result import TRAINING_ITERATION
 from cellseg.config import Config, apply_overrides, config_from_dict
 from cellseg.training import fit, resolve_device
 from search.faults import fault_from_env, no_fault
+from search.linked_storage import linking_filesystem
 from search.tune_report import tune_result
 from search.worker_memory import release_freed_memory
 
@@ -66,23 +67,26 @@ def _worker_scratch() -> Path:
     return Path(folder)
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any], fault_drill: bool = False) -> None:
+def train_trial(
+    config: dict[str, Any], *, base: dict[str, Any], fault_drill: bool = False, link_checkpoints: bool = False
+) -> None:
     """Train one trial; every epoch reports the metrics with the run directory as checkpoint.
 
     The run directory is scratch space on the worker: Tune copies each reported checkpoint to
-    the search's storage. A retried or restored trial continues from its last checkpoint. Only
-    with ``fault_drill`` does the trial read the drill's variables (``search/faults.py``).
+    the search's storage, or hard-links it with ``link_checkpoints`` (storage on a local path,
+    search/linked_storage.py). A retried or restored trial continues from its last checkpoint.
+    Only with ``fault_drill`` does the trial read the drill's variables (``search/faults.py``).
     """
     release_freed_memory()  # what the worker's previous trial freed (workers are reused)
     cfg = apply_overrides(config_from_dict(base), config)
     scratch = Path(tempfile.mkdtemp(dir=_worker_scratch()))
     try:
-        _train(cfg, scratch / "run", fault_drill=fault_drill)
+        _train(cfg, scratch / "run", fault_drill=fault_drill, link_checkpoints=link_checkpoints)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train(cfg: Config, run_dir: Path, *, fault_drill: bool) -> None:
+def _train(cfg: Config, run_dir: Path, *, fault_drill: bool, link_checkpoints: bool) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -90,6 +94,7 @@ def _train(cfg: Config, run_dir: Path, *, fault_drill: bool) -> None:
 
     node_id = ray.get_runtime_context().get_node_id()
     inject = fault_from_env() if fault_drill else no_fault
+    filesystem = linking_filesystem() if link_checkpoints else None
 
     def report(metrics: dict[str, float], directory: Path) -> None:
         if int(metrics["epoch"]) == cfg.train.epochs:  # pictures go into the last checkpoint
@@ -101,7 +106,7 @@ def _train(cfg: Config, run_dir: Path, *, fault_drill: bool) -> None:
         inject(int(metrics["epoch"]))
         tune.report(
             tune_result(metrics, metric=cfg.train.metric, node_id=node_id),
-            checkpoint=tune.Checkpoint.from_directory(str(directory)),
+            checkpoint=tune.Checkpoint(str(directory), filesystem=filesystem),
         )
 
     fit(
