@@ -35,16 +35,18 @@ SPACE = common.TRIALS / "space_demo.yaml"
 
 
 def disk_bytes(paths: list[Path]) -> int:
-    """Bytes on disk under ``paths`` (files and folders; missing ones count 0)."""
-    total = 0
+    """Bytes on disk under ``paths`` (files and folders; missing ones count 0), each file once
+    however many hard links it has (storage links a checkpoint's unchanged files)."""
+    blocks: dict[tuple[int, int], int] = {}
     for path in paths:
         files = [path] if path.is_file() else [Path(d, f) for d, _, fs in os.walk(path) for f in fs]
         for file in files:
             try:
-                total += file.stat().st_blocks * 512
+                st = file.stat()
             except OSError:  # removed meanwhile
-                pass
-    return total
+                continue
+            blocks[st.st_dev, st.st_ino] = st.st_blocks * 512
+    return sum(blocks.values())
 
 
 class PeakDisk:
