@@ -21,7 +21,7 @@ from ray.tune.result import TRAINING_ITERATION
 from cellseg.config import Config, apply_overrides, config_from_dict
 from cellseg.training import fit, resolve_device
 from search.faults import fault_from_env, no_fault
-from search.linked_storage import linking_filesystem
+from search.linked_storage import is_local, linking_filesystem
 from search.tune_report import tune_result
 from search.worker_memory import release_freed_memory
 
@@ -88,7 +88,9 @@ def train_trial(
 
 def _train(cfg: Config, run_dir: Path, *, fault_drill: bool, link_checkpoints: bool) -> None:
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None and is_local(checkpoint.filesystem):
+        shutil.copytree(checkpoint.path, run_dir)  # as_directory would download a linked one first
+    elif checkpoint is not None:
         with checkpoint.as_directory() as directory:
             shutil.copytree(directory, run_dir)
 
