@@ -94,10 +94,15 @@ def linking_filesystem() -> pyarrow.fs.FileSystem:
     return pyarrow.fs.PyFileSystem(LinkingLocalFileSystem())
 
 
+def links_checkpoints(storage_path: str) -> bool:
+    """Whether checkpoints reported into ``storage_path`` are linked: a local path, not a URI."""
+    return "://" not in storage_path
+
+
 def storage_filesystem(storage_path: str) -> pyarrow.fs.FileSystem | None:
     """Tune's storage file system for ``storage_path``: the linking one for a local path, None
     (Tune resolves the URI itself) for ``s3://`` and other URIs."""
-    return None if "://" in storage_path else linking_filesystem()
+    return linking_filesystem() if links_checkpoints(storage_path) else None
 
 
 def is_local(filesystem: pyarrow.fs.FileSystem) -> bool:

@@ -63,7 +63,7 @@ from search.continuation import (
 from search.driver_drill import DRILL_ENV, parse_drill
 from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
-from search.linked_storage import storage_filesystem
+from search.linked_storage import links_checkpoints, storage_filesystem
 from search.mlflow_callback import MlflowTrialLogger, drop_beyond_top
 from search.ranking_trust import assess_ranking
 from search.reseed import (
@@ -822,7 +822,7 @@ def search_trainable(
 ) -> Any:
     """``train_trial`` on the base config with the resources ``per_trial`` (``CPU``, ``GPU``),
     hard-linking its checkpoints into a local ``storage_path`` (search/linked_storage.py)."""
-    link = storage_filesystem(storage_path) is not None
+    link = links_checkpoints(storage_path)
     return tune.with_resources(
         tune.with_parameters(train_trial, base=base_dict, fault_drill=fault_drill, link_checkpoints=link),
         {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"]},

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ray
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -94,3 +96,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_for_test_trainables(num_cpus: int = 1) -> Iterator[None]:
+    """A local Ray whose workers import trainables defined in the test modules (tests/ on their
+    path); shut down after the block."""
+    tests = Path(__file__).resolve().parent
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tests)}})
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -10,13 +10,13 @@ import string
 import tempfile
 from pathlib import Path
 
-import ray
 from ray import tune
 from ray.tune import Checkpoint
 
 from search import checkpoint_cleanup
 from search.checkpoint_cleanup import CheckpointCleanup, checkpoint_uri
 from search.run import tune_environment
+from searchutil import ray_for_test_trainables
 
 
 class Storage:
@@ -187,9 +187,7 @@ def _checkpoints_with_a_long_result(config: dict) -> None:
 
 
 def test_tunes_saved_state_holds_the_result_of_the_latest_checkpoint_only(tmp_path: Path):
-    tests = Path(__file__).resolve().parent  # the workers import the trainable from here
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tests)}})
-    try:
+    with ray_for_test_trainables():  # the workers import the trainable from here
         with tune_environment(strict_metrics=False):
             (result,) = tune.Tuner(
                 _checkpoints_with_a_long_result,
@@ -199,8 +197,6 @@ def test_tunes_saved_state_holds_the_result_of_the_latest_checkpoint_only(tmp_pa
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 ),
             ).fit()
-    finally:
-        ray.shutdown()
     assert result.error is None and result.metrics["epoch"] == 12
     (state,) = (tmp_path / "s").glob("experiment_state-*.json")
     # the last result and the latest checkpoint's (about 4x); without the setting, 12 more

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pyarrow.fs
 import pytest
-import ray
 from ray import tune
 
-from search.linked_storage import is_local, linking_filesystem, storage_filesystem
+from search.linked_storage import is_local, linking_filesystem, links_checkpoints, storage_filesystem
+from searchutil import ray_for_test_trainables
 
 
 def _write_anew(path: Path, data: bytes) -> None:
@@ -69,6 +69,7 @@ def test_across_file_systems_a_copy_is_a_copy(tmp_path: Path):
 
 def test_local_paths_link_and_uris_keep_tunes_file_system():
     assert storage_filesystem("s3://bucket/searches") is None
+    assert links_checkpoints("runs/search/s1") and not links_checkpoints("s3://bucket/searches")
     fs = storage_filesystem("/data/searches")
     assert fs is not None and is_local(fs) and is_local(pyarrow.fs.LocalFileSystem())
 
@@ -93,10 +94,8 @@ def _reports_three_epochs_failing_once(config: dict) -> None:
 
 
 def test_tune_links_each_reported_checkpoint_and_a_retried_trial_restores_from_it(tmp_path: Path):
-    tests = Path(__file__).resolve().parent  # the workers import the trainable from here
     storage = tmp_path / "storage"
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tests)}})
-    try:
+    with ray_for_test_trainables():  # the workers import the trainable from here
         (result,) = tune.Tuner(
             _reports_three_epochs_failing_once,
             param_space={"scratch": str(tmp_path / "scratch"), "log": str(tmp_path)},
@@ -107,8 +106,6 @@ def test_tune_links_each_reported_checkpoint_and_a_retried_trial_restores_from_i
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         ).fit()
-    finally:
-        ray.shutdown()
     assert result.error is None and result.metrics["epoch"] == 3
     (trial,) = (storage / "s").glob("*/")
     for index, epoch in enumerate((1, 2, 3)):

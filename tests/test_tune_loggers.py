@@ -6,10 +6,10 @@ import json
 import tempfile
 from pathlib import Path
 
-import ray
 from ray import tune
 
 from search.run import fit_tuner
+from searchutil import ray_for_test_trainables
 
 
 def _fails_once_at_epoch_3(config: dict) -> None:
@@ -30,10 +30,8 @@ def test_a_restored_experiment_saved_without_the_json_logger_still_writes_result
     """An experiment saved by an earlier cellseg (no JSON logger among its callbacks; Tune added
     its default loggers then) and resumed now keeps getting result.json, which the summary, the
     ranking and the efficiency figure read."""
-    tests = Path(__file__).resolve().parent  # the workers import the trainable from here
     marker = tmp_path / "second-attempt"
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tests)}})
-    try:
+    with ray_for_test_trainables():  # the workers import the trainable from here
         (first,) = tune.Tuner(
             _fails_once_at_epoch_3,
             param_space={"marker": str(marker)},
@@ -43,8 +41,6 @@ def test_a_restored_experiment_saved_without_the_json_logger_still_writes_result
         marker.touch()
         restored = tune.Tuner.restore(str(tmp_path / "s"), _fails_once_at_epoch_3, resume_errored=True)
         (result,) = fit_tuner(restored, max_pending=1, strict_metrics=True, restored=True)
-    finally:
-        ray.shutdown()
     assert result.error is None and result.metrics["epoch"] == 4
     (results_file,) = (tmp_path / "s").glob("*/result.json")
     assert [json.loads(line)["epoch"] for line in results_file.read_text().splitlines()] == [1, 2, 3, 4]
