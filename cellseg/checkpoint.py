@@ -1,7 +1,8 @@
 """Checkpoints: atomic save, safe load, and the model rebuilt from the config stored inside.
 
 A run directory holds ``last.pt`` (model, optimizer, schedule, scaler, epoch, history: resumes
-exactly), ``best.pt`` (model weights, config and metrics of the best epoch: what export needs)
+exactly), ``best.pt`` (model weights, config and metrics of the best epoch: what export needs;
+with that epoch's validation predictions, cellseg.stored_predictions)
 and ``pictures/`` (curves and predictions of the finished run).
 """
 

@@ -23,7 +23,7 @@ from cellseg.data import (
     read_image,
     targets_from_label_maps,
 )
-from cellseg.engine import SplitPredictions, predict_split, split_metrics
+from cellseg.engine import SplitPredictions, predict_split, split_metrics, target_truth
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_masks
 from cellseg.export import export_predictions, write_provenance, write_submission
@@ -31,6 +31,7 @@ from cellseg.inference_settings import InferenceSettings, read_members, read_set
 from cellseg.plots import plot_class_distribution
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
+from cellseg.stored_predictions import stored_predictions
 from cellseg.tracking import (
     CHECKPOINT_ARTIFACT,
     DEFAULT_EXPERIMENT,
@@ -41,7 +42,7 @@ from cellseg.tracking import (
     Tracker,
     best_metric_key,
 )
-from cellseg.training import FitResult, build_loaders, fit, resolve_device
+from cellseg.training import FitResult, build_datasets, build_loaders, fit, resolve_device
 from cellseg.tta import DEFAULT_IOU_THRESHOLD, check_flips, check_iou_threshold
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,20 @@ def validation_predictions(
 def checkpoint_interval(
     checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None
 ) -> Interval:
-    """The bootstrap interval of segm AP50 of a checkpoint on its validation split."""
+    """The bootstrap interval of segm AP50 of a checkpoint on its validation split, from the
+    validation predictions the checkpoint stores when they were made on that split's images
+    (cellseg.stored_predictions), else from its model run again."""
+    state = load_checkpoint(checkpoint)
+    cfg = config_on_data(checkpoint_config(state), data_root)
+    if cfg.data.val_fraction > 0:
+        _, val = build_datasets(cfg)
+        names = [item.item_id for item in val.items]
+        stored = stored_predictions(state, names)
+        if stored is not None:
+            truths = [target_truth(val[index][1]) for index in range(len(val))]
+            return prediction_interval(
+                truths, stored, names, max_dets=coco_max_dets(cfg.model.detections_per_img)
+            )
     cfg, split, names = validation_predictions(checkpoint, data_root=data_root, device=device)
     return prediction_interval(
         split.truths, split.predictions, names, max_dets=coco_max_dets(cfg.model.detections_per_img)

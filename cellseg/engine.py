@@ -121,6 +121,13 @@ class SplitPredictions:
     loss: float | None = None
 
 
+def target_truth(target: dict[str, torch.Tensor]) -> ImageTruth:
+    """The ground truth of one dataset target (its ``image_id``, masks and labels)."""
+    return truth_from_masks(
+        int(target["image_id"]), target["masks"].cpu().numpy(), target["labels"].cpu().numpy()
+    )
+
+
 @torch.no_grad()
 def predict_split(
     model: nn.Module,
@@ -145,11 +152,8 @@ def predict_split(
             batches += 1
         model.eval()
         for target, prediction in zip(targets, predict_images(model, images)):
-            image_id = int(target["image_id"])
-            truths.append(
-                truth_from_masks(image_id, target["masks"].cpu().numpy(), target["labels"].cpu().numpy())
-            )
-            predictions[image_id] = prediction
+            truths.append(target_truth(target))
+            predictions[int(target["image_id"])] = prediction
     return SplitPredictions(truths, predictions, loss_sum / max(batches, 1) if with_loss else None)
 
 

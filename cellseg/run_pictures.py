@@ -1,8 +1,8 @@
 """The pictures of a run directory: metric curves and best-model predictions against truth.
 
-Drawn from what ``fit`` left in the run directory (``last.pt``'s history, ``best.pt``'s model and
-config), so callers draw them when they need them: ``cellseg train`` after ``fit``, a Tune trial
-before its last report.
+Drawn from what ``fit`` left in the run directory (``last.pt``'s history, ``best.pt``'s config
+and the validation predictions it stores, else its model run again), so callers draw them when
+they need them: ``cellseg train`` after ``fit``, a Tune trial before its last report.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from cellseg.checkpoint import BEST, LAST, PICTURES, load_checkpoint, restore_model
+from cellseg.checkpoint import BEST, LAST, PICTURES, checkpoint_config, load_checkpoint, restore_model
 from cellseg.evaluation import truth_from_masks
 from cellseg.plots import plot_history, plot_predictions
 from cellseg.predict import predict_images
+from cellseg.stored_predictions import stored_predictions
 from cellseg.training import build_datasets
 
 
@@ -27,13 +28,14 @@ def write_run_pictures(
     last = load_checkpoint(run_dir / LAST)
     out = run_dir / PICTURES
     paths = [plot_history(last["history"], out / "history.png")]
-    model, cfg = restore_model(
-        load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file() else last, device
-    )
+    state = load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file() else last
+    cfg = checkpoint_config(state)
     _, val_dataset = build_datasets(cfg)
+    stored = stored_predictions(state, [item.item_id for item in val_dataset.items])
+    model = None if stored else restore_model(state, device)[0]  # the validation's, when stored
     for index in range(min(num_images, len(val_dataset))):
         image, target = val_dataset[index]
-        prediction = predict_images(model, [image.to(device)])[0]
+        prediction = stored[index] if stored else predict_images(model, [image.to(device)])[0]
         truth = truth_from_masks(index, target["masks"].numpy(), target["labels"].numpy())
         paths.append(
             plot_predictions(image.permute(1, 2, 0).numpy(), truth, prediction, out / f"val_{index}.png")

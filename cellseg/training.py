@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
 from cellseg.config import Config
 from cellseg.data import CellDataset, build_augment, collate, scan_train, split_items
-from cellseg.engine import Batch, evaluate, mixed_precision, train_one_epoch
+from cellseg.engine import Batch, mixed_precision, predict_split, split_metrics, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
+from cellseg.stored_predictions import KEY as PREDICTIONS_KEY
+from cellseg.stored_predictions import prediction_state
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,7 @@ def fit(
         log.info("resumed from %s at epoch %d", last_path, start)
     metric_name = cfg.train.metric
     validated = cfg.data.val_fraction > 0
+    val_names = [item.item_id for item in t.val_loader.dataset.items]
     for epoch in range(start, cfg.train.epochs + 1):
         started = time.perf_counter()
         losses = t.train_epoch(epoch, progress=progress)
@@ -208,21 +211,18 @@ def fit(
                 best_epoch = epoch
                 save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
         elif epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-            metrics.update(
-                evaluate(
-                    model,
-                    t.val_loader,
-                    device,
-                    amp=t.amp,
-                    progress=progress,
-                    max_dets=coco_max_dets(cfg.model.detections_per_img),
-                    with_loss=cfg.train.val_loss,
-                )
+            split = predict_split(
+                model, t.val_loader, device, amp=t.amp, progress=progress, with_loss=cfg.train.val_loss
             )
+            metrics.update(split_metrics(split, max_dets=coco_max_dets(cfg.model.detections_per_img)))
             metrics[VAL_SECONDS] = time.perf_counter() - trained
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
-                save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
+                predictions = prediction_state(split.predictions, val_names)  # pictures, intervals
+                save_checkpoint(
+                    run_dir / BEST,
+                    make_state(cfg, model, epoch=epoch, metrics=metrics, **{PREDICTIONS_KEY: predictions}),
+                )
         schedule.step_epoch(metrics.get(metric_name, best_metric) if validated else None)
         history.append(metrics)
         save_checkpoint(

@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="after the search, a 95%% bootstrap interval of segm_AP50 for the N best trials: "
         "each one's best checkpoint (from its MLflow run; none for trials --keep-top dropped) "
-        "predicts the validation split once more in the driver (one validation pass per trial, "
-        "on a GPU if the driver has one); 0: off",
+        "with the validation predictions it stores (a checkpoint without them predicts the "
+        "validation split once more in the driver, on a GPU if the driver has one); 0: off",
     )
     p.add_argument(
         "--mlflow-wait",

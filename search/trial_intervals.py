@@ -3,10 +3,10 @@
 After the trials end, the driver takes the first trials in ``export --best``'s order
 (cellseg.best_run: re-seeded configurations first, by mean over seeds, each best seed first; the
 order ``--keep-top`` keeps checkpoints in), downloads the best checkpoint of each
-(``checkpoint/best.pt`` of the trial's MLflow run, the model ``export --best`` ships) and predicts
-its validation split once, on CUDA when the driver has a GPU, else on CPU: one validation pass per
-trial, as long as one epoch's validation of that trial. The bootstrap over images
-(cellseg.bootstrap) then adds about a second. A trial whose checkpoint ``--keep-top`` dropped gets
+(``checkpoint/best.pt`` of the trial's MLflow run, the model ``export --best`` ships) and takes
+the validation predictions it stores (``fit`` keeps the best epoch's, cellseg.stored_predictions);
+only a checkpoint without them predicts its validation split again, on CUDA when the driver has a
+GPU, else on CPU. The bootstrap over images (cellseg.bootstrap) then adds about a second. A trial whose checkpoint ``--keep-top`` dropped gets
 no interval, and the table says why. Every trial is resampled with the same seed, so trials
 validated on the same images (by name) are paired: the share of resamples in which a trial scores
 at least as high as the first says how firm the order is.
@@ -92,7 +92,7 @@ def top_intervals(
                 log.warning("%s: no interval (%s)", name, exc)
                 missing[name] = f"no checkpoint to download ({exc})"
                 continue
-            log.info("interval %d of %d: predicting the validation images with %s", i, len(kept), name)
+            log.info("interval %d of %d: %s", i, len(kept), name)
             interval = checkpoint_interval(checkpoint, device="auto")
             checkpoint.unlink()
             found.append(TrialInterval(name, run_id, run.value, interval, reseeded=bool(run.seeds)))
