@@ -11,6 +11,11 @@ Rows, each measured in its own process (so its peak GPU memory is its own):
   and 0.125 pack trials, against one alone (the same training as the row above);
 - the export of the largest test image with the bf16 run's best checkpoint.
 
+``--loader-workers N`` gives the cellseg trainings of the last two (one alone and packed) N
+DataLoader workers (``data.num_workers``; report A's preset has 0), as search trials have
+(trials/base.yaml: 4); ``--only pack`` measures just those (no report-B, plain or export rows).
+The cellseg rows also show the share of their timed seconds spent waiting for the next batch.
+
 ``--repack SRC --out DST`` (used by ``gpu_check.sh pack``) rewrites the real slice's LZW images
 as zlib TIFFs, which tifffile decodes without imagecodecs (too large to carry), and checks that
 every image and mask reads back identical.
@@ -142,6 +147,16 @@ def main() -> None:
         default=[2, 4, 8],
         help="how many trainings share the GPU at once, one row each (default 2,4,8)",
     )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        help="data.num_workers of the cellseg trainings, one alone and packed (default: 0, report A's)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("pack",),
+        help="pack: only one cellseg training alone and the --pack rows",
+    )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -166,7 +181,7 @@ def main() -> None:
         print("row:", json.dumps(row), flush=True)
 
     same = ["--data", data, "--device", args.device, *(["--tiny"] if args.tiny else [])]
-    for amp in (True, False):
+    for amp in () if args.only == "pack" else (True, False):
         run_dir = runs / ("bf16" if amp else "float32")
         r = common.run_variant(
             __file__,
@@ -191,29 +206,37 @@ def main() -> None:
         )
     throughput = BENCH / "train_throughput.py"
     base = [*same, "--epochs", "2"]
-    one = {v: common.run_variant(throughput, [*base, "--variant", v]) for v in ("cellseg", "plain")}
+    workers = [] if args.loader_workers is None else ["--loader-workers", str(args.loader_workers)]
+    each = "" if args.loader_workers is None else f", {args.loader_workers} loader workers"
+    argv = {"cellseg": [*base, "--variant", "cellseg", *workers], "plain": [*base, "--variant", "plain"]}
+    loops = ("cellseg",) if args.only == "pack" else ("cellseg", "plain")
+    one = {v: common.run_variant(throughput, argv[v]) for v in loops}
     speed = {v: r["images"] / r["seconds"] for v, r in one.items()}
-    for v in ("cellseg", "plain"):
+    for v in loops:
+        cellseg = v == "cellseg"
         add(
             [
-                f"training loop: {v} (report A)",
-                f"{speed[v]:.1f} images/s",
-                f"{speed[v] / speed['plain']:.2f}x plain",
+                f"training loop: {v} (report A{each if cellseg else ''})",
+                f"{speed[v]:.1f} images/s" + (_waiting([one[v]]) if cellseg else ""),
+                f"{speed[v] / speed['plain']:.2f}x plain" if "plain" in speed else "-",
                 one[v]["peak_cuda_mb"],
             ]
         )
     for n in args.pack:
-        packed = common.run_variants(throughput, [[*base, "--variant", "cellseg"]] * n)
+        packed = common.run_variants(throughput, [argv["cellseg"]] * n)
         total = sum(r["images"] / r["seconds"] for r in packed)
         peaks = [r["peak_cuda_mb"] for r in packed]
         add(
             [
-                f"{n} trainings on one GPU ({1 / n:g} each)",
-                f"{total:.1f} images/s together",
+                f"{n} trainings on one GPU ({1 / n:g} each{each})",
+                f"{total:.1f} images/s together" + _waiting(packed),
                 f"{total / speed['cellseg']:.2f}x one alone",
                 "-" if None in peaks else f"{max(peaks):.0f} each at most",
             ]
         )
+    if args.only == "pack":
+        _finish(rows, runs, start)
+        return
     e = common.run_variant(__file__, ["--variant", "export", *same, "--run-dir", str(runs / "bf16")])
     add(
         [
@@ -223,6 +246,18 @@ def main() -> None:
             e["peak_cuda_mb"],
         ]
     )
+    _finish(rows, runs, start)
+
+
+def _waiting(results: list[dict]) -> str:
+    """The mean share of the timed seconds the cellseg trainings spent waiting for a batch."""
+    share = sum(r["wait_seconds"] / r["seconds"] for r in results) / len(results)
+    seconds = sum(r["seconds"] for r in results) / len(results)
+    return f", {share:.0%} of {seconds:.0f} s waiting for data"
+
+
+def _finish(rows: list[list], runs: Path, start: float) -> None:
+    """The table of every row, the wall time, and the rows as one JSON line."""
     common.print_table(["what", "result", "speed", "peak GPU MiB"], rows)
     print(f"gpu_check: {time.perf_counter() - start:.0f} s; runs in {runs}")
     print(json.dumps({"rows": rows}))

@@ -9,11 +9,18 @@ seed, training images, batch size, epochs and optimizer; the first step is warm-
 process so that its peak RSS is its own.
 
     python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
+        [--loader-workers N]
+
+``--loader-workers N`` sets cellseg's ``data.num_workers`` (default: the preset's, 0); the cellseg
+variant also reports ``wait_seconds``, the timed part spent waiting for the next batch (decode and
+augmentation at 0 workers; with CUDA it may overlap the previous step's queued GPU work).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Iterable, Iterator
 
 import torch
 from plain import plain_loader, plain_train_epoch
@@ -25,15 +32,49 @@ from cellseg.training import build_training, seed_everything
 VARIANTS = ("cellseg", "plain")
 
 
+class WaitClock:
+    """Iterates a loader, adding the time each batch took to arrive to ``seconds``, all but the
+    first ``skip`` batches (the same warm-up as ``common.TimedLoader``'s)."""
+
+    def __init__(self, loader: Iterable, *, skip: int = 1) -> None:
+        self.loader, self.skip = loader, skip
+        self.batches = 0
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            if self.batches >= self.skip:
+                self.seconds += time.perf_counter() - start
+            self.batches += 1
+            yield batch
+
+
 def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
+    workers = [] if args.loader_workers is None else [f"data.num_workers={args.loader_workers}"]
     cfg = common.bench_config(
-        args.data, tiny=args.tiny, device=args.device, overrides=[f"train.epochs={args.epochs}"]
+        args.data, tiny=args.tiny, device=args.device, overrides=[f"train.epochs={args.epochs}", *workers]
     )
     s = build_training(cfg)
-    timed = common.TimedLoader(s.train_loader, device=s.device)
+    wait = WaitClock(s.train_loader)
+    timed = common.TimedLoader(wait, device=s.device)
     for epoch in range(1, args.epochs + 1):
         s.train_epoch(epoch, loader=timed)
-    return {"images": timed.images, "seconds": timed.seconds, **common.peak_memory()}
+    return {
+        "images": timed.images,
+        "seconds": timed.seconds,
+        "wait_seconds": wait.seconds,
+        "loader_workers": cfg.data.num_workers,
+        **common.peak_memory(),
+    }
 
 
 def run_plain(args: argparse.Namespace) -> dict[str, float]:
@@ -58,6 +99,9 @@ def run_plain(args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     parser = common.make_parser(__doc__.splitlines()[0], VARIANTS)
     parser.add_argument("--epochs", type=int, help="epochs per variant (default 2)")
+    parser.add_argument(
+        "--loader-workers", type=int, help="cellseg's data.num_workers (default: the preset's)"
+    )
     args = parser.parse_args()
     args.epochs = args.epochs or 2
     if args.variant:
@@ -66,6 +110,8 @@ def main() -> None:
     print(common.machine())
     with common.dataset_root(args) as root:
         argv = common.child_args(args, root) + ["--epochs", str(args.epochs)]
+        if args.loader_workers is not None:
+            argv += ["--loader-workers", str(args.loader_workers)]
         results = {v: common.run_variant(__file__, [*argv, "--variant", v]) for v in VARIANTS}
         cfg = common.bench_config(root, tiny=args.tiny, device=args.device)
     print(
