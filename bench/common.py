@@ -159,12 +159,15 @@ class TimedLoader:
 
     The clock runs from the request of the first counted batch to the request that ends the
     epoch, so it covers both data loading and the consumer's steps; it accumulates over epochs.
+    ``wait_seconds`` is the part of it spent waiting for the next batch (decode and augmentation
+    when the loader has no workers).
     """
 
     def __init__(self, loader: Iterable, *, skip: int = 1, device: str | torch.device = "cpu") -> None:
         self.loader, self.skip, self.device = loader, skip, device
         self.batches = self.images = 0
         self.seconds = 0.0
+        self.wait_seconds = 0.0  # of ``seconds``: waiting for the next batch
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -176,12 +179,14 @@ class TimedLoader:
             if start is None and self.batches >= self.skip:
                 synchronize(self.device)
                 start = time.perf_counter()
+            asked = time.perf_counter()
             try:
                 batch = next(batches)
             except StopIteration:
                 break
             if self.batches >= self.skip:
                 self.images += len(batch[0])
+                self.wait_seconds += time.perf_counter() - asked
             self.batches += 1
             yield batch
         if start is not None:

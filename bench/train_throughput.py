@@ -19,8 +19,6 @@ augmentation at 0 workers; with CUDA it may overlap the previous step's queued G
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Iterable, Iterator
 
 import torch
 from plain import plain_loader, plain_train_epoch
@@ -32,46 +30,19 @@ from cellseg.training import build_training, seed_everything
 VARIANTS = ("cellseg", "plain")
 
 
-class WaitClock:
-    """Iterates a loader, adding the time each batch took to arrive to ``seconds``, all but the
-    first ``skip`` batches (the same warm-up as ``common.TimedLoader``'s)."""
-
-    def __init__(self, loader: Iterable, *, skip: int = 1) -> None:
-        self.loader, self.skip = loader, skip
-        self.batches = 0
-        self.seconds = 0.0
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator:
-        batches = iter(self.loader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            if self.batches >= self.skip:
-                self.seconds += time.perf_counter() - start
-            self.batches += 1
-            yield batch
-
-
 def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
     workers = [] if args.loader_workers is None else [f"data.num_workers={args.loader_workers}"]
     cfg = common.bench_config(
         args.data, tiny=args.tiny, device=args.device, overrides=[f"train.epochs={args.epochs}", *workers]
     )
     s = build_training(cfg)
-    wait = WaitClock(s.train_loader)
-    timed = common.TimedLoader(wait, device=s.device)
+    timed = common.TimedLoader(s.train_loader, device=s.device)
     for epoch in range(1, args.epochs + 1):
         s.train_epoch(epoch, loader=timed)
     return {
         "images": timed.images,
         "seconds": timed.seconds,
-        "wait_seconds": wait.seconds,
+        "wait_seconds": timed.wait_seconds,
         "loader_workers": cfg.data.num_workers,
         **common.peak_memory(),
     }
