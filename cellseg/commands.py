@@ -174,6 +174,31 @@ def refit_and_track(
     return plan, result
 
 
+def _validated_checkpoint(checkpoint: str | Path, data_root: str | None) -> tuple[dict[str, Any], Config]:
+    """A checkpoint's state and its config, on ``data_root`` if given; ConfigError for a refit,
+    which has no validation split."""
+    state = load_checkpoint(checkpoint)
+    cfg = config_on_data(checkpoint_config(state), data_root)
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(
+            f"{checkpoint}: trained with data.val_fraction 0 (a refit), so it has no validation "
+            "split; score its export instead (cellseg export, then cellseg score)"
+        )
+    return state, cfg
+
+
+def _predicted_split(
+    state: dict[str, Any], cfg: Config, *, device: str | None, progress: bool = False, with_loss: bool = False
+) -> tuple[SplitPredictions, list[str]]:
+    """The checkpoint's model run over the validation split of ``cfg`` (on ``device`` if given,
+    else on the config's own), and the names of the split's images in image id order."""
+    where = resolve_device(device or cfg.train.device)
+    model, _ = restore_model(state, where)
+    _, val_loader, _ = build_loaders(cfg, where)
+    split = predict_split(model, val_loader, where, progress=progress, with_loss=with_loss)
+    return split, val_loader.dataset.names
+
+
 def validation_predictions(
     checkpoint: str | Path,
     *,
@@ -185,40 +210,27 @@ def validation_predictions(
     """A checkpoint's config, its model's predictions on the validation split that config
     defines (on ``data_root`` if given, on ``device`` if given, else on the config's own) and
     the ids of that split's items, in image id order."""
-    state = load_checkpoint(checkpoint)
-    cfg = config_on_data(checkpoint_config(state), data_root)
-    if cfg.data.val_fraction == 0:
-        raise ConfigError(
-            f"{checkpoint}: trained with data.val_fraction 0 (a refit), so it has no validation "
-            "split; score its export instead (cellseg export, then cellseg score)"
-        )
-    where = resolve_device(device or cfg.train.device)
-    model, _ = restore_model(state, where)
-    _, val_loader, _ = build_loaders(cfg, where)
-    split = predict_split(model, val_loader, where, progress=progress, with_loss=with_loss)
-    return cfg, split, [item.item_id for item in val_loader.dataset.items]
+    state, cfg = _validated_checkpoint(checkpoint, data_root)
+    split, names = _predicted_split(state, cfg, device=device, progress=progress, with_loss=with_loss)
+    return cfg, split, names
 
 
 def checkpoint_interval(
     checkpoint: str | Path, *, data_root: str | None = None, device: str | None = None
 ) -> Interval:
     """The bootstrap interval of segm AP50 of a checkpoint on its validation split, from the
-    validation predictions the checkpoint stores when they were made on that split's images
-    (cellseg.stored_predictions), else from its model run again."""
-    state = load_checkpoint(checkpoint)
-    cfg = config_on_data(checkpoint_config(state), data_root)
-    if cfg.data.val_fraction > 0:
-        _, val = build_datasets(cfg)
-        names = [item.item_id for item in val.items]
-        stored = stored_predictions(state, names)
-        if stored is not None:
-            truths = [target_truth(val[index][1]) for index in range(len(val))]
-            return prediction_interval(
-                truths, stored, names, max_dets=coco_max_dets(cfg.model.detections_per_img)
-            )
-    cfg, split, names = validation_predictions(checkpoint, data_root=data_root, device=device)
+    validation predictions the checkpoint stores when they were made on that split of the same
+    data (cellseg.stored_predictions), else from its model run again."""
+    state, cfg = _validated_checkpoint(checkpoint, data_root)
+    _, val = build_datasets(cfg)
+    predictions = stored_predictions(state, val.names, dataset_fingerprint(cfg.data).digest)
+    if predictions is None:
+        split, _ = _predicted_split(state, cfg, device=device)
+        truths, predictions = split.truths, split.predictions
+    else:
+        truths = [target_truth(val[index][1]) for index in range(len(val))]
     return prediction_interval(
-        split.truths, split.predictions, names, max_dets=coco_max_dets(cfg.model.detections_per_img)
+        truths, predictions, val.names, max_dets=coco_max_dets(cfg.model.detections_per_img)
     )
 
 

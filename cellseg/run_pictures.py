@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from cellseg.checkpoint import BEST, LAST, PICTURES, checkpoint_config, load_checkpoint, restore_model
-from cellseg.evaluation import truth_from_masks
+from cellseg.data import dataset_fingerprint
+from cellseg.engine import target_truth
 from cellseg.plots import plot_history, plot_predictions
 from cellseg.predict import predict_images
 from cellseg.stored_predictions import stored_predictions
@@ -31,12 +32,15 @@ def write_run_pictures(
     state = load_checkpoint(run_dir / BEST) if (run_dir / BEST).is_file() else last
     cfg = checkpoint_config(state)
     _, val_dataset = build_datasets(cfg)
-    stored = stored_predictions(state, [item.item_id for item in val_dataset.items])
-    model = None if stored else restore_model(state, device)[0]  # the validation's, when stored
-    for index in range(min(num_images, len(val_dataset))):
+    count = min(num_images, len(val_dataset))
+    stored = (
+        stored_predictions(state, val_dataset.names, dataset_fingerprint(cfg.data).digest) if count else None
+    )
+    model = restore_model(state, device)[0] if count and stored is None else None
+    for index in range(count):
         image, target = val_dataset[index]
-        prediction = stored[index] if stored else predict_images(model, [image.to(device)])[0]
-        truth = truth_from_masks(index, target["masks"].numpy(), target["labels"].numpy())
+        prediction = predict_images(model, [image.to(device)])[0] if stored is None else stored[index]
+        truth = target_truth(target)
         paths.append(
             plot_predictions(image.permute(1, 2, 0).numpy(), truth, prediction, out / f"val_{index}.png")
         )

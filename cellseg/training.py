@@ -17,12 +17,11 @@ from torch.utils.data import DataLoader
 
 from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
 from cellseg.config import Config
-from cellseg.data import CellDataset, build_augment, collate, scan_train, split_items
+from cellseg.data import CellDataset, build_augment, collate, dataset_fingerprint, scan_train, split_items
 from cellseg.engine import Batch, mixed_precision, predict_split, split_metrics, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
-from cellseg.stored_predictions import KEY as PREDICTIONS_KEY
 from cellseg.stored_predictions import prediction_state
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,8 @@ def fit(
         log.info("resumed from %s at epoch %d", last_path, start)
     metric_name = cfg.train.metric
     validated = cfg.data.val_fraction > 0
-    val_names = [item.item_id for item in t.val_loader.dataset.items]
+    val_names = t.val_loader.dataset.names
+    data_digest = dataset_fingerprint(cfg.data).digest if validated else ""
     for epoch in range(start, cfg.train.epochs + 1):
         started = time.perf_counter()
         losses = t.train_epoch(epoch, progress=progress)
@@ -218,10 +218,9 @@ def fit(
             metrics[VAL_SECONDS] = time.perf_counter() - trained
             if metrics[metric_name] > best_metric:
                 best_metric, best_epoch = metrics[metric_name], epoch
-                predictions = prediction_state(split.predictions, val_names)  # pictures, intervals
-                save_checkpoint(
-                    run_dir / BEST,
-                    make_state(cfg, model, epoch=epoch, metrics=metrics, **{PREDICTIONS_KEY: predictions}),
+                predictions = prediction_state(split.predictions, val_names, data_digest)
+                save_checkpoint(  # with the predictions, for the pictures and the intervals
+                    run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics, **predictions)
                 )
         schedule.step_epoch(metrics.get(metric_name, best_metric) if validated else None)
         history.append(metrics)

@@ -5,9 +5,10 @@ After the trials end, the driver takes the first trials in ``export --best``'s o
 order ``--keep-top`` keeps checkpoints in), downloads the best checkpoint of each
 (``checkpoint/best.pt`` of the trial's MLflow run, the model ``export --best`` ships) and takes
 the validation predictions it stores (``fit`` keeps the best epoch's, cellseg.stored_predictions);
-only a checkpoint without them predicts its validation split again, on CUDA when the driver has a
-GPU, else on CPU. The bootstrap over images (cellseg.bootstrap) then adds about a second. A trial whose checkpoint ``--keep-top`` dropped gets
-no interval, and the table says why. Every trial is resampled with the same seed, so trials
+only a checkpoint without them (or trained on other data) predicts its validation split again, on
+CUDA when the driver has a GPU, else on CPU. The bootstrap over images (cellseg.bootstrap) then
+adds about a second. A trial whose checkpoint ``--keep-top`` dropped gets no interval, and the
+table says why. Every trial is resampled with the same seed, so trials
 validated on the same images (by name) are paired: the share of resamples in which a trial scores
 at least as high as the first says how firm the order is.
 """

@@ -53,6 +53,11 @@ class CellDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     @property
+    def names(self) -> list[str]:
+        """The items' ids (their folder names), in index order: image id i is ``names[i]``."""
+        return [item.item_id for item in self.items]
+
+    @property
     def epoch(self) -> int:
         return int(self._epoch)
 
