@@ -13,8 +13,10 @@ Rows, each measured in its own process (so its peak GPU memory is its own):
 
 ``--loader-workers N`` gives the cellseg trainings of the last two (one alone and packed) N
 DataLoader workers (``data.num_workers``; report A's preset has 0), as search trials have
-(trials/base.yaml: 4); ``--only pack`` measures just those (no report-B, plain or export rows).
-The cellseg rows also show the share of their timed seconds spent waiting for the next batch.
+(trials/base.yaml: 4); ``--only pack`` measures just those (no report-B, plain or export rows),
+``--only train`` just the report-B rows. Report B's seconds per epoch are split into training and
+validation (the rest is the epoch's set-up, checkpoints and report); the cellseg rows show the
+share of their timed seconds spent waiting for the next batch.
 
 ``--repack SRC --out DST`` (used by ``gpu_check.sh pack``) rewrites the real slice's LZW images
 as zlib TIFFs, which tifffile decodes without imagecodecs (too large to carry), and checks that
@@ -39,7 +41,7 @@ from cellseg.checkpoint import BEST, load_checkpoint, restore_model
 from cellseg.config import load_config
 from cellseg.data import load_test_images, read_image
 from cellseg.export import export_predictions, write_submission
-from cellseg.training import fit
+from cellseg.training import TRAIN_SECONDS, VAL_SECONDS, fit
 
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ("train", "export")
@@ -75,7 +77,8 @@ def repack(src: Path, out: Path) -> None:
 
 
 def train_variant(args: argparse.Namespace) -> dict:
-    """fit() with report B's preset; per-epoch AP50 and seconds, peak GPU memory."""
+    """fit() with report B's preset; per-epoch AP50 and seconds (all, training and validation:
+    the rest is set-up, checkpoints and reports), peak GPU memory."""
     cfg = load_config(
         common.TRIALS / "report_b.yaml",
         [
@@ -98,6 +101,8 @@ def train_variant(args: argparse.Namespace) -> dict:
     return {
         "ap50": [h["segm_AP50"] for h in result.history],
         "epoch_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        "train_s": [h[TRAIN_SECONDS] for h in result.history],
+        "val_s": [h[VAL_SECONDS] for h in result.history],
         **common.peak_memory(),
     }
 
@@ -154,8 +159,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=("pack",),
-        help="pack: only one cellseg training alone and the --pack rows",
+        choices=("pack", "train"),
+        help="pack: only one cellseg training alone and the --pack rows; train: only report B's",
     )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
@@ -200,10 +205,19 @@ def main() -> None:
             [
                 f"report B, {run_dir.name}, {args.epochs} epochs",
                 "AP50 " + " ".join(f"{v:.3f}" for v in r["ap50"]),
-                "s/epoch " + " ".join(f"{v:.0f}" for v in r["epoch_s"]),
+                "s/epoch "
+                + " ".join(f"{v:.0f}" for v in r["epoch_s"])
+                + " (training "
+                + " ".join(f"{v:.0f}" for v in r["train_s"])
+                + ", validation "
+                + " ".join(f"{v:.0f}" for v in r["val_s"])
+                + ")",
                 r["peak_cuda_mb"],
             ]
         )
+    if args.only == "train":
+        _finish(rows, runs, start)
+        return
     throughput = BENCH / "train_throughput.py"
     base = [*same, "--epochs", "2"]
     workers = [] if args.loader_workers is None else ["--loader-workers", str(args.loader_workers)]
