@@ -33,10 +33,8 @@ def write_run_pictures(
     cfg = checkpoint_config(state)
     _, val_dataset = build_datasets(cfg)
     count = min(num_images, len(val_dataset))
-    stored = (
-        stored_predictions(state, val_dataset.names, dataset_fingerprint(cfg.data).digest) if count else None
-    )
-    model = restore_model(state, device)[0] if count and stored is None else None
+    stored = stored_predictions(state, val_dataset.names, dataset_fingerprint(cfg.data).digest)
+    model = restore_model(state, device)[0] if stored is None and count else None
     for index in range(count):
         image, target = val_dataset[index]
         prediction = predict_images(model, [image.to(device)])[0] if stored is None else stored[index]

@@ -51,7 +51,7 @@ def stored_predictions(
     """The predictions a checkpoint ``state`` holds, keyed by image id, when they were made on the
     validation images ``names`` of the data ``data_digest`` fingerprints; else None."""
     stored = state.get(KEY)
-    if not stored or stored["data"] != data_digest or list(stored["names"]) != list(names):
+    if not stored or stored.get("data") != data_digest or list(stored["names"]) != list(names):
         return None
     return {
         image_id: ImagePrediction(

@@ -53,6 +53,8 @@ def test_best_pt_stores_what_the_model_predicts_on_the_validation_images(trained
         assert stored[image_id].rles == again.rles
     assert stored_predictions(state, names[::-1], digest) is None  # other images
     assert stored_predictions(state, names, "another digest") is None  # other data
+    unmarked = {**state, KEY: {k: v for k, v in state[KEY].items() if k != "data"}}
+    assert stored_predictions(unmarked, names, digest) is None  # no fingerprint: not trusted
     assert stored_predictions(load_checkpoint(trained / LAST), names, digest) is None  # none in last.pt
 
 
