@@ -16,7 +16,10 @@ Ray's start and the two baselines, which run every epoch). Both are needed: most
 work comes with a trial's start and end, so when later trials report fewer epochs (ASHA stops
 them sooner), the cost per result rises while the cost per trial does not.
 
-    python bench/driver_scale.py [--tiny] [--trials N] [--max-epochs E] [--profile FILE]
+``--no-mlflow-writes`` runs the same driver with the MLflow callback deciding every write but
+applying none: the floor that MLflow's store sits on.
+
+    python bench/driver_scale.py [--tiny] [--trials N] [--max-epochs E] [--no-mlflow-writes] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -168,13 +171,23 @@ class TimedTrialLogger(MlflowTrialLogger):
             self.on_sample(self.samples[-1])
 
 
+class UnwrittenTrialLogger(TimedTrialLogger):
+    """A :class:`TimedTrialLogger` that queues every write as the search does and applies none:
+    the driver's cost without MLflow's store (``--no-mlflow-writes``)."""
+
+    def _apply(self, op: str, /, **kwargs: Any) -> None:
+        pass
+
+
 class TimedSearch(SearchPhases):
-    """The search's phases, each experiment's MLflow callback a :class:`TimedTrialLogger`."""
+    """The search's phases, each experiment's MLflow callback a :class:`TimedTrialLogger` (of
+    class ``logger_class``)."""
 
     logger: TimedTrialLogger
+    logger_class: type[TimedTrialLogger] = TimedTrialLogger
 
     def trial_logger(self, *args: Any, **kwargs: Any) -> MlflowTrialLogger:
-        self.logger = TimedTrialLogger.like(super().trial_logger(*args, **kwargs))
+        self.logger = self.logger_class.like(super().trial_logger(*args, **kwargs))
         return self.logger
 
 
@@ -275,6 +288,12 @@ def main() -> None:
     parser.add_argument("--keep-top", type=int, default=5, help="as search/run.py's --keep-top (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
     parser.add_argument(
+        "--no-mlflow-writes",
+        action="store_true",
+        help="the MLflow callback applies none of its writes (a floor: what the driver costs without "
+        "MLflow's store; nothing is recorded, so the search's summary is skipped)",
+    )
+    parser.add_argument(
         "--profile",
         help="write cProfile statistics of the driver's main thread (its CPU time) to this file, and "
         "print the functions whose time per trial grew most from the second bucket to the last",
@@ -344,6 +363,8 @@ def main() -> None:
             max_pending=pending_trials(None, args.max_concurrent, None),
             trainable=trainable,
         )
+        if args.no_mlflow_writes:
+            search.logger_class = UnwrittenTrialLogger
         tuner = search.search_tuner(NAME, seed=args.seed)
         print(
             f"{trials} trials of up to {epochs} epochs, {args.max_concurrent} at a time, in {folder}",
@@ -359,20 +380,21 @@ def main() -> None:
         fit_s = time.perf_counter() - start.wall_s
         check_outbox_empty(local_dir, tracker, NAME)
         finish_start = time.perf_counter()
-        finish_search(
-            tracker,
-            parent_run_id,
-            results,
-            name=NAME,
-            metric=metric,
-            max_epochs=epochs,
-            local_dir=local_dir,
-            optuna_storage=search.optuna_storage,
-            experiment=EXPERIMENT,
-            started=start.wall_s,
-            trained=search.trained,
-            slots=trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, trials),
-        )
+        if not args.no_mlflow_writes:
+            finish_search(
+                tracker,
+                parent_run_id,
+                results,
+                name=NAME,
+                metric=metric,
+                max_epochs=epochs,
+                local_dir=local_dir,
+                optuna_storage=search.optuna_storage,
+                experiment=EXPERIMENT,
+                started=start.wall_s,
+                trained=search.trained,
+                slots=trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, trials),
+            )
         finish_s = time.perf_counter() - finish_start
         if profile:
             profile.profile.disable()

@@ -46,6 +46,13 @@ def test_driver_scale_profiles_each_bucket_and_names_what_grew(tmp_path: Path) -
     assert profile.stat().st_size > 0
 
 
+def test_driver_scale_without_mlflow_writes_counts_every_result_and_records_no_trial() -> None:
+    proc = run_tiny("driver_scale", "--no-mlflow-writes")
+    assert RATIO.search(proc.stdout), proc.stdout
+    ended = re.search(r"^12 trials ended, (\d+) results, (\d+) runs exportable", proc.stdout, re.MULTILINE)
+    assert ended and int(ended[1]) >= 12 and ended[2] == "0", proc.stdout
+
+
 def run_tiny(script: str, *flags: str) -> subprocess.CompletedProcess[str]:
     """``bench/<script>.py --tiny`` with ``flags``, asserted to exit 0."""
     proc = subprocess.run(
