@@ -173,7 +173,8 @@ class TimedTrialLogger(MlflowTrialLogger):
 
 class UnwrittenTrialLogger(TimedTrialLogger):
     """A :class:`TimedTrialLogger` that queues every write as the search does and applies none:
-    the driver's cost without MLflow's store (``--no-mlflow-writes``)."""
+    the driver's cost without MLflow's store (``--no-mlflow-writes``). Ended trials' checkpoints
+    then stay in Tune's storage (their removal follows the MLflow close)."""
 
     def _apply(self, op: str, /, **kwargs: Any) -> None:
         pass
