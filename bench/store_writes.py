@@ -1,13 +1,17 @@
-"""The search driver's SQLite writes per result and per trial: SQLite's defaults against WAL.
+"""The search driver's store writes per result and per trial: SQLite's defaults, WAL, a journal study.
 
-What the driver writes to its SQLite stores for one reported result (one MLflow batch of a trial's
+What the driver writes to its stores for one reported result (one MLflow batch of a trial's
 epoch metrics through ``Tracker.log_metrics``, one Optuna intermediate value) and for one trial
 (its MLflow run started with the demo config's parameters and ended; an Optuna trial asked, the
-demo space sampled define-by-run, told PRUNED), in rounds (after one not counted) that alternate between SQLite's defaults
-(``CELLSEG_SQLITE_WAL=0``: rollback journal, a sync per commit; the baseline) and
-``cellseg.sqlite_commits`` (WAL, ``synchronous=NORMAL``), each round on fresh stores. No Ray, no
-Tune: only the stores' cost. Prints wall and CPU milliseconds per result and per trial, medians
-over the rounds, and the ratio of the wall time per result (WAL against the defaults).
+demo space sampled define-by-run, told PRUNED), in rounds (after one not counted) over three
+variants, their order reversed every other round: SQLite's defaults (``CELLSEG_SQLITE_WAL=0``:
+rollback journal, a sync per commit; the baseline), ``cellseg.sqlite_commits`` (WAL,
+``synchronous=NORMAL``; what the search uses), and WAL for MLflow with the Optuna study in Optuna's
+journal file (``JournalFileBackend``: a line appended and synced per write) instead of SQLite; each
+round on fresh stores. No Ray, no Tune: only the stores' cost. Prints wall and CPU milliseconds per result
+and per trial (and Optuna's part of the CPU), medians over the rounds, and two ratios: the wall
+time per result of WAL against the defaults, and Optuna's CPU per trial (ask, sampling, reports,
+tell) in a journal file against SQLite with WAL.
 
     python bench/store_writes.py [--tiny] [--rounds R] [--trials T] [--epochs E]
 """
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 import common
 from cellseg.config import flatten, load_config
@@ -33,7 +39,12 @@ from cellseg.tracking import Tracker
 from search.space import SearchSpace, load_space
 
 EXPERIMENT = "store-writes"
-VARIANTS = {"SQLite defaults": "0", "WAL + NORMAL": "1"}  # WAL_ENV's value per variant
+# WAL_ENV's value and where the Optuna study lies, per variant
+VARIANTS = {
+    "SQLite defaults": ("0", "sqlite"),
+    "WAL + NORMAL": ("1", "sqlite"),
+    "WAL, study journal": ("1", "journal"),
+}
 LOSSES = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
@@ -53,35 +64,48 @@ class Clock:
 
 
 def one_round(
-    folder: Path, template: Path, space: SearchSpace, params: dict[str, Any], trials: int, epochs: int
+    folder: Path,
+    template: Path,
+    space: SearchSpace,
+    params: dict[str, Any],
+    trials: int,
+    epochs: int,
+    study_in: str = "sqlite",
 ) -> dict[str, float]:
-    """Milliseconds per result and per trial (wall, CPU) of ``trials`` trials of ``epochs`` results
-    on fresh stores in ``folder``."""
+    """Milliseconds per result and per trial (wall, CPU; Optuna's part of the CPU) of ``trials``
+    trials of ``epochs`` results on fresh stores in ``folder``, the study in ``study_in``
+    (``sqlite`` or ``journal``)."""
     folder.mkdir()
     shutil.copy(template, folder / "mlflow.db")
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
     tracker.experiment_id(EXPERIMENT)
-    study_uri = f"sqlite:///{folder / 'optuna.db'}"
-    fast_commits(study_uri)  # as the driver's SearchPhases does
+    if study_in == "journal":
+        storage: Any = JournalStorage(JournalFileBackend(str(folder / "optuna.log")))
+    else:
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        fast_commits(storage)  # as the driver's SearchPhases does
     study = optuna.create_study(
-        storage=study_uri, study_name="s", direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
+        storage=storage, study_name="s", direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
     )
-    per_trial, per_result = Clock(), Clock()
+    per_trial, per_result, optuna_trial, optuna_result = Clock(), Clock(), Clock(), Clock()
     names = [*metric_names(), *(f"train_{k}" for k in LOSSES), "epoch", "lr", "epoch_train_s", "epoch_val_s"]
     for number in range(trials):
         with per_trial:
             run_id = tracker.start_run(
                 EXPERIMENT, f"trial-{number}", params=params, tags={"ray.trial_id": str(number)}
             )
-            trial = study.ask()
-            space(trial)
+            with optuna_trial:
+                trial = study.ask()
+                space(trial)
         for epoch in range(1, epochs + 1):
             value = 0.5 * (1 - 1 / (epoch + number % 7))
             with per_result:
                 tracker.log_metrics(run_id, {name: value for name in names}, step=epoch)
-                trial.report(value, epoch)
+                with optuna_result:
+                    trial.report(value, epoch)
         with per_trial:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            with optuna_trial:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             tracker.end_run(run_id, "KILLED")
     results = trials * epochs
     return {
@@ -89,6 +113,7 @@ def one_round(
         "result CPU ms": 1000 * per_result.cpu / results,
         "trial wall ms": 1000 * per_trial.wall / trials,
         "trial CPU ms": 1000 * per_trial.cpu / trials,
+        "Optuna CPU ms/trial": 1000 * (optuna_trial.cpu + optuna_result.cpu) / trials,
     }
 
 
@@ -117,9 +142,11 @@ def main() -> None:
         Tracker(f"sqlite:///{template}").check()  # MLflow's migrations, once, outside the timing
         for n in range(rounds + 1):  # round 0 warms up (imports, SQLAlchemy's caches), not counted
             order = list(VARIANTS.items())[:: 1 if n % 2 else -1]  # each variant first in turn
-            for variant, wal in order:
+            for i, (variant, (wal, study_in)) in enumerate(order):
                 os.environ[WAL_ENV] = wal  # read when a connection opens: each round's are new
-                made = one_round(folder / f"{n}-{wal}", template, space, flatten(base), trials, epochs)
+                made = one_round(
+                    folder / f"{n}-{i}", template, space, flatten(base), trials, epochs, study_in
+                )
                 if n:
                     figures[variant].append(made)
     keys = list(figures["SQLite defaults"][0])
@@ -128,6 +155,10 @@ def main() -> None:
     common.print_ratio(
         "wall time per result, WAL/defaults",
         medians["WAL + NORMAL"]["result wall ms"] / medians["SQLite defaults"]["result wall ms"],
+    )
+    common.print_ratio(
+        "Optuna CPU per trial, study journal/SQLite with WAL",
+        medians["WAL, study journal"]["Optuna CPU ms/trial"] / medians["WAL + NORMAL"]["Optuna CPU ms/trial"],
     )
 
 
