@@ -70,7 +70,7 @@ def one_round(
     params: dict[str, Any],
     trials: int,
     epochs: int,
-    study_in: str = "sqlite",
+    study_in: str,
 ) -> dict[str, float]:
     """Milliseconds per result and per trial (wall, CPU; Optuna's part of the CPU) of ``trials``
     trials of ``epochs`` results on fresh stores in ``folder``, the study in ``study_in``
