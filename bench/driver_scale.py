@@ -4,9 +4,9 @@ Runs ``--trials`` trials of up to ``--max-epochs`` (24) reported epochs of a tri
 (no model: each epoch's metrics are a formula of the sampled parameters plus seeded noise, under
 the names the real trainable reports, with a tiny ``best.pt`` and ``last.pt`` as its checkpoint)
 through the search driver's own pieces from ``search/run.py`` with its flags' defaults: a
-``SearchPhases`` (the demo space, the Optuna searcher with PRUNED for trials ASHA stops on SQLite,
-ASHA, the MLflow callback with its outbox on a SQLite store and ``--keep-top``, Tune's storage and
-environment), and at the end ``finish_search``. Ray runs locally with
+``SearchPhases`` (the demo space, the Optuna searcher with PRUNED for trials ASHA stops, its
+study in a journal file, ASHA, the MLflow callback with its outbox on a SQLite store and
+``--keep-top``, Tune's storage and environment), and at the end ``finish_search``. Ray runs locally with
 2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
 tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
 trial, its wall time per result, the time inside the MLflow callback per result, and its resident
@@ -48,7 +48,6 @@ from cellseg.tracking import Tracker
 from search.efficiency import trial_slots
 from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
-    STUDY_FILE,
     SearchPhases,
     build_parser,
     check_outbox_empty,
@@ -390,7 +389,6 @@ def main() -> None:
                 metric=metric,
                 max_epochs=epochs,
                 local_dir=local_dir,
-                optuna_storage=search.optuna_storage,
                 experiment=EXPERIMENT,
                 started=start.wall_s,
                 trained=search.trained,
@@ -405,7 +403,7 @@ def main() -> None:
         sizes = {
             "MLflow store (mlflow.db)": (folder / "mlflow.db").stat().st_size,
             "MLflow artifacts": common_size(folder / "mlartifacts"),
-            "Optuna study": (local_dir / STUDY_FILE).stat().st_size,
+            "Optuna study": search.study_file.stat().st_size,
             "Tune storage (with the study)": common_size(Path(storage_path)),
         }
     logger = search.logger

@@ -6,9 +6,10 @@ epoch metrics through ``Tracker.log_metrics``, one Optuna intermediate value) an
 demo space sampled define-by-run, told PRUNED), in rounds (after one not counted) over three
 variants, their order reversed every other round: SQLite's defaults (``CELLSEG_SQLITE_WAL=0``:
 rollback journal, a sync per commit; the baseline), ``cellseg.sqlite_commits`` (WAL,
-``synchronous=NORMAL``; what the search uses), and WAL for MLflow with the Optuna study in Optuna's
-journal file (``JournalFileBackend``: a line appended and synced per write) instead of SQLite; each
-round on fresh stores. No Ray, no Tune: only the stores' cost. Prints wall and CPU milliseconds per result
+``synchronous=NORMAL``; what the search uses for MLflow, and used for its study until 2026-12-05),
+and WAL for MLflow with the Optuna study in Optuna's journal file (``JournalFileBackend``: a line
+appended and synced per write; what the search uses since, search/study_file.py) instead of SQLite;
+each round on fresh stores. No Ray, no Tune: only the stores' cost. Prints wall and CPU milliseconds per result
 and per trial (and Optuna's part of the CPU), medians over the rounds, and two ratios: the wall
 time per result of WAL against the defaults, and Optuna's CPU per trial (ask, sampling, reports,
 tell) in a journal file against SQLite with WAL.
@@ -28,15 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 import common
 from cellseg.config import flatten, load_config
-from cellseg.sqlite_commits import WAL_ENV, fast_commits
+from cellseg.sqlite_commits import WAL_ENV
 from cellseg.task import metric_names
 from cellseg.tracking import Tracker
 from search.space import SearchSpace, load_space
+from search.study_file import JOURNAL_FILE, SQLITE_FILE, open_study_storage
 
 EXPERIMENT = "store-writes"
 # WAL_ENV's value and where the Optuna study lies, per variant
@@ -79,11 +79,7 @@ def one_round(
     shutil.copy(template, folder / "mlflow.db")
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
     tracker.experiment_id(EXPERIMENT)
-    if study_in == "journal":
-        storage: Any = JournalStorage(JournalFileBackend(str(folder / "optuna.log")))
-    else:
-        storage = f"sqlite:///{folder / 'optuna.db'}"
-        fast_commits(storage)  # as the driver's SearchPhases does
+    storage = open_study_storage(folder / (JOURNAL_FILE if study_in == "journal" else SQLITE_FILE))
     study = optuna.create_study(
         storage=storage, study_name="s", direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
     )

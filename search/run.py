@@ -38,7 +38,6 @@ from cellseg.cli import at_least
 from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
-from cellseg.sqlite_commits import fast_commits
 from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
 from cellseg.weights import resolve_weights
@@ -77,6 +76,7 @@ from search.reseed import (
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
+from search.study_file import dashboard_command, open_study_storage, study_path
 from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import REUSE_WORKERS, WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
@@ -90,7 +90,6 @@ DEMO_SIZE = {"n_train": 26, "n_test": 6, "seed": 0, "profile": "medium"}
 OUTBOX = "mlflow-outbox.json"
 DEFAULT_KEEP_TOP = 5  # checkpoints kept: enough for export --ensemble and a second choice
 TUNING_FAILED = 3  # exit code: the search finished, --tune-inference failed
-STUDY_FILE = "optuna.db"
 WARM_START_TAG = "cellseg.warm_start"  # on the parent run: the searches it learned from
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
@@ -422,7 +421,7 @@ def new_tuner(
     max_epochs: int,
     num_samples: int,
     seed: int,
-    optuna_storage: str,
+    study_file: Path,
     max_concurrent: int,
     grace_period: int,
     reduction_factor: float,
@@ -440,7 +439,7 @@ def new_tuner(
         space,
         metric=metric,
         mode="max",
-        storage=optuna_storage,
+        study_file=study_file,
         study_name=study_name or name,
         sampler=optuna.samplers.TPESampler(seed=seed),
         max_epochs=max_epochs,
@@ -579,7 +578,6 @@ def finish_search(
     metric: str,
     max_epochs: int,
     local_dir: Path,
-    optuna_storage: str,
     experiment: str,
     started: float,
     trained: Sequence[tune.Result],
@@ -595,7 +593,7 @@ def finish_search(
     if ended:  # the run export --best takes; its best.pt lies in MLflow, no longer in Tune's storage
         summary = as_exported(summary, first_kept(export_order(ended)))
     spent = efficiency(trained, wall_s=wall_s, slots=slots, since=started)
-    study = optuna.load_study(study_name=name, storage=optuna_storage)
+    study = optuna.load_study(study_name=name, storage=open_study_storage(study_path(local_dir)))
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
     tracker.log_metrics(parent_run_id, spent.metrics(), step=0)
     tracker.end_run(parent_run_id, "FINISHED")
@@ -698,7 +696,7 @@ def search_inputs(args: argparse.Namespace) -> SearchInputs:
 def earlier_trials(names: Sequence[str], storage: str, inputs: SearchInputs) -> WarmStart:
     """The trials of the ``--warm-start`` searches ``names`` (in ``storage``) that fit the space,
     with their notes printed."""
-    studies = {n: storage_paths(storage, n)[1] / STUDY_FILE for n in names}
+    studies = {n: study_path(storage_paths(storage, n)[1]) for n in names}
     warm = warm_start(studies, inputs.space, inputs.base.train.metric, inputs.base.train.epochs)
     for line in warm.notes():
         print(line)
@@ -761,12 +759,10 @@ class SearchPhases:
     trainable: Any
     trained: list[tune.Result] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        fast_commits(self.optuna_storage)  # the study's commits, new or restored (a resumed search)
-
     @property
-    def optuna_storage(self) -> str:
-        return f"sqlite:///{self.local_dir / STUDY_FILE}"
+    def study_file(self) -> Path:
+        """The search's Optuna study file (search/study_file.py)."""
+        return study_path(self.local_dir)
 
     def trial_logger(
         self, phase: str, trial_tags: RepeatTags | None = None, keep_top: int | None = None
@@ -806,7 +802,7 @@ class SearchPhases:
             metric=self.inputs.base.train.metric,
             max_epochs=self.inputs.base.train.epochs,
             num_samples=args.num_samples,
-            optuna_storage=self.optuna_storage,
+            study_file=self.study_file,
             max_concurrent=args.max_concurrent,
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
@@ -961,7 +957,6 @@ def conclude_search(
         metric=metric,
         max_epochs=max_epochs,
         local_dir=search.local_dir,
-        optuna_storage=search.optuna_storage,
         experiment=args.experiment,
         started=started,
         trained=search.trained,
@@ -989,9 +984,11 @@ def tune_chosen_inference(
     return [f"inference {key}: {value}" for key, value in tuned.items()]
 
 
-def next_steps(tracker_uri: str, experiment: str, experiment_id: str, data_root: str) -> list[str]:
+def next_steps(
+    tracker_uri: str, experiment: str, experiment_id: str, data_root: str, study: Path
+) -> list[str]:
     """What to do after a search: compare its trials in MLflow's UI, export the submission,
-    optionally refit."""
+    optionally refit; Optuna's plots of the ``study`` file."""
     runs_page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if tracker_uri.startswith("http"):
         compare = f"compare trials: open {tracker_uri.rstrip('/')}/{runs_page}"
@@ -1008,6 +1005,7 @@ def next_steps(tracker_uri: str, experiment: str, experiment_id: str, data_root:
         f"retrain the best configuration on every training image (optional): cellseg refit --best "
         f"--data {data_root} --experiment {experiment} --tracking-uri {tracker_uri}, "
         "then export with --best --refit",
+        f"Optuna's plots of the study (optional; pip install optuna-dashboard): {dashboard_command(study)}",
     ]
 
 
@@ -1094,7 +1092,8 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "the error names (see cellseg tune-inference --help)",
                 file=sys.stderr,
             )
-    print("\n".join(next_steps(tracker.uri, args.experiment, tracker.experiment_id(args.experiment), data)))
+    experiment_id = tracker.experiment_id(args.experiment)
+    print("\n".join(next_steps(tracker.uri, args.experiment, experiment_id, data, search.study_file)))
     return code
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import pickle
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -31,6 +32,7 @@ from ray.tune.search import Searcher
 
 from cellseg.errors import ConfigError
 from search.space import SearchSpace
+from search.study_file import open_study_storage
 from search.trainable import reached_max_epochs
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class StudySearcher(Searcher):
         *,
         metric: str,
         mode: str,
-        storage: str,
+        study_file: Path,
         study_name: str,
         sampler: optuna.samplers.BaseSampler,
         max_epochs: int,
@@ -57,14 +59,15 @@ class StudySearcher(Searcher):
         prior_trials: Sequence[optuna.trial.FrozenTrial] = (),
         continue_study: bool = False,
     ) -> None:
-        """A new study, with ``prior_trials`` (a warm start) added before the first ask; with
-        ``continue_study`` the existing study of that name instead (a continued search)."""
+        """A new study in ``study_file`` (search/study_file.py), with ``prior_trials`` (a warm
+        start) added before the first ask; with ``continue_study`` the existing study of that name
+        instead (a continued search)."""
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.max_epochs = max_epochs
         try:
             self.study = optuna.create_study(
-                storage=storage,
+                storage=open_study_storage(study_file),
                 study_name=study_name,
                 sampler=sampler,
                 pruner=optuna.pruners.NopPruner(),  # ASHA decides; the study records
@@ -73,7 +76,7 @@ class StudySearcher(Searcher):
             )
         except optuna.exceptions.DuplicatedStudyError:
             raise ConfigError(
-                f"{storage}: an Optuna study named {study_name!r} exists already; "
+                f"{study_file}: an Optuna study named {study_name!r} exists already; "
                 "choose another search name, or pass --resume to continue it"
             ) from None
         if not continue_study:

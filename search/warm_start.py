@@ -1,9 +1,9 @@
 """Warm starts: the finished and pruned trials of earlier searches, fitted to a new search's space.
 
-``search/run.py --warm-start NAME`` reads search NAME's Optuna study (its ``optuna.db`` under the
-same ``--storage``) and adds its COMPLETE and PRUNED trials, with their values and per-epoch
-values, to the new study before the first trial is asked for, so TPE starts from what that
-search learned. A trial is carried over when every parameter it sampled is a dimension of the new
+``search/run.py --warm-start NAME`` reads search NAME's Optuna study (its study file under the
+same ``--storage``, search/study_file.py) and adds its COMPLETE and PRUNED trials, with their
+values and per-epoch values, to the new study before the first trial is asked for, so TPE starts
+from what that search learned. A trial is carried over when every parameter it sampled is a dimension of the new
 space and its value lies inside that dimension's range or choices; the others are dropped, and
 the reasons are printed. An earlier search that ranked its trials by another metric, or trained
 them for another number of epochs, is refused: its values do not compare.
@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cellseg.errors import ConfigError
 from search.searcher import EPOCHS_ATTR, METRIC_ATTR
 from search.space import SearchSpace
+from search.study_file import open_study_storage
 
 CARRIED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FROM_ATTR = "warm_start.from"  # Optuna user attribute: "<search>#<trial number>"
@@ -85,7 +86,7 @@ def warm_start(studies: Mapping[str, Path], space: SearchSpace, metric: str, max
                 "search and the --storage it used"
             )
         try:
-            study = optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
+            study = optuna.load_study(study_name=name, storage=open_study_storage(path))
         except KeyError:
             raise ConfigError(f"--warm-start {name}: {path} holds no study named {name!r}") from None
         attrs = study.user_attrs

@@ -15,6 +15,7 @@ from search.mlflow_callback import TRIAL_TAG
 from search.reseed import SEED_TAG, RepeatTags, check_reseed_flags, plan_repeats
 from search.searcher import StudySearcher
 from search.space import load_space
+from search.study_file import JOURNAL_FILE, SQLITE_FILE
 from search.warm_start import FROM_ATTR, warm_start
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
@@ -70,7 +71,7 @@ def test_warm_start_keeps_trials_inside_the_new_space_and_says_why_others_went(t
         "params:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n  optim.name: {choice: [sgd, adamw]}\n"
     )
     space = load_space(space_file, base)
-    db = tmp_path / "old.db"
+    db = tmp_path / SQLITE_FILE  # a study an older search kept in SQLite
     old = optuna.create_study(study_name="old", storage=f"sqlite:///{db}", direction="maximize")
     wide = optuna.distributions.FloatDistribution(1e-6, 1.0, log=True)
     names = optuna.distributions.CategoricalDistribution(["adamw", "adam"])
@@ -111,12 +112,12 @@ def test_warm_start_keeps_trials_inside_the_new_space_and_says_why_others_went(t
 def test_a_warm_start_from_a_search_of_another_metric_or_epochs_is_refused(tmp_path, tiny_search, easy_root):
     base = load_config(tiny_search["base"], [f"data.root={easy_root}"])
     space = load_space(tiny_search["space"], base)
-    db = tmp_path / "optuna.db"
+    db = tmp_path / JOURNAL_FILE
     StudySearcher(
         space,
         metric="segm_AP50",
         mode="max",
-        storage=f"sqlite:///{db}",
+        study_file=db,
         study_name="s1",
         sampler=optuna.samplers.TPESampler(seed=0),
         max_epochs=3,

@@ -19,6 +19,7 @@ from cellseg.data import dataset_fingerprint, load_test_images
 from search.asha_fidelity import rung_epochs
 from search.mlflow_callback import TRIAL_TAG
 from search.run import main as search_main
+from search.study_file import JOURNAL_FILE, open_study_storage
 from searchutil import epochs_of, search_args, search_runs, tied_at
 
 pytestmark = pytest.mark.slow
@@ -165,7 +166,7 @@ def test_asha_stopped_some_trials_and_the_summary_counts_the_saved_epochs(search
 
 def test_optuna_sees_asha_stopped_trials_as_pruned_with_their_epochs(search):
     study = optuna.load_study(
-        study_name="s1", storage=f"sqlite:///{search['folder'] / 'storage' / 's1' / 'optuna.db'}"
+        study_name="s1", storage=open_study_storage(search["folder"] / "storage" / "s1" / JOURNAL_FILE)
     )
     by_lr = {t.params["optim.lr"]: t for t in study.trials}
     client = search["client"]
@@ -181,7 +182,7 @@ def test_optuna_sees_asha_stopped_trials_as_pruned_with_their_epochs(search):
 
 def test_parameter_importances_are_written_to_the_parent_run(search):
     study = optuna.load_study(
-        study_name="s1", storage=f"sqlite:///{search['folder'] / 'storage' / 's1' / 'optuna.db'}"
+        study_name="s1", storage=open_study_storage(search["folder"] / "storage" / "s1" / JOURNAL_FILE)
     )
     expected = optuna.importance.get_param_importances(study)
     assert expected, "too few completed trials for importances: the test search is too small"

@@ -7,6 +7,7 @@ import pytest
 import ray
 
 from search.run import main as search_main
+from search.study_file import JOURNAL_FILE, open_study_storage
 from searchutil import epochs_of, search_args, search_runs, tied_at
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def test_asha_and_optuna_use_the_validated_epochs_only(tmp_path, easy_root, tiny
     else:
         assert stopped > 0
     study = optuna.load_study(
-        study_name="s1", storage=f"sqlite:///{tmp_path / 'storage' / 's1' / 'optuna.db'}"
+        study_name="s1", storage=open_study_storage(tmp_path / "storage" / "s1" / JOURNAL_FILE)
     )
     by_lr = {t.params["optim.lr"]: t for t in study.trials}
     for child in children:

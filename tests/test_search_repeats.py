@@ -15,6 +15,7 @@ from cellseg.tracking import Tracker
 from search.continuation import search_to_continue
 from search.run import main as search_main
 from search.run import open_parent_run
+from search.study_file import JOURNAL_FILE, open_study_storage
 from search.warm_start import FROM_ATTR
 from searchutil import search_args, search_runs
 
@@ -28,7 +29,9 @@ params:
 
 
 def study(folder: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'storage' / name / 'optuna.db'}")
+    return optuna.load_study(
+        study_name=name, storage=open_study_storage(folder / "storage" / name / JOURNAL_FILE)
+    )
 
 
 @pytest.fixture(scope="module")

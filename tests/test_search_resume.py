@@ -14,6 +14,7 @@ import pytest
 
 from search.driver_drill import DRILL_ENV
 from search.searcher import TRIAL_ATTR
+from search.study_file import JOURNAL_FILE, open_study_storage
 from searchutil import RUN_PY, epochs_of, search_args, search_runs, start_driver
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def test_a_stopped_driver_resumes_without_losing_or_duplicating_trials(
         assert epochs_of(client, child) == list(range(1, EPOCHS + 1)), child.info.run_name
         assert "best_segm_AP50" in child.data.metrics
         assert any(a.path == "checkpoint" for a in client.list_artifacts(child.info.run_id))
-    study = optuna.load_study(study_name="r1", storage=f"sqlite:///{storage / 'r1' / 'optuna.db'}")
+    study = optuna.load_study(study_name="r1", storage=open_study_storage(storage / "r1" / JOURNAL_FILE))
     told = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
     assert sorted(t.user_attrs[TRIAL_ATTR] for t in told) == sorted(trial_ids), (
         "Optuna lost or doubled a trial across the resume"

@@ -63,6 +63,7 @@ from search.run import (
 )
 from search.run import main as search_main
 from search.space import load_space
+from search.study_file import JOURNAL_FILE
 from search.summary import SearchFailed, SearchSummary
 from search.tune_inference import DEFAULT_TRIALS
 from search.warm_start import WarmStart
@@ -482,7 +483,7 @@ def _phases(tmp_path: Path, uri: str, data: Path, tiny_search, *extra: str) -> S
 
 def test_each_experiment_gets_its_own_trial_logger(tmp_path, mlflow_uri, easy_root, tiny_search):
     search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search, "--keep-top", "3")
-    assert search.optuna_storage == f"sqlite:///{tmp_path / 'st' / 's1' / 'optuna.db'}"
+    assert search.study_file == tmp_path / "st" / "s1" / JOURNAL_FILE
     logger = search.trial_logger("s1--continue-1")
     assert (logger.phase, logger.keep_top, logger.search_name) == ("s1--continue-1", 3, "s1")
     assert search.trial_logger("s1--reseed-1", keep_top=0).keep_top == 0
@@ -532,12 +533,14 @@ def test_the_outcome_prints_the_summary_then_the_choice_and_trust_lines():
 
 
 def test_the_next_steps_name_the_store_and_the_data():
-    local = next_steps("sqlite:///m.db", "e", "7", "/d")
+    local = next_steps("sqlite:///m.db", "e", "7", "/d", Path("/st/s1/optuna.journal"))
     assert "mlflow ui --backend-store-uri sqlite:///m.db" in local[0] and "#/experiments/7/runs" in local[0]
     assert "cellseg export --best --data /d --experiment e --tracking-uri sqlite:///m.db" in local[1]
     assert "cellseg refit --best --data /d" in local[2]
-    remote = next_steps("http://mlflow:5000/", "e", "7", "/d")
+    assert "optuna-dashboard /st/s1/optuna.journal --host 127.0.0.1" in local[3]
+    remote = next_steps("http://mlflow:5000/", "e", "7", "/d", Path("/st/s1/optuna.db"))
     assert (
         remote[0]
         == "compare trials: open http://mlflow:5000/#/experiments/7/runs?workflowType=machine_learning"
     )
+    assert "optuna-dashboard sqlite:////st/s1/optuna.db --host" in remote[3]

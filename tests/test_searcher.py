@@ -1,4 +1,5 @@
-"""StudySearcher driven the way Tune drives it, on a real Optuna study in SQLite (no Ray run)."""
+"""StudySearcher driven the way Tune drives it, on a real Optuna study (no Ray run): in a journal
+file, as a search keeps it, and in an older search's SQLite file."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from cellseg.config import ConfigError, load_config
 from search.searcher import TRIAL_ATTR, StudySearcher
 from search.space import load_space
+from search.study_file import JOURNAL_FILE, SQLITE_FILE, open_study_storage
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 MAX_EPOCHS = 3
@@ -25,9 +27,10 @@ def space():
     return load_space(TRIALS / "space_demo.yaml", load_config(TRIALS / "demo.yaml"))
 
 
-@pytest.fixture
-def storage(tmp_path):
-    return f"sqlite:///{tmp_path / 'optuna.db'}"
+@pytest.fixture(params=[JOURNAL_FILE, SQLITE_FILE])
+def storage(tmp_path, request) -> Path:
+    """The study file."""
+    return tmp_path / request.param
 
 
 def make(space, storage, **kwargs) -> StudySearcher:
@@ -35,7 +38,7 @@ def make(space, storage, **kwargs) -> StudySearcher:
         space,
         metric=METRIC,
         mode="max",
-        storage=storage,
+        study_file=storage,
         study_name="s1",
         sampler=optuna.samplers.TPESampler(seed=0),
         max_epochs=MAX_EPOCHS,
@@ -49,8 +52,8 @@ def result(epoch: int, value: float | None = None) -> dict:
     return found if value is None else {**found, METRIC: value}
 
 
-def by_tune_id(storage: str) -> dict[str, optuna.trial.FrozenTrial]:
-    trials = optuna.load_study(study_name="s1", storage=storage).trials
+def by_tune_id(storage: Path) -> dict[str, optuna.trial.FrozenTrial]:
+    trials = optuna.load_study(study_name="s1", storage=open_study_storage(storage)).trials
     found = {t.user_attrs[TRIAL_ATTR]: t for t in trials}
     assert len(found) == len(trials), "a Tune trial has two Optuna trials"
     return found
@@ -120,7 +123,7 @@ def test_restore_continues_the_study_without_doubling_or_losing_a_trial(space, s
     restored.on_trial_complete("c", result(3, 0.5))
     assert restored.suggest("e") == orphan, "the orphan's parameters were not queued again"
 
-    told = optuna.load_study(study_name="s1", storage=storage).trials
+    told = optuna.load_study(study_name="s1", storage=open_study_storage(storage)).trials
     assert [t.user_attrs[TRIAL_ATTR] for t in told] == ["a", "b", "c", "d", "e"]
     state = {t.user_attrs[TRIAL_ATTR]: t for t in told}
     assert state["a"].state == TrialState.PRUNED
@@ -149,7 +152,7 @@ def test_an_errored_trial_that_resume_runs_again_gets_a_second_record(space, sto
         restored.on_trial_result(trial_id, result(2, value))
         restored.on_trial_complete(trial_id, result(3, value + 0.1))
 
-    trials = optuna.load_study(study_name="s1", storage=storage).trials
+    trials = optuna.load_study(study_name="s1", storage=open_study_storage(storage)).trials
     assert [(t.user_attrs[TRIAL_ATTR], t.state) for t in trials] == [
         ("x", TrialState.FAIL),
         ("y", TrialState.FAIL),
