@@ -76,7 +76,7 @@ from search.reseed import (
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.study_file import dashboard_command, open_study_storage, study_path
+from search.study_file import dashboard_command, open_study_storage, prepare_study_file, study_path
 from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import REUSE_WORKERS, WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
@@ -758,6 +758,9 @@ class SearchPhases:
     max_pending: int
     trainable: Any
     trained: list[tune.Result] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        prepare_study_file(self.study_file)  # before Tune restores a searcher that opens it
 
     @property
     def study_file(self) -> Path:

@@ -36,15 +36,22 @@ def study_path(folder: Path) -> Path:
 
 
 def open_study_storage(path: Path) -> BaseStorage | str:
-    """Optuna's storage for the study file ``path`` (from :func:`study_path`): a journal, or the
-    URL of an older search's SQLite file, whose commits then skip the disk sync
-    (cellseg/sqlite_commits.py)."""
+    """Optuna's storage for the study file ``path`` (from :func:`study_path`), made ready for
+    writes (:func:`prepare_study_file`): a journal, or the URL of an older search's SQLite file."""
+    prepare_study_file(path)
     if path.name == SQLITE_FILE:
-        url = f"sqlite:///{path}"
-        fast_commits(url)
-        return url
-    drop_cut_line(path)
+        return f"sqlite:///{path}"
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def prepare_study_file(path: Path) -> None:
+    """Ready the study file ``path`` for this process's writes, also where a searcher restored by
+    Tune opens it itself: an older search's SQLite file commits without a disk sync
+    (cellseg/sqlite_commits.py); a journal loses a cut last line (:func:`drop_cut_line`)."""
+    if path.name == SQLITE_FILE:
+        fast_commits(f"sqlite:///{path}")
+    else:
+        drop_cut_line(path)
 
 
 def drop_cut_line(journal: Path) -> None:

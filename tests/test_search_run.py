@@ -476,7 +476,7 @@ def _phases(tmp_path: Path, uri: str, data: Path, tiny_search, *extra: str) -> S
     tracker = Tracker(uri)
     parent = open_parent_run(tracker, experiment="e", name="s1", resume=False, params={}, tags={}, texts={})
     storage_path, local_dir = storage_paths(args.storage, "s1")
-    local_dir.mkdir(parents=True)
+    local_dir.mkdir(parents=True, exist_ok=True)
     base = config_to_dict(inputs.base)
     return SearchPhases(args, "s1", tracker, parent, inputs, base, storage_path, local_dir, 1, trainable=None)
 
@@ -487,6 +487,18 @@ def test_each_experiment_gets_its_own_trial_logger(tmp_path, mlflow_uri, easy_ro
     logger = search.trial_logger("s1--continue-1")
     assert (logger.phase, logger.keep_top, logger.search_name) == ("s1--continue-1", 3, "s1")
     assert search.trial_logger("s1--reseed-1", keep_top=0).keep_top == 0
+
+
+def test_a_resumed_search_finds_its_study_ready_before_tune_restores_the_searcher(
+    tmp_path, mlflow_uri, easy_root, tiny_search
+):
+    """Tune's restored searcher opens the journal itself: a cut last line, which a power loss
+    during an append can leave, is gone before then."""
+    journal = tmp_path / "st" / "s1" / JOURNAL_FILE
+    journal.parent.mkdir(parents=True)
+    journal.write_bytes(b'{"op_code": 0}\n{"op_co')
+    _phases(tmp_path, mlflow_uri, easy_root, tiny_search)
+    assert journal.read_bytes() == b'{"op_code": 0}\n'
 
 
 def test_a_resume_restores_every_saved_experiment_and_adds_no_trials(

@@ -4,6 +4,7 @@ and written where it lies."""
 from __future__ import annotations
 
 import pickle
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,14 @@ import pytest
 from cellseg.config import load_config
 from search.searcher import StudySearcher
 from search.space import load_space
-from search.study_file import JOURNAL_FILE, SQLITE_FILE, dashboard_command, open_study_storage, study_path
+from search.study_file import (
+    JOURNAL_FILE,
+    SQLITE_FILE,
+    dashboard_command,
+    open_study_storage,
+    prepare_study_file,
+    study_path,
+)
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 
@@ -96,3 +104,12 @@ def test_a_journal_that_is_only_a_cut_line_is_emptied(tmp_path):
     journal.write_bytes(b'{"op_code": 0, "worker_id": "x", "study_na')
     open_study_storage(journal)
     assert journal.read_bytes() == b""
+
+
+def test_an_older_searchs_sqlite_file_is_readied_for_fast_commits(tmp_path):
+    """What a resumed older search's restored searcher opens itself: WAL, as before the journal."""
+    old = tmp_path / SQLITE_FILE
+    prepare_study_file(old)
+    optuna.create_study(study_name="s1", storage=f"sqlite:///{old}")
+    with sqlite3.connect(old) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
