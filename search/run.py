@@ -758,14 +758,11 @@ class SearchPhases:
     max_pending: int
     trainable: Any
     trained: list[tune.Result] = field(default_factory=list)
+    study_file: Path = field(init=False)  # the search's Optuna study (search/study_file.py)
 
     def __post_init__(self) -> None:
+        self.study_file = study_path(self.local_dir)
         prepare_study_file(self.study_file)  # before Tune restores a searcher that opens it
-
-    @property
-    def study_file(self) -> Path:
-        """The search's Optuna study file (search/study_file.py)."""
-        return study_path(self.local_dir)
 
     def trial_logger(
         self, phase: str, trial_tags: RepeatTags | None = None, keep_top: int | None = None

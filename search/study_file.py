@@ -4,14 +4,15 @@ A new search keeps its study in ``optuna.journal`` in the search's folder: Optun
 (``JournalStorage`` on a ``JournalFileBackend``), one JSON line appended and synced per change. The
 driver is its only writer, and it costs the driver about a third of the CPU time per trial that
 a SQLite study does (docs/performance.md). Searches from before 2026-12-05 kept the study in a
-SQLite file, ``optuna.db``; where such a file lies and no journal does, that file goes on being
-read and written (``--resume``, ``--continue``, ``--warm-start``, the summary's importances).
+SQLite file, ``optuna.db``; where such a file lies and no journal with anything in it does, that
+file goes on being written (``--resume``, ``--continue``) and read (``--warm-start``, the summary).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +24,8 @@ from cellseg.sqlite_commits import fast_commits
 JOURNAL_FILE = "optuna.journal"
 SQLITE_FILE = "optuna.db"  # the study file of searches from before 2026-12-05
 CHUNK = 1 << 16  # bytes read at a time, from the end, to find the last whole line
+LOCK_FILE_SUFFIX = ".lock"  # JournalFileSymlinkLock's lock is the journal's path with this added
+STALE_LOCK_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +39,43 @@ def study_path(folder: Path) -> Path:
 
 
 def open_study_storage(path: Path) -> BaseStorage | str:
-    """Optuna's storage for the study file ``path`` (from :func:`study_path`), made ready for
-    writes (:func:`prepare_study_file`): a journal, or the URL of an older search's SQLite file."""
+    """Optuna's storage for the study file ``path`` (from :func:`study_path`) of this driver's
+    search, made ready for its writes (:func:`prepare_study_file`)."""
     prepare_study_file(path)
+    return study_storage(path)
+
+
+def study_storage(path: Path) -> BaseStorage | str:
+    """Optuna's storage for the study file ``path`` as it is (an earlier search's, to read): a
+    journal, or the URL of an older search's SQLite file."""
     if path.name == SQLITE_FILE:
         return f"sqlite:///{path}"
     return JournalStorage(JournalFileBackend(str(path)))
 
 
 def prepare_study_file(path: Path) -> None:
-    """Ready the study file ``path`` for this process's writes, also where a searcher restored by
+    """Ready the study file ``path`` for this driver's writes, also where a searcher restored by
     Tune opens it itself: an older search's SQLite file commits without a disk sync
-    (cellseg/sqlite_commits.py); a journal loses a cut last line (:func:`drop_cut_line`)."""
+    (cellseg/sqlite_commits.py); a journal loses a lock and a cut last line that a crash left."""
     if path.name == SQLITE_FILE:
         fast_commits(f"sqlite:///{path}")
     else:
+        drop_stale_lock(path)
         drop_cut_line(path)
+
+
+def drop_stale_lock(journal: Path) -> None:
+    """Remove the lock of ``journal`` that a driver killed during an append left. Optuna would
+    wait 30 s before taking it over. The driver is its study's only writer, and an append holds
+    the lock for milliseconds, so a lock older than ``STALE_LOCK_S`` is a leftover."""
+    lock = Path(f"{journal}{LOCK_FILE_SUFFIX}")
+    try:
+        age = time.time() - lock.lstat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        log.warning("%s: removed the lock a crash left (%.0f s old)", lock, age)
 
 
 def drop_cut_line(journal: Path) -> None:

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cellseg.errors import ConfigError
 from search.searcher import EPOCHS_ATTR, METRIC_ATTR
 from search.space import SearchSpace
-from search.study_file import open_study_storage
+from search.study_file import study_storage
 
 CARRIED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FROM_ATTR = "warm_start.from"  # Optuna user attribute: "<search>#<trial number>"
@@ -86,7 +86,7 @@ def warm_start(studies: Mapping[str, Path], space: SearchSpace, metric: str, max
                 "search and the --storage it used"
             )
         try:
-            study = optuna.load_study(study_name=name, storage=open_study_storage(path))
+            study = optuna.load_study(study_name=name, storage=study_storage(path))
         except KeyError:
             raise ConfigError(f"--warm-start {name}: {path} holds no study named {name!r}") from None
         attrs = study.user_attrs

@@ -3,12 +3,15 @@ and written where it lies."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import sqlite3
+import time
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages.journal import JournalFileSymlinkLock
 
 from cellseg.config import load_config
 from search.searcher import StudySearcher
@@ -113,3 +116,17 @@ def test_an_older_searchs_sqlite_file_is_readied_for_fast_commits(tmp_path):
     optuna.create_study(study_name="s1", storage=f"sqlite:///{old}")
     with sqlite3.connect(old) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_lock_left_by_a_killed_driver_is_removed_and_a_live_one_kept(tmp_path):
+    """Optuna would wait 30 s for a lock a driver killed during an append left behind."""
+    journal = tmp_path / JOURNAL_FILE
+    journal.touch()
+    JournalFileSymlinkLock(str(journal)).acquire()  # Optuna's own lock, never released
+    (lock,) = set(tmp_path.iterdir()) - {journal}
+    prepare_study_file(journal)
+    assert lock.is_symlink(), "a lock as young as an append in progress was removed"
+    old = time.time() - 60
+    os.utime(lock, (old, old), follow_symlinks=False)
+    prepare_study_file(journal)
+    assert list(tmp_path.iterdir()) == [journal]
