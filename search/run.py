@@ -76,7 +76,7 @@ from search.reseed import (
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
-from search.study_file import dashboard_command, open_study_storage, prepare_study_file, study_path
+from search.study_file import dashboard_command, prepare_study_file, study_path, study_storage
 from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import REUSE_WORKERS, WORKER_RUNTIME_ENV, train_trial, trial_dirname
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
@@ -593,7 +593,7 @@ def finish_search(
     if ended:  # the run export --best takes; its best.pt lies in MLflow, no longer in Tune's storage
         summary = as_exported(summary, first_kept(export_order(ended)))
     spent = efficiency(trained, wall_s=wall_s, slots=slots, since=started)
-    study = optuna.load_study(study_name=name, storage=open_study_storage(study_path(local_dir)))
+    study = optuna.load_study(study_name=name, storage=study_storage(study_path(local_dir)))  # read only
     log_summary(tracker, parent_run_id, results, summary, study, metric=metric, out_dir=local_dir / "summary")
     tracker.log_metrics(parent_run_id, spent.metrics(), step=0)
     tracker.end_run(parent_run_id, "FINISHED")

@@ -2,8 +2,8 @@
 
 A new search keeps its study in ``optuna.journal`` in the search's folder: Optuna's journal file
 (``JournalStorage`` on a ``JournalFileBackend``), one JSON line appended and synced per change. The
-driver is its only writer, and it costs the driver about a third of the CPU time per trial that
-a SQLite study does (docs/performance.md). Searches from before 2026-12-05 kept the study in a
+driver is its only writer, and Optuna spends about a third of the CPU time per trial on it that it
+spends on a SQLite study (docs/performance.md). Searches from before 2026-12-05 kept the study in a
 SQLite file, ``optuna.db``; where such a file lies and no journal with anything in it does, that
 file goes on being written (``--resume``, ``--continue``) and read (``--warm-start``, the summary).
 """
