@@ -5,19 +5,20 @@ Runs ``--trials`` trials of up to ``--max-epochs`` (24) reported epochs of a tri
 the names the real trainable reports, with a tiny ``best.pt`` and ``last.pt`` as its checkpoint)
 through the search driver's own pieces from ``search/run.py`` with its flags' defaults: a
 ``SearchPhases`` (the demo space, the Optuna searcher with PRUNED for trials ASHA stops, its
-study in a journal file, ASHA, the MLflow callback with its outbox on a SQLite store and
+study in a journal file, ASHA, the MLflow callback and its writer process on a SQLite store and
 ``--keep-top``, Tune's storage and environment), and at the end ``finish_search``. Ray runs locally with
 2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
 tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
 trial, its wall time per result, the time inside the MLflow callback per result, and its resident
-memory; then the peak driver RSS and the stores' sizes. The ratio lines are the driver's CPU time
+memory; then the peak driver RSS, the MLflow writer process's CPU time (from the resources of
+the driver's children ended during the fit) and the stores' sizes. The ratio lines are the driver's CPU time
 per result and per trial in the last bucket against the second (1.00x: flat; the first holds
 Ray's start and the two baselines, which run every epoch). Both are needed: most of the driver's
 work comes with a trial's start and end, so when later trials report fewer epochs (ASHA stops
 them sooner), the cost per result rises while the cost per trial does not.
 
 ``--no-mlflow-writes`` runs the same driver with the MLflow callback deciding every write but
-applying none: the floor that MLflow's store sits on.
+handing none to the writer process: the floor that journal, pipe and MLflow's store sit on.
 
     python bench/driver_scale.py [--tiny] [--trials N] [--max-epochs E] [--no-mlflow-writes] [--profile FILE]
 """
@@ -50,7 +51,7 @@ from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
     SearchPhases,
     build_parser,
-    check_outbox_empty,
+    check_writes_applied,
     ended_trials,
     finish_search,
     open_parent_run,
@@ -170,13 +171,35 @@ class TimedTrialLogger(MlflowTrialLogger):
             self.on_sample(self.samples[-1])
 
 
-class UnwrittenTrialLogger(TimedTrialLogger):
-    """A :class:`TimedTrialLogger` that queues every write as the search does and applies none:
-    the driver's cost without MLflow's store (``--no-mlflow-writes``). Ended trials' checkpoints
-    then stay in Tune's storage (their removal follows the MLflow close)."""
+class UnsentWrites:
+    """A stand-in for the MLflow writer that numbers each write and sends none."""
 
-    def _apply(self, op: str, /, **kwargs: Any) -> None:
-        pass
+    sent = 0
+
+    def put(self, op: str, /, **kwargs: Any) -> int:
+        self.sent += 1
+        return self.sent
+
+    def answers(self) -> list[list[Any]]:
+        return []
+
+    def wait(self, timeout_s: float) -> tuple[bool, list[list[Any]]]:
+        return True, []
+
+    close = wait
+
+
+class UnwrittenTrialLogger(TimedTrialLogger):
+    """A :class:`TimedTrialLogger` that decides every write as the search does and hands none to
+    the MLflow writer process (``--no-mlflow-writes``): the driver's cost without journal, pipe
+    and store. Ended trials' checkpoints then stay in Tune's storage (their removal follows the
+    MLflow close)."""
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            self._writer = UnsentWrites()
+        return self._writer
 
 
 class TimedSearch(SearchPhases):
@@ -376,9 +399,12 @@ def main() -> None:
         if profile:
             search.logger.on_sample = profile.sample
             profile.profile.enable()
+        children_start = resource.getrusage(resource.RUSAGE_CHILDREN)
         results = search.fit(tuner)
         fit_s = time.perf_counter() - start.wall_s
-        check_outbox_empty(local_dir, tracker, NAME)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writer: ended and reaped
+        writer_s = children.ru_utime + children.ru_stime - children_start.ru_utime - children_start.ru_stime
+        check_writes_applied(local_dir, tracker, NAME)
         finish_start = time.perf_counter()
         if not args.no_mlflow_writes:
             finish_search(
@@ -428,6 +454,8 @@ def main() -> None:
         [
             ["peak driver RSS (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024],
             ["finish_search (s)", finish_s],
+            ["MLflow writer process CPU s/trial", writer_s / max(len(samples), 1)],
+            ["MLflow writer process CPU ms/result", 1000 * writer_s / max(logger.results, 1)],
             *[[f"{name} (MB)", size / 1e6] for name, size in sizes.items()],
         ],
     )

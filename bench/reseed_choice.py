@@ -23,8 +23,8 @@ import time
 import common
 from cellseg.best_run import groups
 from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, best_metric_key
-from search.mlflow_callback import TRIAL_TAG
 from search.reseed import SEED_TAG, plan_repeats
+from search.trial_runs import TRIAL_TAG
 
 METRIC = "segm_AP50"
 SEED0 = 0  # the search's train.seed

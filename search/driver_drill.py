@@ -6,10 +6,12 @@ the driver of the search named ``<search name>`` (and no other) send itself ``<s
 
 - signals: ``kill`` (SIGKILL to the driver's process group: the driver and the local Ray it
   started, as a lost machine or the OOM killer would) and ``int`` (SIGINT to the driver: Ctrl-C);
-- points: ``result`` (a trial's result was just written to MLflow; the other trials are
-  mid-epoch), ``trial-end`` (Tune has ended a trial; its MLflow run is not closed yet),
-  ``upload`` (the trial's checkpoint is uploaded to MLflow; its run is not closed yet),
-  ``closed`` (the trial's MLflow run was just closed; Tune's saved state does not know yet).
+- points: ``result`` (the driver has just queued a trial's result for MLflow; the other trials
+  are mid-epoch), ``trial-end`` (Tune has ended a trial; its MLflow run is not closed yet),
+  ``upload`` (the MLflow writer process has uploaded the trial's checkpoint; its run is not closed
+  yet), ``closed`` (the writer has just closed the trial's MLflow run; Tune's saved state may not
+  know yet). The writer's points stop the driver's process group (``kill``) or the driver
+  (``int``) from the writer.
 
 Unset, it costs one environment lookup per search.
 """
@@ -36,6 +38,7 @@ class DriverDrill:
     signal: str
     point: str
     count: int = 1
+    pid: int = 0  # the driver's process (0: this one; the MLflow writer process names its driver)
     _seen: int = field(default=0, init=False)
 
     def reached(self, point: str) -> None:
@@ -48,7 +51,7 @@ class DriverDrill:
         log.warning("%s: %s at %s #%d", DRILL_ENV, self.signal, point, self.count)
         if self.signal == "kill":
             os.killpg(os.getpgrp(), SIGNALS["kill"])
-        os.kill(os.getpid(), SIGNALS[self.signal])
+        os.kill(self.pid or os.getpid(), SIGNALS[self.signal])
 
 
 def parse_drill(spec: str) -> DriverDrill:

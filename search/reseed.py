@@ -25,8 +25,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from cellseg.best_run import Candidate, candidate, first_kept, ranked_candidates
 from cellseg.errors import ConfigError
 from cellseg.tracking import REPEAT_TAG, RunRecord
-from search.mlflow_callback import TRIAL_TAG
 from search.trainable import REUSE_WORKERS, trial_dirname
+from search.trial_runs import TRIAL_TAG
 
 SEED_TAG = "cellseg.seed"
 SPLIT_SEED_TAG = "cellseg.split_seed"

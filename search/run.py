@@ -63,7 +63,8 @@ from search.driver_drill import DRILL_ENV, parse_drill
 from search.efficiency import Efficiency, efficiency, trial_slots
 from search.faults import FAULT_ENV, parse_fault
 from search.linked_storage import links_checkpoints, storage_filesystem
-from search.mlflow_callback import MlflowTrialLogger, drop_beyond_top
+from search.mlflow_callback import MlflowTrialLogger
+from search.mlflow_writer import JOURNAL, adopt_outbox, segments
 from search.ranking_trust import assess_ranking
 from search.reseed import (
     RepeatTags,
@@ -79,6 +80,7 @@ from search.storage import StorageError, check_storage
 from search.study_file import dashboard_command, prepare_study_file, study_path, study_storage
 from search.summary import SearchFailed, SearchSummary, as_exported, log_summary, summarize
 from search.trainable import REUSE_WORKERS, WORKER_RUNTIME_ENV, train_trial, trial_dirname
+from search.trial_runs import drop_beyond_top
 from search.tune_inference import DEFAULT_TRIALS, tune_inference
 from search.warm_start import WarmStart, warm_start
 
@@ -87,7 +89,6 @@ log = logging.getLogger("cellseg.search")
 # "medium": the "easy" set saturated at AP50 1.000, which hid every difference between trials
 DEMO_DATA = REPO / ".cellseg" / "demo-medium"
 DEMO_SIZE = {"n_train": 26, "n_test": 6, "seed": 0, "profile": "medium"}
-OUTBOX = "mlflow-outbox.json"
 DEFAULT_KEEP_TOP = 5  # checkpoints kept: enough for export --ensemble and a second choice
 TUNING_FAILED = 3  # exit code: the search finished, --tune-inference failed
 WARM_START_TAG = "cellseg.warm_start"  # on the parent run: the searches it learned from
@@ -97,7 +98,7 @@ PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 SCORE_ONLY_ENV = "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE"
 DEFAULT_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 CLUSTER_PENDING_TRIALS = 8  # cluster.yaml's max_workers: GPU nodes asked for at once
-# A failed MLflow request is queued and retried by the callback's outbox, so the client's own
+# A failed MLflow request is queued and retried by the MLflow writer's outbox, so the client's own
 # retries (7, about 4 minutes by default) would only stall the driver while the store is down.
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -370,7 +371,7 @@ def metric_every_epoch(base: Config, space: SearchSpace) -> bool:
 
 
 def storage_paths(storage: str, name: str) -> tuple[str, Path]:
-    """Tune's storage path, and a local folder for this search's Optuna study and MLflow outbox."""
+    """Tune's storage path, and a local folder for this search's Optuna study and MLflow journal."""
     if "://" in storage:
         return storage, Path.home() / ".cellseg" / "searches" / name
     path = Path(storage).resolve()
@@ -559,12 +560,12 @@ def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command:
         raise
 
 
-def check_outbox_empty(local_dir: Path, tracker: Tracker, name: str) -> None:
-    """TrackingError when the trials ended but MLflow writes are still queued in the outbox."""
-    if (local_dir / OUTBOX).is_file():
+def check_writes_applied(local_dir: Path, tracker: Tracker, name: str) -> None:
+    """TrackingError when the trials ended but MLflow writes are still in the writer's journal."""
+    if segments(local_dir / JOURNAL):
         raise TrackingError(
             f"the trials ended but MLflow at {tracker.uri} stayed unavailable; their last writes "
-            f"are kept in {local_dir / OUTBOX}. Bring the store back, then run: python "
+            f"are kept in {local_dir / JOURNAL}. Bring the store back, then run: python "
             f"search/run.py --resume --name {name} (with the same other flags)"
         )
 
@@ -763,6 +764,7 @@ class SearchPhases:
     def __post_init__(self) -> None:
         self.study_file = study_path(self.local_dir)
         prepare_study_file(self.study_file)  # before Tune restores a searcher that opens it
+        adopt_outbox(self.local_dir, self.local_dir / JOURNAL)  # an older search's queued writes
 
     def trial_logger(
         self, phase: str, trial_tags: RepeatTags | None = None, keep_top: int | None = None
@@ -775,7 +777,7 @@ class SearchPhases:
             base=self.base_dict,
             max_epochs=self.inputs.base.train.epochs,
             metric=self.inputs.base.train.metric,
-            outbox_path=self.local_dir / OUTBOX,
+            journal=self.local_dir / JOURNAL,
             drain_timeout_s=self.args.mlflow_wait,
             search_name=self.name,
             phase=phase,
@@ -872,7 +874,7 @@ def reseed_best(search: SearchPhases, phases: list[str], results: Sequence[tune.
     with other seeds, as the next ``reseed`` experiment (recorded in ``phases`` first); a line
     when every repeat exists already."""
     args, name, tracker, base = search.args, search.name, search.tracker, search.inputs.base
-    check_outbox_empty(search.local_dir, tracker, name)
+    check_writes_applied(search.local_dir, tracker, name)
     repeats = plan_repeats(
         tracker.records(args.experiment, f"tags.`{PARENT_TAG}` = '{search.parent_run_id}'"),
         {r.metrics["trial_id"]: r.config for r in results if r.config and r.metrics},
@@ -1065,7 +1067,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
         results += new_trials(search, phases, warm)
         if args.reseed_top:
             reseed_best(search, phases, results)
-    check_outbox_empty(local_dir, tracker, name)
+    check_writes_applied(local_dir, tracker, name)
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
         slots = trial_slots(ray.cluster_resources(), per_trial, args.max_concurrent, args.num_samples)
         outcome = conclude_search(search, results, started=start, slots=slots)

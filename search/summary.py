@@ -18,7 +18,7 @@ from cellseg.best_run import Candidate
 from cellseg.checkpoint import BEST
 from cellseg.plots import plot_parallel_coordinates, plot_trial_curves
 from cellseg.tracking import CHECKPOINT_ARTIFACT, Tracker, best_metric_key
-from search.mlflow_callback import SEARCHED_KEYS_TAG, TRIAL_TAG
+from search.trial_runs import SEARCHED_KEYS_TAG, TRIAL_TAG
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from cellseg.commands import best_checkpoints
 from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint
 from cellseg.tracking import Tracker, TrackingError
-from search.mlflow_callback import drop_beyond_top
 from search.reseed import seeded_choice
 from search.summary import SearchSummary, as_exported
+from search.trial_runs import drop_beyond_top
 
 EXPERIMENT = "cellseg"
 T0 = 1_780_000_000_000  # ms; every run gets an explicit, increasing start time

@@ -22,8 +22,8 @@ from cellseg.config import apply_overrides, load_config
 from cellseg.model import build_model
 from cellseg.tracking import PARENT_TAG, REPEAT_TAG, SOURCE_TAG, Tracker
 from search.asha_fidelity import fidelity_lines, rung_epochs, rung_fidelity
-from search.mlflow_callback import drop_beyond_top
 from search.trial_intervals import TrialInterval, interval_lines, interval_runs
+from search.trial_runs import drop_beyond_top
 
 METRIC = "segm_AP50"
 TRIALS = Path(__file__).resolve().parents[1] / "trials"

@@ -11,11 +11,11 @@ import pytest
 from cellseg.config import load_config
 from cellseg.errors import ConfigError
 from cellseg.tracking import PARENT_TAG, REPEAT_TAG, SOURCE_TAG, RunRecord
-from search.mlflow_callback import TRIAL_TAG
 from search.reseed import SEED_TAG, RepeatTags, check_reseed_flags, plan_repeats
 from search.searcher import StudySearcher
 from search.space import load_space
 from search.study_file import JOURNAL_FILE, SQLITE_FILE
+from search.trial_runs import TRIAL_TAG
 from search.warm_start import FROM_ATTR, warm_start
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"

@@ -17,9 +17,9 @@ from cellseg.cli import main as cellseg_main
 from cellseg.config import DataConfig
 from cellseg.data import dataset_fingerprint, load_test_images
 from search.asha_fidelity import rung_epochs
-from search.mlflow_callback import TRIAL_TAG
 from search.run import main as search_main
 from search.study_file import JOURNAL_FILE, open_study_storage
+from search.trial_runs import TRIAL_TAG
 from searchutil import epochs_of, search_args, search_runs, tied_at
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """A real `mlflow server` killed and restarted in the middle of a search: nothing is lost.
 
-The driver's writes are queued in its outbox while the server is away and applied once it is
+The driver's writes are queued by its MLflow writer process while the server is away and applied once it is
 back; every trial is recorded once, with every epoch once.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from search.mlflow_writer import JOURNAL, segments
 from searchutil import epochs_of, free_port, search_args, search_runs, start_driver, wait_for
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def test_server_restart_mid_search_loses_nothing(tmp_path, easy_root, tiny_searc
             assert child.info.status == "FINISHED"
             assert epochs_of(client, child) == [1, 2, 3], child.info.run_name
             assert "checkpoint" in {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert not (tmp_path / "storage" / "o1" / "mlflow-outbox.json").exists()
+        assert segments(tmp_path / "storage" / "o1" / JOURNAL) == []  # all applied
     finally:
         stop(driver)
         stop(server)

@@ -20,10 +20,10 @@ from search.driver_drill import DRILL_ENV
 from search.efficiency import Efficiency
 from search.faults import FAULT_ENV
 from search.mlflow_callback import MlflowTrialLogger
+from search.mlflow_writer import JOURNAL
 from search.run import (
     CLUSTER_PENDING_TRIALS,
     DEFAULT_LOGGERS_ENV,
-    OUTBOX,
     SCORE_ONLY_ENV,
     SEARCH_TAG,
     SIGINT_ENV,
@@ -389,7 +389,13 @@ def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_s
 
 def test_a_later_experiment_of_the_search_leaves_removing_checkpoints_to_its_callback(tmp_path, mlflow_uri):
     logger = MlflowTrialLogger(
-        tracking_uri=mlflow_uri, experiment="e", parent_run_id="p", base={}, max_epochs=1, metric="segm_AP50"
+        tracking_uri=mlflow_uri,
+        experiment="e",
+        parent_run_id="p",
+        base={},
+        max_epochs=1,
+        metric="segm_AP50",
+        journal=tmp_path / "writes",
     )
     config = run_config("s1--reseed-1", str(tmp_path), logger, max_failures=2)
     assert (config.name, config.storage_path, config.callbacks[0]) == ("s1--reseed-1", str(tmp_path), logger)
@@ -522,7 +528,8 @@ def test_reseeding_with_no_trial_that_ran_every_epoch_starts_no_experiment(
     phases: list[str] = []
     reseed_best(search, phases, [])
     assert "nothing to re-seed: the best 2 trials" in capsys.readouterr().out and phases == []
-    (search.local_dir / OUTBOX).write_text("[]")
+    (search.local_dir / JOURNAL).mkdir()
+    (search.local_dir / JOURNAL / "1.jsonl").write_text('["tags", {"trial_id": "t", "tags": {}}]\n')
     with pytest.raises(TrackingError, match="MLflow writes are still queued|stayed unavailable"):
         reseed_best(search, phases, [])
 
