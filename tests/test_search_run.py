@@ -491,8 +491,9 @@ def test_each_experiment_gets_its_own_trial_logger(tmp_path, mlflow_uri, easy_ro
     search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search, "--keep-top", "3")
     assert search.study_file == tmp_path / "st" / "s1" / JOURNAL_FILE
     logger = search.trial_logger("s1--continue-1")
-    assert (logger.phase, logger.keep_top, logger.search_name) == ("s1--continue-1", 3, "s1")
-    assert search.trial_logger("s1--reseed-1", keep_top=0).keep_top == 0
+    assert (logger.phase, logger.spec.keep_top, logger.spec.search_name) == ("s1--continue-1", 3, "s1")
+    assert logger.journal == tmp_path / "st" / "s1" / JOURNAL
+    assert search.trial_logger("s1--reseed-1", keep_top=0).spec.keep_top == 0
 
 
 def test_a_resumed_search_finds_its_study_ready_before_tune_restores_the_searcher(
