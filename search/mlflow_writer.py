@@ -16,9 +16,11 @@ Nothing is lost when a process dies:
 - A writer starts by taking the folder's lock (``writer.lock``, released when its process ends),
   then applies what earlier segments hold past their last applied write: the writes of a driver
   killed with its writer (a lost machine), or of a search whose store stayed down to its end.
-- The writer ignores Ctrl-C. When the driver's end of its input closes (the driver finished or
-  died), it applies what is queued if the store answers, and exits; a resumed search's writer
-  waits for the lock until then.
+- The writer ignores Ctrl-C. A driver that finishes waits for its writer to apply everything
+  (up to ``--mlflow-wait`` while the store is down) and tells it to exit. When the driver's end
+  of its input closes first (the driver died), the writer applies what it was sent and what the
+  driver journaled but did not send, once, if the store answers, and exits; a resumed search's
+  writer waits for the lock until then.
 
 The writer tells the driver, through a pipe, each close after which Tune's copy of a checkpoint
 is no longer needed (search/checkpoint_cleanup.py), and answers the driver's waits.
