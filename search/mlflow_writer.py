@@ -240,16 +240,10 @@ class JournalWriter:
         for segment in segments(self.folder):
             if segment == self.segment:
                 continue
-            lines = segment.read_bytes().splitlines()
             done = applied_count(segment)
-            if len(lines) > done:
-                log.warning("applying %d MLflow writes left over in %s", len(lines) - done, segment)
-            for number, line in enumerate(lines[done:], done + 1):
-                try:
-                    op, kwargs = json.loads(line)
-                except ValueError:  # cut by a crash mid-line: the driver never sent it
-                    break
-                self.outbox.put(op, at=[segment.name, number], **kwargs)
+            left = self._queue_from(segment, done)
+            if left:
+                log.warning("applying %d MLflow writes left over in %s", left, segment)
             self.leftovers.append(segment)
         self._tidy()
 
@@ -268,15 +262,20 @@ class JournalWriter:
                 op, kwargs = message
                 self.outbox.put(op, at=[self.segment.name, self.received], **kwargs)
             self._tidy()
-        unsent = self.segment.read_bytes().splitlines()[self.received :]
-        for number, line in enumerate(unsent, self.received + 1):
+        self._queue_from(self.segment, self.received)
+        self.outbox.flush(force=True)
+        self._tidy()
+
+    def _queue_from(self, segment: Path, done: int) -> int:
+        """Queue the writes of ``segment`` after its first ``done``; how many."""
+        lines = segment.read_bytes().splitlines()[done:]
+        for number, line in enumerate(lines, done + 1):
             try:
                 op, kwargs = json.loads(line)
             except ValueError:  # cut mid-line: the driver died writing it, and never sent it
-                break
-            self.outbox.put(op, at=[self.segment.name, number], **kwargs)
-        self.outbox.flush(force=True)
-        self._tidy()
+                return number - done - 1
+            self.outbox.put(op, at=[segment.name, number], **kwargs)
+        return len(lines)
 
     def _messages(self, fd: int) -> Iterator[Any]:
         partial = b""
