@@ -29,6 +29,7 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "mixed_precision",
         "checkpoint_save",
         "rung_agreement",
+        "tpe_history",
     ],
 )
 def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:
