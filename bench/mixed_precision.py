@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 import common
-from cellseg.engine import mixed_precision
+from cellseg.precision import mixed_precision
 from cellseg.training import TRAIN_SECONDS, VAL_SECONDS, fit
 
 VARIANTS = ("float32", "amp")

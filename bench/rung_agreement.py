@@ -5,7 +5,8 @@ each trains the rung's epochs (``--epochs``, 1 by default: ASHA's first rung in 
 with one thread, as a trial does (one that diverges is left out, as the search records it failed).
 Then the model is validated the full way (every validation image, ``model.detections_per_img``
 detections each, as ``fit`` validates) and the cheaper ways: fewer detections per image, half of
-the validation batches (rounded up), and both, in an order rotated from one configuration to the
+the validation batches (rounded up), both, and (where ``train.amp`` computes in bf16) every image
+predicted in bf16 (``train.amp_validation``), in an order rotated from one configuration to the
 next. For each way: seconds per validation (median over the configurations; the validation
 images are decoded once beforehand, so every way times the same prediction and scoring), its
 ratio to the full one, the Spearman correlation of its segm AP50 with the full one's, and how
@@ -35,7 +36,8 @@ import common
 from cellseg.config import Config, apply_overrides
 from cellseg.engine import NonFiniteLossError, evaluate
 from cellseg.evaluation import coco_max_dets
-from cellseg.training import Training, build_training
+from cellseg.precision import mixed_precision
+from cellseg.training import Training, build_training, resolve_device
 from search.run import build_parser
 from search.space import load_space
 
@@ -45,11 +47,13 @@ REDUCTION_FACTOR = build_parser().get_default("reduction_factor")  # the search'
 
 @dataclass(frozen=True)
 class Way:
-    """One way to validate: at most ``detections`` per image, on ``share`` of the images."""
+    """One way to validate: at most ``detections`` per image, on ``share`` of the images,
+    predicting in bf16 with ``bf16`` (``train.amp_validation``)."""
 
     name: str
     detections: int | None  # None: the model's own
     share: float
+    bf16: bool = False
 
 
 def ways_for(cfg: Config) -> list[Way]:
@@ -60,6 +64,11 @@ def ways_for(cfg: Config) -> list[Way]:
         *(Way(f"{d} detections", d, 1.0) for d in fewer),
         Way("half the batches", None, 0.5),
         *([Way(f"{fewer[0]} detections, half the batches", fewer[0], 0.5)] if fewer else []),
+        *(
+            [Way("bf16 predictions", None, 1.0, bf16=True)]
+            if mixed_precision(resolve_device(cfg.train.device))
+            else []
+        ),
     ]
 
 
@@ -84,6 +93,7 @@ def validate(batches: list, training: Training, way: Way) -> tuple[float, float]
             subset,
             training.device,
             amp=training.amp,
+            predict_amp=way.bf16,
             progress=False,
             max_dets=coco_max_dets(detections),
         )

@@ -29,6 +29,7 @@ from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_mas
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.inference_settings import InferenceSettings, read_members, read_settings, settings_file_name
 from cellseg.plots import plot_class_distribution
+from cellseg.precision import validation_amp
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
 from cellseg.stored_predictions import stored_predictions
@@ -195,7 +196,14 @@ def _predicted_split(
     where = resolve_device(device or cfg.train.device)
     model, _ = restore_model(state, where)
     _, val_loader, _ = build_loaders(cfg, where)
-    split = predict_split(model, val_loader, where, progress=progress, with_loss=with_loss)
+    split = predict_split(
+        model,
+        val_loader,
+        where,
+        progress=progress,
+        with_loss=with_loss,
+        predict_amp=validation_amp(cfg.train, where),  # as the run validated
+    )
     return split, val_loader.dataset.names
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +13,8 @@ from tqdm import tqdm
 
 from cellseg.evaluation import ImagePrediction, ImageTruth, coco_metrics, truth_from_masks
 from cellseg.optim import LRSchedule
+from cellseg.precision import autocast
 from cellseg.predict import predict_images
-from cellseg.torch_private import cpu_computes_bf16
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,22 +32,6 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
         for t in targets
     ]
     return images, targets
-
-
-def mixed_precision(device: torch.device) -> bool:
-    """Whether ``train.amp`` trains in reduced precision on ``device``: on CUDA, and on a CPU that
-    computes bf16 natively (elsewhere a CPU emulates bf16, slower than float32)."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
-
-
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return nullcontext()
-    if device.type == "cuda":
-        return torch.autocast(
-            "cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        )
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def train_one_epoch(
@@ -71,7 +54,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
     for images, targets in bar:
         images, targets = _to_device((images, targets), device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
@@ -137,21 +120,24 @@ def predict_split(
     progress: bool = True,
     amp: bool = False,
     with_loss: bool = False,
+    predict_amp: bool = False,
 ) -> SplitPredictions:
-    """Predict every image of ``loader`` (by image id) with its ground truth; the mean loss too if
-    asked, which needs a second forward pass in training mode (the only mode in which torchvision
-    returns losses), about a fifth of the time with hundreds of detections per image."""
+    """Predict every image of ``loader`` (by image id) with its ground truth, in reduced precision
+    with ``predict_amp`` (``train.amp_validation``); the mean loss too if asked (in reduced
+    precision with ``amp``), which needs a second forward pass in training mode (the only mode in
+    which torchvision returns losses), about a fifth of the time with hundreds of detections per
+    image."""
     truths, predictions = [], {}
     loss_sum, batches = 0.0, 0
     for images, targets in tqdm(loader, desc="validate", leave=False, disable=not progress):
         images, targets = _to_device((images, targets), device)
         if with_loss:
             _loss_mode(model)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 loss_sum += float(sum(model(images, targets).values()))
             batches += 1
         model.eval()
-        for target, prediction in zip(targets, predict_images(model, images)):
+        for target, prediction in zip(targets, predict_images(model, images, amp=predict_amp)):
             truths.append(target_truth(target))
             predictions[int(target["image_id"])] = prediction
     return SplitPredictions(truths, predictions, loss_sum / max(batches, 1) if with_loss else None)
@@ -174,7 +160,10 @@ def evaluate(
     progress: bool = True,
     amp: bool = False,
     with_loss: bool = False,
+    predict_amp: bool = False,
 ) -> dict[str, float]:
     """COCO metrics of ``model`` on ``loader`` (see ``split_metrics``), and ``val_loss`` if asked."""
-    split = predict_split(model, loader, device, progress=progress, amp=amp, with_loss=with_loss)
+    split = predict_split(
+        model, loader, device, progress=progress, amp=amp, with_loss=with_loss, predict_amp=predict_amp
+    )
     return split_metrics(split, max_dets=max_dets)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
 
 from cellseg.evaluation import ImagePrediction
+from cellseg.precision import autocast
 from cellseg.rle import encode_region
 from cellseg.torchvision_private import expand_boxes, expand_masks, resize_boxes
 
@@ -40,29 +41,31 @@ class Detections:
 
 
 @torch.inference_mode()
-def detect_images(model: MaskRCNN, images: list[torch.Tensor]) -> list[Detections]:
+def detect_images(model: MaskRCNN, images: list[torch.Tensor], *, amp: bool = False) -> list[Detections]:
     """The model's detections of (3, H, W) float images in [0, 1], boxes mapped to original size.
 
     Boxes, labels, scores and masks are those of ``model(images)`` before its masks are pasted at
-    full image size. The model must be in eval mode.
+    full image size, computed under ``train.amp``'s autocast with ``amp`` (returned as float32).
+    The model must be in eval mode.
     """
     if model.training:
         raise ValueError("prediction needs the model in eval mode (model.eval())")
     device = next(model.parameters()).device
     images = [image.to(device) for image in images]
     original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-    batch, _ = model.transform(images)
-    features = model.backbone(batch.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
-    proposals, _ = model.rpn(batch, features)
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    with autocast(device, amp):
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = model.rpn(batch, features)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     return [
         Detections(
-            boxes=resize_boxes(d["boxes"], resized_size, original_size),
+            boxes=resize_boxes(d["boxes"].float(), resized_size, original_size),
             labels=d["labels"],
-            scores=d["scores"],
-            masks=d["masks"][:, 0],
+            scores=d["scores"].float(),
+            masks=d["masks"][:, 0].float(),
             image_size=original_size,
         )
         for d, resized_size, original_size in zip(detections, batch.image_sizes, original_sizes)
@@ -91,15 +94,17 @@ def predict_images(
     *,
     score_threshold: float = 0.0,
     mask_threshold: float = 0.5,
+    amp: bool = False,
 ) -> list[ImagePrediction]:
     """Detections for (3, H, W) float images in [0, 1], with boxes and RLE masks at original size.
 
     Same boxes, labels, scores and masks as ``model(images)`` thresholded at ``mask_threshold``,
-    keeping detections scoring at least ``score_threshold``. The model must be in eval mode.
+    keeping detections scoring at least ``score_threshold``; the model runs under autocast with
+    ``amp`` (``detect_images``). The model must be in eval mode.
     """
     return [
         encode_detections(d, score_threshold=score_threshold, mask_threshold=mask_threshold)
-        for d in detect_images(model, images)
+        for d in detect_images(model, images, amp=amp)
     ]
 
 

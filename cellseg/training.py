@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
 from cellseg.config import Config
 from cellseg.data import CellDataset, build_augment, collate, dataset_fingerprint, scan_train, split_items
-from cellseg.engine import Batch, mixed_precision, predict_split, split_metrics, train_one_epoch
+from cellseg.engine import Batch, predict_split, split_metrics, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
+from cellseg.precision import mixed_precision, validation_amp
 from cellseg.stored_predictions import prediction_state
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,13 @@ def fit(
                 save_checkpoint(run_dir / BEST, make_state(cfg, model, epoch=epoch, metrics=metrics))
         elif epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             split = predict_split(
-                model, t.val_loader, device, amp=t.amp, progress=progress, with_loss=cfg.train.val_loss
+                model,
+                t.val_loader,
+                device,
+                amp=t.amp,
+                progress=progress,
+                with_loss=cfg.train.val_loss,
+                predict_amp=validation_amp(cfg.train, device),
             )
             metrics.update(split_metrics(split, max_dets=coco_max_dets(cfg.model.detections_per_img)))
             metrics[VAL_SECONDS] = time.perf_counter() - trained

@@ -1,5 +1,6 @@
 """bf16 mixed precision keeps box coordinates exact: box decoding runs in float32 under autocast
-(torchvision's own decoding rounds anchors and proposals to bf16: 4 px steps above 512 px)."""
+(torchvision's own decoding rounds anchors and proposals to bf16: 4 px steps above 512 px), and
+scores too; validation predicts in bf16 only with ``train.amp_validation``."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from torchvision.models.detection.image_list import ImageList
 from cellseg.config import load_config
 from cellseg.data import make_synthetic_dataset
 from cellseg.model import Float32BoxCoder, build_model
+from cellseg.predict import detect_images
 from cellseg.torch_private import cpu_computes_bf16
 from cellseg.torchvision_private import BoxCoder
-from cellseg.training import build_training
+from cellseg.training import build_training, fit
 
 HEIGHT, WIDTH = 800, 1333  # the largest input the base config gives the model
 DEMO = Path(__file__).resolve().parents[1] / "trials" / "demo.yaml"
@@ -77,3 +79,45 @@ def test_train_amp_on_the_cpu_trains_in_bf16_where_the_cpu_computes_it(tmp_path:
     assert dtypes and set(dtypes) == {torch.bfloat16 if t.amp else torch.float32}
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_detections_under_amp_run_in_bf16_and_come_back_float32(model, amp) -> None:
+    """``detect_images(amp=True)`` (``train.amp_validation``) runs the model in bf16 and returns
+    float32 boxes, scores and masks; its scores are not rounded to bf16 (the box predictor runs in
+    float32), so detections close in score do not tie."""
+    dtypes = []
+    hook = model.backbone.body.conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    image = torch.rand(3, 256, 384, generator=torch.Generator().manual_seed(3))
+    try:
+        [detections] = detect_images(model, [image], amp=amp)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.bfloat16 if amp else torch.float32]
+    assert len(detections.scores) > 10
+    for tensor in (detections.boxes, detections.scores, detections.masks):
+        assert tensor.dtype == torch.float32
+    assert (detections.scores != detections.scores.bfloat16().float()).any()
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="train.amp trains in float32 on this CPU")
+@pytest.mark.parametrize("amp_validation", [True, False])
+def test_fit_validates_in_bf16_with_train_amp_validation(tmp_path: Path, amp_validation) -> None:
+    """``fit`` predicts its validation images in bf16 with ``train.amp_validation`` and in float32
+    without it (the training steps in bf16 either way)."""
+    root = make_synthetic_dataset(tmp_path / "data", 5, 2, seed=0, profile="easy")
+    overrides = [f"data.root={root}", "model.min_size=64", "model.max_size=128", "train.epochs=1"]
+    cfg = load_config(DEMO, [*overrides, f"train.amp_validation={amp_validation}"])
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}  # training mode -> dtypes
+
+    def record(module: torch.nn.Module, inputs: tuple, out: object) -> None:
+        if isinstance(module, torch.nn.Conv2d) and isinstance(out, torch.Tensor):
+            seen[module.training].add(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        fit(cfg, run_dir=tmp_path / "run", progress=False)
+    finally:
+        handle.remove()
+    assert seen[True] == {torch.bfloat16}
+    assert seen[False] == {torch.bfloat16 if amp_validation else torch.float32}

@@ -1,0 +1,33 @@
+"""Where ``train.amp`` computes in reduced precision, and the autocast context it uses."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from cellseg.config import TrainConfig
+from cellseg.torch_private import cpu_computes_bf16
+
+
+def mixed_precision(device: torch.device) -> bool:
+    """Whether ``train.amp`` trains in reduced precision on ``device``: on CUDA, and on a CPU that
+    computes bf16 natively (elsewhere a CPU emulates bf16, slower than float32)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+
+
+def validation_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether validation predicts in reduced precision on ``device``: with ``train.amp_validation``
+    where ``train.amp`` computes in it (export always predicts in float32)."""
+    return cfg.amp and cfg.amp_validation and mixed_precision(device)
+
+
+def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
+    """bf16 autocast on ``device`` when ``amp`` (float16 on a GPU without bf16), else nothing."""
+    if not amp:
+        return nullcontext()
+    if device.type == "cuda":
+        return torch.autocast(
+            "cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        )
+    return torch.autocast(device.type, dtype=torch.bfloat16)
