@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -274,6 +276,25 @@ def run_variants(script: str | Path, argvs: Sequence[Sequence[str]]) -> list[dic
             raise RuntimeError(f"{what} printed no result line")
         results.append(json.loads(lines[-1][len(RESULT_PREFIX) :]))
     return results
+
+
+# ----------------------------------------------------------------------------- a trial without a model
+
+BEST_FINAL = 0.76  # final_value's maximum
+
+
+def final_value(config: dict[str, Any]) -> float:
+    """The value a trivial trial of the demo space's ``config`` approaches (at most ``BEST_FINAL``:
+    learning rate 10**-2.5, resnet34, adamw, colour jitter 0.3)."""
+    lr = float(config.get("optim.lr", 1e-3))
+    final = 0.7 - 0.06 * (math.log10(lr) + 2.5) ** 2 + 0.03 * (config.get("model.backbone") == "resnet34")
+    final += {"adam": 0.02, "adamw": 0.03}.get(str(config.get("optim.name")), 0.0)
+    return final - 0.05 * abs(float(config.get("augment.color_jitter_p", 0.3)) - 0.3)
+
+
+def epoch_value(final: float, epoch: int, rng: random.Random) -> float:
+    """A trivial trial's metric at ``epoch``: approaching ``final``, with noise from ``rng``."""
+    return min(max(final * (1 - math.exp(-epoch / 5)) + rng.gauss(0, 0.01), 0.0), 1.0)
 
 
 # ----------------------------------------------------------------------------- printing

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import math
 import os
 import pstats
 import random
@@ -69,20 +68,6 @@ LOSSES = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectne
 STEPS = 200  # best.pt files made once, for metric values 0, 1/STEPS, ..., 1
 
 
-def final_value(config: dict[str, Any]) -> float:
-    """The value a trivial trial of the demo space's ``config`` approaches (at most 0.76: learning
-    rate 10**-2.5, resnet34, adamw, colour jitter 0.3)."""
-    lr = float(config.get("optim.lr", 1e-3))
-    final = 0.7 - 0.06 * (math.log10(lr) + 2.5) ** 2 + 0.03 * (config.get("model.backbone") == "resnet34")
-    final += {"adam": 0.02, "adamw": 0.03}.get(str(config.get("optim.name")), 0.0)
-    return final - 0.05 * abs(float(config.get("augment.color_jitter_p", 0.3)) - 0.3)
-
-
-def epoch_value(final: float, epoch: int, rng: random.Random) -> float:
-    """A trivial trial's metric at ``epoch``: approaching ``final``, with noise from ``rng``."""
-    return min(max(final * (1 - math.exp(-epoch / 5)) + rng.gauss(0, 0.01), 0.0), 1.0)
-
-
 def trivial_trial(
     config: dict[str, Any],
     *,
@@ -104,12 +89,12 @@ def trivial_trial(
     node_id = ray.get_runtime_context().get_node_id()  # reported with every epoch, as the real trial does
 
     lr = float(config.get("optim.lr", 1e-3))
-    final = final_value(config)
+    final = common.final_value(config)
     rng = random.Random(zlib.crc32(repr(sorted(config.items())).encode()))
     folder = Path(tempfile.mkdtemp(prefix="trial-", dir=os.environ["DRIVER_SCALE_SCRATCH"]))
     best = -1.0
     for epoch in range(1, epochs + 1):
-        value = epoch_value(final, epoch, rng)
+        value = common.epoch_value(final, epoch, rng)
         metrics = {name: value * (0.6 if "AP50" not in name else 1.0) for name in names}
         metrics.update({f"train_{k}": 2.0 / epoch + rng.random() * 0.01 for k in LOSSES})
         metrics.update({"epoch": float(epoch), "lr": lr, "epoch_train_s": 0.01, "epoch_val_s": 0.01})

@@ -30,6 +30,7 @@ def run_one(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     overrides = [
         f"train.amp={str(args.variant == 'amp').lower()}",
+        "train.amp_validation=false",  # the training steps' precision alone
         f"train.seed={args.seed}",
         *([f"train.epochs={args.epochs}"] if args.epochs else []),
     ]

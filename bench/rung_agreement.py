@@ -4,7 +4,7 @@
 each trains the rung's epochs (``--epochs``, 1 by default: ASHA's first rung in the demo search)
 with one thread, as a trial does (one that diverges is left out, as the search records it failed).
 Then the model is validated the full way (every validation image, ``model.detections_per_img``
-detections each, as ``fit`` validates) and the cheaper ways: fewer detections per image, half of
+detections each, predicted in float32) and the cheaper ways: fewer detections per image, half of
 the validation batches (rounded up), both, and (where ``train.amp`` computes in bf16) every image
 predicted in bf16 (``train.amp_validation``), in an order rotated from one configuration to the
 next. For each way: seconds per validation (median over the configurations; the validation
@@ -22,6 +22,7 @@ trials score 0 keeps them all.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -36,7 +37,7 @@ import common
 from cellseg.config import Config, apply_overrides
 from cellseg.engine import NonFiniteLossError, evaluate
 from cellseg.evaluation import coco_max_dets
-from cellseg.precision import mixed_precision
+from cellseg.precision import validation_amp
 from cellseg.training import Training, build_training, resolve_device
 from search.run import build_parser
 from search.space import load_space
@@ -59,16 +60,15 @@ class Way:
 def ways_for(cfg: Config) -> list[Way]:
     full = cfg.model.detections_per_img
     fewer = [d for d in (full // 2, full // 4) if d >= 10]
+    bf16 = validation_amp(
+        dataclasses.replace(cfg.train, amp_validation=True), resolve_device(cfg.train.device)
+    )
     return [
         Way("full", None, 1.0),
         *(Way(f"{d} detections", d, 1.0) for d in fewer),
         Way("half the batches", None, 0.5),
         *([Way(f"{fewer[0]} detections, half the batches", fewer[0], 0.5)] if fewer else []),
-        *(
-            [Way("bf16 predictions", None, 1.0, bf16=True)]
-            if mixed_precision(resolve_device(cfg.train.device))
-            else []
-        ),
+        *([Way("bf16 predictions", None, 1.0, bf16=True)] if bf16 else []),
     ]
 
 

@@ -3,12 +3,13 @@
 What still grows in the search driver at 1000 trials is Optuna's TPE sampler: at every ask it
 fits one density to its best trials and one to every other finished trial (docs/performance.md).
 This benchmark asks ``--trials`` trials of the demo space (``trials/space_demo.yaml``) without
-Ray, each valued by ``bench/driver_scale.py``'s formula (best 0.76) with its epochs' noise and
+Ray, each valued by the formula of ``bench/driver_scale.py``'s trials (``common.final_value``, best
+0.76) with its epochs' noise and
 pruned as ASHA prunes (at epochs 1, 3 and 9: below the two-thirds quantile of what that epoch has
 seen), once with Optuna's ``TPESampler`` as the search uses it and once with the same sampler
 shown a bounded history: all the trials while at most ``--recent + 2 * --best`` have finished,
 past that the ``--best`` completed and pruned (which hold TPE's below set, at most 25 trials),
-the ``--recent`` last to finish and the running ones. Both run at the same time, each in its own
+the ``--recent`` others last to finish and the running ones. Both run at the same time, each in its own
 process, over the same ``--seeds``. It prints the CPU time per ask in three buckets of trials
 (the second twentieth, the sixth and the last tenth) and, per seed, the best true value among
 the completed trials; then the ratio of the bounded sampler's last-bucket cost to TPE's, and of
@@ -36,18 +37,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 import common
 from cellseg.config import load_config
-from driver_scale import epoch_value, final_value
 from search.space import load_space
 
 VARIANTS = ("tpe", "bounded")
-BEST_VALUE = 0.76  # final_value's maximum
 RUNGS = (1, 3, 9)
 EPOCHS = 24
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class BoundedHistory:
-    """Which trials TPE is shown, kept up to date from the trials not finished at the last look."""
+    """Which trials TPE is shown, kept up to date from the trials not finished at the last look.
+    The recent trials are counted apart from the best ones, so that past the bound TPE always sees
+    at least ``recent + 2 * best`` finished trials and takes as many below as over the study."""
 
     def __init__(self, *, recent: int, best: int) -> None:
         self.recent, self.best = recent, best
@@ -56,7 +57,7 @@ class BoundedHistory:
         self.finished = 0
         self.best_completed: list[tuple[float, int]] = []  # min-heaps of (rank, number)
         self.best_pruned: list[tuple[tuple[int, float], int]] = []
-        self.last_finished: deque[int] = deque(maxlen=recent)
+        self.last_finished: deque[int] = deque(maxlen=recent + 2 * best)
 
     def __call__(self, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         self.unfinished.update(range(self.seen, len(trials)))
@@ -70,7 +71,8 @@ class BoundedHistory:
         if self.finished <= self.recent + 2 * self.best:
             return list(trials)
         kept = {number for _, number in self.best_completed + self.best_pruned}  # type: ignore[operator]
-        kept.update(self.last_finished)
+        recent = [n for n in reversed(self.last_finished) if n not in kept][: self.recent]
+        kept.update(recent)
         kept.update(n for n in self.unfinished if trials[n].state == TrialState.RUNNING)
         return [trials[number] for number in sorted(kept)]
 
@@ -151,10 +153,10 @@ def search(variant: str, seed: int, args: Any) -> dict[str, Any]:
         trial = study.ask()
         config = space(trial)
         ask_s.append(time.process_time() - start)
-        final = final_value(config)
+        final = common.final_value(config)
         rng = random.Random(zlib.crc32(repr(sorted(config.items())).encode()))
         for epoch in range(1, EPOCHS + 1):
-            value = epoch_value(final, epoch, rng)
+            value = common.epoch_value(final, epoch, rng)
             trial.report(value, epoch)
             if epoch in seen:
                 seen[epoch].append(value)
@@ -202,7 +204,7 @@ def main() -> None:
         cost[variant] = statistics.fmean(
             1000 * statistics.fmean(r["ask_s"][spans[-1][0] :]) for r in by_seed.values()
         )
-        regret[variant] = statistics.fmean(BEST_VALUE - r["best"] for r in by_seed.values())
+        regret[variant] = statistics.fmean(common.BEST_FINAL - r["best"] for r in by_seed.values())
     names = [f"ask ms, trials {a + 1}-{b}" for a, b in spans]
     common.print_table(["sampler", "seed", *names, "best value"], rows)
     for variant in VARIANTS:

@@ -29,7 +29,7 @@ from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_mas
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.inference_settings import InferenceSettings, read_members, read_settings, settings_file_name
 from cellseg.plots import plot_class_distribution
-from cellseg.precision import validation_amp
+from cellseg.precision import mixed_precision, validation_amp
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
 from cellseg.stored_predictions import stored_predictions
@@ -192,7 +192,8 @@ def _predicted_split(
     state: dict[str, Any], cfg: Config, *, device: str | None, progress: bool = False, with_loss: bool = False
 ) -> tuple[SplitPredictions, list[str]]:
     """The checkpoint's model run over the validation split of ``cfg`` (on ``device`` if given,
-    else on the config's own), and the names of the split's images in image id order."""
+    else on the config's own) in the precision its run validated in, and the names of the split's
+    images in image id order."""
     where = resolve_device(device or cfg.train.device)
     model, _ = restore_model(state, where)
     _, val_loader, _ = build_loaders(cfg, where)
@@ -201,6 +202,7 @@ def _predicted_split(
         val_loader,
         where,
         progress=progress,
+        amp=cfg.train.amp and mixed_precision(where),
         with_loss=with_loss,
         predict_amp=validation_amp(cfg.train, where),  # as the run validated
     )

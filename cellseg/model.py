@@ -115,10 +115,11 @@ class Float32BoxCoder(BoxCoder):
 class Float32Predictor(FastRCNNPredictor):
     """torchvision's box predictor, computing class logits and box deltas in float32.
 
-    Under bf16 autocast its linear layers would give bf16 logits, and the softmax of those bf16
-    scores, on steps of 1/256 above 0.5: detections scoring 0.989 and 0.992 would tie, and ties
-    change the order in which COCO's AP counts detections. The layers are a few thousand
-    multiply-adds per region."""
+    Under bf16 autocast its linear layers would give bf16 logits, and on a CPU (whose autocast
+    keeps softmax in bf16) bf16 scores, on steps of 1/256 above 0.5: detections scoring 0.989 and
+    0.990 would tie, and ties change the order in which COCO's AP counts detections. The layers are
+    a few thousand multiply-adds per region; training steps under ``train.amp`` run them in
+    float32 too."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):

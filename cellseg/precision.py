@@ -17,9 +17,11 @@ def mixed_precision(device: torch.device) -> bool:
 
 
 def validation_amp(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether validation predicts in reduced precision on ``device``: with ``train.amp_validation``
-    where ``train.amp`` computes in it (export always predicts in float32)."""
-    return cfg.amp and cfg.amp_validation and mixed_precision(device)
+    """Whether validation predicts in bf16 on ``device``: with ``train.amp_validation`` where
+    ``train.amp`` computes in bf16 (a GPU without bf16, whose ``train.amp`` is float16, validates in
+    float32, as export always predicts)."""
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return cfg.amp and cfg.amp_validation and mixed_precision(device) and bf16
 
 
 def autocast(device: torch.device, amp: bool) -> AbstractContextManager:

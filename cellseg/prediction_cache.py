@@ -114,9 +114,9 @@ class PredictionCache:
 def _compact(detections: Detections) -> Detections:
     """Detections on the CPU with float16 masks."""
     return Detections(
-        detections.boxes.float().cpu(),
+        detections.boxes.cpu(),
         detections.labels.cpu(),
-        detections.scores.float().cpu(),
+        detections.scores.cpu(),
         detections.masks.to(device="cpu", dtype=torch.float16),
         detections.image_size,
     )

@@ -15,6 +15,7 @@ from cellseg.checkpoint import BEST, LAST, PICTURES, checkpoint_config, load_che
 from cellseg.data import dataset_fingerprint
 from cellseg.engine import target_truth
 from cellseg.plots import plot_history, plot_predictions
+from cellseg.precision import validation_amp
 from cellseg.predict import predict_images
 from cellseg.stored_predictions import stored_predictions
 from cellseg.training import build_datasets
@@ -37,7 +38,11 @@ def write_run_pictures(
     model = restore_model(state, device)[0] if stored is None and count else None
     for index in range(count):
         image, target = val_dataset[index]
-        prediction = predict_images(model, [image.to(device)])[0] if stored is None else stored[index]
+        if stored is None:
+            amp = validation_amp(cfg.train, torch.device(device))  # as the run validated
+            prediction = predict_images(model, [image.to(device)], amp=amp)[0]
+        else:
+            prediction = stored[index]
         truth = target_truth(target)
         paths.append(
             plot_predictions(image.permute(1, 2, 0).numpy(), truth, prediction, out / f"val_{index}.png")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
-from cellseg.config import load_config
+from cellseg.config import TrainConfig, load_config
 from cellseg.data import make_synthetic_dataset
 from cellseg.model import Float32BoxCoder, build_model
+from cellseg.precision import validation_amp
 from cellseg.predict import detect_images
 from cellseg.torch_private import cpu_computes_bf16
 from cellseg.torchvision_private import BoxCoder
@@ -97,7 +98,24 @@ def test_detections_under_amp_run_in_bf16_and_come_back_float32(model, amp) -> N
     assert len(detections.scores) > 10
     for tensor in (detections.boxes, detections.scores, detections.masks):
         assert tensor.dtype == torch.float32
-    assert (detections.scores != detections.scores.bfloat16().float()).any()
+    if amp:  # not on bf16's steps of 1/256
+        assert (detections.scores != detections.scores.bfloat16().float()).any()
+
+
+@pytest.mark.parametrize(
+    ("amp", "amp_validation", "device", "expected"),
+    [
+        (True, True, "cpu", cpu_computes_bf16()),
+        (False, True, "cpu", False),  # float32 training validates in float32
+        (True, False, "cpu", False),
+        (True, True, "meta", False),  # neither CUDA nor a CPU: no reduced precision
+    ],
+)
+def test_validation_predicts_in_bf16_only_with_amp_validation_where_amp_computes_bf16(
+    amp, amp_validation, device, expected
+) -> None:
+    cfg = TrainConfig(amp=amp, amp_validation=amp_validation)
+    assert validation_amp(cfg, torch.device(device)) is expected
 
 
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="train.amp trains in float32 on this CPU")
