@@ -1,143 +1,42 @@
-"""TPE's cost per ask as finished trials pile up, and what bounding its history would cost.
+"""TPE's cost per ask as finished trials pile up, plain and over a bounded history.
 
-What still grows in the search driver at 1000 trials is Optuna's TPE sampler: at every ask it
-fits one density to its best trials and one to every other finished trial (docs/performance.md).
-This benchmark asks ``--trials`` trials of the demo space (``trials/space_demo.yaml``) without
-Ray, each valued by the formula of ``bench/driver_scale.py``'s trials (``common.final_value``, best
-0.76) with its epochs' noise and
-pruned as ASHA prunes (at epochs 1, 3 and 9: below the two-thirds quantile of what that epoch has
-seen), once with Optuna's ``TPESampler`` as the search uses it and once with the same sampler
-shown a bounded history: all the trials while at most ``--recent + 2 * --best`` have finished,
-past that the ``--best`` completed and pruned (which hold TPE's below set, at most 25 trials),
-the ``--recent`` others last to finish and the running ones. Both run at the same time, each in its own
-process, over the same ``--seeds``. It prints the CPU time per ask in three buckets of trials
-(the second twentieth, the sixth and the last tenth) and, per seed, the best true value among
-the completed trials; then the ratio of the bounded sampler's last-bucket cost to TPE's, and of
-their mean regrets (0.76 less the best value).
+Optuna's TPE fits one density to its best trials and one to every other finished trial at each
+ask, so its cost grows with the study; the search asks it through ``BoundedHistorySampler``
+(search/bounded_history.py), which shows it the whole study up to ``--recent + 2 * --best``
+finished trials and past that the best completed and pruned ones, the ``--recent`` others last
+to finish and the running ones. This benchmark asks ``--trials`` trials of the demo space
+(``trials/space_demo.yaml``) without Ray, each valued by the formula of ``bench/driver_scale.py``'s
+trials (``common.final_value``, best 0.76) with its epochs' noise and pruned as ASHA prunes (at
+epochs 1, 3 and 9: below the two-thirds quantile of what that epoch has seen), once with plain
+``TPESampler`` and once with the bounded one, each in its own process at the same time, over the
+same ``--seeds``. It prints the CPU time per ask in three buckets of trials (the second
+twentieth, the sixth and the last tenth) and, per seed, the best true value among the completed
+trials; then the ratio of the bounded sampler's last-bucket cost to TPE's, and of their mean
+regrets (0.76 less the best value).
 
     python bench/tpe_history.py [--tiny] [--trials N] [--seeds 0 1 ...] [--recent R] [--best B]
 """
 
 from __future__ import annotations
 
-import copy
-import heapq
 import random
 import statistics
 import time
 import zlib
-from collections import deque
-from collections.abc import Container, Sequence
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
-from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
 
 import common
 from cellseg.config import load_config
+from search.bounded_history import BoundedHistorySampler
 from search.space import load_space
 
 VARIANTS = ("tpe", "bounded")
 RUNGS = (1, 3, 9)
 EPOCHS = 24
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class BoundedHistory:
-    """Which trials TPE is shown, kept up to date from the trials not finished at the last look.
-    The recent trials are counted apart from the best ones, so that past the bound TPE always sees
-    at least ``recent + 2 * best`` finished trials and takes as many below as over the study."""
-
-    def __init__(self, *, recent: int, best: int) -> None:
-        self.recent, self.best = recent, best
-        self.seen = 0
-        self.unfinished: set[int] = set()
-        self.finished = 0
-        self.best_completed: list[tuple[float, int]] = []  # min-heaps of (rank, number)
-        self.best_pruned: list[tuple[tuple[int, float], int]] = []
-        self.last_finished: deque[int] = deque(maxlen=recent + 2 * best)
-
-    def __call__(self, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-        self.unfinished.update(range(self.seen, len(trials)))
-        self.seen = len(trials)
-        for number in sorted(self.unfinished):
-            trial = trials[number]
-            if trial.state.is_finished():
-                self.unfinished.discard(number)
-                if trial.state in FINISHED:
-                    self._add(trial)
-        if self.finished <= self.recent + 2 * self.best:
-            return list(trials)
-        kept = {number for _, number in self.best_completed + self.best_pruned}  # type: ignore[operator]
-        recent = [n for n in reversed(self.last_finished) if n not in kept][: self.recent]
-        kept.update(recent)
-        kept.update(n for n in self.unfinished if trials[n].state == TrialState.RUNNING)
-        return [trials[number] for number in sorted(kept)]
-
-    def _add(self, trial: FrozenTrial) -> None:
-        self.finished += 1
-        self.last_finished.append(trial.number)
-        if trial.state == TrialState.COMPLETE:
-            rank: Any = trial.value
-            heap: list = self.best_completed
-        elif trial.intermediate_values:  # TPE's order: the last epoch reached, then the value there
-            rank, heap = max(trial.intermediate_values.items()), self.best_pruned
-        else:
-            return
-        if len(heap) < self.best:
-            heapq.heappush(heap, (rank, trial.number))
-        elif (rank, trial.number) > heap[0]:
-            heapq.heapreplace(heap, (rank, trial.number))
-
-
-class HistoryView:
-    """A study whose trials, as TPE reads them (``Study._get_trials``), are a bounded history."""
-
-    def __init__(self, study: Study, trials: list[FrozenTrial]) -> None:
-        self._study, self._trials = study, trials
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
-    ) -> list[FrozenTrial]:
-        trials = [t for t in self._trials if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-
-class BoundedHistorySampler(optuna.samplers.BaseSampler):
-    """A TPE sampler asked over a ``BoundedHistory`` of a maximized study (one view per ask)."""
-
-    def __init__(self, base: optuna.samplers.TPESampler, *, recent: int, best: int) -> None:
-        self.base = base
-        self.history = BoundedHistory(recent=recent, best=best)
-        self.view: tuple[int, Any] = (-1, None)
-
-    def _view(self, study: Study, trial: FrozenTrial) -> Any:
-        if self.view[0] != trial.number:
-            trials = study._get_trials(deepcopy=False, use_cache=False)
-            self.view = trial.number, HistoryView(study, self.history(trials))
-        return self.view[1]
-
-    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]) -> dict:
-        return self.base.sample_relative(self._view(study, trial), trial, space)
-
-    def sample_independent(
-        self, study: Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
-    ) -> Any:
-        return self.base.sample_independent(self._view(study, trial), trial, name, distribution)
-
-    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.base.after_trial(study, trial, state, values)
 
 
 def search(variant: str, seed: int, args: Any) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
 from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
 from cellseg.weights import resolve_weights
+from search.bounded_history import BoundedHistorySampler
 from search.continuation import (
     CONTINUE,
     INHERITED,
@@ -433,16 +434,17 @@ def new_tuner(
     prior_trials: Sequence[optuna.trial.FrozenTrial] = (),
     continue_study: bool = False,
 ) -> tune.Tuner:
-    """A Tuner for a new search: Optuna's TPE (the space's baselines first, after the warm start's
-    ``prior_trials``) and ASHA; with ``continue_study``, more trials of the existing study
-    ``study_name`` (default: ``name``), baselines not repeated."""
+    """A Tuner for a new search: Optuna's TPE over a bounded history (search/bounded_history.py;
+    the space's baselines first, after the warm start's ``prior_trials``) and ASHA; with
+    ``continue_study``, more trials of the existing study ``study_name`` (default: ``name``),
+    baselines not repeated."""
     searcher = StudySearcher(
         space,
         metric=metric,
         mode="max",
         study_file=study_file,
         study_name=study_name or name,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=BoundedHistorySampler(optuna.samplers.TPESampler(seed=seed)),
         max_epochs=max_epochs,
         points_to_evaluate=() if continue_study else space.baseline_points(),
         prior_trials=prior_trials,
