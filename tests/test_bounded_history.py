@@ -108,7 +108,7 @@ def test_tpe_asks_from_the_bounded_history_alone():
         )
         long.add_trials(old[:60] + best + old[60:] + recent)
         short = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-        short.add_trials(best + recent)
+        short.add_trials(best + old[115:] + recent)  # topped up to 30 finished with the last of the old
         full = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
         full.add_trials(old[:60] + best + old[60:] + recent)
         asked = [study.ask({"x": X, "opt": OPT}).params for study in (long, short, full)]
@@ -129,3 +129,17 @@ def test_the_sampler_pickles_with_its_history():
     assert (history.seen, history.finished, history.unfinished) == (12, 11, {11})
     history(study.get_trials(deepcopy=False), study.direction)
     assert (history.finished, list(history.last_finished)[-4:]) == (12, [8, 9, 10, 11])
+
+
+def test_past_the_bound_tpe_sees_as_many_finished_trials_as_the_bound():
+    """With no pruned trials the best sets hold 25, not 50: more of the last to finish fill the
+    view to 250 finished, so TPE's below set stays 25. On equal values the earlier trial is kept,
+    as TPE's stable sort ranks it."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trials([finished(0.5 if i in (3, 7) else 0.001 * (i % 50)) for i in range(300)])
+    shown = BoundedHistory(recent=200, best=25)(study.get_trials(deepcopy=False), study.direction)
+    assert len(shown) == 250
+    history = BoundedHistory(recent=0, best=1)
+    study.add_trials([finished(0.4)])
+    numbers = [t.number for t in history(study.get_trials(deepcopy=False), study.direction)]
+    assert numbers == [3, 300]  # the best: 3, not 7, at the same 0.5; 300 fills the view to 2
