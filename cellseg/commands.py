@@ -29,7 +29,7 @@ from cellseg.evaluation import coco_max_dets, score_results_file, truth_from_mas
 from cellseg.export import export_predictions, write_provenance, write_submission
 from cellseg.inference_settings import InferenceSettings, read_members, read_settings, settings_file_name
 from cellseg.plots import plot_class_distribution
-from cellseg.precision import mixed_precision, validation_amp
+from cellseg.precision import training_amp, validation_amp
 from cellseg.refit import RefitPlan, plan_from_config, plan_from_run, refit_of
 from cellseg.run_pictures import write_run_pictures
 from cellseg.stored_predictions import stored_predictions
@@ -202,7 +202,7 @@ def _predicted_split(
         val_loader,
         where,
         progress=progress,
-        amp=cfg.train.amp and mixed_precision(where),
+        amp=training_amp(cfg.train, where),
         with_loss=with_loss,
         predict_amp=validation_amp(cfg.train, where),  # as the run validated
     )

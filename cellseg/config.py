@@ -99,8 +99,8 @@ class TrainConfig:
     batch_size: int = 2  # both reports; Mask R-CNN on large images fills a GPU at 2
     seed: int = 0  # seeds the model init, augmentation and loader order
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
-    amp: bool = True  # bf16 training on CUDA and bf16 CPUs, float32 boxes; eval/export in float32
-    amp_validation: bool = False  # validation predictions under train.amp too (docs/performance.md)
+    amp: bool = True  # bf16 training on CUDA and bf16 CPUs, float32 boxes and scores; export in float32
+    amp_validation: bool = False  # validation predicts in bf16 too, else float32 (docs/performance.md)
     output_dir: str = "runs"  # checkpoints go to <output_dir>/<run name>/
     eval_every: int = 1  # validate every N epochs and the last; ASHA decides at validated epochs
     max_eval_images: int = 0  # 0 = the whole validation split

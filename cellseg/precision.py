@@ -16,12 +16,17 @@ def mixed_precision(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
 
 
+def training_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the training steps (and a validation loss) of ``cfg`` run under autocast on ``device``."""
+    return cfg.amp and mixed_precision(device)
+
+
 def validation_amp(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether validation predicts in bf16 on ``device``: with ``train.amp_validation`` where
     ``train.amp`` computes in bf16 (a GPU without bf16, whose ``train.amp`` is float16, validates in
     float32, as export always predicts)."""
     bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    return cfg.amp and cfg.amp_validation and mixed_precision(device) and bf16
+    return cfg.amp_validation and training_amp(cfg, device) and bf16
 
 
 def autocast(device: torch.device, amp: bool) -> AbstractContextManager:

@@ -22,7 +22,7 @@ from cellseg.engine import Batch, predict_split, split_metrics, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
 from cellseg.optim import LRSchedule, build_optimizer
-from cellseg.precision import mixed_precision, validation_amp
+from cellseg.precision import training_amp, validation_amp
 from cellseg.stored_predictions import prediction_state
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def build_training(cfg: Config) -> Training:
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     schedule = LRSchedule(optimizer, cfg.optim, epochs=cfg.train.epochs, iters_per_epoch=len(train_loader))
-    amp = cfg.train.amp and mixed_precision(device)
+    amp = training_amp(cfg.train, device)
     fp16 = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     return Training(cfg, device, model, optimizer, schedule, train_loader, val_loader, shuffle, scaler, amp)
