@@ -5,6 +5,7 @@ trial's scratch behind."""
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,12 @@ def test_a_reused_worker_gives_back_each_trials_memory(tmp_path: Path, tiny_sear
     stopped = [t for t in trials if sum(row["trial"] == t for row in watch.rows) == 1]
     assert stopped, "ASHA stopped no trial: the stop path of a reused worker went untested"
     assert {row["folders"] for row in watch.rows} == {1}, "a trial's scratch outlived it"
+    # a leak raises every later trial's peak; one trial's peak can stand alone (CI saw one trial
+    # 490 MiB above the rest, the trials after it back in line), so the medians of the first and
+    # last six are compared
     peak = {t: max(row["rss"] for row in watch.rows if row["trial"] == t) for t in trials}
-    first, last = max(peak[t] for t in trials[:6]), max(peak[t] for t in trials[-6:])
-    assert last <= first + BOUND_MIB, f"the worker grew from {first:.0f} to {last:.0f} MiB: {peak}"
+    first, last = (
+        statistics.median(peak[t] for t in trials[:6]),
+        statistics.median(peak[t] for t in trials[-6:]),
+    )
+    assert last <= first + BOUND_MIB, f"the worker grew from {first:.0f} to {last:.0f} MiB (medians): {peak}"
