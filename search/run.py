@@ -30,7 +30,6 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.best_run import Candidate, candidate, export_order, first_kept
@@ -75,6 +74,7 @@ from search.reseed import (
     repeat_tuner,
     seeded_choice,
 )
+from search.scheduler import SearchScheduler
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
 from search.storage import StorageError, check_storage
@@ -458,7 +458,7 @@ def new_tuner(
             mode="max",
             search_alg=search_alg,
             num_samples=num_samples,
-            scheduler=ASHAScheduler(
+            scheduler=SearchScheduler(
                 time_attr="training_iteration",
                 max_t=max_epochs,
                 grace_period=grace_period,
