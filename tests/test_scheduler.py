@@ -7,11 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler
 
 from search.scheduler import SearchScheduler
+
+pytestmark = pytest.mark.slow
 
 SCORES = [5, 1, 4, 9, 2, 8, 3, 7, 6, 0]  # a trial's score per epoch, by its index
 
@@ -70,5 +74,26 @@ def test_the_choice_is_ray_fifo_choice_and_ended_trials_are_forgotten(tmp_path: 
     ]
     epochs = [result.metrics["training_iteration"] for result in results]
     assert min(epochs) < 3, "ASHA stopped no trial"
-    assert SearchScheduler.choose_trial_to_run(scheduler, None) is None
     assert not scheduler._startable, "ended trials are still held"
+
+
+class StandIn:
+    """What the scheduler reads of a trial: its id and status."""
+
+    def __init__(self, trial_id: str, status: str) -> None:
+        self.trial_id, self.status = trial_id, status
+
+
+def test_pending_comes_before_paused_and_ended_trials_are_dropped() -> None:
+    scheduler = SearchScheduler(metric="score", mode="max", max_t=3, grace_period=1)
+    a, b, c = StandIn("a", Trial.PENDING), StandIn("b", Trial.PAUSED), StandIn("c", Trial.PENDING)
+    for trial in (a, b, c):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.choose_trial_to_run(None) is a
+    a.status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(None) is c, "a PAUSED trial came before a PENDING one"
+    c.status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(None) is b
+    a.status = b.status = c.status = Trial.TERMINATED  # e.g. restored as ended: no hook said so
+    assert scheduler.choose_trial_to_run(None) is None
+    assert not scheduler._startable
