@@ -64,6 +64,47 @@ def trial_records(tracker: Tracker, spec: RunsSpec) -> list[RunRecord]:
     ]
 
 
+class EndedTrials:
+    """A search's exportable ended trials, indexed so that ranking them for ``keep_top`` costs the
+    trials that keep a checkpoint and the runs of their configurations, not every ended trial."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Candidate] = {}  # run id -> the ended trial
+        self.keeping: dict[str, None] = {}  # run ids whose checkpoint is kept
+        self.by_configuration: dict[str, dict[str, None]] = {}  # configuration -> its run ids
+
+    def put(self, ended: Candidate) -> None:
+        """Add ``ended``, or replace its run's entry."""
+        run_id = ended.record.run_id
+        if run_id in self.runs:
+            self.by_configuration[self.runs[run_id].configuration].pop(run_id, None)
+        self.runs[run_id] = ended
+        self.by_configuration.setdefault(ended.configuration, {})[run_id] = None
+        if has_checkpoint(ended.record):
+            self.keeping[run_id] = None
+        else:
+            self.keeping.pop(run_id, None)
+
+    def contenders(self, extra: Candidate | None = None) -> list[Candidate]:
+        """The ended trials (``extra`` in place of its run's entry, or added) whose order decides
+        which checkpoints stay: those that keep one, and every run of their configurations (a
+        re-seeded configuration ranks by its mean). The order among them is the order over all
+        ended trials, since a run's rank depends only on its configuration's runs."""
+        configurations = {self.runs[run_id].configuration for run_id in self.keeping}
+        if extra is not None and has_checkpoint(extra.record):
+            configurations.add(extra.configuration)
+        chosen = {
+            run_id: self.runs[run_id]
+            for configuration in configurations
+            for run_id in self.by_configuration.get(configuration, {})
+        }
+        if extra is not None:
+            chosen.pop(extra.record.run_id, None)
+            if extra.configuration in configurations:
+                chosen[extra.record.run_id] = extra
+        return list(chosen.values())
+
+
 class TrialRuns:
     """Applies the operations of a search's trials to MLflow, knowing the runs it has."""
 
@@ -74,7 +115,7 @@ class TrialRuns:
         self.logged_epoch: dict[str, int] = {}
         self.node: dict[str, str] = {}  # trial id -> the node its run's tag names
         self.start_tried: set[str] = set()  # trials whose run creation was attempted
-        self.ended: dict[str, Candidate] = {}  # run id -> exportable ended trial of this search
+        self.ended = EndedTrials()  # this search's exportable ended trials
         self.drill: DriverDrill | None = None  # fired at a close's upload and end
 
     def load(self) -> None:
@@ -85,7 +126,7 @@ class TrialRuns:
             self.logged_epoch[trial_id] = self.tracker.last_step(run.run_id, "epoch")
             ended = candidate(run)
             if ended is not None:
-                self.ended[run.run_id] = ended
+                self.ended.put(ended)
 
     def apply(self, op: str, /, **kwargs: Any) -> str | None:
         """Carry out one operation; for a close that leaves Tune's copy of the trial's checkpoint
@@ -189,10 +230,10 @@ class TrialRuns:
         self.tracker.end_run(run_id, status)
         self._reached("closed")
         if ended is not None:
-            self.ended[run_id] = ended
+            self.ended.put(ended)
             if has_checkpoint(ended.record):  # it may push another out
-                for out in drop_beyond_top(self.tracker, list(self.ended.values()), self.spec.keep_top):
-                    self.ended[out.record.run_id] = replace(self.ended[out.record.run_id], record=out.record)
+                for out in drop_beyond_top(self.tracker, self.ended.contenders(), self.spec.keep_top):
+                    self.ended.put(replace(self.ended.runs[out.record.run_id], record=out.record))
         return None if status == "FAILED" else checkpoint  # a failed trial may still be restarted
 
     def _reached(self, point: str) -> None:
@@ -209,9 +250,7 @@ class TrialRuns:
         found = candidate(replace(self.tracker.record(run_id), status=status))
         if found is None:
             return None
-        beyond, reason = beyond_top(
-            [*(c for c in self.ended.values() if c.record.run_id != run_id), found], self.spec.keep_top
-        )
+        beyond, reason = beyond_top(self.ended.contenders(found), self.spec.keep_top)
         if any(c.record.run_id == run_id for c in beyond):
             found = drop_checkpoint(self.tracker, found, reason)
         return found
