@@ -9,8 +9,9 @@ study in a journal file, ASHA, the MLflow callback and its writer process on a S
 ``--keep-top``, Tune's storage and environment), and at the end ``finish_search``. Ray runs locally with
 2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
 tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
-trial, its wall time per result, the time inside the MLflow callback per result, and its resident
-memory; then the peak driver RSS, the MLflow writer process's CPU time (from the resources of
+trial, its wall time per result, the time inside the MLflow callback per result, its main thread's
+CPU time and the time in Python's garbage collector per trial, and its resident memory; then the
+driver's CPU time per trial in each of its threads (grouped by name), the peak driver RSS, the MLflow writer process's CPU time (from the resources of
 the driver's children ended during the fit) and the stores' sizes. The ratio lines are the driver's CPU time
 per result and per trial in the last bucket against the second (1.00x: flat; the first holds
 Ray's start and the two baselines, which run every epoch). Both are needed: most of the driver's
@@ -27,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import random
+import re
 import resource
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -39,12 +43,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+from ray.tune.execution.tune_controller import TuneController
+from ray.tune.schedulers import AsyncHyperBandScheduler
+
 import common
 from cellseg.checkpoint import BEST, LAST, save_checkpoint
 from cellseg.config import config_to_dict
 from cellseg.data import make_synthetic_dataset
 from cellseg.task import metric_names
 from cellseg.tracking import Tracker
+from search.bounded_history import BoundedHistory, BoundedHistorySampler
 from search.efficiency import trial_slots
 from search.mlflow_callback import MlflowTrialLogger
 from search.run import (
@@ -58,6 +67,8 @@ from search.run import (
     search_inputs,
     storage_paths,
 )
+from search.scheduler import SearchScheduler
+from search.searcher import StudySearcher
 from search.trainable import WORKER_RUNTIME_ENV
 
 NAME = "driver-scale"
@@ -116,26 +127,184 @@ class Sample:
     finished: int
     results: int
     cpu_s: float
+    main_cpu_s: float
+    gc_s: float
     wall_s: float
     callback_s: float
     rss_mb: float
 
 
+class GcClock:
+    """The wall time the driver spends in Python's cyclic garbage collector (all generations)."""
+
+    def __init__(self) -> None:
+        self.total_s, self._started = 0.0, 0.0
+        gc.callbacks.append(self._phase)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._phase)
+
+    def _phase(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.total_s += time.perf_counter() - self._started
+
+
+class ThreadClocks:
+    """The driver's CPU time per thread at each bucket's end, threads grouped by name (a Python
+    thread's name without its number; others by their system name), and the MLflow writer
+    process's, so that what grows outside the main thread can be named. A thread that ended
+    keeps the CPU it was last seen with in its group; ``(rest)`` is what no look saw (threads that
+    lived between two looks, rounding to clock ticks)."""
+
+    TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, ends: list[int], writer: Callable[[], Any]) -> None:
+        self.ends = set(ends)
+        self.writer = writer  # the writer process, or None before it starts
+        self.seen: dict[tuple[int, int], tuple[str, float]] = {}  # (tid, start) -> (group, CPU s)
+        self.snapshots: list[tuple[int, dict[str, float]]] = [(0, self.now())]
+
+    @classmethod
+    def cpu_s(cls, stat: Path) -> tuple[float, int]:
+        """User and system CPU seconds in a ``/proc`` ``stat`` file, and the start time."""
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * cls.TICK_S, int(fields[19])
+
+    def now(self) -> dict[str, float]:
+        """CPU seconds per thread group of this process and of the writer process while it runs."""
+        names = {t.native_id: re.sub(r"^(Thread|Dummy)-\d+ ?", "", t.name) for t in threading.enumerate()}
+        names[threading.main_thread().native_id] = "(main)"
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                (cpu, start), comm = self.cpu_s(task / "stat"), (task / "comm").read_text().strip()
+            except FileNotFoundError:  # ended meanwhile
+                continue
+            tid = int(task.name)
+            group = names.get(tid) or re.sub(r"[\d.:_-]+$", "", comm)
+            self.seen[tid, start] = group, cpu
+        groups: dict[str, float] = {}
+        for group, cpu in self.seen.values():
+            groups[group] = groups.get(group, 0.0) + cpu
+        groups["(rest)"] = max(0.0, time.process_time() - sum(groups.values()))
+        process = getattr(self.writer(), "process", None)
+        if process is not None and process.poll() is None:
+            groups["(MLflow writer process)"] = self.cpu_s(Path(f"/proc/{process.pid}/stat"))[0]
+        return groups
+
+    def sample(self, sample: Sample) -> None:
+        if sample.finished in self.ends:
+            self.snapshots.append((sample.finished, self.now()))
+
+    def growth(self, top: int = 12) -> tuple[list[str], list[list[Any]]]:
+        """The buckets, and the thread groups by CPU ms per finished trial in each (the ``top``
+        largest in the last bucket)."""
+        pairs = list(zip(self.snapshots, self.snapshots[1:], strict=False))
+        per_trial = [
+            {g: 1000 * (after[g] - before.get(g, 0.0)) / max(n1 - n0, 1) for g in after}
+            for (n0, before), (n1, after) in pairs
+        ]
+        groups = sorted(per_trial[-1], key=per_trial[-1].get, reverse=True)[:top]
+        buckets = [f"{n0 + 1}-{n1}" for (n0, _), (n1, _) in pairs]
+        return buckets, [[g, *(bucket.get(g, 0.0) for bucket in per_trial)] for g in groups]
+
+
+class FunctionClocks:
+    """The CPU time of the calling thread inside chosen functions (their calls included), and the
+    items of the lists they return, at each bucket's end: what grows in the driver without a
+    profiler's distortion. The functions are wrapped where they are defined while it is active."""
+
+    def __init__(self, ends: list[int], functions: dict[str, tuple[type, str]]) -> None:
+        self.ends, self.functions = set(ends), functions
+        self.cpu_s = dict.fromkeys(functions, 0.0)
+        self.calls = dict.fromkeys(functions, 0)
+        self.items = dict.fromkeys(functions, 0)
+        self.snapshots: list[tuple[int, dict[str, tuple[float, int, int]]]] = [(0, self._now())]
+        self._originals: dict[str, Any] = {}
+
+    def __enter__(self) -> FunctionClocks:
+        for label, (owner, name) in self.functions.items():
+            self._originals[label] = owner.__dict__[name]
+            setattr(owner, name, self._timed(label, owner.__dict__[name]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for label, (owner, name) in self.functions.items():
+            setattr(owner, name, self._originals[label])
+
+    def _timed(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                self.cpu_s[label] += time.thread_time() - start
+                self.calls[label] += 1
+            if isinstance(out, list):
+                self.items[label] += len(out)
+            return out
+
+        return timed
+
+    def _now(self) -> dict[str, tuple[float, int, int]]:
+        return {label: (self.cpu_s[label], self.calls[label], self.items[label]) for label in self.functions}
+
+    def sample(self, sample: Sample) -> None:
+        if sample.finished in self.ends:
+            self.snapshots.append((sample.finished, self._now()))
+
+    def rows(self) -> tuple[list[str], list[list[Any]]]:
+        """The buckets, and per function its CPU ms per finished trial in each, then its calls
+        per finished trial and the items it returned per call in the last bucket."""
+        pairs = list(zip(self.snapshots, self.snapshots[1:], strict=False))
+        rows = []
+        for label in self.functions:
+            per_trial, calls, items = [], 0, 0
+            for (n0, before), (n1, after) in pairs:
+                per_trial.append(1000 * (after[label][0] - before[label][0]) / max(n1 - n0, 1))
+                calls, items = after[label][1] - before[label][1], after[label][2] - before[label][2]
+            trials = max(pairs[-1][1][0] - pairs[-1][0][0], 1)
+            rows.append([label, *per_trial, calls / trials, items / max(calls, 1)])
+        return [f"{n0 + 1}-{n1}" for (n0, _), (n1, _) in pairs], rows
+
+
+# where the driver's main thread spends its time: the search's own pieces, Optuna's and Tune's
+WATCHED = {
+    "scheduler.choose_trial_to_run": (SearchScheduler, "choose_trial_to_run"),
+    "Tune: ASHA on_trial_result": (AsyncHyperBandScheduler, "on_trial_result"),
+    "Tune: controller._maybe_update_trial_queue": (TuneController, "_maybe_update_trial_queue"),
+    "Tune: controller._maybe_add_actors": (TuneController, "_maybe_add_actors"),
+    "Tune: controller.checkpoint (its state)": (TuneController, "checkpoint"),
+    "Tune: controller._process_trial_result": (TuneController, "_process_trial_result"),
+    "searcher.suggest": (StudySearcher, "suggest"),
+    "searcher.on_trial_result": (StudySearcher, "on_trial_result"),
+    "searcher.on_trial_complete": (StudySearcher, "on_trial_complete"),
+    "Optuna: Study.ask": (optuna.Study, "ask"),
+    "Optuna: JournalStorage.get_all_trials": (optuna.storages.JournalStorage, "get_all_trials"),
+    "bounded history (items: trials TPE sees)": (BoundedHistory, "__call__"),
+    "TPE: sample_relative": (BoundedHistorySampler, "sample_relative"),
+    "MLflow callback: on_step_end": (MlflowTrialLogger, "on_step_end"),
+}
+
+
 class TimedTrialLogger(MlflowTrialLogger):
     """The search's MLflow callback, timing its own result and end hooks and sampling the driver's
-    clocks at every trial's end (then calling ``on_sample`` with the sample, when set)."""
+    clocks at every trial's end (then calling each of ``on_sample`` with the sample)."""
 
     samples: list[Sample]
     results: int
     callback_s: float
-    on_sample: Callable[[Sample], None] | None
+    gc_clock: GcClock
+    on_sample: list[Callable[[Sample], None]]
 
     @classmethod
     def like(cls, logger: MlflowTrialLogger) -> TimedTrialLogger:
         """A timed callback with ``logger``'s settings."""
         timed = cls.__new__(cls)
         timed.__dict__.update(vars(logger))
-        timed.samples, timed.results, timed.callback_s, timed.on_sample = [], 0, 0.0, None
+        timed.samples, timed.results, timed.callback_s, timed.on_sample = [], 0, 0.0, []
+        timed.gc_clock = GcClock()
         return timed
 
     def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
@@ -159,13 +328,15 @@ class TimedTrialLogger(MlflowTrialLogger):
                 len(self.samples) + 1,
                 self.results,
                 time.process_time(),
+                time.thread_time(),
+                self.gc_clock.total_s,
                 time.perf_counter(),
                 self.callback_s,
                 rss_mb(),
             )
         )
-        if self.on_sample is not None:
-            self.on_sample(self.samples[-1])
+        for hook in self.on_sample:
+            hook(self.samples[-1])
 
 
 class UnsentWrites:
@@ -246,6 +417,8 @@ def bucket_rows(samples: list[Sample], start: Sample, ends: list[int]) -> list[l
                 1000 * (last.wall_s - before.wall_s) / results,
                 1000 * (last.callback_s - before.callback_s) / results,
                 cpu / trials,
+                (last.main_cpu_s - before.main_cpu_s) / trials,
+                1000 * (last.gc_s - before.gc_s) / trials,
                 last.rss_mb,
             ]
         )
@@ -391,13 +564,27 @@ def main() -> None:
             flush=True,
         )
         ends = sorted({max(1, trials // 10), max(1, 3 * trials // 10), trials})
-        start = Sample(0, 0, time.process_time(), time.perf_counter(), 0.0, rss_mb())
+        start = Sample(
+            0,
+            0,
+            time.process_time(),
+            time.thread_time(),
+            search.logger.gc_clock.total_s,
+            time.perf_counter(),
+            0.0,
+            rss_mb(),
+        )
+        threads = ThreadClocks(ends, lambda: search.logger._writer)  # not .writer: that starts it
+        functions = FunctionClocks(ends, WATCHED)
+        search.logger.on_sample += [threads.sample, functions.sample]
         profile = BucketProfile(ends) if args.profile else None
         if profile:
-            search.logger.on_sample = profile.sample
+            search.logger.on_sample.append(profile.sample)
             profile.profile.enable()
         children_start = resource.getrusage(resource.RUSAGE_CHILDREN)
-        results = search.fit(tuner)
+        with functions:
+            results = search.fit(tuner)
+        search.logger.gc_clock.close()
         fit_s = time.perf_counter() - start.wall_s
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writer: ended and reaped
         writer_s = children.ru_utime + children.ru_stime - children_start.ru_utime - children_start.ru_stime
@@ -442,6 +629,8 @@ def main() -> None:
             "wall ms/result",
             "MLflow callback ms/result",
             "driver CPU s/trial",
+            "main thread CPU s/trial",
+            "GC ms/trial",
             "driver RSS MiB",
         ],
         bucket_rows(samples, start, ends),
@@ -456,6 +645,12 @@ def main() -> None:
             *[[f"{name} (MB)", size / 1e6] for name, size in sizes.items()],
         ],
     )
+    buckets, function_rows = functions.rows()
+    print("the driver's main thread inside chosen functions: CPU ms per finished trial")
+    common.print_table(["function", *buckets, "calls/trial", "items/call"], function_rows)
+    buckets, thread_rows = threads.growth()
+    print("the driver's threads: CPU ms per finished trial")
+    common.print_table(["thread", *buckets], thread_rows)
     if profile:
         print("what grew: main-thread CPU ms per finished trial inside each function (its calls included)")
         common.print_table(["function", *profile.buckets()], profile.growth())
