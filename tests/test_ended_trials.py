@@ -1,6 +1,7 @@
 """``--keep-top`` ranked over the contenders (the trials that keep a checkpoint and the runs of
 their configurations) drops the same checkpoints as ranked over every ended trial, through 400
-closes with ties and re-seeded configurations, while the contenders stay few."""
+closes with ties and re-seeded configurations (each followed by a close applied again), while the
+contenders stay few."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def test_contenders_drop_what_ranking_every_trial_drops(seed: int) -> None:
             every[out.record.run_id] = dropped(every[out.record.run_id], theirs[1])
             indexed.put(dropped(indexed.runs[out.record.run_id], theirs[1]))
         largest = max(largest, len(indexed.contenders()))
+        replayed = every[f"run{rng.randrange(number + 1):04d}"]  # a close applied again
+        ours = beyond_top(indexed.contenders(replayed), KEEP)
+        theirs = beyond_top(list(every.values()), KEEP)
+        assert [c.record.run_id for c in ours[0]] == [c.record.run_id for c in theirs[0]], number
     kept = [c for c in every.values() if CHECKPOINT_DROPPED_TAG not in c.record.tags]
     assert len(kept) == KEEP
     assert any(c.seeds for c in export_order(list(every.values()))), "no re-seeded configuration"
