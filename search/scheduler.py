@@ -7,8 +7,7 @@ driver (about 6 ms of CPU per finished trial; docs/performance.md). Here the sch
 trials that may still start, in the controller's order, from the hooks Tune calls: every trial
 that becomes PENDING is (re)added through ``on_trial_add`` (a new trial, a retried one moved to
 the end of the queue, a restored one), and a trial leaves when Tune says it ended (or is seen
-TERMINATED or in ERROR).
-The answer is the one Ray's would be: the first PENDING trial, else the first PAUSED.
+TERMINATED or in ERROR). The answer is the one Ray's would be: the first PENDING trial, else the first PAUSED.
 """
 
 from __future__ import annotations
@@ -49,16 +48,16 @@ class SearchScheduler(ASHAScheduler):
         self._startable.pop(trial, None)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
-        paused, ended = None, []
+        pending = paused = None
+        ended = []
         for trial in self._startable:
             if trial.status in _ENDED:  # e.g. restored as ended: no hook says so
                 ended.append(trial)
             elif trial.status == Trial.PENDING:
+                pending = trial
                 break
             elif trial.status == Trial.PAUSED and paused is None:
                 paused = trial
-        else:
-            trial = paused
         for gone in ended:
             del self._startable[gone]
-        return trial
+        return pending if pending is not None else paused
