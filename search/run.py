@@ -29,7 +29,6 @@ import optuna
 import ray
 import yaml
 from ray import tune
-from ray.tune.logger import JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 
 from cellseg.best_run import Candidate, candidate, export_order, first_kept
@@ -74,6 +73,7 @@ from search.reseed import (
     repeat_tuner,
     seeded_choice,
 )
+from search.result_file import ran_with_default_loggers, result_logger
 from search.scheduler import SearchScheduler
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
@@ -475,14 +475,15 @@ def new_tuner(
 def run_config(
     name: str, storage_path: str, callback: MlflowTrialLogger, max_failures: int
 ) -> tune.RunConfig:
-    """Where a Tune experiment of the search keeps its trials, its MLflow callback, and the one
-    of Tune's loggers that is read back (``result.json``: every trial's results for the summary,
-    the ranking, the efficiency figures and ``--resume``)."""
+    """Where a Tune experiment of the search keeps its trials, its MLflow callback, and the
+    writer of each trial's ``result.json`` (every result, read back for the summary, the ranking
+    and the efficiency figures): in the trial's folder for local storage
+    (:mod:`search.result_file`), else Tune's JSON logger."""
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
         storage_filesystem=storage_filesystem(storage_path),  # local: checkpoints hard-linked
-        callbacks=[callback, JsonLoggerCallback()],
+        callbacks=[callback, result_logger(links_checkpoints(storage_path))],
         # every checkpoint: a limit would force a save of Tune's whole state every few results;
         # the callback removes what no restore needs (search/checkpoint_cleanup.py)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -506,7 +507,7 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def tune_environment(
-    strict_metrics: bool, *, restored: bool = False
+    strict_metrics: bool, *, default_loggers: bool = False
 ) -> contextlib.AbstractContextManager[None]:
     """Tune's settings for ``fit`` that Ray 2.60 reads only from the environment, restored after.
 
@@ -517,13 +518,15 @@ def tune_environment(
     - ``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE=1``: Tune keeps every checkpoint a trial
       reports (:func:`run_config`), and with this its saved state lists them without their results
       (the latest keeps its own), so the state does not grow by a result per epoch;
-    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``, unless the experiment is ``restored``: no CSV
-      and TensorBoard files per trial, which nothing reads (:func:`run_config` adds the JSON
-      logger, whose ``result.json`` the summary, the ranking and ``--resume`` read back). A
+    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``, unless ``default_loggers``: no CSV and
+      TensorBoard files per trial, which nothing reads (:func:`run_config` adds the writer of
+      ``result.json``, which the summary, the ranking and the efficiency figure read back). A
       restored experiment runs with the callbacks it was saved with, and one saved before the
-      search passed the JSON logger itself has none: Tune then adds its default loggers.
+      search passed a JSON logger itself has none: it needs Tune's default loggers
+      (:func:`search.result_file.ran_with_default_loggers`).
     """
-    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1", **({} if restored else {DEFAULT_LOGGERS_ENV: "1"})}
+    loggers_off = {} if default_loggers else {DEFAULT_LOGGERS_ENV: "1"}
+    fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1", **loggers_off}
     return scoped_environ({**fixed, **({} if strict_metrics else {STRICT_METRIC_ENV: "1"})})
 
 
@@ -532,12 +535,12 @@ class SearchInterrupted(Exception):
 
 
 def fit_tuner(
-    tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool, restored: bool = False
+    tuner: tune.Tuner, *, max_pending: int, strict_metrics: bool, default_loggers: bool = False
 ) -> list[tune.Result]:
-    """Run ``tuner`` (``restored`` from storage, or new) to its end in the search's Tune
-    environment (:func:`tune_environment`) with at most ``max_pending`` trials waiting for
-    resources; its trials' results."""
-    environment = tune_environment(strict_metrics, restored=restored)
+    """Run ``tuner`` to its end in the search's Tune environment (:func:`tune_environment`,
+    with Tune's ``default_loggers`` for a restored experiment that needs them) with at most
+    ``max_pending`` trials waiting for resources; its trials' results."""
+    environment = tune_environment(strict_metrics, default_loggers=default_loggers)
     with scoped_environ({PENDING_TRIALS_ENV: str(max_pending)}), environment:
         return list(tuner.fit())  # PENDING_TRIALS_ENV is read when fit starts
 
@@ -787,11 +790,13 @@ class SearchPhases:
             trial_tags=trial_tags,
         )
 
-    def fit(self, tuner: tune.Tuner, *, restored: bool = False) -> list[tune.Result]:
-        """Run ``tuner`` (``restored`` from storage, or new) in Tune's environment for this search;
-        its trials' results."""
+    def fit(self, tuner: tune.Tuner, *, default_loggers: bool = False) -> list[tune.Result]:
+        """Run ``tuner`` in Tune's environment for this search (:func:`fit_tuner`); its trials'
+        results."""
         strict = metric_every_epoch(self.inputs.base, self.inputs.space)
-        ended = fit_tuner(tuner, max_pending=self.max_pending, strict_metrics=strict, restored=restored)
+        ended = fit_tuner(
+            tuner, max_pending=self.max_pending, strict_metrics=strict, default_loggers=default_loggers
+        )
         self.trained.extend(ended)
         return ended
 
@@ -848,7 +853,10 @@ def restored_results(search: SearchPhases, phases: Sequence[str]) -> list[tune.R
         )
         # only the last can be unfinished: each later one started after the one before ended
         unfinished = args.resume and phase == experiments[-1]
-        ended = search.fit(restored, restored=True) if unfinished else list(restored.get_results())
+        if unfinished:
+            ended = search.fit(restored, default_loggers=ran_with_default_loggers(path, filesystem))
+        else:
+            ended = list(restored.get_results())
         if phase_kind(name, phase) != RESEED:
             results += ended
     return results

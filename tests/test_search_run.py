@@ -136,7 +136,7 @@ def test_tunes_environment_settings_are_scoped_to_the_block(monkeypatch, before)
             raise KeyboardInterrupt
     assert os.environ.get(STRICT_METRIC_ENV) == before and SIGINT_ENV not in os.environ
     assert SCORE_ONLY_ENV not in os.environ and DEFAULT_LOGGERS_ENV not in os.environ
-    with tune_environment(strict_metrics=True, restored=True):  # may lack its JSON logger
+    with tune_environment(strict_metrics=True, default_loggers=True):  # an old experiment's
         assert DEFAULT_LOGGERS_ENV not in os.environ and os.environ[SCORE_ONLY_ENV] == "1"
 
 
@@ -399,7 +399,7 @@ def test_a_later_experiment_of_the_search_leaves_removing_checkpoints_to_its_cal
     )
     config = run_config("s1--reseed-1", str(tmp_path), logger, max_failures=2)
     assert (config.name, config.storage_path, config.callbacks[0]) == ("s1--reseed-1", str(tmp_path), logger)
-    assert [type(c).__name__ for c in config.callbacks[1:]] == ["JsonLoggerCallback"]
+    assert [type(c).__name__ for c in config.callbacks[1:]] == ["StoredResultLogger"]  # local storage
     assert config.checkpoint_config.num_to_keep is None and config.failure_config.max_failures == 2
 
 

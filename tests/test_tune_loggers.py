@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ray import tune
 
+from search.result_file import ran_with_default_loggers
 from search.run import fit_tuner
 from searchutil import ray_for_test_trainables
 
@@ -40,7 +41,9 @@ def test_a_restored_experiment_saved_without_the_json_logger_still_writes_result
         assert first.error is not None
         marker.touch()
         restored = tune.Tuner.restore(str(tmp_path / "s"), _fails_once_at_epoch_3, resume_errored=True)
-        (result,) = fit_tuner(restored, max_pending=1, strict_metrics=True, restored=True)
+        default_loggers = ran_with_default_loggers(str(tmp_path / "s"), None)
+        assert default_loggers
+        (result,) = fit_tuner(restored, max_pending=1, strict_metrics=True, default_loggers=default_loggers)
     assert result.error is None and result.metrics["epoch"] == 4
     (results_file,) = (tmp_path / "s").glob("*/result.json")
     assert [json.loads(line)["epoch"] for line in results_file.read_text().splitlines()] == [1, 2, 3, 4]
