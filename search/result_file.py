@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow
 import pyarrow.fs
 from ray.tune.experiment import Trial
-from ray.tune.logger import JsonLoggerCallback, LoggerCallback
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.result import EXPR_PARAM_FILE, EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
 from ray.tune.utils.util import SafeFallbackEncoder
 
@@ -29,8 +30,8 @@ def keep_results_through(path: Path, iteration: int) -> None:
     """Drop the lines of the results file ``path`` past training iteration ``iteration``, and a
     last line cut short by a crash; nothing when there is no such line (or no file).
 
-    A resumed search restarts a trial from what Tune's saved state knows of it, which can be
-    behind the results written since that save; the trial reports those iterations again.
+    A restarted trial continues after its latest checkpoint as Tune's state knows it, which can be
+    behind the results written before the restart (a resumed search); it reports those again.
     """
     try:
         text = path.read_text()
@@ -49,22 +50,30 @@ def keep_results_through(path: Path, iteration: int) -> None:
         write_atomic(path, lambda file: file.write("".join(kept).encode()))
 
 
-class StoredResultLogger(LoggerCallback):
+def resumes_after(trial: Trial) -> int:
+    """The training iteration a (re)started ``trial`` continues after: its latest checkpoint's."""
+    checkpoint = trial.latest_checkpoint_result
+    return int(checkpoint.metrics.get(TRAINING_ITERATION, 0)) if checkpoint else 0
+
+
+class StoredResultLogger(JsonLoggerCallback):
     """Tune's JSON logger (``result.json``: one line per result; ``params.json``: the trial's
     config) writing into each trial's folder in local storage rather than the driver's staging
-    folder."""
+    folder. Every method is replaced; it is a ``JsonLoggerCallback`` so that Tune, where it adds
+    its default loggers (a restored experiment of an earlier cellseg), adds no second one, whose
+    copy from the staging folder would overwrite this file."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._files: dict[Trial, IO[str]] = {}
 
     def log_trial_start(self, trial: Trial) -> None:
         self.log_trial_end(trial)
         folder = Path(trial.path)
         folder.mkdir(parents=True, exist_ok=True)
-        params = json.dumps(trial.config, indent=2, sort_keys=True, cls=SafeFallbackEncoder)
-        (folder / EXPR_PARAM_FILE).write_text(params)  # nothing reads it back: no fsync per trial
+        self.update_config(trial, trial.config)
         results = folder / EXPR_RESULT_FILE
-        keep_results_through(results, int(trial.run_metadata.last_result.get(TRAINING_ITERATION, 0)))
+        keep_results_through(results, resumes_after(trial))
         self._files[trial] = results.open("a")
 
     def log_trial_result(self, iteration: int, trial: Trial, result: dict[str, Any]) -> None:
@@ -79,23 +88,43 @@ class StoredResultLogger(LoggerCallback):
         if file is not None:
             file.close()
 
+    def update_config(self, trial: Trial, config: dict[str, Any]) -> None:
+        params = json.dumps(config, indent=2, sort_keys=True, cls=SafeFallbackEncoder)
+        Path(trial.path, EXPR_PARAM_FILE).write_text(params)  # nothing reads it back: no fsync
 
-def result_logger(local_storage: bool) -> LoggerCallback:
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for trial in list(self._files):  # still running when the experiment stopped
+            self.log_trial_end(trial)
+
+
+def result_logger(local_storage: bool) -> JsonLoggerCallback:
     """The callback that writes each trial's results file: into the trial's folder for
     ``local_storage``, else Tune's JSON logger (the staging folder, copied at each save)."""
     return StoredResultLogger() if local_storage else JsonLoggerCallback()
 
 
-def ran_with_default_loggers(experiment_path: str, filesystem: pyarrow.fs.FileSystem | None) -> bool:
+def needs_default_loggers(experiment_path: str, filesystem: pyarrow.fs.FileSystem | None) -> bool:
     """Whether the Tune experiment saved at ``experiment_path`` (on ``filesystem``; None: resolved
-    from the URI) ran with Tune's default loggers: a trial folder holds their ``progress.csv``.
+    from the URI) is to be restored with Tune's default loggers.
 
-    Only an experiment of an earlier cellseg, which passed no JSON logger of its own, did; restored,
-    it runs with its saved callbacks and needs Tune to add the loggers again for its
-    ``result.json``. The search's own experiments have a JSON logger and want no others.
+    An experiment of a cellseg before 2026-12-04 passed no JSON logger of its own; restored, it
+    runs with its saved callbacks and gets ``result.json`` only from Tune's defaults. Its trials
+    have Tune's ``progress.csv``; the search's own experiments have ``result.json`` alone. The
+    first trial folder with either decides; with neither (no trial reported), the defaults, where
+    the search's own logger keeps Tune from adding a second JSON logger.
     """
-    if filesystem is None:
-        filesystem, experiment_path = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    try:
+        if filesystem is None:
+            filesystem, experiment_path = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    except pyarrow.ArrowException:  # a scheme pyarrow cannot open: Tune's defaults are safe
+        return True
     entries = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment_path))
-    progress = [f"{e.path}/{EXPR_PROGRESS_FILE}" for e in entries if e.type == pyarrow.fs.FileType.Directory]
-    return any(info.type == pyarrow.fs.FileType.File for info in filesystem.get_file_info(progress))
+    for folder in sorted(e.path for e in entries if e.type == pyarrow.fs.FileType.Directory):
+        progress, results = filesystem.get_file_info(
+            [f"{folder}/{EXPR_PROGRESS_FILE}", f"{folder}/{EXPR_RESULT_FILE}"]
+        )
+        if progress.type == pyarrow.fs.FileType.File:
+            return True
+        if results.type == pyarrow.fs.FileType.File:
+            return False
+    return True

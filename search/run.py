@@ -73,7 +73,7 @@ from search.reseed import (
     repeat_tuner,
     seeded_choice,
 )
-from search.result_file import ran_with_default_loggers, result_logger
+from search.result_file import needs_default_loggers, result_logger
 from search.scheduler import SearchScheduler
 from search.searcher import StudySearcher
 from search.space import SearchSpace, load_space
@@ -523,7 +523,7 @@ def tune_environment(
       ``result.json``, which the summary, the ranking and the efficiency figure read back). A
       restored experiment runs with the callbacks it was saved with, and one saved before the
       search passed a JSON logger itself has none: it needs Tune's default loggers
-      (:func:`search.result_file.ran_with_default_loggers`).
+      (:func:`search.result_file.needs_default_loggers`).
     """
     loggers_off = {} if default_loggers else {DEFAULT_LOGGERS_ENV: "1"}
     fixed = {SIGINT_ENV: "1", SCORE_ONLY_ENV: "1", **loggers_off}
@@ -854,7 +854,7 @@ def restored_results(search: SearchPhases, phases: Sequence[str]) -> list[tune.R
         # only the last can be unfinished: each later one started after the one before ended
         unfinished = args.resume and phase == experiments[-1]
         if unfinished:
-            ended = search.fit(restored, default_loggers=ran_with_default_loggers(path, filesystem))
+            ended = search.fit(restored, default_loggers=needs_default_loggers(path, filesystem))
         else:
             ended = list(restored.get_results())
         if phase_kind(name, phase) != RESEED:

@@ -12,9 +12,10 @@ from pathlib import Path
 from ray import tune
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.logger import JsonLoggerCallback
 
 from search.linked_storage import storage_filesystem
-from search.result_file import keep_results_through, ran_with_default_loggers, result_logger
+from search.result_file import keep_results_through, needs_default_loggers, result_logger
 from search.run import fit_tuner
 from searchutil import ray_for_test_trainables
 
@@ -47,7 +48,7 @@ def test_a_restored_experiment_saved_without_the_json_logger_still_writes_result
         assert first.error is not None
         marker.touch()
         restored = tune.Tuner.restore(str(tmp_path / "s"), _fails_once_at_epoch_3, resume_errored=True)
-        default_loggers = ran_with_default_loggers(str(tmp_path / "s"), None)
+        default_loggers = needs_default_loggers(str(tmp_path / "s"), None)
         assert default_loggers
         (result,) = fit_tuner(restored, max_pending=1, strict_metrics=True, default_loggers=default_loggers)
     assert result.error is None and result.metrics["epoch"] == 4
@@ -89,9 +90,9 @@ def _epochs(results_file: Path) -> list[int]:
 
 
 def test_results_are_written_in_the_trial_folder_and_a_restore_adds_no_second_logger(tmp_path: Path):
-    """A trial fails at epoch 3 and is resumed from storage: result.json in its storage folder
-    holds each epoch once, and the driver's staging folder never held a results file of the trial
-    (Tune would add its default loggers to a restored experiment lacking a JSON logger)."""
+    """A trial fails at epoch 3 and is resumed from storage, with lines past its checkpoint in
+    result.json as after a driver's crash: the file in its storage folder holds each epoch once,
+    and the driver's staging folder never held a results file of the trial."""
     marker = tmp_path / "second-attempt"
     staged = StagedFiles(tmp_path / "staged.txt")
     staged.record.touch()
@@ -109,6 +110,8 @@ def test_results_are_written_in_the_trial_folder_and_a_restore_adds_no_second_lo
         (results_file,) = (tmp_path / "s").glob("*/result.json")
         assert _epochs(results_file) == [1, 2]
         assert json.loads((results_file.parent / "params.json").read_text()) == {"marker": str(marker)}
+        with results_file.open("a") as lagging:  # written after Tune's last save, then a crash
+            lagging.write('{"training_iteration": 3, "epoch": 3}\n{"training_iter')
         marker.touch()
         restored = tune.Tuner.restore(
             str(tmp_path / "s"),
@@ -116,7 +119,7 @@ def test_results_are_written_in_the_trial_folder_and_a_restore_adds_no_second_lo
             resume_errored=True,
             storage_filesystem=storage_filesystem(str(tmp_path)),
         )
-        assert not ran_with_default_loggers(str(tmp_path / "s"), storage_filesystem(str(tmp_path)))
+        assert not needs_default_loggers(str(tmp_path / "s"), storage_filesystem(str(tmp_path)))
         (result,) = fit_tuner(restored, max_pending=1, strict_metrics=True)
     assert result.error is None and result.metrics["epoch"] == 4
     assert _epochs(results_file) == [1, 2, 3, 4]
@@ -124,7 +127,7 @@ def test_results_are_written_in_the_trial_folder_and_a_restore_adds_no_second_lo
     assert staged.record.read_text() == ""  # both runs ended the trial; neither staged a results file
 
 
-def test_keep_results_through_drops_what_tunes_state_does_not_know(tmp_path: Path):
+def test_keep_results_through_drops_what_the_restart_reports_again(tmp_path: Path):
     path = tmp_path / "result.json"
     keep_results_through(path, 3)  # no file: nothing to do
     assert not path.exists()
@@ -138,3 +141,15 @@ def test_keep_results_through_drops_what_tunes_state_does_not_know(tmp_path: Pat
     path.write_text("".join(lines[:3]) + '{"training_iteration": 4, "ep')  # a crash mid-line
     keep_results_through(path, 9)
     assert path.read_text() == "".join(lines[:3])
+
+
+def test_an_experiment_with_no_result_file_yet_is_restored_with_tunes_loggers(tmp_path: Path):
+    """Nothing tells an earlier cellseg's experiment from the search's own: Tune's default loggers,
+    to which the search's logger, being a JSON logger, adds no second one."""
+    (tmp_path / "s" / "trial_0").mkdir(parents=True)
+    assert needs_default_loggers(str(tmp_path / "s"), None)
+    assert needs_default_loggers("nosuchscheme://bucket/s", None)
+    (tmp_path / "s" / "trial_0" / "result.json").touch()
+    assert not needs_default_loggers(str(tmp_path / "s"), storage_filesystem(str(tmp_path)))
+    assert isinstance(result_logger(local_storage=True), JsonLoggerCallback)
+    assert type(result_logger(local_storage=False)) is JsonLoggerCallback  # remote: Tune's own
