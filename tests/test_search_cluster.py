@@ -118,8 +118,8 @@ def test_trial_of_a_removed_node_resumes_on_the_other_from_its_checkpoint(
             driver.kill()
     client, _, [child] = search_runs(uri, "cluster", "n1")
     assert child.info.status == "FINISHED" and child.data.tags["ray.num_failures"] == "1"
-    # MLflow is the record: Tune's own result.json is copied back from storage when a trial is
-    # retried, so it loses the rows reported after its last upload (here, at times, epoch 1)
+    # MLflow is the record: with remote storage Tune's own result.json is copied back from storage
+    # when a trial is retried, so it loses the rows reported after its last upload
     epochs = epochs_of(client, child)  # repeats kept: a trial that started over logs 1 twice
     assert epochs == [1, 2, 3], "the trial started over instead of resuming"
     assert child.data.tags["ray.node_id"] == head_id
