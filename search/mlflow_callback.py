@@ -42,7 +42,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from cellseg.tracking import Tracker, error_tail
 from search.checkpoint_cleanup import CheckpointCleanup, checkpoint_uri, remove_other_checkpoints
 from search.driver_drill import DriverDrill, drill_for
-from search.mlflow_writer import JOURNAL, MlflowWriter
+from search.mlflow_writer import JOURNAL, MlflowWriter, segments
 from search.trainable import reached_max_epochs
 from search.trial_runs import PHASE_TAG, TRIAL_TAG, RunsSpec, trial_records
 from search.tune_report import NODE_KEY, reported_metrics
@@ -158,8 +158,10 @@ class MlflowTrialLogger(Callback):
 
     def setup(self, **info: Any) -> None:
         self._drill = drill_for(self.spec.search_name)
-        # the writer first applies what an earlier driver left (its journal, once the store answers)
-        self._take(self.writer.wait(0.0)[1])
+        earlier = segments(self.journal)  # writes an earlier driver left, before this one's start
+        writer = self.writer  # started now, not waited for: its imports overlap the first trials'
+        if earlier:  # it applies them first (once the store answers), and the records below are
+            self._take(writer.wait(0.0)[1])  # to be read after that
         for run in trial_records(Tracker(self.spec.tracking_uri), self.spec):
             trial_id = run.tags[TRIAL_TAG]
             self._runs.add(trial_id)
