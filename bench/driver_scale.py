@@ -6,17 +6,20 @@ the names the real trainable reports, with a tiny ``best.pt`` and ``last.pt`` as
 through the search driver's own pieces from ``search/run.py`` with its flags' defaults: a
 ``SearchPhases`` (the demo space, the Optuna searcher with PRUNED for trials ASHA stops, its
 study in a journal file, ASHA, the MLflow callback and its writer process on a SQLite store and
-``--keep-top``, Tune's storage and environment), and at the end ``finish_search``. Ray runs locally with
-2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials (ending at a
-tenth, three tenths and all of ``--trials``): the driver process's CPU time per result and per
-trial, its wall time per result, the time inside the MLflow callback per result, its main thread's
-CPU time and the time in Python's garbage collector per trial, and its resident memory; then the
-driver's CPU time per trial in each of its threads (grouped by name), the peak driver RSS, the MLflow writer process's CPU time (from the resources of
-the driver's children ended during the fit) and the stores' sizes. The ratio lines are the driver's CPU time
-per result and per trial in the last bucket against the second (1.00x: flat; the first holds
-Ray's start and the two baselines, which run every epoch). Both are needed: most of the driver's
-work comes with a trial's start and end, so when later trials report fewer epochs (ASHA stops
-them sooner), the cost per result rises while the cost per trial does not.
+``--keep-top``, Tune's storage and environment), and at the end ``finish_search``. Ray runs
+locally with 2 CPUs (``--max-concurrent`` trials at a time). Prints, per bucket of finished trials
+(ending at a tenth, three tenths and all of ``--trials``): the driver process's CPU time per
+result and per trial, its wall time per result, the time inside the MLflow callback per result,
+its main thread's CPU time and the time in Python's garbage collector per trial, and its resident
+memory; then the peak driver RSS, the MLflow writer process's CPU time (from the resources of the
+driver's children ended during the fit) and the stores' sizes; then the main thread's CPU time
+per trial inside chosen Tune, Optuna and search functions (``WATCHED``), and the CPU time per
+trial of each of the driver's threads (grouped by name) and of the writer process. The ratio
+lines are the driver's CPU time per result and per trial in the last bucket against the second
+(1.00x: flat; the first holds Ray's start and the two baselines, which run every epoch). Both are
+needed: most of the driver's work comes with a trial's start and end, so when later trials
+report fewer epochs (ASHA stops them sooner), the cost per result rises while the cost per trial
+does not, and the other way round when they report more.
 
 ``--no-mlflow-writes`` runs the same driver with the MLflow callback deciding every write but
 handing none to the writer process: the floor that journal, pipe and MLflow's store sit on.

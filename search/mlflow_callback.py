@@ -158,10 +158,10 @@ class MlflowTrialLogger(Callback):
 
     def setup(self, **info: Any) -> None:
         self._drill = drill_for(self.spec.search_name)
-        earlier = segments(self.journal)  # writes an earlier driver left, before this one's start
-        writer = self.writer  # started now, not waited for: its imports overlap the first trials'
-        if earlier:  # it applies them first (once the store answers), and the records below are
-            self._take(writer.wait(0.0)[1])  # to be read after that
+        earlier = segments(self.journal)  # an earlier driver's or experiment's writes
+        writer = self.writer  # started now; its imports overlap the first trials' start
+        if earlier:  # applied first (once the store answers), so that the records below hold them
+            self._take(writer.wait(0.0)[1])
         for run in trial_records(Tracker(self.spec.tracking_uri), self.spec):
             trial_id = run.tags[TRIAL_TAG]
             self._runs.add(trial_id)

@@ -7,7 +7,8 @@ driver (about 6 ms of CPU per finished trial; docs/performance.md). Here the sch
 trials that may still start, in the controller's order, from the hooks Tune calls: every trial
 that becomes PENDING is (re)added through ``on_trial_add`` (a new trial, a retried one moved to
 the end of the queue, a restored one), and a trial leaves when Tune says it ended (or is seen
-TERMINATED or in ERROR). The answer is the one Ray's would be: the first PENDING trial, else the first PAUSED.
+TERMINATED or in ERROR). The answer is the one Ray's would be: the first PENDING trial, else
+the first PAUSED.
 """
 
 from __future__ import annotations
