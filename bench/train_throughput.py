@@ -4,8 +4,9 @@ cellseg: ``build_loaders`` (cached decode, label maps, vectorised targets) + ``t
 (schedule, clipping, AMP on CUDA and on a CPU with bf16 arithmetic), cellseg's model
 (channels-last layout, cellseg's CPU RoIAlign).
 plain: ``bench/plain.py`` (decode every time, one mask per instance by a Python loop, no AMP) and
-the same model as torchvision runs it (NCHW, torchvision's RoIAlign). Same model config, weights
-seed, training images, batch size, epochs and optimizer; the first step is warm-up and not timed. Each variant runs in a fresh
+the same model as torchvision runs it (NCHW, torchvision's RoIAlign), and the optimizer the config
+names in torch's default implementation (cellseg's is the fused one). Same model config, weights
+seed, training images, batch size, epochs and optimizer settings; the first step is warm-up and not timed. Each variant runs in a fresh
 process so that its peak RSS is its own.
 
     python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
@@ -24,7 +25,7 @@ import torch
 from plain import plain_loader, plain_train_epoch
 
 import common
-from cellseg.optim import build_optimizer
+from cellseg.optim import OPTIMIZERS, optimizer_settings
 from cellseg.training import build_training, seed_everything
 
 VARIANTS = ("cellseg", "plain")
@@ -53,7 +54,8 @@ def run_plain(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     seed_everything(cfg.train.seed)
     model = common.torchvision_model(cfg.model).to(device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[cfg.optim.name](params, **optimizer_settings(cfg.optim))  # torch's default
     loader = plain_loader(
         common.train_folders(cfg),
         cfg.train.batch_size,

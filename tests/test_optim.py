@@ -10,7 +10,7 @@ import torch
 
 from cellseg.config import OptimConfig
 from cellseg.errors import ConfigError
-from cellseg.optim import LRSchedule, build_optimizer
+from cellseg.optim import OPTIMIZERS, LRSchedule, build_optimizer, optimizer_settings
 
 
 def make(cfg: OptimConfig, *, epochs: int = 10, iters: int = 4) -> tuple[torch.optim.Optimizer, LRSchedule]:
@@ -179,6 +179,25 @@ def test_build_optimizer_class_and_momentum(name: str, cls: type) -> None:
     else:
         assert "momentum" not in group
         assert group["betas"] == (0.9, 0.999)
+    assert group["fused"] is True
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_optimizer_follows_torchs_default_implementation(name: str) -> None:
+    # the fused step is only faster: the same path as torch's default for-loop, to float rounding
+    cfg = OptimConfig(name=name, lr=0.01, momentum=0.9, weight_decay=0.01)
+    torch.manual_seed(0)
+    start = torch.randn(3, 5)
+    fused = torch.nn.Parameter(start.clone())
+    default = torch.nn.Parameter(start.clone())
+    optimizers = build_optimizer([fused], cfg), OPTIMIZERS[name]([default], **optimizer_settings(cfg))
+    for _ in range(5):
+        grad = torch.randn(3, 5)
+        for param, optimizer in zip((fused, default), optimizers, strict=True):
+            param.grad = grad.clone()
+            optimizer.step()
+    assert not torch.equal(fused.detach(), start)
+    torch.testing.assert_close(fused.detach(), default.detach())
 
 
 def test_build_optimizer_rejects_unknown_name() -> None:
