@@ -55,7 +55,8 @@ def run_plain(args: argparse.Namespace) -> dict[str, float]:
     seed_everything(cfg.train.seed)
     model = common.torchvision_model(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = OPTIMIZERS[cfg.optim.name](params, **optimizer_settings(cfg.optim))  # torch's default
+    settings = optimizer_settings(cfg.optim)
+    optimizer = OPTIMIZERS[cfg.optim.name](params, **settings)  # torch's default implementation
     loader = plain_loader(
         common.train_folders(cfg),
         cfg.train.batch_size,

@@ -38,6 +38,17 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
     return OPTIMIZERS[cfg.name](params, **settings, fused=True)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping ``optimizer``'s implementation: torch would
+    take the saved one (the for-loop, in a checkpoint from before the fused optimizers), which
+    a gradient scaler built for a fused optimizer would then fail."""
+    groups = [
+        {**saved, "fused": own["fused"], "foreach": own["foreach"]}
+        for saved, own in zip(state["param_groups"], optimizer.param_groups, strict=False)  # torch checks
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
 class LRSchedule:
     """Linear warmup per iteration times a per-epoch factor (cosine, step, plateau or none)."""
 

@@ -21,7 +21,7 @@ from cellseg.data import CellDataset, build_augment, collate, dataset_fingerprin
 from cellseg.engine import Batch, predict_split, split_metrics, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
-from cellseg.optim import LRSchedule, build_optimizer
+from cellseg.optim import LRSchedule, build_optimizer, load_optimizer_state
 from cellseg.precision import training_amp, validation_amp
 from cellseg.stored_predictions import prediction_state
 
@@ -185,7 +185,7 @@ def fit(
         last_path = resume_from / LAST if resume_from.is_dir() else resume_from
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

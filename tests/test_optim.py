@@ -10,7 +10,7 @@ import torch
 
 from cellseg.config import OptimConfig
 from cellseg.errors import ConfigError
-from cellseg.optim import OPTIMIZERS, LRSchedule, build_optimizer, optimizer_settings
+from cellseg.optim import OPTIMIZERS, LRSchedule, build_optimizer, load_optimizer_state, optimizer_settings
 
 
 def make(cfg: OptimConfig, *, epochs: int = 10, iters: int = 4) -> tuple[torch.optim.Optimizer, LRSchedule]:
@@ -243,3 +243,21 @@ def test_plateau_holds_its_rate_without_validation() -> None:
     for _ in range(6):
         schedule.step_epoch(None)
     assert schedule.lr == pytest.approx(0.1)
+
+
+def test_a_checkpoint_from_before_fused_optimizers_resumes_fused() -> None:
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.01)
+    param = torch.nn.Parameter(torch.ones(4))
+    earlier = OPTIMIZERS["adamw"]([param], **optimizer_settings(cfg))  # as cellseg built it before
+    param.grad = torch.ones(4)
+    earlier.step()
+    resumed = torch.nn.Parameter(param.detach().clone())
+    optimizer = build_optimizer([resumed], cfg)
+    load_optimizer_state(optimizer, earlier.state_dict())
+    assert optimizer.param_groups[0]["fused"] is True
+    scaler = torch.amp.GradScaler("cpu")  # what a GPU in float16 trains with: fails unfused
+    scaler.scale((resumed * 2).sum()).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    assert float(optimizer.state[resumed]["step"]) == 2.0
+    assert not torch.equal(resumed.detach(), param.detach())
