@@ -39,9 +39,11 @@ from ray.tune import Callback, Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from cellseg.tracking import Tracker, error_tail
+from cellseg.errors import TrackingError
+from cellseg.tracking import RunRecord, Tracker, error_tail, is_unavailable
 from search.checkpoint_cleanup import CheckpointCleanup, checkpoint_uri, remove_other_checkpoints
 from search.driver_drill import DriverDrill, drill_for
+from search.mlflow_outbox import RETRY_AFTER_S
 from search.mlflow_writer import JOURNAL, MlflowWriter, segments
 from search.trainable import reached_max_epochs
 from search.trial_runs import PHASE_TAG, TRIAL_TAG, RunsSpec, trial_records
@@ -158,17 +160,39 @@ class MlflowTrialLogger(Callback):
 
     def setup(self, **info: Any) -> None:
         self._drill = drill_for(self.spec.search_name)
-        earlier = segments(self.journal)  # an earlier driver's or experiment's writes
-        writer = self.writer  # started now; its imports overlap the first trials' start
-        if earlier:  # applied first (once the store answers), so that the records below hold them
-            self._take(writer.wait(0.0)[1])
-        for run in trial_records(Tracker(self.spec.tracking_uri), self.spec):
+        for run in self._search_runs():
             trial_id = run.tags[TRIAL_TAG]
             self._runs.add(trial_id)
             if run.status in _CLOSED:
                 self._closed.add(trial_id)
             if run.tags.get(PHASE_TAG, self.spec.search_name) != self.phase:
                 self._elsewhere.add(trial_id)
+
+    def _search_runs(self) -> list[RunRecord]:
+        """The search's trial runs in MLflow, with the writes an earlier driver or experiment left
+        in the journal applied first; while the store is down, tried again every
+        ``RETRY_AFTER_S`` for up to ``drain_timeout_s``."""
+        earlier = segments(self.journal)
+        writer = self.writer  # started now; its imports overlap the first trials' start
+        deadline = time.monotonic() + self.drain_timeout_s
+        while True:
+            applied = True
+            if earlier:  # waited for only then: its first attempt may apply them
+                applied, answers = writer.wait(0.0)
+                self._take(answers)
+            try:
+                if applied:
+                    return trial_records(Tracker(self.spec.tracking_uri), self.spec)
+            except Exception as exc:
+                if not is_unavailable(exc) or time.monotonic() >= deadline:
+                    raise
+            if time.monotonic() >= deadline:
+                raise TrackingError(
+                    f"MLflow stayed unavailable for {self.drain_timeout_s:.0f} s (--mlflow-wait) while "
+                    f"the writes in {self.journal} waited to be applied: rerun with --resume once it is back"
+                )
+            log.warning("MLflow unavailable; reading the search's runs again in %.0f s", RETRY_AFTER_S)
+            time.sleep(RETRY_AFTER_S)
 
     def _drill_point(self, point: str) -> None:
         if self._drill is not None:

@@ -5,7 +5,8 @@ The MLflow writer process (search/mlflow_writer.py) puts every operation of the 
 store is unavailable (server restarting, network gone, SQLite busy) the failed operation and all
 later ones stay queued and are tried again after ``retry_after_s``, so trials go on training and
 nothing is lost. A deterministic refusal (a 4xx answer) is logged and that one operation
-dropped, so one bad value cannot hold back the record of the whole search. The queue lives in
+dropped, so one bad value cannot hold back the record of the whole search; a refusal of the
+outbox's ``prepare`` (what every operation needs first) is raised instead. The queue lives in
 memory; the writer's journal keeps it across a crash.
 """
 
@@ -22,13 +23,23 @@ from cellseg.tracking import is_unavailable
 log = logging.getLogger(__name__)
 
 Operation = tuple[str, dict[str, Any]]  # (operation name, keyword arguments)
+RETRY_AFTER_S = 10.0  # how long writes wait after the store was found unavailable
 
 
 class Outbox:
-    """An ordered queue of operations ``apply(name, **kwargs)``."""
+    """An ordered queue of operations ``apply(name, **kwargs)``; ``prepare()``, when given, runs
+    once before the first of them, retried like them while the store is unavailable (any other
+    error of it propagates: no operation can go without it)."""
 
-    def __init__(self, apply: Callable[..., object], retry_after_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        apply: Callable[..., object],
+        retry_after_s: float = RETRY_AFTER_S,
+        *,
+        prepare: Callable[[], object] | None = None,
+    ) -> None:
         self._apply = apply
+        self._prepare = prepare
         self.retry_after_s = retry_after_s
         self.pending: deque[Operation] = deque()
         self._down_since: float | None = None
@@ -53,9 +64,14 @@ class Outbox:
         while self.pending:
             op, kwargs = self.pending[0]
             try:
+                if self._prepare is not None:
+                    self._prepare()
+                    self._prepare = None
                 self._apply(op, **kwargs)
             except Exception as exc:
                 if not is_unavailable(exc):
+                    if self._prepare is not None:
+                        raise
                     log.error("MLflow refused %s for %s, dropped: %s", op, kwargs.get("trial_id"), exc)
                     self.pending.popleft()
                     continue

@@ -16,6 +16,8 @@ Nothing is lost when a process dies:
 - A writer starts by taking the folder's lock (``writer.lock``, released when its process ends),
   then applies what earlier segments hold past their last applied write: the writes of a driver
   killed with its writer (a lost machine), or of a search whose store stayed down to its end.
+  Before its first write it reads the runs the search already has (a resumed search's), retried
+  like a write while the store is down.
 - The writer ignores Ctrl-C. A driver that finishes waits for its writer to apply everything
   (up to ``--mlflow-wait`` while the store is down) and tells it to exit. When the driver's end
   of its input closes first (the driver died), the writer applies what it was sent and what the
@@ -231,7 +233,7 @@ class JournalWriter:
         self.folder = folder
         self.segment = segment
         self._answers = answers
-        self.outbox = Outbox(self._apply)
+        self.outbox = Outbox(self._apply, prepare=runs.load)  # the runs the search has, first
         self.received = 0  # the driver's writes received, numbered from 1
         self.leftovers: list[Path] = []
 
@@ -346,7 +348,6 @@ def main(argv: list[str]) -> None:
         if drill is not None:
             drill.pid = hello["driver"]
         runs.drill = drill
-        runs.load()
         writer = JournalWriter(runs, folder, folder / segment_name, answers)
         writer.replay()
         writer.serve(fd)

@@ -1,11 +1,13 @@
 """The MLflow callback driven with real Tune Trial objects, its real writer process and a real
 MLflow store on SQLite, without Ray running: child runs, epochs, statuses, and what a restored
-search reconciles."""
+search reconciles; with a real `mlflow server` that is down at Tune's setup, the wait for it."""
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ from cellseg.config import config_to_dict, load_config
 from cellseg.tracking import Tracker
 from search.mlflow_callback import LOST, MlflowTrialLogger
 from search.mlflow_writer import JOURNAL, MlflowWriter
+from search.run import MLFLOW_HTTP_DEFAULTS
 from search.trial_runs import PHASE_TAG, TRIAL_TAG
+from searchutil import free_port, start_server, stop
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 MAX_EPOCHS = 3
@@ -247,3 +251,38 @@ def test_a_close_an_earlier_driver_left_frees_tunes_copy_only_of_a_trial_tune_en
     t.set_status(status)
     callback.on_step_begin(0, [t])
     assert bool(callback._cleanup) is freed
+
+
+@pytest.mark.slow
+def test_setup_waits_for_a_store_that_is_down_then_reads_the_searchs_runs(
+    tmp_path, easy_root, monkeypatch, caplog
+):
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # the driver's: a refused connection fails fast
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    servers = [start_server(tmp_path, port)]
+    try:
+        tracker = Tracker(f"http://127.0.0.1:{port}")
+        parent = tracker.start_run("e", "s1")
+        base = config_to_dict(load_config(TRIALS / "demo.yaml", [f"data.root={easy_root}"]))
+        first = logger(tracker, parent, base, tmp_path / "writes")
+        t = trial("t_00001")
+        first.on_trial_start(0, [t], t)
+        report(first, t, 1)
+        assert first.writer.close(WAIT_S)[0]  # the driver stopped: its trial's run stays open
+        stop(servers[0])  # and the store went down before the next driver's setup
+        back = threading.Timer(5.0, lambda: servers.append(start_server(tmp_path, port)))
+        back.start()
+        with caplog.at_level(logging.WARNING, logger="search.mlflow_callback"):
+            second = logger(tracker, parent, base, tmp_path / "writes")
+        back.join()
+        assert "reading the search's runs again" in caplog.text
+        assert second._runs == {"t_00001"} and second._closed == set()
+        assert second.writer.close(WAIT_S)[0]
+    finally:
+        for writer in MlflowWriter._open.values():
+            if not writer.closed:
+                writer.abandon()
+        MlflowWriter._open.clear()
+        for server in servers:
+            stop(server)

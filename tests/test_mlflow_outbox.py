@@ -82,3 +82,24 @@ def caused(exc: BaseException, cause: BaseException) -> BaseException:
 )
 def test_unavailable_means_retry_later(exc: BaseException, unavailable: bool) -> None:
     assert is_unavailable(exc) is unavailable
+
+
+def test_prepare_goes_once_before_the_first_write_and_is_retried_while_down() -> None:
+    store = Store()
+    store.up = False
+    outbox = Outbox(store.apply, retry_after_s=0, prepare=lambda: store.apply("load"))
+    assert not outbox.put("start", trial_id="a")
+    assert not outbox.put("result", trial_id="a", epoch=1)
+    assert store.applied == [] and len(outbox.pending) == 2
+    store.up = True
+    assert outbox.flush()
+    assert outbox.put("result", trial_id="a", epoch=2)
+    assert [name for name, _ in store.applied] == ["load", "start", "result", "result"]
+
+
+def test_a_prepare_refused_for_good_raises_and_keeps_the_writes() -> None:
+    store = Store()
+    outbox = Outbox(store.apply, prepare=lambda: store.apply("load", bad=True))
+    with pytest.raises(MlflowException, match="bad value"):
+        outbox.put("start", trial_id="a")
+    assert list(outbox.pending) == [("start", {"trial_id": "a"})] and store.applied == []

@@ -6,62 +6,21 @@ back; every trial is recorded once, with every epoch once.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
-from pathlib import Path
-
 import pytest
 
 from search.mlflow_writer import JOURNAL, segments
-from searchutil import epochs_of, free_port, search_args, search_runs, start_driver, wait_for
+from searchutil import (
+    epochs_of,
+    free_port,
+    search_args,
+    search_runs,
+    start_driver,
+    start_server,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def start_server(folder: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:port over a SQLite file and an artifact folder in ``folder``."""
-    log = open(folder / f"server-{port}.log", "a")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'server.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=folder,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    wait_for(lambda: _healthy(port), 120, "the MLflow server to answer")
-    return server
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def test_server_restart_mid_search_loses_nothing(tmp_path, easy_root, tiny_search):
