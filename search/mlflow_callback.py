@@ -180,13 +180,13 @@ class MlflowTrialLogger(Callback):
             if earlier:  # waited for only then: its first attempt may apply them
                 applied, answers = writer.wait(0.0)
                 self._take(answers)
-            try:
-                if applied:
+            if applied:
+                try:
                     return trial_records(Tracker(self.spec.tracking_uri), self.spec)
-            except Exception as exc:
-                if not is_unavailable(exc) or time.monotonic() >= deadline:
-                    raise
-            if time.monotonic() >= deadline:
+                except Exception as exc:
+                    if not is_unavailable(exc) or time.monotonic() >= deadline:
+                        raise
+            elif time.monotonic() >= deadline:
                 raise TrackingError(
                     f"MLflow stayed unavailable for {self.drain_timeout_s:.0f} s (--mlflow-wait) while "
                     f"the writes in {self.journal} waited to be applied: rerun with --resume once it is back"
