@@ -1,6 +1,7 @@
 """bf16 mixed precision keeps box coordinates exact: box decoding runs in float32 under autocast
 (torchvision's own decoding rounds anchors and proposals to bf16: 4 px steps above 512 px), and
-scores too; validation predicts in bf16 only with ``train.amp_validation``."""
+scores too; validation predicts in bf16 only with ``train.amp_validation``; GroupNorm computes in
+float32 on a CPU, as CUDA's autocast runs it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from cellseg.config import TrainConfig, load_config
 from cellseg.data import make_synthetic_dataset
-from cellseg.model import Float32BoxCoder, build_model
+from cellseg.model import Float32BoxCoder, Float32GroupNorm, build_model
 from cellseg.precision import validation_amp
 from cellseg.predict import detect_images
 from cellseg.torch_private import cpu_computes_bf16
@@ -139,3 +140,33 @@ def test_fit_validates_in_bf16_with_train_amp_validation(tmp_path: Path, amp_val
         handle.remove()
     assert seen[True] == {torch.bfloat16}
     assert seen[False] == {torch.bfloat16 if amp_validation else torch.float32}
+
+
+def test_group_norm_computes_in_float32_and_returns_the_inputs_dtype(tiny_model) -> None:
+    torch.manual_seed(0)
+    norm = Float32GroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(2, 64, 12, 10) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    reference = torch.nn.functional.group_norm(
+        x.detach().double(), 32, norm.weight.double(), norm.bias.double()
+    )
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), reference, atol=0.02, rtol=0.01)  # bf16 rounding of the output
+    grad = torch.randn(2, 64, 12, 10)
+    y.backward(grad.bfloat16())
+    x64 = x.detach().double().requires_grad_()
+    torch.nn.functional.group_norm(x64, 32, norm.weight.double(), norm.bias.double()).backward(grad.double())
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=0.02, rtol=0.02)
+    float32 = torch.randn(2, 64, 6, 5)
+    torch.testing.assert_close(norm(float32), torch.nn.GroupNorm.forward(norm, float32), rtol=0, atol=0)
+    assert all(
+        isinstance(m, Float32GroupNorm)
+        for m in build_model(tiny_model(norm="gn")).modules()
+        if isinstance(m, torch.nn.GroupNorm)
+    )
