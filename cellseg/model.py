@@ -41,15 +41,17 @@ BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # absent
 
 
 class Float32GroupNorm(nn.GroupNorm):
-    """torch's GroupNorm, computed in float32 for a CPU's bf16 input (``train.amp``).
+    """torch's GroupNorm, computed in float32 for a CPU's bf16 input in a training step
+    (``train.amp``), as CUDA's autocast runs it.
 
-    CUDA's autocast runs group_norm in float32; the CPU's runs it in bf16, whose backward pass
-    over a channels-last map takes torch's slow path: 14.9 ms for the demo stem's 2x64x96x80
-    map, 4.7 ms in float32 (one thread). The output goes back to bf16, as the next layers expect.
+    The CPU's autocast runs group_norm in bf16, whose backward pass over a channels-last map takes
+    torch's slow path: 14.9 ms for the demo stem's 2x64x96x80 map, 4.7 ms in float32 (one thread).
+    The output goes back to bf16, as the next layers expect. Without gradients (predictions) the
+    bf16 forward pass is the faster one and stays.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_grad_enabled():
             return super().forward(x.float()).to(x.dtype)
         return super().forward(x)
 

@@ -1,7 +1,7 @@
 """bf16 mixed precision keeps box coordinates exact: box decoding runs in float32 under autocast
 (torchvision's own decoding rounds anchors and proposals to bf16: 4 px steps above 512 px), and
 scores too; validation predicts in bf16 only with ``train.amp_validation``; GroupNorm computes in
-float32 on a CPU, as CUDA's autocast runs it."""
+float32 in a CPU's training steps, as CUDA's autocast runs it."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_fit_validates_in_bf16_with_train_amp_validation(tmp_path: Path, amp_val
     assert seen[False] == {torch.bfloat16 if amp_validation else torch.float32}
 
 
-def test_group_norm_computes_in_float32_and_returns_the_inputs_dtype(tiny_model) -> None:
+def test_group_norm_trains_in_float32_and_returns_the_inputs_dtype(tiny_model) -> None:
     torch.manual_seed(0)
     norm = Float32GroupNorm(32, 64)
     with torch.no_grad():
@@ -150,8 +150,18 @@ def test_group_norm_computes_in_float32_and_returns_the_inputs_dtype(tiny_model)
         norm.bias.uniform_(-1.0, 1.0)
     x = (torch.randn(2, 64, 12, 10) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    saved: list[torch.dtype] = []  # what autograd keeps for the backward pass: float32, not bf16
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.dtype)
+        return tensor
+
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+    ):
         y = norm(x)
+    assert torch.bfloat16 not in saved and torch.float32 in saved
     reference = torch.nn.functional.group_norm(
         x.detach().double(), 32, norm.weight.double(), norm.bias.double()
     )
@@ -165,6 +175,8 @@ def test_group_norm_computes_in_float32_and_returns_the_inputs_dtype(tiny_model)
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=0.02, rtol=0.02)
     float32 = torch.randn(2, 64, 6, 5)
     torch.testing.assert_close(norm(float32), torch.nn.GroupNorm.forward(norm, float32), rtol=0, atol=0)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # predictions: bf16
+        assert torch.equal(norm(x.detach()), torch.nn.GroupNorm.forward(norm, x.detach()))
     assert all(
         isinstance(m, Float32GroupNorm)
         for m in build_model(tiny_model(norm="gn")).modules()
