@@ -10,7 +10,7 @@ seed, training images, batch size, epochs and optimizer settings; the first step
 process so that its peak RSS is its own.
 
     python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
-        [--loader-workers N]
+        [--loader-workers N] [--set key=value ...]
 
 ``--loader-workers N`` sets cellseg's ``data.num_workers`` (default: the preset's, 0); the cellseg
 variant also reports ``wait_seconds``, the timed part spent waiting for the next batch (decode and
@@ -34,7 +34,10 @@ VARIANTS = ("cellseg", "plain")
 def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
     workers = [] if args.loader_workers is None else [f"data.num_workers={args.loader_workers}"]
     cfg = common.bench_config(
-        args.data, tiny=args.tiny, device=args.device, overrides=[f"train.epochs={args.epochs}", *workers]
+        args.data,
+        tiny=args.tiny,
+        device=args.device,
+        overrides=[f"train.epochs={args.epochs}", *workers, *args.set],
     )
     s = build_training(cfg)
     timed = common.TimedLoader(s.train_loader, device=s.device)
@@ -50,7 +53,7 @@ def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_plain(args: argparse.Namespace) -> dict[str, float]:
-    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device)
+    cfg = common.bench_config(args.data, tiny=args.tiny, device=args.device, overrides=args.set)
     device = torch.device(args.device)
     seed_everything(cfg.train.seed)
     model = common.torchvision_model(cfg.model).to(device)
@@ -76,6 +79,13 @@ def main() -> None:
     parser.add_argument(
         "--loader-workers", type=int, help="cellseg's data.num_workers (default: the preset's)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both loops, e.g. model.backbone=resnet34 (repeatable)",
+    )
     args = parser.parse_args()
     args.epochs = args.epochs or 2
     if args.variant:
@@ -86,8 +96,9 @@ def main() -> None:
         argv = common.child_args(args, root) + ["--epochs", str(args.epochs)]
         if args.loader_workers is not None:
             argv += ["--loader-workers", str(args.loader_workers)]
+        argv += [flag for override in args.set for flag in ("--set", override)]
         results = {v: common.run_variant(__file__, [*argv, "--variant", v]) for v in VARIANTS}
-        cfg = common.bench_config(root, tiny=args.tiny, device=args.device)
+        cfg = common.bench_config(root, tiny=args.tiny, device=args.device, overrides=args.set)
     print(
         f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
         f"batch {cfg.train.batch_size}, {args.epochs} epochs, first step not timed"
