@@ -27,6 +27,7 @@ class DataConfig:
     split_seed: int = 0  # fixed so every trial of a search is scored on the same images
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU demos and tests single-process
     cache_decoded: bool = True  # decode each tif once: LZW decoding dominates a CPU epoch
+    batch_by_orientation: bool = True  # train batches of one orientation pad less (data/batching.py)
     max_pixels: int = 50_000_000  # refuse larger TIFFs from their header; the largest real is 1.8 MP
     max_instances: int = 5000  # refuse images with more; real max ~500, each costs an HxW mask
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import BEST, LAST, load_checkpoint, make_state, save_checkpoint
 from cellseg.config import Config
 from cellseg.data import CellDataset, build_augment, collate, dataset_fingerprint, scan_train, split_items
+from cellseg.data.batching import OrientationBatches
 from cellseg.engine import Batch, predict_split, split_metrics, train_one_epoch
 from cellseg.evaluation import coco_max_dets
 from cellseg.model import build_model
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, float], Path], None]
 """Called after every epoch with the metrics and the run directory holding last.pt and best.pt."""
+TrainLoader = DataLoader | OrientationBatches  # data.batch_by_orientation: batches of one orientation
 
 TRAIN_SECONDS = "epoch_train_s"  # wall time of the epoch's training pass
 VAL_SECONDS = "epoch_val_s"  # wall time of its validation (0 when the epoch skipped it)
@@ -80,25 +82,33 @@ def build_datasets(cfg: Config) -> tuple[CellDataset, CellDataset]:
     return train, val
 
 
-def build_loaders(cfg: Config, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """Train and validation loaders on the fixed seeded split, and the train shuffle generator."""
+def build_loaders(cfg: Config, device: torch.device) -> tuple[TrainLoader, DataLoader, torch.Generator]:
+    """Train and validation loaders on the fixed seeded split, and the train shuffle generator.
+    With ``data.batch_by_orientation`` each training batch holds images of one orientation."""
     train, val = build_datasets(cfg)
     common = dict(
-        collate_fn=collate,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.data.num_workers > 0,
     )
     shuffle = torch.Generator()
-    train_loader = DataLoader(
-        train,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        generator=shuffle,
-        drop_last=len(train) > cfg.train.batch_size,
-        **common,
-    )
-    val_loader = DataLoader(val, batch_size=cfg.train.batch_size, shuffle=False, **common)
+    batch_size, drop_last = cfg.train.batch_size, len(train) > cfg.train.batch_size
+    if cfg.data.batch_by_orientation:
+        # prefetch_factor counts samples here: two batches per worker in flight, as with batches
+        prefetch = {"prefetch_factor": 2 * batch_size} if cfg.data.num_workers else {}
+        samples = DataLoader(train, batch_size=None, shuffle=True, generator=shuffle, **common, **prefetch)
+        train_loader = OrientationBatches(samples, batch_size, drop_last=drop_last)
+    else:
+        train_loader = DataLoader(
+            train,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=shuffle,
+            drop_last=drop_last,
+            collate_fn=collate,
+            **common,
+        )
+    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate, **common)
     return train_loader, val_loader, shuffle
 
 
@@ -111,7 +121,7 @@ class Training:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
-    train_loader: DataLoader
+    train_loader: TrainLoader
     val_loader: DataLoader
     shuffle: torch.Generator
     scaler: torch.amp.GradScaler | None
