@@ -20,6 +20,9 @@ import argparse
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from cellseg.errors import ConfigError, TrackingError
 from cellseg.tracking import SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
@@ -167,16 +170,56 @@ def check_unchanged(
     fix = f"restore it, or start a new search with --warm-start {name}"
     with tempfile.TemporaryDirectory() as tmp:
         for artifact, text in texts.items():
-            if tracker.download_artifact(parent.run_id, artifact, tmp).read_text() != text:
+            then = tracker.download_artifact(parent.run_id, artifact, tmp).read_text()
+            if then != text:
+                changes = "; ".join(changed_keys(then, text))
                 raise ConfigError(
-                    f"--continue {name}: {files[artifact]} changed since the search started (its "
-                    f"copy then is the artifact {artifact} of run {parent.run_id}); {fix}"
+                    f"--continue {name}: {files[artifact]} changed since the search started "
+                    f"({changes + '; ' if changes else ''}its copy then is the artifact {artifact} "
+                    f"of run {parent.run_id}); {fix}"
                 )
     if parent.fingerprint and parent.fingerprint != digest:
         raise ConfigError(
             f"--continue {name}: the dataset {data} changed since the search started (fingerprint "
             f"{digest}, the search trained on {parent.fingerprint}); {fix}"
         )
+
+
+def changed_keys(then: str, now: str, *, shown: int = 5) -> list[str]:
+    """What differs between two YAML mappings, by dotted key: ``key: <then> then, <now> now``
+    (``absent``: a key the base config as loaded holds only now is a setting cellseg added since
+    the search started); at most ``shown`` of them, then how many more; none when either text is
+    not a mapping."""
+    before, after = (_dotted(yaml.safe_load(text)) for text in (then, now))
+    if before is None or after is None:
+        return []
+    changed = [
+        key for key in dict.fromkeys([*before, *after]) if before.get(key, _ABSENT) != after.get(key, _ABSENT)
+    ]
+    lines = [
+        f"{key}: {before.get(key, _ABSENT)!s} then, {after.get(key, _ABSENT)!s} now"
+        for key in changed[:shown]
+    ]
+    return lines + ([f"{len(changed) - shown} more"] if len(changed) > shown else [])
+
+
+class _Absent:
+    def __str__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _dotted(value: Any, prefix: str = "") -> dict[str, Any] | None:
+    """A YAML mapping's leaves by dotted key (None when ``value`` is not a mapping)."""
+    if not isinstance(value, dict):
+        return None
+    leaves: dict[str, Any] = {}
+    for key, item in value.items():
+        nested = _dotted(item, f"{prefix}{key}.")
+        leaves.update(nested if nested is not None else {f"{prefix}{key}": item})
+    return leaves
 
 
 def recorded_phases(parent: RunRecord) -> list[str]:

@@ -15,7 +15,15 @@ from cellseg.config import ConfigError, config_to_dict
 from cellseg.data import DataError, dataset_fingerprint
 from cellseg.tracking import SOURCE_TAG, Tracker, TrackingError
 from cellseg.weights import MIRROR_ENV, WeightsError
-from search.continuation import CONTINUE, PARENT_SOURCE, RESEED, check_unchanged, next_phase, phase_kind
+from search.continuation import (
+    CONTINUE,
+    PARENT_SOURCE,
+    RESEED,
+    changed_keys,
+    check_unchanged,
+    next_phase,
+    phase_kind,
+)
 from search.driver_drill import DRILL_ENV
 from search.efficiency import Efficiency
 from search.faults import FAULT_ENV
@@ -373,7 +381,11 @@ def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_s
     files["space"].write_text(space)
     files["base"].write_text(base.replace("epochs: 3", "epochs: 2"))
     assert search_main(_continue(mlflow_uri)) == 2
-    assert f"--continue s1: {files['base']} changed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"--continue s1: {files['base']} changed since the search started (train.epochs: 3 then, 2 now; its"
+        in err
+    )
     assert client.get_run(run_id).info.status == "FINISHED" and not ray.is_initialized()
     files["base"].write_text(base)
     parent = Tracker(mlflow_uri).record(run_id)
@@ -385,6 +397,18 @@ def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_s
     check_unchanged(Tracker(mlflow_uri), parent, texts, {}, parent.fingerprint, easy_root)
     with pytest.raises(ConfigError, match=f"the dataset {easy_root} changed since the search started"):
         check_unchanged(Tracker(mlflow_uri), parent, texts, {}, "0" * 16, easy_root)
+
+
+def test_changed_keys_name_what_differs_and_what_cellseg_added() -> None:
+    then = yaml.safe_dump({"data": {"root": "/d"}, "train": {"epochs": 3, "lr": [1, 2]}})
+    now = yaml.safe_dump({"data": {"root": "/d", "new_setting": True}, "train": {"epochs": 3, "lr": [1, 3]}})
+    assert changed_keys(then, now) == [
+        "train.lr: [1, 2] then, [1, 3] now",
+        "data.new_setting: absent then, True now",
+    ]
+    assert changed_keys(then, then) == [] and changed_keys("- a list", now) == []
+    many = yaml.safe_dump({f"k{i}": i for i in range(8)})
+    assert changed_keys("{}", many, shown=2) == ["k0: absent then, 0 now", "k1: absent then, 1 now", "6 more"]
 
 
 def test_a_later_experiment_of_the_search_leaves_removing_checkpoints_to_its_callback(tmp_path, mlflow_uri):
