@@ -221,7 +221,9 @@ class MlflowWriter:
         if code is not None:
             raise TrackingError(
                 f"the MLflow writer process stopped (exit code {code}; its error is in the log above). "
-                f"Its writes are kept in {self.folder}: rerun the search with --resume"
+                f"Its writes are kept in {self.folder}: once what that error names is fixed (a store "
+                "that refuses the search's runs, e.g. a permission or a deleted experiment), rerun the "
+                "search with --resume, which applies them"
             )
 
 

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # python search/run.py: search/ is not installed,
 import optuna
 import ray
 import yaml
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
@@ -37,7 +38,7 @@ from cellseg.config import Config, config_to_dict, load_config
 from cellseg.data import DataFingerprint, dataset_fingerprint, make_synthetic_dataset, scan_train
 from cellseg.errors import ConfigError, DataError, TrackingError
 from cellseg.telemetry_off import switch_off_telemetry
-from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker
+from cellseg.tracking import PARENT_TAG, SEARCH_TAG, SOURCE_TAG, RunRecord, Tracker, is_unavailable
 from cellseg.weights import resolve_weights
 from search.bounded_history import BoundedHistorySampler
 from search.continuation import (
@@ -548,21 +549,37 @@ def fit_tuner(
 @contextlib.contextmanager
 def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command: str) -> Iterator[None]:
     """Close the parent run if the block raises: KILLED for Ctrl-C (SearchInterrupted, naming
-    ``resume_command``), FAILED otherwise. Left RUNNING when MLflow itself is unavailable."""
+    ``resume_command``), FAILED otherwise. Left RUNNING when MLflow itself is unavailable: a
+    TrackingError, naming ``resume_command`` when the store went down in the block (a read or
+    write of the driver's own, e.g. at the re-seeding or the search's end)."""
     try:
         yield
     except TrackingError:
         raise
+    except MlflowException as exc:
+        if not is_unavailable(exc):
+            _close_failed(tracker, parent_run_id, exc)
+            raise
+        raise TrackingError(
+            f"MLflow at {tracker.uri} became unavailable ({exc}). The trials' results are kept in "
+            f"Tune's storage and the writes not applied in the journal; once MLflow is back, "
+            f"continue with: {resume_command}"
+        ) from exc
     except BaseException as exc:
-        try:
-            tracker.fail_run(parent_run_id, exc)
-        except Exception as mlflow_exc:  # keep the search's own error in front
-            log.error("could not close the parent run %s: %s", parent_run_id, mlflow_exc)
+        _close_failed(tracker, parent_run_id, exc)
         if isinstance(exc, KeyboardInterrupt):
             raise SearchInterrupted(
                 f"interrupted; the parent run is KILLED. Continue the search with: {resume_command}"
             ) from None
         raise
+
+
+def _close_failed(tracker: Tracker, parent_run_id: str, exc: BaseException) -> None:
+    """The parent run FAILED (KILLED for Ctrl-C) with ``exc``; logged when that fails too."""
+    try:
+        tracker.fail_run(parent_run_id, exc)
+    except Exception as mlflow_exc:  # keep the search's own error in front
+        log.error("could not close the parent run %s: %s", parent_run_id, mlflow_exc)
 
 
 def check_writes_applied(local_dir: Path, tracker: Tracker, name: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cellseg.config import ConfigError, config_to_dict
@@ -32,6 +33,7 @@ from search.mlflow_writer import JOURNAL
 from search.run import (
     CLUSTER_PENDING_TRIALS,
     DEFAULT_LOGGERS_ENV,
+    MLFLOW_HTTP_DEFAULTS,
     SCORE_ONLY_ENV,
     SEARCH_TAG,
     SIGINT_ENV,
@@ -54,6 +56,7 @@ from search.run import (
     next_steps,
     open_parent_run,
     parent_artifacts,
+    parent_closed_on_error,
     parent_params,
     parent_tags,
     pending_trials,
@@ -397,6 +400,22 @@ def test_continue_refuses_a_changed_space_base_or_dataset_before_reopening_the_s
     check_unchanged(Tracker(mlflow_uri), parent, texts, {}, parent.fingerprint, easy_root)
     with pytest.raises(ConfigError, match=f"the dataset {easy_root} changed since the search started"):
         check_unchanged(Tracker(mlflow_uri), parent, texts, {}, "0" * 16, easy_root)
+
+
+def test_mlflow_down_in_a_driver_step_leaves_the_parent_running_and_names_the_resume(mlflow_uri, monkeypatch):
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # the driver's: a refused connection fails fast
+        monkeypatch.setenv(key, value)
+    tracker = Tracker(mlflow_uri)
+    parent = tracker.start_run("e", "s1")
+    resume = "python search/run.py --resume --name s1"
+    with pytest.raises(TrackingError, match=f"unavailable .*continue with: {re.escape(resume)}$"):
+        with parent_closed_on_error(tracker, parent, resume):
+            Tracker(f"http://127.0.0.1:{free_port()}").records("e")  # e.g. reseed_best's read
+    assert tracker.record(parent).status == "RUNNING"
+    with pytest.raises(MlflowException, match="not found"):  # a refusal (404): the search failed
+        with parent_closed_on_error(tracker, parent, resume):
+            MlflowClient(mlflow_uri).get_run("0" * 32)
+    assert tracker.record(parent).status == "FAILED"
 
 
 def test_changed_keys_name_what_differs_and_what_cellseg_added() -> None:
