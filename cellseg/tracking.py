@@ -329,11 +329,13 @@ class Tracker:
         self.end_run(run_id, "KILLED" if killed else "FAILED")
 
     def record(self, run_id: str) -> RunRecord:
-        """The run ``run_id``; TrackingError naming it when the store has no such run."""
+        """The run ``run_id``; TrackingError naming it when the store has no such run (or is
+        unavailable)."""
         try:
             return _record(self.client.get_run(run_id))
         except MlflowException as exc:
-            raise TrackingError(f"no run {run_id} in {self.uri}: {exc}") from exc
+            problem = "is unavailable" if is_unavailable(exc) else "has no such run"
+            raise TrackingError(f"reading run {run_id}: MLflow at {self.uri} {problem}: {exc}") from exc
 
     def records(self, experiment: str, filter_string: str = "") -> list[RunRecord]:
         """The runs of ``experiment`` matching MLflow's ``filter_string`` (all pages), oldest

@@ -17,6 +17,7 @@ before it had ended).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -172,11 +173,18 @@ def check_unchanged(
         for artifact, text in texts.items():
             then = tracker.download_artifact(parent.run_id, artifact, tmp).read_text()
             if then != text:
-                changes = "; ".join(changed_keys(then, text))
+                changes = changed_keys(then, text)
+                added = any(" absent then," in change for change in changes)
                 raise ConfigError(
                     f"--continue {name}: {files[artifact]} changed since the search started "
-                    f"({changes + '; ' if changes else ''}its copy then is the artifact {artifact} "
+                    f"({''.join(c + '; ' for c in changes)}its copy then is the artifact {artifact} "
                     f"of run {parent.run_id}); {fix}"
+                    + (
+                        ". A key absent then is a setting cellseg added since, which the search's "
+                        "trials trained without"
+                        if added
+                        else ""
+                    )
                 )
     if parent.fingerprint and parent.fingerprint != digest:
         raise ConfigError(
@@ -186,29 +194,28 @@ def check_unchanged(
 
 
 def changed_keys(then: str, now: str, *, shown: int = 5) -> list[str]:
-    """What differs between two YAML mappings, by dotted key: ``key: <then> then, <now> now``
-    (``absent``: a key the base config as loaded holds only now is a setting cellseg added since
-    the search started); at most ``shown`` of them, then how many more; none when either text is
-    not a mapping."""
-    before, after = (_dotted(yaml.safe_load(text)) for text in (then, now))
+    """What differs between two YAML mappings, by dotted key: ``key: <then> then, <now> now``,
+    values as JSON (``absent``: a key the base config as loaded holds only now is a setting
+    cellseg added since the search started); at most ``shown`` of them, then how many more; none
+    when either text is not a YAML mapping."""
+    try:
+        before, after = (_dotted(yaml.safe_load(text)) for text in (then, now))
+    except yaml.YAMLError:
+        return []
     if before is None or after is None:
         return []
     changed = [
         key for key in dict.fromkeys([*before, *after]) if before.get(key, _ABSENT) != after.get(key, _ABSENT)
     ]
-    lines = [
-        f"{key}: {before.get(key, _ABSENT)!s} then, {after.get(key, _ABSENT)!s} now"
-        for key in changed[:shown]
-    ]
+    lines = [f"{key}: {_shown(before, key)} then, {_shown(after, key)} now" for key in changed[:shown]]
     return lines + ([f"{len(changed) - shown} more"] if len(changed) > shown else [])
 
 
-class _Absent:
-    def __str__(self) -> str:
-        return "absent"
+_ABSENT = object()
 
 
-_ABSENT = _Absent()
+def _shown(leaves: Mapping[str, Any], key: str) -> str:
+    return json.dumps(leaves[key], default=str) if key in leaves else "absent"
 
 
 def _dotted(value: Any, prefix: str = "") -> dict[str, Any] | None:

@@ -554,17 +554,16 @@ def parent_closed_on_error(tracker: Tracker, parent_run_id: str, resume_command:
     write of the driver's own, e.g. at the re-seeding or the search's end)."""
     try:
         yield
-    except TrackingError:
-        raise
-    except MlflowException as exc:
-        if not is_unavailable(exc):
+    except (MlflowException, TrackingError) as exc:
+        if is_unavailable(exc):  # a TrackingError of the search's own says what to do already
+            raise TrackingError(
+                f"MLflow at {tracker.uri} became unavailable ({exc}). The trials' results are kept "
+                f"in Tune's storage and the writes not applied in the journal; once MLflow is back, "
+                f"continue with: {resume_command}"
+            ) from exc
+        if isinstance(exc, MlflowException):
             _close_failed(tracker, parent_run_id, exc)
-            raise
-        raise TrackingError(
-            f"MLflow at {tracker.uri} became unavailable ({exc}). The trials' results are kept in "
-            f"Tune's storage and the writes not applied in the journal; once MLflow is back, "
-            f"continue with: {resume_command}"
-        ) from exc
+        raise
     except BaseException as exc:
         _close_failed(tracker, parent_run_id, exc)
         if isinstance(exc, KeyboardInterrupt):
@@ -886,7 +885,17 @@ def new_trials(search: SearchPhases, phases: list[str], warm: WarmStart) -> list
     args, name = search.args, search.name
     if args.continue_search:
         phase = next_phase(name, CONTINUE, phases)
-        record_phase(search.tracker, search.parent_run_id, phases, phase)
+        try:
+            record_phase(search.tracker, search.parent_run_id, phases, phase)
+        except MlflowException as exc:
+            if not is_unavailable(exc):
+                raise
+            raise TrackingError(
+                f"MLflow at {search.tracker.uri} became unavailable ({exc}) before the trials of "
+                f"--continue were recorded, so none ran. Once it is back, finish the search with the "
+                f"resume command printed above, then add them again with: python search/run.py "
+                f"--continue {name} --num-samples {args.num_samples}"
+            ) from None
         print(f"continuing search {name} with {args.num_samples} more trials ({phase})")
         return search.fit(
             search.search_tuner(phase, study_name=name, continue_study=True, seed=args.seed + len(phases))
@@ -1073,6 +1082,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
         dataset=dataset,
     )
     print(f"search {name}: MLflow parent run {parent_run_id} in {tracker.uri}")
+    experiment_id = tracker.experiment_id(args.experiment)  # for the last lines, read while MLflow answers
     resume_command = resume_command_for(args, name, argv)
     print(f"resume after a crash with: {resume_command}")
     with parent_closed_on_error(tracker, parent_run_id, resume_command):
@@ -1112,7 +1122,7 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 ensemble=args.tune_inference_ensemble,
             )
             print("\n".join(tuned))
-        except (ConfigError, DataError, TrackingError) as exc:
+        except (ConfigError, DataError, TrackingError, MlflowException) as exc:
             code = TUNING_FAILED
             print(
                 f"search: the search finished and can be exported; tuning its inference settings "
@@ -1121,7 +1131,6 @@ def run_search(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "the error names (see cellseg tune-inference --help)",
                 file=sys.stderr,
             )
-    experiment_id = tracker.experiment_id(args.experiment)
     print("\n".join(next_steps(tracker.uri, args.experiment, experiment_id, data, search.study_file)))
     return code
 

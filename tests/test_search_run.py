@@ -411,6 +411,9 @@ def test_mlflow_down_in_a_driver_step_leaves_the_parent_running_and_names_the_re
     with pytest.raises(TrackingError, match=f"unavailable .*continue with: {re.escape(resume)}$"):
         with parent_closed_on_error(tracker, parent, resume):
             Tracker(f"http://127.0.0.1:{free_port()}").records("e")  # e.g. reseed_best's read
+    with pytest.raises(TrackingError, match=f"unavailable .*continue with: {re.escape(resume)}$"):
+        with parent_closed_on_error(tracker, parent, resume):
+            Tracker(f"http://127.0.0.1:{free_port()}").record(parent)  # an error Tracker wraps
     assert tracker.record(parent).status == "RUNNING"
     with pytest.raises(MlflowException, match="not found"):  # a refusal (404): the search failed
         with parent_closed_on_error(tracker, parent, resume):
@@ -423,9 +426,10 @@ def test_changed_keys_name_what_differs_and_what_cellseg_added() -> None:
     now = yaml.safe_dump({"data": {"root": "/d", "new_setting": True}, "train": {"epochs": 3, "lr": [1, 3]}})
     assert changed_keys(then, now) == [
         "train.lr: [1, 2] then, [1, 3] now",
-        "data.new_setting: absent then, True now",
+        "data.new_setting: absent then, true now",
     ]
-    assert changed_keys(then, then) == [] and changed_keys("- a list", now) == []
+    assert changed_keys(then, then) == [] and changed_keys("- a list", now) == [] == changed_keys("a: [", now)
+    assert changed_keys("s: x\nn: null", "s: x y\n") == ['s: "x" then, "x y" now', "n: null then, absent now"]
     many = yaml.safe_dump({f"k{i}": i for i in range(8)})
     assert changed_keys("{}", many, shown=2) == ["k0: absent then, 0 now", "k1: absent then, 1 now", "6 more"]
 
@@ -563,6 +567,17 @@ def test_a_resume_restores_every_saved_experiment_and_adds_no_trials(
     assert new_trials(search, phases, WarmStart()) == [] and phases == ["s1--continue-1"]
     search.args.resume = False
     assert restored_results(search, phases) == [] and capsys.readouterr().out == ""  # a new search
+
+
+def test_mlflow_down_before_continue_records_its_step_says_no_trials_ran(
+    tmp_path, mlflow_uri, easy_root, tiny_search, monkeypatch
+):
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # the driver's: a refused connection fails fast
+        monkeypatch.setenv(key, value)
+    search = _phases(tmp_path, mlflow_uri, easy_root, tiny_search, "--continue", "s1", "--num-samples", "3")
+    search.tracker = Tracker(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingError, match=r"so none ran\. .* --continue s1 --num-samples 3$"):
+        new_trials(search, [], WarmStart())
 
 
 def test_reseeding_with_no_trial_that_ran_every_epoch_starts_no_experiment(

@@ -117,7 +117,7 @@ def test_fail_reopen_and_unknown_runs(tracker: Tracker) -> None:
     assert tracker.record(killed).tags["error"] == "KeyboardInterrupt"
     tracker.reopen_run(killed)
     assert tracker.record(killed).status == "RUNNING"
-    with pytest.raises(TrackingError, match="no run 0123abcd"):
+    with pytest.raises(TrackingError, match="reading run 0123abcd: MLflow at .* has no such run"):
         tracker.record("0123abcd")
 
 
