@@ -44,6 +44,7 @@ from tiffutil import HUGE, write_zeros_lzw
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 EXPERIMENT = "cli"
 TINY = ["--set", "model.min_size=64", "--set", "model.max_size=128"]
+R1_EPOCHS = 4
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -70,7 +71,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert out.strip() == str(data)
     uri = f"sqlite:///{tmp}/mlflow.db"
     runs = {}
-    for name, epochs in (("r1", 2), ("r2", 1)):
+    # r1's 4 epochs: after 2 its best.pt was epoch 1's, which detected nothing or a few boxes by the
+    # luck of its batches; after 4 it detects in every batching tried
+    for name, epochs in (("r1", R1_EPOCHS), ("r2", 1)):
         code, out, err = run_cli(
             "train",
             "--config",
@@ -195,7 +198,7 @@ def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
     checkpoint = checkpoint_of(workspace, "r1")
     assert checkpoint == (workspace["tmp"] / "runs" / "r1" / "best.pt").resolve()
     assert checkpoint.is_file()
-    assert re.search(r"^best segm_AP50 [0-9.]+ at epoch [12]$", out, flags=re.MULTILINE), out
+    assert re.search(r"^best segm_AP50 [0-9.]+ at epoch [1-4]$", out, flags=re.MULTILINE), out
 
     client: MlflowClient = workspace["client"]
     run = run_of(workspace, "r1")
@@ -203,7 +206,7 @@ def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
     assert run.info.run_id in out  # "MLflow run <id> in <uri>"
     params = run.data.params
     assert params["optim.lr"] == "0.001"
-    assert params["train.epochs"] == "2"
+    assert params["train.epochs"] == str(R1_EPOCHS)
     assert params["model.min_size"] == "64" and params["model.backbone"] == "resnet18"
     assert params["data.root"] == str(workspace["data"].resolve())
     assert run.data.tags["cellseg.run_dir"] == str(checkpoint.parent)
@@ -214,7 +217,7 @@ def test_train_prints_checkpoint_and_logs_mlflow_run(workspace: dict) -> None:
 
     for key in ("segm_AP50", "train_loss", "bbox_AP50", "lr"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == [1, 2], key
+        assert sorted(m.step for m in history) == list(range(1, R1_EPOCHS + 1)), key
     assert not client.get_metric_history(run.info.run_id, "val_loss")  # train.val_loss is off
     history = sorted(client.get_metric_history(run.info.run_id, "segm_AP50"), key=lambda m: m.step)
     best = load_checkpoint(checkpoint)
