@@ -10,7 +10,11 @@ seed, training images, batch size, epochs and optimizer settings; the first step
 process so that its peak RSS is its own.
 
     python bench/train_throughput.py [--tiny] [--data DIR] [--device cuda] [--epochs N]
-        [--loader-workers N] [--set key=value ...]
+        [--loader-workers N] [--set key=value ...] [--against key=value ...]
+
+``--against`` adds a third loop, cellseg's with these overrides too (e.g.
+``data.batch_by_orientation=false``), as the baseline of one cellseg setting, run in the same
+invocation, with its own ratio.
 
 ``--loader-workers N`` sets cellseg's ``data.num_workers`` (default: the preset's, 0); the cellseg
 variant also reports ``wait_seconds``, the timed part spent waiting for the next batch (decode and
@@ -29,15 +33,17 @@ from cellseg.optim import OPTIMIZERS, optimizer_settings
 from cellseg.training import build_training, seed_everything
 
 VARIANTS = ("cellseg", "plain")
+AGAINST = "against"  # cellseg's loop with the --against overrides
 
 
 def run_cellseg(args: argparse.Namespace) -> dict[str, float]:
     workers = [] if args.loader_workers is None else [f"data.num_workers={args.loader_workers}"]
+    against = args.against if args.variant == AGAINST else []
     cfg = common.bench_config(
         args.data,
         tiny=args.tiny,
         device=args.device,
-        overrides=[f"train.epochs={args.epochs}", *workers, *args.set],
+        overrides=[f"train.epochs={args.epochs}", *workers, *args.set, *against],
     )
     s = build_training(cfg)
     timed = common.TimedLoader(s.train_loader, device=s.device)
@@ -74,7 +80,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = common.make_parser(__doc__.splitlines()[0], VARIANTS)
+    parser = common.make_parser(__doc__.splitlines()[0], (*VARIANTS, AGAINST))
     parser.add_argument("--epochs", type=int, help="epochs per variant (default 2)")
     parser.add_argument(
         "--loader-workers", type=int, help="cellseg's data.num_workers (default: the preset's)"
@@ -86,10 +92,18 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a config override for both loops, e.g. model.backbone=resnet34 (repeatable)",
     )
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also run cellseg's loop with this override as a baseline, e.g. "
+        "data.batch_by_orientation=false (repeatable)",
+    )
     args = parser.parse_args()
     args.epochs = args.epochs or 2
     if args.variant:
-        common.emit_result((run_cellseg if args.variant == "cellseg" else run_plain)(args))
+        common.emit_result((run_plain if args.variant == "plain" else run_cellseg)(args))
         return
     print(common.machine())
     with common.dataset_root(args) as root:
@@ -97,7 +111,9 @@ def main() -> None:
         if args.loader_workers is not None:
             argv += ["--loader-workers", str(args.loader_workers)]
         argv += [flag for override in args.set for flag in ("--set", override)]
-        results = {v: common.run_variant(__file__, [*argv, "--variant", v]) for v in VARIANTS}
+        argv += [flag for override in args.against for flag in ("--against", override)]
+        variants = (*VARIANTS, AGAINST) if args.against else VARIANTS
+        results = {v: common.run_variant(__file__, [*argv, "--variant", v]) for v in variants}
         cfg = common.bench_config(root, tiny=args.tiny, device=args.device, overrides=args.set)
     print(
         f"model {cfg.model.backbone} min/max size {cfg.model.min_size}/{cfg.model.max_size}, "
@@ -111,6 +127,10 @@ def main() -> None:
     c, p = results["cellseg"], results["plain"]
     common.print_ratio("peak RSS cellseg/plain", c["peak_rss_mb"] / p["peak_rss_mb"])
     common.print_ratio("images/s cellseg/plain", (c["images"] / c["seconds"]) / (p["images"] / p["seconds"]))
+    if args.against:
+        a, what = results[AGAINST], " ".join(args.against)
+        common.print_ratio(f"seconds cellseg/cellseg with {what}", c["seconds"] / a["seconds"])
+        common.print_ratio(f"peak RSS cellseg/cellseg with {what}", c["peak_rss_mb"] / a["peak_rss_mb"])
 
 
 if __name__ == "__main__":

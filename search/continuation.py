@@ -180,8 +180,8 @@ def check_unchanged(
                     f"({''.join(c + '; ' for c in changes)}its copy then is the artifact {artifact} "
                     f"of run {parent.run_id}); {fix}"
                     + (
-                        ". A key absent then is a setting cellseg added since, which the search's "
-                        "trials trained without"
+                        ". A key of the base config absent then is a setting cellseg added since, "
+                        "which the search's trials trained without"
                         if added
                         else ""
                     )

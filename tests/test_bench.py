@@ -37,6 +37,13 @@ def test_benchmark_runs_tiny_and_prints_its_ratio(script: str) -> None:
     assert RATIO.search(proc.stdout), proc.stdout
 
 
+def test_train_throughput_against_a_setting_runs_it_as_a_third_loop() -> None:
+    proc = run_tiny("train_throughput", "--epochs", "1", "--against", "data.batch_by_orientation=false")
+    assert re.search(r"^against +\d+ ", proc.stdout, re.MULTILINE), proc.stdout
+    ratio = r"^ratio seconds cellseg/cellseg with data.batch_by_orientation=false: \d+\.\d+x$"
+    assert re.search(ratio, proc.stdout, re.MULTILINE), proc.stdout
+
+
 def test_driver_scale_profiles_each_bucket_and_names_what_grew(tmp_path: Path) -> None:
     profile = tmp_path / "driver.prof"
     proc = run_tiny("driver_scale", "--profile", str(profile))
