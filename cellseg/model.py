@@ -24,6 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from cellseg.config import ModelConfig
 from cellseg.errors import ConfigError
 from cellseg.input_scale import model_scale, resize_image, resize_masks
+from cellseg.mask_upsample import MaskUpsample
 from cellseg.roi_align import CellRoIAlign
 from cellseg.task import NUM_CLASSES
 from cellseg.torchvision_private import BoxCoder, resize_boxes
@@ -211,6 +212,13 @@ def _load_weights(model: MaskRCNN, cfg: ModelConfig) -> None:
         _load_into(model.backbone.body, state, path)
 
 
+def _mask_predictor(channels: int, classes: int) -> MaskRCNNPredictor:
+    """torchvision's mask predictor, its upsampling computed as cellseg.mask_upsample does."""
+    predictor = MaskRCNNPredictor(channels, channels, classes)
+    predictor.conv5_mask = MaskUpsample.of(predictor.conv5_mask)
+    return predictor
+
+
 def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
     _choose(IMAGENET, cfg.backbone, "backbone")  # the backbones with ImageNet weights
     norm_layer = _choose(NORM_LAYERS, cfg.norm, "norm")
@@ -257,7 +265,7 @@ def build_model(cfg: ModelConfig, *, num_classes: int = NUM_CLASSES) -> MaskRCNN
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         mask_roi_pool=CellRoIAlign(levels, 2 * pool_side, sampling_ratio=2),
         mask_head=mask_head,
-        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
+        mask_predictor=_mask_predictor(channels, num_classes + 1),
     )
     t = model.transform
     model.rpn.box_coder = _float32_box_coder(model.rpn.box_coder)

@@ -28,6 +28,7 @@ RATIO = re.compile(r"^ratio .+: [-+]?\d+(\.\d+)?(x| %)$", re.MULTILINE)
         "store_writes",
         "mixed_precision",
         "checkpoint_save",
+        "mask_upsample",
         "rung_agreement",
         "tpe_history",
     ],
