@@ -13,9 +13,11 @@ parameters. Median seconds; ``ratio`` lines are MaskUpsample / torch.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,7 +65,7 @@ def bench_layer(rounds: int, amp: bool, tiny: bool) -> None:
         common.print_ratio(f"layer, {channels} channels, {regions} regions", ours / base)
 
 
-def bench_training(args, root) -> None:
+def bench_training(args: argparse.Namespace, root: Path) -> None:
     """Each batch's forward and backward pass both ways on the same model, the same sampled
     regions (the random state restored), then one optimizer step: the same work but the layer."""
     overrides = [f"train.epochs={args.epochs}", *SEARCHED_MOST, *args.set]

@@ -6,7 +6,8 @@ the block, whose outputs are then interleaved. oneDNN's transposed convolution r
 the rate of its 1x1 convolution on a CPU's channels-last maps in a training step, where it runs
 on every positive region (``bench/mask_upsample.py``). Same weights, same state dict keys and the
 same values up to the rounding of the sums. Without gradients (predictions over hundreds of
-regions per image) torch's kernel is the faster one and runs, as on other devices and layouts.
+regions per image) it measured no faster, so torch's kernel runs there, as on other devices
+and layouts.
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ class MaskUpsample(nn.ConvTranspose2d):
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        if x.device.type != "cpu" or not channels_last or not torch.is_grad_enabled() or output_size:
+        if (
+            x.device.type != "cpu"
+            or not channels_last
+            or not torch.is_grad_enabled()
+            or output_size is not None
+        ):
             return super().forward(x, output_size)
         out = self.out_channels
         # (in, out, dy, dx) -> (dy, dx, out) output channels of a 1x1 convolution

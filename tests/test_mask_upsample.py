@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
+from cellseg import mask_upsample
 from cellseg.config import ModelConfig
 from cellseg.mask_upsample import MaskUpsample
 from cellseg.model import build_model
@@ -34,11 +35,12 @@ def _values_and_gradients(module: nn.Module, x: torch.Tensor, seed: int) -> list
 
 
 @pytest.mark.parametrize(
-    ("channels", "out", "regions", "side"), [(8, 8, 3, 14), (6, 10, 1, 5), (16, 4, 7, 1)]
+    ("channels", "out", "regions", "side"), [(8, 8, 3, 14), (6, 10, 1, 5), (16, 4, 7, 1), (8, 8, 0, 14)]
 )
 def test_same_values_and_gradients_as_transposed_convolution(channels, out, regions, side) -> None:
     conv, upsample = _pair(channels, out, seed=side)
     x = _input((regions, channels, side, side + 2), seed=channels)
+    assert type(upsample(x).grad_fn).__name__ == "_InterleaveBackward"  # the 1x1 path ran
     got = _values_and_gradients(upsample, x, seed=out)
     expected = _values_and_gradients(conv, x, seed=out)
     for g, e in zip(got, expected, strict=True):
@@ -62,9 +64,13 @@ def test_bf16_training_step_matches_torch_under_autocast() -> None:
         torch.testing.assert_close(g.float(), e.float(), rtol=0, atol=2e-2 * scale)
 
 
-def test_predictions_and_other_layouts_run_torchs_kernel() -> None:
+def test_predictions_and_other_layouts_run_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interleave(y: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the 1x1 path ran")
+
+    monkeypatch.setattr(mask_upsample._Interleave, "apply", interleave)
     conv, upsample = _pair(4, 4, seed=3)
-    x = torch.randn(2, 4, 3, 3)  # NCHW
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)  # NCHW
     torch.testing.assert_close(upsample(x), conv(x))
     with torch.no_grad():
         cl = x.contiguous(memory_format=torch.channels_last)
