@@ -1,12 +1,13 @@
 """The mask predictor's upsampling: ``cellseg.mask_upsample.MaskUpsample`` against torch's
 ``ConvTranspose2d`` (the baseline), one thread, as a CPU trial trains.
 
-Two parts, each alternating the two ways round by round: the layer alone, forward and backward
-on channels-last regions of the mask head (14x14, under ``train.amp``'s autocast where this CPU
-computes bf16); then whole training epochs of two copies of the demo model (``trials/demo.yaml``
-with ``--set``; by default what ``make search`` trains most: the 256-channel mask head with
-norm and Adam), the baseline's predictor upsampling through torch's kernel with the same
-parameters. Median seconds; ``ratio`` lines are MaskUpsample / torch.
+Two parts, each alternating which way goes first: the layer alone, forward and backward on
+channels-last regions of the mask head (14x14, under ``train.amp``'s autocast where this CPU
+computes bf16), median seconds; then training epochs of the demo model (``trials/demo.yaml``
+with ``--set``; by default what ``make search`` trains most: the 256-channel mask head with norm
+and Adam), each step's forward and backward pass run both ways on the same batch and the same
+sampled regions before its optimizer step, seconds per epoch. ``ratio`` lines are
+MaskUpsample / torch.
 
     python bench/mask_upsample.py [--tiny] [--data DIR] [--epochs N] [--rounds R] [--set key=value ...]
 """
